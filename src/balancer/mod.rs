@@ -1,0 +1,31 @@
+//! Host selection. Each policy is built once per snapshot (per worker) from the
+//! weights of the routable instances and then answers picks with no allocation.
+//! Policies see indexes and weights only; the host layer maps an index to an address.
+
+pub mod least_request;
+pub mod round_robin;
+pub mod weighted_sampler;
+
+pub use least_request::LeastRequest;
+pub use round_robin::RoundRobin;
+
+/// Greatest common divisor of all weights (1 for an empty list).
+pub(crate) fn gcd_all(weights: &[u32]) -> u32 {
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    weights.iter().fold(0, |g, &w| gcd(g, w)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn gcd_of_weights() {
+        assert_eq!(gcd_all(&[10, 20, 30]), 10);
+        assert_eq!(gcd_all(&[5, 1, 1]), 1);
+        assert_eq!(gcd_all(&[]), 1);
+    }
+}

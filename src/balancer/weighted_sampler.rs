@@ -1,0 +1,104 @@
+//! Weighted random choice in O(1): Vose's alias method (M. D. Vose, "A linear
+//! algorithm for generating random numbers with a given distribution", 1991), in
+//! integer arithmetic only, so a table built natively and one built inside Envoy's
+//! wasm engine draw identically. P(i) = w_i / Σw exactly.
+
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, Default)]
+pub struct WeightedSampler {
+    /// Threshold of column i, in units where Σw is a whole column.
+    threshold: Vec<u64>,
+    alias: Vec<u32>,
+    total: u64,
+}
+
+impl WeightedSampler {
+    pub fn new(weights: &[u32]) -> WeightedSampler {
+        let n = weights.len();
+        if n == 0 {
+            return WeightedSampler::default();
+        }
+        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        // Scaled so one column holds exactly `total`: p_i = w_i * n.
+        let mut p: Vec<u64> = weights.iter().map(|&w| u64::from(w) * n as u64).collect();
+        let mut threshold = vec![total; n];
+        let mut alias: Vec<u32> = (0..n as u32).collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| p[i] < total);
+        while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+            threshold[s] = p[s];
+            alias[s] = l as u32;
+            p[l] -= total - p[s];
+            if p[l] < total {
+                large.pop();
+                small.push(l);
+            }
+        }
+        WeightedSampler { threshold, alias, total: total.max(1) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.threshold.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.threshold.is_empty()
+    }
+
+    pub fn sample(&self, rng: &mut impl Rng) -> Option<usize> {
+        let n = self.threshold.len();
+        if n == 0 {
+            return None;
+        }
+        let col = rng.below(n as u64) as usize;
+        let r = rng.below(self.total);
+        if r < self.threshold[col] {
+            Some(col)
+        } else {
+            self.alias.get(col).map(|&a| a as usize)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    /// The table's exact distribution: column mass plus alias mass, per index.
+    fn exact(ws: &WeightedSampler) -> Vec<u64> {
+        let mut mass = vec![0u64; ws.len()];
+        for col in 0..ws.len() {
+            mass[col] += ws.threshold[col];
+            mass[ws.alias[col] as usize] += ws.total - ws.threshold[col];
+        }
+        mass
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn table_is_exactly_proportional() {
+        for weights in [vec![5u32, 1, 1], vec![1, 2, 3, 4, 5, 6, 7], vec![100_000, 1], vec![7], vec![3, 3, 3]] {
+            let ws = WeightedSampler::new(&weights);
+            let n = weights.len() as u64;
+            let mass = exact(&ws);
+            for (i, &w) in weights.iter().enumerate() {
+                assert_eq!(mass[i], u64::from(w) * n, "weights {weights:?} index {i}");
+            }
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn samples_follow_weights() {
+        let ws = WeightedSampler::new(&[6, 3, 1]);
+        let mut r = SplitMix64(11);
+        let mut c = [0u32; 3];
+        for _ in 0..20_000 {
+            c[ws.sample(&mut r).unwrap()] += 1;
+        }
+        assert!((11_500..12_500).contains(&c[0]), "{c:?}");
+        assert!((5_600..6_400).contains(&c[1]), "{c:?}");
+        assert!((1_700..2_300).contains(&c[2]), "{c:?}");
+        assert_eq!(WeightedSampler::new(&[]).sample(&mut r), None);
+    }
+}

@@ -1,0 +1,434 @@
+//! Plugin configuration: the JSON an operator writes in Envoy's
+//! `typed_config.config.configuration`. Parsing names the offending field
+//! (`services[0].sources[1].consul.wait: ...`) so Envoy's log says what to fix.
+
+use crate::duration::Millis;
+use crate::instance::{self, Instance, State};
+use serde::Deserialize;
+use std::collections::HashSet;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The services this filter balances; a route selects one by name through its metadata.
+    pub services: Vec<ServiceConfig>,
+    /// How the chosen instance is handed to Envoy.
+    #[serde(default)]
+    pub handoff: Handoff,
+    /// Header used by the `header` hand-off.
+    #[serde(default = "default_handoff_header")]
+    pub handoff_header: String,
+    /// Period of every root context's timer: workers pick up new snapshots and the
+    /// poller (one per Envoy) drives its registry calls at this resolution.
+    #[serde(default = "default_tick")]
+    pub tick: Millis,
+    /// Route metadata namespace holding `service` (`filter_metadata.<key>.service`).
+    #[serde(default = "default_metadata_namespace")]
+    pub metadata_namespace: String,
+    /// Per-instance stats (`picks`) are kept for at most this many distinct instances
+    /// per service, so instance churn cannot grow Envoy's stat table without bound.
+    #[serde(default = "default_max_instance_stats")]
+    pub max_instance_stats: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Handoff {
+    /// Filter state `envoy.network.transport_socket.original_dst_address` for an
+    /// `ORIGINAL_DST` cluster. Nothing reaches the upstream; clients cannot steer it.
+    #[default]
+    FilterState,
+    /// `handoff_header: ip:port` for an `ORIGINAL_DST` cluster with `use_http_header`.
+    /// Any client-sent value of that header is removed on every request.
+    Header,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Smooth weighted round robin (nginx), per worker.
+    #[default]
+    RoundRobin,
+    /// Weighted power-of-two-choices on in-flight requests shared by all workers.
+    LeastRequest,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    #[serde(default)]
+    pub policy: Policy,
+    /// Poll period for sources without blocking queries, and the pause between
+    /// Consul blocking queries that returned nothing new is zero (they block instead).
+    #[serde(default = "default_refresh")]
+    pub refresh_interval: Millis,
+    /// Timeout of one registry call (Consul blocking queries add their `wait`).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Millis,
+    /// First retry delay after a failed refresh; doubles per failure, with jitter.
+    #[serde(default = "default_backoff_base")]
+    pub backoff_base: Millis,
+    /// Upper bound of the retry delay.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max: Millis,
+    /// Registry answers larger than this are refused.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// Where instances come from. Several sources are merged by `ip:port`; on a
+    /// conflict the earlier source in this list wins.
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    Consul(ConsulConfig),
+    Etcd(EtcdConfig),
+    Static(StaticConfig),
+}
+
+impl SourceConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Consul(_) => "consul",
+            SourceConfig::Etcd(_) => "etcd",
+            SourceConfig::Static(_) => "static",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulConfig {
+    /// Envoy cluster that reaches the Consul agent's HTTP API.
+    pub cluster: String,
+    /// `:authority` of registry calls; defaults to the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Consul service name; defaults to the registry-lb service name.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub datacenter: Option<String>,
+    /// Only instances carrying this tag.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Ask Consul for passing instances only (`?passing`). Without it, instances with
+    /// a critical check are kept as unhealthy and warning ones get `Weights.Warning`.
+    #[serde(default)]
+    pub passing_only: bool,
+    /// ACL token, sent as `X-Consul-Token`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Use blocking queries (`?index=&wait=`): changes arrive as soon as Consul has them.
+    #[serde(default = "default_true")]
+    pub blocking: bool,
+    /// `wait` of a blocking query.
+    #[serde(default = "default_consul_wait")]
+    pub wait: Millis,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Envoy cluster that reaches etcd's JSON gateway (client URL).
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Key prefix; defaults to `/services/<service name>/`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticConfig {
+    pub instances: Vec<StaticInstance>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticInstance {
+    pub address: String,
+    pub port: i64,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_tick() -> Millis {
+    Millis(50)
+}
+fn default_handoff_header() -> String {
+    "x-envoy-original-dst-host".to_string()
+}
+fn default_metadata_namespace() -> String {
+    "registry_lb".to_string()
+}
+fn default_max_instance_stats() -> usize {
+    256
+}
+fn default_refresh() -> Millis {
+    Millis::from_secs(5)
+}
+fn default_request_timeout() -> Millis {
+    Millis::from_secs(5)
+}
+fn default_backoff_base() -> Millis {
+    Millis(500)
+}
+fn default_backoff_max() -> Millis {
+    Millis::from_secs(30)
+}
+fn default_max_response_bytes() -> usize {
+    32 * 1024 * 1024
+}
+fn default_consul_wait() -> Millis {
+    Millis::from_secs(30)
+}
+
+impl ConsulConfig {
+    pub fn authority<'a>(&'a self) -> &'a str {
+        self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+}
+
+impl EtcdConfig {
+    pub fn authority<'a>(&'a self) -> &'a str {
+        self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+}
+
+/// A configuration error, already phrased for Envoy's log.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid registry-lb configuration: {}", self.0)
+    }
+}
+
+impl PluginConfig {
+    /// Parses and validates. Every error names the field it is about.
+    pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let cfg: PluginConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                ConfigError(e.inner().to_string())
+            } else {
+                ConfigError(format!("{path}: {}", e.inner()))
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field: String, msg: &str| Err(ConfigError(format!("{field}: {msg}")));
+        if self.services.is_empty() {
+            return err("services".into(), "at least one service is required");
+        }
+        if !(10..=10_000).contains(&self.tick.0) {
+            return err("tick".into(), "must be between 10ms and 10s");
+        }
+        if !valid_name(&self.metadata_namespace) {
+            return err("metadata_namespace".into(), "use letters, digits, '_', '-' and '.' only");
+        }
+        if !valid_header_name(&self.handoff_header) {
+            return err("handoff_header".into(), "must be a lowercase HTTP header name");
+        }
+        let mut seen = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("services[{i}]");
+            if !valid_name(&s.name) || s.name.contains('.') {
+                return err(format!("{at}.name"), "must be 1..64 characters of letters, digits, '_' and '-'");
+            }
+            if !seen.insert(s.name.as_str()) {
+                return err(format!("{at}.name"), &format!("service `{}` is defined twice", s.name));
+            }
+            if s.sources.is_empty() {
+                return err(format!("{at}.sources"), "at least one source is required");
+            }
+            if s.refresh_interval.0 < 100 {
+                return err(format!("{at}.refresh_interval"), "must be at least 100ms");
+            }
+            if s.request_timeout.0 == 0 {
+                return err(format!("{at}.request_timeout"), "must be greater than zero");
+            }
+            if s.backoff_base.0 == 0 || s.backoff_max < s.backoff_base {
+                return err(format!("{at}.backoff_base"), "must be > 0 and not above backoff_max");
+            }
+            if s.max_response_bytes < 1024 {
+                return err(format!("{at}.max_response_bytes"), "must be at least 1024");
+            }
+            for (j, src) in s.sources.iter().enumerate() {
+                let at = format!("{at}.sources[{j}].{}", src.kind());
+                match src {
+                    SourceConfig::Consul(c) => {
+                        if c.cluster.is_empty() {
+                            return err(format!("{at}.cluster"), "must name an Envoy cluster");
+                        }
+                        if c.wait.0 < 1000 || c.wait.0 > 600_000 {
+                            return err(format!("{at}.wait"), "must be between 1s and 10m");
+                        }
+                        if let Some(t) = &c.token {
+                            if t.chars().any(|ch| ch.is_control()) {
+                                return err(format!("{at}.token"), "contains control characters");
+                            }
+                        }
+                    }
+                    SourceConfig::Etcd(e) => {
+                        if e.cluster.is_empty() {
+                            return err(format!("{at}.cluster"), "must name an Envoy cluster");
+                        }
+                        if e.prefix.as_deref() == Some("") {
+                            return err(format!("{at}.prefix"), "must not be empty (it would select the whole keyspace)");
+                        }
+                        if e.username.is_some() != e.password.is_some() {
+                            return err(format!("{at}.username"), "username and password go together");
+                        }
+                    }
+                    SourceConfig::Static(st) => {
+                        if st.instances.is_empty() {
+                            return err(format!("{at}.instances"), "at least one instance is required");
+                        }
+                        for (k, inst) in st.instances.iter().enumerate() {
+                            if let Err(e) = instance::socket_addr(&inst.address, inst.port) {
+                                return err(format!("{at}.instances[{k}]"), &e.to_string());
+                            }
+                            if inst.weight == 0 {
+                                return err(format!("{at}.instances[{k}].weight"), "must be at least 1");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn service(&self, name: &str) -> Option<(usize, &ServiceConfig)> {
+        self.services.iter().enumerate().find(|(_, s)| s.name == name)
+    }
+}
+
+impl StaticConfig {
+    /// The instances, already validated by [`PluginConfig::parse`].
+    pub fn instances(&self) -> Vec<Instance> {
+        self.instances
+            .iter()
+            .filter_map(|s| {
+                let addr = instance::socket_addr(&s.address, s.port).ok()?;
+                let mut i = Instance::new(addr, s.weight);
+                i.state = State::Healthy;
+                i.zone = s.zone.clone();
+                i.metadata = s.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                Some(i)
+            })
+            .collect()
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+fn valid_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    fn parse(s: &str) -> Result<PluginConfig, ConfigError> {
+        PluginConfig::parse(s.as_bytes())
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn minimal_static_config_gets_defaults() {
+        let c = parse(r#"{"services":[{"name":"web","sources":[{"static":{"instances":[{"address":"127.0.0.1","port":8080}]}}]}]}"#).unwrap();
+        assert_eq!(c.handoff, Handoff::FilterState);
+        assert_eq!(c.tick, Millis(50));
+        assert_eq!(c.services[0].policy, Policy::RoundRobin);
+        assert_eq!(c.services[0].refresh_interval, Millis(5000));
+        match &c.services[0].sources[0] {
+            SourceConfig::Static(s) => assert_eq!(s.instances()[0].weight, 1),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn consul_and_etcd_sources_parse() {
+        let c = parse(r#"{"services":[{"name":"web","policy":"least_request","refresh_interval":"2s",
+            "sources":[{"consul":{"cluster":"consul","token":"t","datacenter":"dc1","tag":"v1","wait":"10s"}},
+                       {"etcd":{"cluster":"etcd","prefix":"/services/web/","username":"u","password":"p"}}]}]}"#).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.policy, Policy::LeastRequest);
+        match &s.sources[0] {
+            SourceConfig::Consul(k) => {
+                assert!(k.blocking);
+                assert_eq!(k.wait, Millis(10_000));
+                assert_eq!(k.authority(), "consul");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(s.sources[1].kind(), "etcd");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn errors_name_the_field() {
+        let e = parse(r#"{"services":[{"name":"web","sources":[{"consul":{"cluster":"c","wait":"soon"}}]}]}"#).unwrap_err();
+        assert!(e.0.starts_with("services[0].sources[0].consul.wait:"), "{}", e.0);
+        let e = parse(r#"{"services":[{"name":"web","polcy":"x","sources":[]}]}"#).unwrap_err();
+        assert!(e.0.contains("polcy"), "{}", e.0);
+        let e = parse(r#"{"services":[{"name":"web","policy":"fastest","sources":[]}]}"#).unwrap_err();
+        assert!(e.0.starts_with("services[0].policy:"), "{}", e.0);
+        let e = parse(r#"{"services":[{"name":"web","sources":[{"static":{"instances":[{"address":"web.local","port":80}]}}]}]}"#).unwrap_err();
+        assert_eq!(e.0, "services[0].sources[0].static.instances[0]: address `web.local` is not an IP literal");
+        let e = parse(r#"{"services":[]}"#).unwrap_err();
+        assert_eq!(e.0, "services: at least one service is required");
+        let e = parse("not json").unwrap_err();
+        assert!(!e.0.is_empty());
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn semantic_checks() {
+        let base = |svc: &str| format!(r#"{{"services":[{svc}]}}"#);
+        let e = parse(&base(r#"{"name":"we b","sources":[{"static":{"instances":[{"address":"1.2.3.4","port":1}]}}]}"#)).unwrap_err();
+        assert!(e.0.starts_with("services[0].name"), "{}", e.0);
+        let e = parse(&base(r#"{"name":"web","sources":[]}"#)).unwrap_err();
+        assert_eq!(e.0, "services[0].sources: at least one source is required");
+        let e = parse(&base(r#"{"name":"web","sources":[{"etcd":{"cluster":"e","username":"u"}}]}"#)).unwrap_err();
+        assert!(e.0.contains("username and password"), "{}", e.0);
+        let e = parse(&base(r#"{"name":"web","sources":[{"static":{"instances":[{"address":"1.2.3.4","port":0}]}}]}"#)).unwrap_err();
+        assert!(e.0.contains("port 0"), "{}", e.0);
+        let twice = r#"{"name":"web","sources":[{"static":{"instances":[{"address":"1.2.3.4","port":1}]}}]}"#;
+        let e = parse(&format!(r#"{{"services":[{twice},{twice}]}}"#)).unwrap_err();
+        assert!(e.0.contains("defined twice"), "{}", e.0);
+        let e = parse(&format!(r#"{{"tick":"1ms","services":[{twice}]}}"#)).unwrap_err();
+        assert!(e.0.starts_with("tick:"), "{}", e.0);
+        let e = parse(&format!(r#"{{"handoff_header":"X-Bad Header","services":[{twice}]}}"#)).unwrap_err();
+        assert!(e.0.starts_with("handoff_header:"), "{}", e.0);
+    }
+}

@@ -1,0 +1,80 @@
+//! One registry poller per Envoy: a lease held in shared data.
+//!
+//! Every root context ticks (one per worker plus the main thread), so each one
+//! contends for a lease `owner:expiry` written with compare-and-swap. The holder
+//! renews it on every tick; when it stops (VM gone, worker stuck), the lease
+//! expires after `ttl` and another root takes over. A root acts as leader only
+//! after it has seen its own lease on a read that followed its write: a write to an
+//! absent key ignores CAS, so two roots can both "win" the very first race; the
+//! loser sees the other's value on its next tick and never polls.
+
+/// Decoded lease value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: u64,
+    pub expires_ms: u64,
+}
+
+impl Lease {
+    pub fn encode(&self) -> Vec<u8> {
+        format!("{:016x}:{}", self.owner, self.expires_ms).into_bytes()
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Lease> {
+        let s = std::str::from_utf8(b).ok()?;
+        let (o, e) = s.split_once(':')?;
+        Some(Lease { owner: u64::from_str_radix(o, 16).ok()?, expires_ms: e.parse().ok()? })
+    }
+}
+
+/// What a root context should do this tick, given the value it read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The key does not exist yet: create it empty (then contend on the next tick).
+    Seed,
+    /// Write this lease with the CAS from the read. `confirmed`: the read already
+    /// showed us as owner, so we are the leader for this tick.
+    Write { lease: Lease, confirmed: bool },
+    /// Someone else holds a live lease.
+    Follow,
+}
+
+pub fn decide(me: u64, read: Option<&[u8]>, now_ms: u64, ttl_ms: u64) -> Decision {
+    let Some(bytes) = read else { return Decision::Seed };
+    let mine = Lease { owner: me, expires_ms: now_ms + ttl_ms };
+    match Lease::decode(bytes) {
+        Some(l) if l.owner == me => Decision::Write { lease: mine, confirmed: true },
+        Some(l) if l.expires_ms > now_ms => Decision::Follow,
+        // Expired, empty (seeded) or unreadable: take it.
+        _ => Decision::Write { lease: mine, confirmed: false },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn codec_round_trip_and_garbage() {
+        let l = Lease { owner: 0xdead_beef, expires_ms: 1234 };
+        assert_eq!(Lease::decode(&l.encode()), Some(l));
+        assert_eq!(Lease::decode(b""), None);
+        assert_eq!(Lease::decode(b"zz:1"), None);
+        assert_eq!(Lease::decode(&[0xff, 0x3a]), None);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn election_sequence() {
+        assert_eq!(decide(1, None, 0, 1000), Decision::Seed);
+        // Seeded (empty): take it, unconfirmed.
+        let d = decide(1, Some(b""), 10, 1000);
+        assert_eq!(d, Decision::Write { lease: Lease { owner: 1, expires_ms: 1010 }, confirmed: false });
+        let held = Lease { owner: 1, expires_ms: 1010 }.encode();
+        // The owner confirms; others follow while it is live.
+        assert!(matches!(decide(1, Some(&held), 60, 1000), Decision::Write { confirmed: true, .. }));
+        assert_eq!(decide(2, Some(&held), 60, 1000), Decision::Follow);
+        // After expiry another root takes over.
+        assert!(matches!(decide(2, Some(&held), 1011, 1000), Decision::Write { confirmed: false, .. }));
+    }
+}

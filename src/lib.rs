@@ -1,0 +1,19 @@
+//! registry-lb: registry-aware load balancing inside Envoy, as a proxy-wasm HTTP filter.
+//!
+//! Everything but [`host`] is plain logic with no host calls, tested natively and
+//! inside a wasm engine. [`host`] is the thin layer that talks to Envoy.
+
+pub mod backoff;
+pub mod balancer;
+pub mod config;
+pub mod duration;
+pub mod instance;
+pub mod lease;
+pub mod picker;
+pub mod poller;
+pub mod registry;
+pub mod rng;
+pub mod snapshot;
+
+#[cfg(target_os = "wasi")]
+mod host;

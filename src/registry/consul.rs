@@ -1,0 +1,337 @@
+//! Consul: `GET /v1/health/service/<service>` on the local agent, as blocking queries.
+//!
+//! Reference: Consul HTTP API, "Health — List Service Instances for Service" and
+//! "Blocking Queries". Address is `Service.Address`, or `Node.Address` when empty.
+//! Health comes from the entry's checks: any critical check makes the instance
+//! unhealthy, a maintenance check (`_service_maintenance:*`, `_node_maintenance`)
+//! makes it draining, and a warning check selects `Service.Weights.Warning` in place
+//! of `Weights.Passing`. A weight of 0 means "no traffic": such entries are dropped.
+//! Zone: `Service.Meta.zone`, else `Node.Meta.zone`. Metadata: `Service.Meta` plus
+//! one `tag:<tag>` key per tag. Left out: `TaggedAddresses` (lan/wan selection),
+//! Connect sidecar addresses, namespaces and partitions (Enterprise).
+
+use super::{encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step};
+use crate::config::{ConsulConfig, ServiceConfig};
+use crate::instance::{self, Instance, State};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug)]
+pub struct Consul {
+    cfg: ConsulConfig,
+    service: String,
+    request_timeout_ms: u64,
+    /// Last `X-Consul-Index` seen; 0 = none (the next query does not block).
+    pub index: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Entry {
+    node: Node,
+    service: Service,
+    #[serde(default)]
+    checks: Vec<Check>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Node {
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    meta: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Service {
+    #[serde(default, rename = "ID")]
+    id: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    port: i64,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    meta: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    weights: Option<Weights>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Weights {
+    #[serde(default = "one")]
+    passing: i64,
+    #[serde(default = "one")]
+    warning: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Check {
+    #[serde(default, rename = "CheckID")]
+    check_id: String,
+    #[serde(default)]
+    status: String,
+}
+
+impl Consul {
+    pub fn new(svc: &ServiceConfig, cfg: &ConsulConfig) -> Consul {
+        Consul {
+            service: cfg.service.clone().unwrap_or_else(|| svc.name.clone()),
+            cfg: cfg.clone(),
+            request_timeout_ms: svc.request_timeout.0,
+            index: 0,
+        }
+    }
+
+    pub fn blocking(&self) -> bool {
+        self.cfg.blocking
+    }
+
+    pub fn request(&self) -> HttpRequest {
+        let mut path = format!("/v1/health/service/{}", encode_component(&self.service));
+        let mut q: Vec<String> = Vec::new();
+        if self.cfg.passing_only {
+            q.push("passing=1".into());
+        }
+        if let Some(dc) = &self.cfg.datacenter {
+            q.push(format!("dc={}", encode_component(dc)));
+        }
+        if let Some(tag) = &self.cfg.tag {
+            q.push(format!("tag={}", encode_component(tag)));
+        }
+        let mut timeout_ms = self.request_timeout_ms;
+        if self.cfg.blocking && self.index > 0 {
+            q.push(format!("index={}", self.index));
+            q.push(format!("wait={}ms", self.cfg.wait.0));
+            // Consul adds up to wait/16 of jitter to the wait.
+            timeout_ms += self.cfg.wait.0 + self.cfg.wait.0 / 16;
+        }
+        if !q.is_empty() {
+            path.push('?');
+            path.push_str(&q.join("&"));
+        }
+        let mut headers = vec![("accept".to_string(), "application/json".to_string())];
+        if let Some(t) = &self.cfg.token {
+            headers.push(("x-consul-token".to_string(), t.clone()));
+        }
+        HttpRequest {
+            cluster: self.cfg.cluster.clone(),
+            method: "GET",
+            authority: self.cfg.authority().to_string(),
+            path,
+            headers,
+            body: Vec::new(),
+            timeout_ms,
+        }
+    }
+
+    pub fn on_response(&mut self, resp: &HttpResponse) -> Result<Step, RegistryError> {
+        if let Some(e) = envoy_local_failure(resp) {
+            return Err(e);
+        }
+        match resp.status {
+            200 => {}
+            401 | 403 => return Err(RegistryError::Auth(format!("{} {}", resp.status, excerpt(resp.body)))),
+            s => return Err(RegistryError::Status(s, excerpt(resp.body))),
+        }
+        let index = match resp.header("x-consul-index").map(|v| v.trim().parse::<u64>()) {
+            Some(Ok(i)) => i,
+            Some(Err(_)) => return Err(RegistryError::Malformed("X-Consul-Index is not a number".into())),
+            None => 0,
+        };
+        if index != 0 && index == self.index {
+            return Ok(Step::Unchanged);
+        }
+        let (instances, rejected) = parse(resp.body)?;
+        // "Reset the index if it goes backwards" (Consul blocking-query docs); an
+        // index of 0 must never be used to block either.
+        self.index = if index < self.index { 0 } else { index };
+        Ok(Step::Instances { instances, rejected })
+    }
+}
+
+/// Parses a `/v1/health/service` body.
+pub fn parse(body: &[u8]) -> Result<(Vec<Instance>, Vec<String>), RegistryError> {
+    let entries: Vec<Entry> = serde_json::from_slice(body)
+        .map_err(|e| RegistryError::Malformed(format!("consul health list: {e}")))?;
+    let mut out = Vec::with_capacity(entries.len());
+    let mut rejected = Vec::new();
+    for e in entries {
+        let ip = if e.service.address.is_empty() { &e.node.address } else { &e.service.address };
+        let addr = match instance::socket_addr(ip, e.service.port) {
+            Ok(a) => a,
+            Err(err) => {
+                rejected.push(format!("service id `{}`: {err}", instance::truncate(&e.service.id, 64)));
+                continue;
+            }
+        };
+        let mut state = State::Healthy;
+        let mut warning = false;
+        for c in &e.checks {
+            let maintenance = c.check_id == "_node_maintenance" || c.check_id.starts_with("_service_maintenance:");
+            match c.status.as_str() {
+                "critical" | "maintenance" if maintenance => state = State::Draining,
+                "critical" if state == State::Healthy => state = State::Unhealthy,
+                "warning" => warning = true,
+                _ => {}
+            }
+        }
+        let w = e.service.weights.as_ref().map(|w| if warning { w.warning } else { w.passing }).unwrap_or(1);
+        if w <= 0 {
+            continue;
+        }
+        let mut inst = Instance::new(addr, u32::try_from(w).unwrap_or(u32::MAX));
+        inst.state = state;
+        let smeta = e.service.meta.unwrap_or_default();
+        inst.zone = smeta
+            .get("zone")
+            .or_else(|| e.node.meta.as_ref().and_then(|m| m.get("zone")))
+            .cloned()
+            .unwrap_or_default();
+        let mut meta: Vec<(String, String)> = smeta.into_iter().collect();
+        for t in e.service.tags.unwrap_or_default() {
+            meta.push((format!("tag:{t}"), String::new()));
+        }
+        meta.sort();
+        inst.metadata = meta;
+        out.push(inst);
+    }
+    Ok((out, rejected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PluginConfig;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    const REDIS: &str = include_str!("../../tests/fixtures/consul/health_service_redis.json");
+    const MODERN: &str = include_str!("../../tests/fixtures/consul/health_service_modern_shape.json");
+
+    fn consul(extra: &str) -> Consul {
+        let c = PluginConfig::parse(
+            format!(r#"{{"services":[{{"name":"web","sources":[{{"consul":{{"cluster":"consul"{extra}}}}}]}}]}}"#).as_bytes(),
+        )
+        .unwrap();
+        match &c.services[0].sources[0] {
+            crate::config::SourceConfig::Consul(k) => Consul::new(&c.services[0], k),
+            _ => unreachable!(),
+        }
+    }
+
+    fn hdrs(index: &str) -> Vec<(String, String)> {
+        vec![
+            ("content-type".into(), "application/json".into()),
+            ("x-consul-index".into(), index.into()),
+            ("x-consul-knownleader".into(), "true".into()),
+            ("server".into(), "envoy".into()),
+        ]
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn parses_documented_sample() {
+        let (list, rejected) = parse(REDIS.as_bytes()).unwrap();
+        assert!(rejected.is_empty());
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].addr.to_string(), "10.1.10.12:8000");
+        assert_eq!(list[0].weight, 10);
+        assert_eq!(list[0].state, State::Healthy);
+        assert!(list[0].metadata.contains(&("tag:primary".into(), String::new())));
+        assert!(list[0].metadata.contains(&("redis_version".into(), "4.0".into())));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn warning_check_uses_warning_weight() {
+        let (list, _) = parse(MODERN.as_bytes()).unwrap();
+        assert_eq!(list[0].weight, 1);
+        assert_eq!(list[0].state, State::Healthy);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn critical_maintenance_node_address_and_bad_entries() {
+        let body = r#"[
+          {"Node":{"Address":"10.0.0.1"},"Service":{"ID":"a","Address":"","Port":80},"Checks":[{"CheckID":"serfHealth","Status":"passing"}]},
+          {"Node":{"Address":"10.0.0.2"},"Service":{"ID":"b","Address":"10.0.1.2","Port":80},"Checks":[{"CheckID":"service:b","Status":"critical"}]},
+          {"Node":{"Address":"10.0.0.3"},"Service":{"ID":"c","Address":"10.0.1.3","Port":80},"Checks":[{"CheckID":"_service_maintenance:c","Status":"critical"}]},
+          {"Node":{"Address":"10.0.0.4"},"Service":{"ID":"d","Address":"db.internal","Port":80},"Checks":[]},
+          {"Node":{"Address":"10.0.0.5"},"Service":{"ID":"e","Address":"10.0.1.5","Port":0},"Checks":[]},
+          {"Node":{"Address":"10.0.0.6"},"Service":{"ID":"f","Address":"10.0.1.6","Port":80,"Weights":{"Passing":0,"Warning":0}},"Checks":[]},
+          {"Node":{"Address":"10.0.0.7","Meta":{"zone":"z1"}},"Service":{"ID":"g","Address":"10.0.1.7","Port":80,"Meta":null,"Tags":null},"Checks":[]}
+        ]"#;
+        let (list, rejected) = parse(body.as_bytes()).unwrap();
+        let addrs: Vec<String> = list.iter().map(|i| i.addr.to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.1:80", "10.0.1.2:80", "10.0.1.3:80", "10.0.1.7:80"]);
+        assert_eq!(list[1].state, State::Unhealthy);
+        assert_eq!(list[2].state, State::Draining);
+        assert_eq!(list[3].zone, "z1");
+        assert_eq!(rejected.len(), 2);
+        assert!(rejected[0].contains("`d`") && rejected[0].contains("not an IP"));
+        assert!(rejected[1].contains("port 0"));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn malformed_bodies_are_errors_not_panics() {
+        for body in ["", "{", "{}", "[{\"Node\":1}]", "null", "[1,2]"] {
+            assert!(matches!(parse(body.as_bytes()), Err(RegistryError::Malformed(_))), "{body}");
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn blocking_query_protocol() {
+        let mut c = consul(r#","token":"s3cret","datacenter":"dc 1","tag":"v1","wait":"10s""#);
+        let r = c.request();
+        assert_eq!(r.path, "/v1/health/service/web?dc=dc%201&tag=v1");
+        assert!(r.headers.contains(&("x-consul-token".into(), "s3cret".into())));
+        assert_eq!(r.timeout_ms, 5000);
+
+        let h = hdrs("42");
+        let step = c.on_response(&HttpResponse { status: 200, headers: &h, body: REDIS.as_bytes() }).unwrap();
+        assert!(matches!(step, Step::Instances { ref instances, .. } if instances.len() == 1));
+        let r = c.request();
+        assert_eq!(r.path, "/v1/health/service/web?dc=dc%201&tag=v1&index=42&wait=10000ms");
+        assert_eq!(r.timeout_ms, 5000 + 10_000 + 625);
+
+        // Same index: the body is not even looked at.
+        let step = c.on_response(&HttpResponse { status: 200, headers: &h, body: b"garbage" }).unwrap();
+        assert_eq!(step, Step::Unchanged);
+
+        // Index went backwards: reset, so the next query does not block.
+        let h = hdrs("7");
+        c.on_response(&HttpResponse { status: 200, headers: &h, body: b"[]" }).unwrap();
+        assert!(!c.request().path.contains("index="));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn error_statuses() {
+        let mut c = consul("");
+        let h = hdrs("1");
+        let e = c.on_response(&HttpResponse { status: 403, headers: &h, body: b"ACL not found" }).unwrap_err();
+        assert_eq!(e, RegistryError::Auth("403 ACL not found".into()));
+        let e = c.on_response(&HttpResponse { status: 500, headers: &h, body: b"No path to datacenter" }).unwrap_err();
+        assert_eq!(e.kind(), "status");
+        let envoy = vec![(":status".into(), "504".into()), ("content-length".into(), "24".into())];
+        let e = c.on_response(&HttpResponse { status: 504, headers: &envoy, body: b"upstream request timeout" }).unwrap_err();
+        assert_eq!(e.kind(), "unreachable");
+        let bad = hdrs("x1");
+        let e = c.on_response(&HttpResponse { status: 200, headers: &bad, body: b"[]" }).unwrap_err();
+        assert_eq!(e.kind(), "malformed");
+        assert_eq!(c.index, 0, "a failed answer leaves the index alone");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn passing_only_and_non_blocking() {
+        let mut c = consul(r#","passing_only":true,"blocking":false"#);
+        let h = hdrs("5");
+        c.on_response(&HttpResponse { status: 200, headers: &h, body: b"[]" }).unwrap();
+        assert_eq!(c.request().path, "/v1/health/service/web?passing=1");
+    }
+}

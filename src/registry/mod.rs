@@ -1,0 +1,215 @@
+//! Registry sources. Each source is a small state machine with no host calls: it
+//! says which HTTP call to make next ([`Source::request`]) and turns the answer into
+//! instances ([`Source::on_response`]). The host layer performs the calls.
+
+pub mod consul;
+pub mod etcd;
+
+use crate::config::{ServiceConfig, SourceConfig};
+use crate::instance::Instance;
+
+/// An HTTP call for the host layer to dispatch to an Envoy cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRequest {
+    pub cluster: String,
+    pub method: &'static str,
+    pub authority: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+/// A registry's answer, as Envoy delivered it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpResponse<'a> {
+    pub status: u16,
+    pub headers: &'a [(String, String)],
+    pub body: &'a [u8],
+}
+
+impl HttpResponse<'_> {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a registry answer meant.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// Same index/revision as last time: nothing was parsed.
+    Unchanged,
+    /// A fresh list. `rejected` lists entries that were skipped, with the reason.
+    Instances { instances: Vec<Instance>, rejected: Vec<String> },
+    /// Intermediate step done (e.g. a login): make the next call now.
+    Again,
+}
+
+/// Why a refresh failed. The last good list is kept in every case.
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub enum RegistryError {
+    /// No answer: connect failure, reset or timeout (Envoy's own 503/504 replies).
+    Unreachable(String),
+    /// The registry refused our credentials (401/403, failed login).
+    Auth(String),
+    /// Any other non-success status.
+    Status(u16, String),
+    /// A body we could not understand.
+    Malformed(String),
+    /// A body over `max_response_bytes`.
+    TooLarge(usize),
+}
+
+impl RegistryError {
+    /// Short name used in metric names.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RegistryError::Unreachable(_) => "unreachable",
+            RegistryError::Auth(_) => "auth",
+            RegistryError::Status(..) => "status",
+            RegistryError::Malformed(_) => "malformed",
+            RegistryError::TooLarge(_) => "too_large",
+        }
+    }
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryError::Unreachable(m) => write!(f, "registry unreachable: {m}"),
+            RegistryError::Auth(m) => write!(f, "registry refused credentials: {m}"),
+            RegistryError::Status(s, m) => write!(f, "registry answered {s}: {m}"),
+            RegistryError::Malformed(m) => write!(f, "malformed registry answer: {m}"),
+            RegistryError::TooLarge(n) => write!(f, "registry answer of {n} bytes is over max_response_bytes"),
+        }
+    }
+}
+
+/// Errors Envoy produces itself when the registry cannot be reached: a local reply
+/// with only a few headers, `503` (connect failure / reset) or `504` (timeout).
+pub fn envoy_local_failure(resp: &HttpResponse) -> Option<RegistryError> {
+    let from_envoy = resp.header("server").is_none() && resp.headers.len() <= 4;
+    match resp.status {
+        503 | 504 if from_envoy => Some(RegistryError::Unreachable(format!(
+            "{} {}",
+            resp.status,
+            crate::instance::truncate(&String::from_utf8_lossy(resp.body), 120)
+        ))),
+        _ => None,
+    }
+}
+
+/// Short, printable excerpt of an error body for logs.
+pub fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let one_line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    crate::instance::truncate(one_line.trim(), 160)
+}
+
+/// One configured source with its protocol state.
+#[derive(Debug)]
+pub enum Source {
+    Consul(consul::Consul),
+    Etcd(etcd::Etcd),
+    Static(Vec<Instance>),
+}
+
+impl Source {
+    pub fn new(svc: &ServiceConfig, cfg: &SourceConfig) -> Source {
+        match cfg {
+            SourceConfig::Consul(c) => Source::Consul(consul::Consul::new(svc, c)),
+            SourceConfig::Etcd(e) => Source::Etcd(etcd::Etcd::new(svc, e)),
+            SourceConfig::Static(s) => Source::Static(s.instances()),
+        }
+    }
+
+    /// The next call to make, or `None` for a source that needs none.
+    pub fn request(&mut self) -> Option<HttpRequest> {
+        match self {
+            Source::Consul(c) => Some(c.request()),
+            Source::Etcd(e) => Some(e.request()),
+            Source::Static(_) => None,
+        }
+    }
+
+    pub fn on_response(&mut self, resp: &HttpResponse, max_bytes: usize) -> Result<Step, RegistryError> {
+        if resp.body.len() > max_bytes {
+            return Err(RegistryError::TooLarge(resp.body.len()));
+        }
+        match self {
+            Source::Consul(c) => c.on_response(resp),
+            Source::Etcd(e) => e.on_response(resp),
+            Source::Static(list) => Ok(Step::Instances { instances: list.clone(), rejected: vec![] }),
+        }
+    }
+
+    /// Change token to carry over to another poller (Consul index, etcd revision).
+    pub fn token(&self) -> String {
+        match self {
+            Source::Consul(c) => c.index.to_string(),
+            Source::Etcd(e) => e.revision.to_string(),
+            Source::Static(_) => String::new(),
+        }
+    }
+
+    pub fn restore_token(&mut self, token: &str) {
+        match self {
+            Source::Consul(c) => c.index = token.parse().unwrap_or(0),
+            Source::Etcd(e) => e.revision = token.parse().unwrap_or(0),
+            Source::Static(_) => {}
+        }
+    }
+
+    /// True when the next answer may take long by design (a blocking query).
+    pub fn is_blocking(&self) -> bool {
+        matches!(self, Source::Consul(c) if c.blocking())
+    }
+}
+
+/// Percent-encodes a query-string component (RFC 3986 unreserved set kept).
+pub fn encode_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn encodes_query_components() {
+        assert_eq!(encode_component("web"), "web");
+        assert_eq!(encode_component("a b/c?&"), "a%20b%2Fc%3F%26");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn recognises_envoy_local_failures() {
+        let h = vec![
+            ("content-length".to_string(), "91".to_string()),
+            ("content-type".to_string(), "text/plain".to_string()),
+            (":status".to_string(), "503".to_string()),
+        ];
+        let r = HttpResponse { status: 503, headers: &h, body: b"upstream connect error" };
+        assert!(matches!(envoy_local_failure(&r), Some(RegistryError::Unreachable(_))));
+        let r = HttpResponse { status: 200, headers: &h, body: b"" };
+        assert_eq!(envoy_local_failure(&r), None);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn excerpt_is_one_short_line() {
+        let e = excerpt(b"line1\nline2\r\n");
+        assert_eq!(e, "line1 line2");
+        assert!(excerpt(&[b'x'; 1000]).chars().count() <= 161);
+    }
+}
