@@ -1,1 +1,31 @@
+//! The thin layer that talks to Envoy through proxy-wasm. Everything it decides is
+//! delegated to the pure modules; here are only host calls and their error handling.
+//!
+//! Only `proxy_wasm::hostcalls` functions that return `Result` are used, and only
+//! in ways whose statuses they map; the `Context` trait helpers of the SDK unwrap
+//! host errors and would panic, so they are avoided.
 
+mod handoff;
+mod http;
+mod metrics;
+mod root;
+mod shared;
+
+use proxy_wasm::types::LogLevel;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    std::panic::set_hook(Box::new(|info| {
+        let _ = proxy_wasm::hostcalls::log(LogLevel::Critical, &format!("registry-lb: panic: {info}"));
+    }));
+    proxy_wasm::set_root_context(|_| Box::new(root::Root::new()));
+}}
+
+/// Wall-clock milliseconds from the host.
+pub(crate) fn now_ms() -> u64 {
+    proxy_wasm::hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

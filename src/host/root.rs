@@ -1,0 +1,319 @@
+//! Root context: one per VM (each worker, plus the main thread). Every root keeps
+//! its worker's routing tables current from shared data; the one root holding the
+//! lease also polls the registries and publishes snapshots.
+
+use super::http::Http;
+use super::metrics::Metrics;
+use super::{now_ms, shared};
+use crate::config::PluginConfig;
+use crate::lease::{self, Decision, Lease};
+use crate::picker::Table;
+use crate::poller::{Outcome, ServicePoller};
+use crate::registry::HttpResponse;
+use crate::rng::SplitMix64;
+use crate::snapshot::Snapshot;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType, MapType};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Per-VM state shared by the root context and the HTTP contexts of a worker.
+pub struct Worker {
+    pub cfg: Rc<PluginConfig>,
+    pub tables: Vec<Option<Table>>,
+    pub rng: SplitMix64,
+    pub metrics: Metrics,
+    /// Per service: slot → gauge id of its in-flight requests.
+    pub active_gauges: Vec<HashMap<u32, Option<u32>>>,
+}
+
+struct Keys {
+    lease: String,
+    snapshot: Vec<String>,
+    version: Vec<String>,
+}
+
+pub struct Root {
+    me: u64,
+    worker: Option<Rc<RefCell<Worker>>>,
+    keys: Option<Keys>,
+    pollers: Option<Vec<ServicePoller>>,
+    calls: HashMap<u32, (usize, usize)>,
+    lease_ttl_ms: u64,
+}
+
+impl Root {
+    pub fn new() -> Root {
+        // Entropy from the host (WASI random_get behind RandomState) and the clock.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(now_ms());
+        Root { me: h.finish() | 1, worker: None, keys: None, pollers: None, calls: HashMap::new(), lease_ttl_ms: 0 }
+    }
+
+    fn configure(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let cfg = PluginConfig::parse(bytes).map_err(|e| e.to_string())?;
+        let mut h = fnv::FnvHasher::default();
+        h.write(bytes);
+        let ns = format!("registry_lb.{:016x}", h.finish());
+        let keys = Keys {
+            lease: format!("{ns}.lease"),
+            snapshot: cfg.services.iter().map(|s| format!("{ns}.{}.snapshot", s.name)).collect(),
+            version: cfg.services.iter().map(|s| format!("{ns}.{}.version", s.name)).collect(),
+        };
+        self.lease_ttl_ms = (cfg.tick.0 * 20).max(1000);
+        let n = cfg.services.len();
+        let worker = Worker {
+            cfg: Rc::new(cfg),
+            tables: (0..n).map(|_| None).collect(),
+            rng: SplitMix64(self.me),
+            metrics: Metrics::default(),
+            active_gauges: (0..n).map(|_| HashMap::new()).collect(),
+        };
+        self.keys = Some(keys);
+        self.worker = Some(Rc::new(RefCell::new(worker)));
+        Ok(())
+    }
+
+    /// Rebuilds this worker's tables whose snapshot version moved.
+    fn refresh_tables(&mut self) {
+        let (Some(keys), Some(worker)) = (&self.keys, &self.worker) else { return };
+        let mut w = worker.borrow_mut();
+        for i in 0..keys.version.len() {
+            let Some(v) = shared::get_u64(&keys.version[i]) else { continue };
+            let have = w.tables.get(i).and_then(|t| t.as_ref()).map(|t| t.version).unwrap_or(0);
+            if v <= have {
+                continue;
+            }
+            let (Some(bytes), _) = shared::get(&keys.snapshot[i]) else { continue };
+            match Snapshot::decode(&bytes) {
+                Ok(snap) => {
+                    let policy = w.cfg.services[i].policy;
+                    let table = Table::build(&snap, policy, &mut w.rng);
+                    w.tables[i] = Some(table);
+                }
+                Err(e) => {
+                    let name = w.cfg.services[i].name.clone();
+                    log::error!("registry-lb: service {name}: {e}; keeping the previous table");
+                    w.metrics.inc(&format!("{name}.snapshot_decode_failed"));
+                }
+            }
+        }
+    }
+
+    /// Lease contention; returns whether this root polls this tick.
+    fn lead(&mut self, now: u64) -> bool {
+        let Some(keys) = &self.keys else { return false };
+        let (value, cas) = shared::get(&keys.lease);
+        let read = match (&value, cas) {
+            (Some(v), _) => Some(v.as_slice()),
+            (None, Some(_)) => Some(&[][..]),
+            (None, None) => None,
+        };
+        match lease::decide(self.me, read, now, self.lease_ttl_ms) {
+            Decision::Seed => {
+                let seed = Lease { owner: 0, expires_ms: 0 }.encode();
+                let _ = shared::set(&keys.lease, &seed, None);
+                false
+            }
+            Decision::Follow => false,
+            Decision::Write { lease, confirmed } => {
+                let wrote = shared::set(&keys.lease, &lease.encode(), cas).is_ok();
+                wrote && confirmed
+            }
+        }
+    }
+
+    fn become_leader(&mut self) {
+        let (Some(keys), Some(worker)) = (&self.keys, &self.worker) else { return };
+        let w = worker.borrow();
+        let mut pollers = Vec::with_capacity(w.cfg.services.len());
+        for (i, svc) in w.cfg.services.iter().enumerate() {
+            let mut p = ServicePoller::new(svc);
+            if let (Some(bytes), _) = shared::get(&keys.snapshot[i]) {
+                if let Ok(snap) = Snapshot::decode(&bytes) {
+                    p.adopt(snap);
+                }
+            }
+            pollers.push(p);
+        }
+        log::info!("registry-lb: this worker now polls the registries for {} service(s)", pollers.len());
+        drop(w);
+        self.pollers = Some(pollers);
+    }
+
+    fn poll(&mut self, now: u64) {
+        let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else { return };
+        let mut w = worker.borrow_mut();
+        for (si, p) in pollers.iter_mut().enumerate() {
+            for (src, req) in p.due(now) {
+                let mut headers: Vec<(&str, &str)> =
+                    vec![(":method", req.method), (":path", &req.path), (":authority", &req.authority)];
+                headers.extend(req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                let body = if req.body.is_empty() { None } else { Some(req.body.as_slice()) };
+                match hostcalls::dispatch_http_call(&req.cluster, headers, body, vec![], Duration::from_millis(req.timeout_ms)) {
+                    Ok(token) => {
+                        self.calls.insert(token, (si, src));
+                    }
+                    Err(e) => {
+                        let name = w.cfg.services[si].name.clone();
+                        let why = format!("cannot call cluster `{}`: {e:?}", req.cluster);
+                        let out = p.dispatch_failed(src, now, &mut w.rng, why);
+                        report(&mut w.metrics, &name, src, &out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes what the pollers have ready; returns whether anything was written.
+    fn publish(&mut self, now: u64) {
+        let (Some(pollers), Some(worker), Some(keys)) = (&mut self.pollers, &self.worker, &self.keys) else { return };
+        let mut w = worker.borrow_mut();
+        for (i, p) in pollers.iter_mut().enumerate() {
+            let name = w.cfg.services[i].name.clone();
+            w.metrics.gauge_set(&format!("{name}.snapshot_age_ms"), now.saturating_sub(p.last_ok_ms.max(p.current.published_ms)));
+            let Some(snap) = p.publication(now) else { continue };
+            let (current, cas) = shared::get(&keys.snapshot[i]);
+            if let Some(cur) = current.as_deref().and_then(|b| Snapshot::decode(b).ok()) {
+                if cur.version >= snap.version {
+                    log::warn!("registry-lb: service {name}: another poller published version {} first; adopting it", cur.version);
+                    p.adopt(cur);
+                    continue;
+                }
+            }
+            let bytes = snap.encode();
+            if let Err(e) = shared::set(&keys.snapshot[i], &bytes, cas) {
+                log::warn!("registry-lb: service {name}: snapshot write failed ({e:?}); retrying on the next change");
+                continue;
+            }
+            let _ = shared::set(&keys.version[i], &snap.version.to_le_bytes(), None);
+            let healthy = snap.entries.iter().filter(|e| e.instance.state == crate::instance::State::Healthy).count();
+            w.metrics.gauge_set(&format!("{name}.instances_known"), snap.entries.len() as u64);
+            w.metrics.gauge_set(&format!("{name}.instances_healthy"), healthy as u64);
+            w.metrics.gauge_set(&format!("{name}.snapshot_bytes"), bytes.len() as u64);
+            w.metrics.gauge_set(&format!("{name}.snapshot_version"), snap.version);
+            w.metrics.inc(&format!("{name}.snapshot_published"));
+            log::info!(
+                "registry-lb: service {name}: published snapshot version {} with {} instance(s), {healthy} healthy ({} bytes)",
+                snap.version,
+                snap.entries.len(),
+                bytes.len()
+            );
+            p.published(snap);
+        }
+    }
+}
+
+/// Logs and counts one refresh outcome.
+fn report(m: &mut Metrics, service: &str, source: usize, out: &Outcome) {
+    match out {
+        Outcome::Unchanged => m.inc(&format!("{service}.refresh_unchanged")),
+        Outcome::Again => {}
+        Outcome::Updated { rejected } => {
+            m.inc(&format!("{service}.refresh_ok"));
+            if !rejected.is_empty() {
+                m.add(&format!("{service}.instances_rejected"), rejected.len() as i64);
+                for r in rejected.iter().take(5) {
+                    log::warn!("registry-lb: service {service}: source {source}: instance skipped: {r}");
+                }
+                if rejected.len() > 5 {
+                    log::warn!("registry-lb: service {service}: source {source}: {} more instance(s) skipped", rejected.len() - 5);
+                }
+            }
+        }
+        Outcome::Failed(e) => {
+            m.inc(&format!("{service}.refresh_failed"));
+            m.inc(&format!("{service}.refresh_failed_{}", e.kind()));
+            log::warn!("registry-lb: service {service}: source {source}: refresh failed, keeping the last good instances: {e}");
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        let Some((si, src)) = self.calls.remove(&token) else { return };
+        let now = now_ms();
+        let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else { return };
+        let Some(p) = pollers.get_mut(si) else { return };
+        let mut w = worker.borrow_mut();
+        let max = w.cfg.services[si].max_response_bytes;
+        // No headers means a reset or an oversized body: reading the header map then
+        // would fail, so it is not read.
+        let headers: Vec<(String, String)> =
+            if num_headers == 0 { Vec::new() } else { hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default() };
+        let status = headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse::<u16>().ok()).unwrap_or(0);
+        let body: Vec<u8> = if body_size == 0 || body_size > max {
+            Vec::new()
+        } else {
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default()
+        };
+        let name = w.cfg.services[si].name.clone();
+        let out = if num_headers == 0 {
+            p.dispatch_failed(src, now, &mut w.rng, "call reset or answer over 32 MiB".into())
+        } else if body_size > max {
+            p.dispatch_failed(src, now, &mut w.rng, format!("answer of {body_size} bytes is over max_response_bytes"))
+        } else {
+            let mut rng = w.rng.clone();
+            let out = p.on_response(src, &HttpResponse { status, headers: &headers, body: &body }, now, &mut rng);
+            w.rng = rng;
+            out
+        };
+        report(&mut w.metrics, &name, src, &out);
+        drop(w);
+        // Publishing at once saves a tick; calls are only ever dispatched from on_tick.
+        self.publish(now);
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let bytes = if size == 0 {
+            Vec::new()
+        } else {
+            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size).ok().flatten().unwrap_or_default()
+        };
+        if let Err(e) = self.configure(&bytes) {
+            log::error!("registry-lb: {e}");
+            return false;
+        }
+        let tick = self.worker.as_ref().map(|w| w.borrow().cfg.tick.0).unwrap_or(50);
+        if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(tick)) {
+            log::error!("registry-lb: cannot start the timer: {e:?}");
+            return false;
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        self.refresh_tables();
+        let leading = self.lead(now);
+        match (leading, self.pollers.is_some()) {
+            (true, false) => self.become_leader(),
+            (false, true) => {
+                log::info!("registry-lb: this worker no longer polls the registries");
+                self.pollers = None;
+                self.calls.clear();
+            }
+            _ => {}
+        }
+        if self.pollers.is_some() {
+            self.poll(now);
+            self.publish(now);
+            self.refresh_tables();
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        let worker = self.worker.clone()?;
+        Some(Box::new(Http::new(worker)))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
