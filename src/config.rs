@@ -59,6 +59,9 @@ pub struct ServiceConfig {
     pub name: String,
     #[serde(default)]
     pub policy: Policy,
+    /// `least_request`: candidates compared per pick (Envoy's `choice_count`).
+    #[serde(default = "default_choice_count")]
+    pub choice_count: u32,
     /// Poll period for sources without blocking queries, and the pause between
     /// Consul blocking queries that returned nothing new is zero (they block instead).
     #[serde(default = "default_refresh")]
@@ -167,6 +170,9 @@ pub struct StaticInstance {
 fn default_true() -> bool {
     true
 }
+fn default_choice_count() -> u32 {
+    2
+}
 fn default_weight() -> u32 {
     1
 }
@@ -219,7 +225,7 @@ pub struct ConfigError(pub String);
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid registry-lb configuration: {}", self.0)
+        write!(f, "invalid configuration: {}", self.0)
     }
 }
 
@@ -264,6 +270,9 @@ impl PluginConfig {
             }
             if s.sources.is_empty() {
                 return err(format!("{at}.sources"), "at least one source is required");
+            }
+            if !(2..=16).contains(&s.choice_count) {
+                return err(format!("{at}.choice_count"), "must be between 2 and 16");
             }
             if s.refresh_interval.0 < 100 {
                 return err(format!("{at}.refresh_interval"), "must be at least 100ms");

@@ -34,7 +34,7 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn build(snap: &Snapshot, policy: Policy, rng: &mut impl Rng) -> Table {
+    pub fn build(snap: &Snapshot, policy: Policy, choices: u32, rng: &mut impl Rng) -> Table {
         let endpoints: Vec<Endpoint> = snap
             .entries
             .iter()
@@ -44,7 +44,7 @@ impl Table {
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
         let policy = match policy {
             Policy::RoundRobin => PolicyState::RoundRobin(RoundRobin::new(&weights, rng)),
-            Policy::LeastRequest => PolicyState::LeastRequest(LeastRequest::new(&weights)),
+            Policy::LeastRequest => PolicyState::LeastRequest(LeastRequest::new(&weights, choices)),
         };
         Table { version: snap.version, published_ms: snap.published_ms, endpoints, known: snap.entries.len(), policy }
     }
@@ -91,7 +91,7 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn only_healthy_instances_are_routable() {
         let mut r = SplitMix64(1);
-        let mut t = Table::build(&snap(), Policy::RoundRobin, &mut r);
+        let mut t = Table::build(&snap(), Policy::RoundRobin, 2, &mut r);
         assert_eq!(t.known, 4);
         assert_eq!(t.endpoints.len(), 2);
         let mut c = std::collections::HashMap::new();
@@ -105,7 +105,7 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn least_request_reads_load_by_slot() {
         let mut r = SplitMix64(1);
-        let mut t = Table::build(&snap(), Policy::LeastRequest, &mut r);
+        let mut t = Table::build(&snap(), Policy::LeastRequest, 2, &mut r);
         // Slot 3 (10.0.0.4, weight 1) is busy: it loses every pair it is in, so it
         // is chosen only when both draws are it, (1/6)^2 of the time.
         let mut busy = 0;
@@ -120,9 +120,9 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn empty_table_picks_nothing() {
         let mut r = SplitMix64(1);
-        let mut t = Table::build(&Snapshot::default(), Policy::LeastRequest, &mut r);
+        let mut t = Table::build(&Snapshot::default(), Policy::LeastRequest, 2, &mut r);
         assert!(t.pick(&mut r, |_| 0).is_none());
-        let mut t = Table::build(&Snapshot::default(), Policy::RoundRobin, &mut r);
+        let mut t = Table::build(&Snapshot::default(), Policy::RoundRobin, 2, &mut r);
         assert!(t.pick(&mut r, |_| 0).is_none());
     }
 }

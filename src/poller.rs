@@ -58,8 +58,8 @@ pub enum Outcome {
     Unchanged,
     /// A new list was accepted; `rejected` entries were skipped.
     Updated { rejected: Vec<String> },
-    /// An intermediate call succeeded (login); the real call follows at once.
-    Again,
+    /// An intermediate step (login, expired token); the real call follows at once.
+    Again(&'static str),
     Failed(RegistryError),
 }
 
@@ -154,14 +154,14 @@ impl ServicePoller {
         let Some(sp) = self.sources.get_mut(i) else { return Outcome::Unchanged };
         let sent = sp.in_flight.take().map(|(s, _)| s).unwrap_or(now_ms);
         match sp.source.on_response(resp, self.max_response_bytes) {
-            Ok(Step::Again) => {
+            Ok(Step::Again(why)) => {
                 sp.again += 1;
                 if sp.again > MAX_AGAIN {
                     sp.again = 0;
                     return self.fail(i, now_ms, rng, RegistryError::Auth("credentials refused repeatedly".into()));
                 }
                 sp.next_due_ms = now_ms;
-                Outcome::Again
+                Outcome::Again(why)
             }
             Ok(Step::Unchanged) => {
                 sp.again = 0;

@@ -19,41 +19,57 @@ use crate::rng::Rng;
 pub struct LeastRequest {
     sampler: WeightedSampler,
     weights: Vec<u32>,
+    choices: u32,
 }
 
 impl LeastRequest {
-    pub fn new(weights: &[u32]) -> LeastRequest {
-        LeastRequest { sampler: WeightedSampler::new(weights), weights: weights.iter().map(|&w| w.max(1)).collect() }
+    /// `choices` candidates per pick (Envoy's `choice_count`, at least 2).
+    pub fn new(weights: &[u32], choices: u32) -> LeastRequest {
+        LeastRequest {
+            sampler: WeightedSampler::new(weights),
+            weights: weights.iter().map(|&w| w.max(1)).collect(),
+            choices: choices.max(2),
+        }
     }
 
     /// Picks an index; `active(i)` returns instance i's requests in flight.
+    ///
+    /// Candidates are drawn with replacement, as Envoy does: forcing distinct ones
+    /// would skew the split away from the weights when there are few instances.
     pub fn pick(&self, rng: &mut impl Rng, mut active: impl FnMut(usize) -> i64) -> Option<usize> {
-        let a = self.sampler.sample(rng)?;
+        let first = self.sampler.sample(rng)?;
         if self.sampler.len() == 1 {
-            return Some(a);
+            return Some(first);
         }
-        // The second draw may repeat the first (sampling with replacement, as
-        // Envoy does): forcing two distinct candidates would skew the split away
-        // from the weights when there are few instances.
-        let b = self.sampler.sample(rng)?;
-        if a == b {
-            return Some(a);
-        }
-        // Compare load per unit of weight: active_a / w_a against active_b / w_b.
-        let (la, lb) = (active(a).max(0) as i128, active(b).max(0) as i128);
         let w = |i: usize| i128::from(self.weights.get(i).copied().unwrap_or(1));
-        let (wa, wb) = (w(a), w(b));
-        Some(match (la * wb).cmp(&(lb * wa)) {
-            std::cmp::Ordering::Less => a,
-            std::cmp::Ordering::Greater => b,
-            std::cmp::Ordering::Equal => {
-                if rng.next_u64() & 1 == 0 {
-                    a
-                } else {
-                    b
-                }
+        let mut best = first;
+        let mut best_load = i128::from(active(first).max(0));
+        let mut ties = 1u64;
+        for _ in 1..self.choices {
+            let c = self.sampler.sample(rng)?;
+            if c == best {
+                continue;
             }
-        })
+            let load = i128::from(active(c).max(0));
+            // Compare load per unit of weight: load_c / w_c against best_load / w_best.
+            match (load * w(best)).cmp(&(best_load * w(c))) {
+                std::cmp::Ordering::Less => {
+                    best = c;
+                    best_load = load;
+                    ties = 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    // Uniform among equals (reservoir sampling).
+                    ties += 1;
+                    if rng.below(ties) == 0 {
+                        best = c;
+                        best_load = load;
+                    }
+                }
+                std::cmp::Ordering::Greater => {}
+            }
+        }
+        Some(best)
     }
 }
 
@@ -65,7 +81,7 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn without_load_the_split_follows_weights() {
-        let lr = LeastRequest::new(&[3, 1]);
+        let lr = LeastRequest::new(&[3, 1], 2);
         let mut r = SplitMix64(5);
         let mut c = [0u32; 2];
         for _ in 0..20_000 {
@@ -76,7 +92,7 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn a_loaded_instance_is_avoided() {
-        let lr = LeastRequest::new(&[1, 1, 1, 1]);
+        let lr = LeastRequest::new(&[1, 1, 1, 1], 2);
         let mut r = SplitMix64(8);
         let load = [50i64, 0, 0, 0];
         let mut c = [0u32; 4];
@@ -90,7 +106,7 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn simulated_slow_instance_gets_less() {
         // Requests finish after `latency` picks; instance 0 is 10x slower.
-        let lr = LeastRequest::new(&[1, 1, 1]);
+        let lr = LeastRequest::new(&[1, 1, 1], 2);
         let mut r = SplitMix64(2);
         let latency = [20usize, 2, 2];
         let mut active = [0i64; 3];
@@ -109,9 +125,24 @@ mod tests {
     }
 
     #[wasm_bindgen_test(unsupported = test)]
+    fn more_choices_avoid_a_loaded_instance_more() {
+        let mut r = SplitMix64(8);
+        let load = [50i64, 0, 0];
+        let count = |choices: u32, r: &mut SplitMix64| {
+            let lr = LeastRequest::new(&[1, 1, 1], choices);
+            (0..9000).filter(|_| lr.pick(r, |i| load[i]) == Some(0)).count()
+        };
+        let two = count(2, &mut r);
+        let three = count(3, &mut r);
+        // Picked only when every draw is it: (1/3)^2 and (1/3)^3 of the time.
+        assert!((800..1200).contains(&two), "{two}");
+        assert!((220..450).contains(&three), "{three}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
     fn single_and_empty() {
         let mut r = SplitMix64(1);
-        assert_eq!(LeastRequest::new(&[4]).pick(&mut r, |_| 9), Some(0));
-        assert_eq!(LeastRequest::new(&[]).pick(&mut r, |_| 0), None);
+        assert_eq!(LeastRequest::new(&[4], 2).pick(&mut r, |_| 9), Some(0));
+        assert_eq!(LeastRequest::new(&[], 2).pick(&mut r, |_| 0), None);
     }
 }

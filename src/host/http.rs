@@ -86,10 +86,7 @@ impl HttpContext for Http {
                 w.metrics.inc("client_handoff_header_removed");
             }
         }
-        let Some(service) = route_service(&cfg.metadata_namespace) else {
-            log::debug!("registry-lb: route has no {}.service metadata: passing through", cfg.metadata_namespace);
-            return Action::Continue;
-        };
+        let Some(service) = route_service(&cfg.metadata_namespace) else { return Action::Continue };
         let Some((si, svc)) = cfg.service(&service) else {
             w.metrics.inc("unknown_service");
             log::warn!("registry-lb: route names service `{}`, which is not configured", crate::instance::truncate(&service, 64));

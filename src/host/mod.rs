@@ -14,7 +14,8 @@ mod shared;
 use proxy_wasm::types::LogLevel;
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
+    // Envoy's own `wasm` log level decides what is printed; nothing logs per request.
+    proxy_wasm::set_log_level(LogLevel::Debug);
     std::panic::set_hook(Box::new(|info| {
         let _ = proxy_wasm::hostcalls::log(LogLevel::Critical, &format!("registry-lb: panic: {info}"));
     }));

@@ -91,8 +91,15 @@ impl Root {
             let (Some(bytes), _) = shared::get(&keys.snapshot[i]) else { continue };
             match Snapshot::decode(&bytes) {
                 Ok(snap) => {
-                    let policy = w.cfg.services[i].policy;
-                    let table = Table::build(&snap, policy, &mut w.rng);
+                    let (policy, choices) = (w.cfg.services[i].policy, w.cfg.services[i].choice_count);
+                    let table = Table::build(&snap, policy, choices, &mut w.rng);
+                    log::debug!(
+                        "registry-lb: service {}: worker table at version {} with {} routable of {} instance(s)",
+                        w.cfg.services[i].name,
+                        table.version,
+                        table.endpoints.len(),
+                        table.known
+                    );
                     w.tables[i] = Some(table);
                 }
                 Err(e) => {
@@ -212,7 +219,7 @@ impl Root {
 fn report(m: &mut Metrics, service: &str, source: usize, out: &Outcome) {
     match out {
         Outcome::Unchanged => m.inc(&format!("{service}.refresh_unchanged")),
-        Outcome::Again => {}
+        Outcome::Again(why) => m.inc(&format!("{service}.registry_{why}")),
         Outcome::Updated { rejected } => {
             m.inc(&format!("{service}.refresh_ok"));
             if !rejected.is_empty() {

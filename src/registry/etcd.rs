@@ -123,7 +123,7 @@ impl Etcd {
                     let a: AuthAnswer = serde_json::from_slice(resp.body)
                         .map_err(|e| RegistryError::Malformed(format!("etcd authenticate: {e}")))?;
                     self.token = Some(a.token);
-                    Ok(Step::Again)
+                    Ok(Step::Again("login"))
                 }
                 s => Err(RegistryError::Auth(format!("login as `{}` failed: {s} {}", self.cfg.username.as_deref().unwrap_or(""), excerpt(resp.body)))),
             },
@@ -132,7 +132,7 @@ impl Etcd {
                 401 if self.token.is_some() => {
                     // Expired or revoked token: log in again right away.
                     self.token = None;
-                    Ok(Step::Again)
+                    Ok(Step::Again("token_expired"))
                 }
                 401 | 403 => Err(RegistryError::Auth(format!("{} {}", resp.status, excerpt(resp.body)))),
                 // etcd answers 400 "user name is empty" (code 3) when auth is on and no token is sent.
@@ -338,12 +338,12 @@ mod tests {
         let mut e = etcd(r#","username":"root","password":"pass""#);
         let r = e.request();
         assert_eq!(r.path, "/v3/auth/authenticate");
-        assert_eq!(e.on_response(&ok(AUTH)).unwrap(), Step::Again);
+        assert_eq!(e.on_response(&ok(AUTH)).unwrap(), Step::Again("login"));
         let r = e.request();
         assert_eq!(r.path, "/v3/kv/range");
         assert!(r.headers.contains(&("authorization".into(), "HFabdZrvwCdCuQjn.15".into())));
         let expired = HttpResponse { status: 401, headers: &[], body: INVALID_TOKEN.as_bytes() };
-        assert_eq!(e.on_response(&expired).unwrap(), Step::Again);
+        assert_eq!(e.on_response(&expired).unwrap(), Step::Again("token_expired"));
         assert_eq!(e.request().path, "/v3/auth/authenticate");
         let wrong = HttpResponse { status: 400, headers: &[], body: WRONG_PASSWORD.as_bytes() };
         let err = e.on_response(&wrong).unwrap_err();

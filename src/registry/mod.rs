@@ -44,8 +44,9 @@ pub enum Step {
     Unchanged,
     /// A fresh list. `rejected` lists entries that were skipped, with the reason.
     Instances { instances: Vec<Instance>, rejected: Vec<String> },
-    /// Intermediate step done (e.g. a login): make the next call now.
-    Again,
+    /// Intermediate step done: make the next call now. The reason names it for
+    /// metrics: `login` (a token was obtained), `token_expired` (it was refused).
+    Again(&'static str),
 }
 
 /// Why a refresh failed. The last good list is kept in every case.

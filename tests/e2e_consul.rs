@@ -1,0 +1,175 @@
+//! End to end in a real Envoy against a Consul agent stand-in that speaks Consul's
+//! HTTP API (health endpoint, blocking queries, ACL tokens): discovery, convergence,
+//! health and weights, errors, and one poller per Envoy.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use support::{lb, Backend, ConsulInstance, Envoy, FakeConsul};
+
+fn inst(b: &Backend) -> ConsulInstance {
+    ConsulInstance::new(&b.name, "127.0.0.1", b.port)
+}
+
+fn start(consul: &FakeConsul, replace: &[(&str, &str)], concurrency: u32) -> Envoy {
+    lb::start("envoy/consul.yaml", &[(8500, consul.port)], replace, concurrency)
+}
+
+#[test]
+fn discovers_converges_fast_and_forgets_removed_instances() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b", "c", "d"].iter().map(|n| Backend::start(n)).collect();
+    consul.set_service("web", b[..3].iter().map(inst).collect());
+    let envoy = start(&consul, &[], 2);
+    lb::wait_version(&envoy, "web", 1);
+    let c = lb::tally(&envoy, 90);
+    assert_eq!((c.get("a"), c.get("b"), c.get("c")), (Some(&30), Some(&30), Some(&30)), "{c:?}\n{:?}\n{}", envoy.stats().into_iter().filter(|(k, _)| k.contains("registry_lb")).collect::<Vec<_>>(), envoy.log().lines().filter(|l| l.contains("registry-lb")).collect::<Vec<_>>().join("\n"));
+
+    // A new instance: traffic reaches it as soon as the blocking query returns.
+    let t0 = Instant::now();
+    consul.set_service("web", b.iter().map(inst).collect());
+    let mut first_d = None;
+    while t0.elapsed() < Duration::from_secs(5) {
+        if envoy.get("/", &[]).1 == "d" {
+            first_d = Some(t0.elapsed());
+            break;
+        }
+    }
+    let added = first_d.expect("new instance never received traffic");
+    println!("convergence after adding an instance: {} ms", added.as_millis());
+    assert!(added < Duration::from_millis(200), "took {added:?}");
+
+    // Removing one: record when it last answered.
+    let t0 = Instant::now();
+    consul.set_service("web", b[1..].iter().map(inst).collect());
+    let mut last_a = Duration::ZERO;
+    while t0.elapsed() < Duration::from_millis(600) {
+        if envoy.get("/", &[]).1 == "a" {
+            last_a = t0.elapsed();
+        }
+    }
+    println!("convergence after removing an instance: last request to it {} ms after the change", last_a.as_millis());
+    assert!(last_a < Duration::from_millis(200), "removed instance still served {last_a:?} after the change");
+    let hits = b[0].hits();
+    let c = lb::tally(&envoy, 300);
+    assert_eq!(b[0].hits(), hits, "removed instance got traffic: {c:?}");
+    assert_eq!(c.values().sum::<u32>(), 300);
+    assert!(c.keys().all(|k| ["b", "c", "d"].contains(&k.as_str())), "{c:?}");
+
+    // While nothing changes, blocking queries cost no extra registry requests.
+    let before = consul.requests();
+    std::thread::sleep(Duration::from_secs(2));
+    let quiet = consul.requests() - before;
+    println!("registry requests in 2 s without changes (blocking): {quiet}");
+    assert!(quiet <= 1, "{quiet} requests while nothing changed");
+}
+
+#[test]
+fn health_weights_tags_and_tokens_are_honoured() {
+    let consul = FakeConsul::start();
+    consul.set_token(Some("s3cret"));
+    let b: Vec<Backend> = ["a", "b", "c", "d", "e"].iter().map(|n| Backend::start(n)).collect();
+    consul.set_service(
+        "web",
+        vec![
+            inst(&b[0]).tags(&["v1"]).weights(3, 1),
+            inst(&b[1]).tags(&["v1"]).status("critical"),
+            inst(&b[2]).tags(&["v1"]).weights(3, 1).status("warning"),
+            inst(&b[3]).tags(&["v2"]),
+            // Service.Address empty: Node.Address is used.
+            ConsulInstance::new("e", "", b[4].port).node_address("127.0.0.1").tags(&["v1"]).weights(0, 0),
+        ],
+    );
+    let envoy = start(
+        &consul,
+        &[(
+            "\"service\": \"web\", \"wait\": \"30s\"",
+            "\"service\": \"web\", \"wait\": \"2s\", \"token\": \"s3cret\", \"tag\": \"v1\", \"datacenter\": \"dc1\"",
+        )],
+        1,
+    );
+    lb::wait_version(&envoy, "web", 1);
+    let c = lb::tally(&envoy, 80);
+    println!("passing weight 3, warning weight 1, critical, other tag, weight 0: {c:?}");
+    assert_eq!(c.get("a"), Some(&60), "{c:?}");
+    assert_eq!(c.get("c"), Some(&20), "{c:?}");
+    assert_eq!(c.len(), 2, "{c:?}");
+    assert_eq!(envoy.stat(&lb::stat("web.instances_known")), Some(3), "a, b (critical) and c");
+    assert_eq!(envoy.stat(&lb::stat("web.instances_healthy")), Some(2));
+    let log = consul.request_log();
+    let q = log.last().unwrap();
+    assert!(q.0.contains("tag=v1") && q.0.contains("dc=dc1"), "{}", q.0);
+    assert_eq!(support::header(&q.1, "x-consul-token"), Some("s3cret"));
+
+    // The token is revoked: auth failures are counted, the last good list stays.
+    consul.set_token(Some("rotated"));
+    assert!(
+        lb::wait_stat(&envoy, &lb::stat("web.refresh_failed_auth"), Duration::from_secs(10), |v| v >= 1),
+        "auth failure not counted"
+    );
+    assert!(envoy.wait_for_log("registry refused credentials: 403", Duration::from_secs(5)));
+    let c = lb::tally(&envoy, 40);
+    assert_eq!((c.get("a"), c.get("c")), (Some(&30), Some(&10)), "last good list kept: {c:?}");
+}
+
+#[test]
+fn bad_answers_keep_the_last_good_list_and_no_instance_is_a_clear_503() {
+    let consul = FakeConsul::start();
+    let a = Backend::start("a");
+    consul.set_service("web", vec![inst(&a)]);
+    let envoy = start(&consul, &[("\"wait\": \"30s\"", "\"wait\": \"1s\"")], 1);
+    lb::wait_version(&envoy, "web", 1);
+    assert_eq!(envoy.get("/", &[]).1, "a");
+
+    for (status, body, kind) in [(200, "{\"not\": \"a list\"", "malformed"), (500, "rpc error", "status")] {
+        consul.set_error(Some((status, body)));
+        let name = lb::stat(&format!("web.refresh_failed_{kind}"));
+        assert!(lb::wait_stat(&envoy, &name, Duration::from_secs(10), |v| v >= 1), "{kind} not counted");
+        let c = lb::tally(&envoy, 20);
+        assert_eq!(c.get("a"), Some(&20), "{kind}: {c:?}");
+        consul.set_error(None);
+    }
+    assert!(envoy.log().contains("malformed registry answer"), "malformed answer logged");
+
+    // A service with no instance at all: a local 503 naming the service.
+    consul.set_service("web", vec![]);
+    assert!(lb::wait_stat(&envoy, &lb::stat("web.instances_known"), Duration::from_secs(10), |v| v == 0));
+    std::thread::sleep(Duration::from_millis(150));
+    let t = Instant::now();
+    let (status, body, _) = envoy.get("/", &[]);
+    assert!(t.elapsed() < Duration::from_secs(1), "no hang");
+    assert_eq!(status, 503);
+    assert_eq!(body, "registry-lb: no available instance for service `web`\n");
+    assert!(envoy.stat(&lb::stat("web.rq_no_instance")).unwrap_or(0) >= 1);
+}
+
+#[test]
+fn one_registry_poll_per_interval_with_four_workers() {
+    let consul = FakeConsul::start();
+    let a = Backend::start("a");
+    consul.set_service("web", vec![inst(&a)]);
+    let envoy = start(
+        &consul,
+        &[
+            ("\"wait\": \"30s\"", "\"blocking\": false"),
+            ("\"policy\": \"round_robin\",", "\"policy\": \"round_robin\", \"refresh_interval\": \"500ms\","),
+        ],
+        4,
+    );
+    lb::wait_version(&envoy, "web", 1);
+    let before = consul.requests();
+    let window = Duration::from_secs(3);
+    std::thread::sleep(window);
+    let polls = consul.requests() - before;
+    println!("--concurrency 4, refresh_interval 500ms: {polls} registry requests in 3 s (one poller: 6; one per root context: 30)");
+    assert!((5..=7).contains(&polls), "{polls} polls in 3 s");
+    // Every worker serves from the one snapshot.
+    let c = lb::tally(&envoy, 20);
+    assert_eq!(c.get("a"), Some(&20));
+    let mut hosts = HashMap::new();
+    for r in consul.request_log() {
+        *hosts.entry(r.0.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(hosts.len(), 1, "one kind of request: {hosts:?}");
+}

@@ -1,0 +1,211 @@
+//! End to end in a real Envoy with the static source: weighted split, client
+//! headers that try to steer, least_request, configuration errors.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use support::{lb, Backend, Envoy, EnvoyConfig};
+
+fn three_backends() -> Vec<Backend> {
+    vec![Backend::start("a"), Backend::start("b"), Backend::start("c")]
+}
+
+/// envoy/static.yaml with its instances 8081..8083 moved to the given backends.
+fn static_ports(b: &[Backend]) -> Vec<(String, String)> {
+    vec![
+        ("\"port\": 8081".into(), format!("\"port\": {}", b[0].port)),
+        ("\"port\": 8082".into(), format!("\"port\": {}", b[1].port)),
+        ("\"port\": 8083".into(), format!("\"port\": {}", b[2].port)),
+    ]
+}
+
+fn start_static(b: &[Backend], extra: &[(&str, &str)], concurrency: u32) -> Envoy {
+    let ports = static_ports(b);
+    let mut replace: Vec<(&str, &str)> = ports.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    replace.extend_from_slice(extra);
+    lb::start("envoy/static.yaml", &[], &replace, concurrency)
+}
+
+fn share(c: &HashMap<String, u32>, k: &str, n: usize) -> f64 {
+    f64::from(*c.get(k).unwrap_or(&0)) / n as f64
+}
+
+#[test]
+fn weighted_split_matches_weights_within_two_percent() {
+    let b = three_backends();
+    let envoy = start_static(&b, &[], 2);
+    lb::wait_version(&envoy, "web", 1);
+    let n = 1400;
+    let c = lb::tally(&envoy, n);
+    println!("weights 5:1:1 over {n} requests: {c:?}");
+    for (k, want) in [("a", 5.0 / 7.0), ("b", 1.0 / 7.0), ("c", 1.0 / 7.0)] {
+        let got = share(&c, k, n);
+        println!("  {k}: {:.4} (want {:.4}, error {:+.4})", got, want, got - want);
+        assert!((got - want).abs() <= 0.02, "backend {k}: share {got:.4}, want {want:.4}: {c:?}");
+    }
+    assert_eq!(c.len(), 3, "only the three backends answer: {c:?}");
+    // Picks are counted per instance in Envoy's stats.
+    let picks: i64 = b
+        .iter()
+        .map(|x| envoy.stat(&lb::stat(&format!("web.instance.127_0_0_1_{}.picks", x.port))).unwrap_or(0))
+        .sum();
+    assert_eq!(picks, n as i64);
+    let prom = envoy.prometheus();
+    assert!(prom.contains("registry_lb_web_instances_healthy"), "metrics are exported to Prometheus");
+}
+
+#[test]
+fn client_headers_never_change_the_destination() {
+    let b = three_backends();
+    let envoy = start_static(&b, &[], 1);
+    lb::wait_version(&envoy, "web", 1);
+    let admin = format!("127.0.0.1:{}", envoy.admin_port);
+    let spoof: [(&str, &str); 4] = [
+        ("x-envoy-original-dst-host", admin.as_str()),
+        ("x-envoy-upstream-alt-stat-name", "evil"),
+        ("x-lb-host", admin.as_str()),
+        ("x-envoy-internal", "true"),
+    ];
+    let mut answered = HashMap::new();
+    for _ in 0..70 {
+        let (status, body, _) = envoy.get("/", &spoof);
+        assert_eq!(status, 200, "{body}");
+        *answered.entry(body).or_insert(0) += 1;
+    }
+    // Only backends answered (the admin port never did), in the configured split.
+    assert_eq!(answered.get("a"), Some(&50), "{answered:?}");
+    assert_eq!(answered.len(), 3, "{answered:?}");
+}
+
+#[test]
+fn header_handoff_strips_client_values() {
+    // The header hand-off: ORIGINAL_DST with use_http_header, and "handoff": "header".
+    let b = three_backends();
+    let envoy = start_static(
+        &b,
+        &[
+            ("\"services\": [", "\"handoff\": \"header\", \"services\": ["),
+            ("    lb_policy: CLUSTER_PROVIDED\n", "    lb_policy: CLUSTER_PROVIDED\n    original_dst_lb_config: { use_http_header: true }\n"),
+        ],
+        1,
+    );
+    lb::wait_version(&envoy, "web", 1);
+    let admin = format!("127.0.0.1:{}", envoy.admin_port);
+    let mut answered = HashMap::new();
+    for _ in 0..70 {
+        let (status, body, _) = envoy.get("/", &[("x-envoy-original-dst-host", admin.as_str())]);
+        assert_eq!(status, 200, "{body}");
+        *answered.entry(body).or_insert(0) += 1;
+    }
+    assert_eq!(answered.get("a"), Some(&50), "{answered:?}");
+    // What reached each backend is the filter's choice (itself), never the client's value.
+    for x in &b {
+        for r in x.requests() {
+            let v = support::header(&r.1, "x-envoy-original-dst-host");
+            assert_eq!(v, Some(x.addr().as_str()), "backend {} saw {v:?}", x.name);
+        }
+    }
+    assert_eq!(envoy.stat(&lb::stat("client_handoff_header_removed")), Some(70));
+}
+
+#[test]
+fn least_request_steers_away_from_a_slow_instance() {
+    let b = three_backends();
+    b[0].set_delay(Duration::from_millis(150));
+    let envoy = Arc::new(start_static(
+        &b,
+        &[
+            ("\"policy\": \"round_robin\"", "\"policy\": \"least_request\""),
+            ("\"weight\": 5", "\"weight\": 1"),
+        ],
+        2,
+    ));
+    lb::wait_version(&envoy, "web", 1);
+    // 8 clients x 40 requests, bounded by the 5 s client timeout per request.
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let e = Arc::clone(&envoy);
+            std::thread::spawn(move || lb::tally(&e, 40))
+        })
+        .collect();
+    let mut c: HashMap<String, u32> = HashMap::new();
+    for h in handles {
+        for (k, v) in h.join().unwrap() {
+            *c.entry(k).or_insert(0) += v;
+        }
+    }
+    println!("least_request, a is 150 ms slower: {c:?}");
+    let (a, bb, cc) = (c.get("a").copied().unwrap_or(0), c["b"], c["c"]);
+    assert_eq!(a + bb + cc, 320, "every request answered: {c:?}");
+    // Round robin would give it one third (about 107). With two choices it is picked
+    // only when both draws are it (1/9, about 36).
+    assert!(a * 2 < bb.min(cc), "slow instance got {a}, others {bb} and {cc}");
+}
+
+#[test]
+fn bad_plugin_configuration_is_rejected_with_the_field_named() {
+    let cases = [
+        ("\"policy\": \"round_robin\"", "\"policy\": \"fastest\"", "services[0].policy: unknown variant `fastest`"),
+        ("\"port\": 8082", "\"port\": 0", "services[0].sources[0].static.instances[1]: port 0 is out of range"),
+        ("\"name\": \"web\"", "\"name\": \"web\", \"colour\": \"blue\"", "services[0].colour: unknown field `colour`"),
+    ];
+    for (from, to, message) in cases {
+        let cfg = EnvoyConfig::from_file("envoy/static.yaml").replace(from, to);
+        let cfg = cfg.port(10000, support::free_port()).port(9901, support::free_port());
+        let (failed, log) = Envoy::start_expect_failure(&cfg, 1);
+        assert!(failed, "Envoy accepted a bad configuration ({to})");
+        assert!(log.contains(message), "log does not name the problem `{message}`:\n{}", support::tail(&log, 30));
+    }
+}
+
+#[test]
+fn every_shipped_envoy_config_validates() {
+    for f in ["envoy/static.yaml", "envoy/consul.yaml", "envoy/etcd.yaml", "compose/envoy.yaml"] {
+        let (ok, out) = Envoy::validate(&EnvoyConfig::from_file(f));
+        assert!(ok, "{f} does not validate:\n{out}");
+    }
+}
+
+#[test]
+fn requests_without_a_service_pass_through_untouched() {
+    // A second route with no registry-lb metadata goes to an ordinary cluster.
+    let b = three_backends();
+    let other = Backend::start("plain");
+    let route = format!(
+        "              - match: {{ prefix: \"/plain\" }}\n                route: {{ cluster: plain }}\n              - match: {{ prefix: \"/\" }}"
+    );
+    let cluster = format!(
+        "  clusters:\n  - name: plain\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: plain\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {} }}\n",
+        other.port
+    );
+    let envoy = start_static(&b, &[("              - match: { prefix: \"/\" }", &route), ("  clusters:\n", &cluster)], 1);
+    lb::wait_version(&envoy, "web", 1);
+    let (status, body, _) = envoy.get("/plain/x", &[]);
+    assert_eq!((status, body.as_str()), (200, "plain"));
+    assert_eq!(envoy.stat(&lb::stat(&format!("web.instance.127_0_0_1_{}.picks", b[0].port))), None);
+}
+
+#[test]
+fn compose_config_differs_from_consul_yaml_only_in_addresses() {
+    let strip = |f: &str| -> Vec<String> {
+        std::fs::read_to_string(support::repo_root().join(f))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    let (a, b) = (strip("envoy/consul.yaml"), strip("compose/envoy.yaml"));
+    assert_eq!(a.len(), b.len(), "same structure");
+    let mut differing = 0;
+    for (x, y) in a.iter().zip(&b) {
+        if x != y {
+            differing += 1;
+            let norm = |s: &str| s.replace("127.0.0.1", "ADDR").replace("0.0.0.0", "ADDR").replace("consul,", "ADDR,");
+            assert_eq!(norm(x), norm(y), "lines differ beyond addresses:\n  {x}\n  {y}");
+        }
+    }
+    assert_eq!(differing, 3, "listener, admin and Consul addresses");
+}

