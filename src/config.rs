@@ -66,6 +66,10 @@ pub struct ServiceConfig {
     /// Consul blocking queries that returned nothing new is zero (they block instead).
     #[serde(default = "default_refresh")]
     pub refresh_interval: Millis,
+    /// How long a request may wait for the service's first snapshot after Envoy
+    /// starts (as Envoy's own `initial_fetch_timeout` for EDS) before a 503.
+    #[serde(default = "default_initial_fetch_timeout")]
+    pub initial_fetch_timeout: Millis,
     /// Timeout of one registry call (Consul blocking queries add their `wait`).
     #[serde(default = "default_request_timeout")]
     pub request_timeout: Millis,
@@ -191,6 +195,9 @@ fn default_max_instance_stats() -> usize {
 fn default_refresh() -> Millis {
     Millis::from_secs(5)
 }
+fn default_initial_fetch_timeout() -> Millis {
+    Millis::from_secs(5)
+}
 fn default_request_timeout() -> Millis {
     Millis::from_secs(5)
 }
@@ -208,13 +215,13 @@ fn default_consul_wait() -> Millis {
 }
 
 impl ConsulConfig {
-    pub fn authority<'a>(&'a self) -> &'a str {
+    pub fn authority(&self) -> &str {
         self.authority.as_deref().unwrap_or(&self.cluster)
     }
 }
 
 impl EtcdConfig {
-    pub fn authority<'a>(&'a self) -> &'a str {
+    pub fn authority(&self) -> &str {
         self.authority.as_deref().unwrap_or(&self.cluster)
     }
 }
@@ -276,6 +283,9 @@ impl PluginConfig {
             }
             if s.refresh_interval.0 < 100 {
                 return err(format!("{at}.refresh_interval"), "must be at least 100ms");
+            }
+            if s.initial_fetch_timeout.0 > 60_000 {
+                return err(format!("{at}.initial_fetch_timeout"), "must be at most 60s");
             }
             if s.request_timeout.0 == 0 {
                 return err(format!("{at}.request_timeout"), "must be greater than zero");

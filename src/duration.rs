@@ -53,7 +53,7 @@ pub fn parse(text: &str) -> Result<Millis, String> {
         }
     };
     let ms = value * scale;
-    if !ms.is_finite() || ms < 0.0 || ms > 1e15 {
+    if !ms.is_finite() || !(0.0..=1e15).contains(&ms) {
         return Err(format!("`{text}` is out of range"));
     }
     Ok(Millis(ms as u64))

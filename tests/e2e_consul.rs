@@ -173,3 +173,36 @@ fn one_registry_poll_per_interval_with_four_workers() {
     }
     assert_eq!(hosts.len(), 1, "one kind of request: {hosts:?}");
 }
+
+#[test]
+fn requests_at_start_wait_for_the_first_snapshot_not_fail() {
+    let consul = FakeConsul::start();
+    let a = Backend::start("a");
+    consul.set_service("web", vec![inst(&a)]);
+    // The registry answers slowly; requests sent the moment Envoy is ready are held
+    // until the first snapshot, then routed.
+    consul.set_delay(Duration::from_millis(400));
+    let envoy = start(&consul, &[], 2);
+    let t = Instant::now();
+    let c = lb::tally(&envoy, 5);
+    println!("5 requests right after start: {c:?} in {} ms", t.elapsed().as_millis());
+    assert_eq!(c.get("a"), Some(&5), "{c:?}");
+    assert!(envoy.stat(&lb::stat("web.rq_waited_for_first_snapshot")).unwrap_or(0) >= 1);
+
+    // With a registry slower than initial_fetch_timeout, the wait ends in a clear 503.
+    let slow = FakeConsul::start();
+    slow.set_service("web", vec![inst(&a)]);
+    slow.set_delay(Duration::from_secs(3));
+    let envoy = lb::start(
+        "envoy/consul.yaml",
+        &[(8500, slow.port)],
+        &[("\"policy\": \"round_robin\",", "\"policy\": \"round_robin\", \"initial_fetch_timeout\": \"300ms\",")],
+        1,
+    );
+    let t = Instant::now();
+    let (status, body, _) = envoy.get("/", &[]);
+    let waited = t.elapsed();
+    println!("registry slower than initial_fetch_timeout (300 ms): {status} after {} ms", waited.as_millis());
+    assert_eq!((status, body.as_str()), (503, "registry-lb: no available instance for service `web`\n"));
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(2), "{waited:?}");
+}

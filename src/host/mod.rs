@@ -10,6 +10,7 @@ mod http;
 mod metrics;
 mod root;
 mod shared;
+mod worker;
 
 use proxy_wasm::types::LogLevel;
 

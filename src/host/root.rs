@@ -4,13 +4,12 @@
 
 use super::http::Http;
 use super::metrics::Metrics;
+use super::worker::{Keys, Worker};
 use super::{now_ms, shared};
 use crate::config::PluginConfig;
 use crate::lease::{self, Decision, Lease};
-use crate::picker::Table;
 use crate::poller::{Outcome, ServicePoller};
 use crate::registry::HttpResponse;
-use crate::rng::SplitMix64;
 use crate::snapshot::Snapshot;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -21,26 +20,9 @@ use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::Duration;
 
-/// Per-VM state shared by the root context and the HTTP contexts of a worker.
-pub struct Worker {
-    pub cfg: Rc<PluginConfig>,
-    pub tables: Vec<Option<Table>>,
-    pub rng: SplitMix64,
-    pub metrics: Metrics,
-    /// Per service: slot → gauge id of its in-flight requests.
-    pub active_gauges: Vec<HashMap<u32, Option<u32>>>,
-}
-
-struct Keys {
-    lease: String,
-    snapshot: Vec<String>,
-    version: Vec<String>,
-}
-
 pub struct Root {
     me: u64,
     worker: Option<Rc<RefCell<Worker>>>,
-    keys: Option<Keys>,
     pollers: Option<Vec<ServicePoller>>,
     calls: HashMap<u32, (usize, usize)>,
     lease_ttl_ms: u64,
@@ -51,7 +33,7 @@ impl Root {
         // Entropy from the host (WASI random_get behind RandomState) and the clock.
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(now_ms());
-        Root { me: h.finish() | 1, worker: None, keys: None, pollers: None, calls: HashMap::new(), lease_ttl_ms: 0 }
+        Root { me: h.finish() | 1, worker: None, pollers: None, calls: HashMap::new(), lease_ttl_ms: 0 }
     }
 
     fn configure(&mut self, bytes: &[u8]) -> Result<(), String> {
@@ -65,56 +47,15 @@ impl Root {
             version: cfg.services.iter().map(|s| format!("{ns}.{}.version", s.name)).collect(),
         };
         self.lease_ttl_ms = (cfg.tick.0 * 20).max(1000);
-        let n = cfg.services.len();
-        let worker = Worker {
-            cfg: Rc::new(cfg),
-            tables: (0..n).map(|_| None).collect(),
-            rng: SplitMix64(self.me),
-            metrics: Metrics::default(),
-            active_gauges: (0..n).map(|_| HashMap::new()).collect(),
-        };
-        self.keys = Some(keys);
-        self.worker = Some(Rc::new(RefCell::new(worker)));
+        self.worker = Some(Rc::new(RefCell::new(Worker::new(cfg, keys, self.me))));
         Ok(())
-    }
-
-    /// Rebuilds this worker's tables whose snapshot version moved.
-    fn refresh_tables(&mut self) {
-        let (Some(keys), Some(worker)) = (&self.keys, &self.worker) else { return };
-        let mut w = worker.borrow_mut();
-        for i in 0..keys.version.len() {
-            let Some(v) = shared::get_u64(&keys.version[i]) else { continue };
-            let have = w.tables.get(i).and_then(|t| t.as_ref()).map(|t| t.version).unwrap_or(0);
-            if v <= have {
-                continue;
-            }
-            let (Some(bytes), _) = shared::get(&keys.snapshot[i]) else { continue };
-            match Snapshot::decode(&bytes) {
-                Ok(snap) => {
-                    let (policy, choices) = (w.cfg.services[i].policy, w.cfg.services[i].choice_count);
-                    let table = Table::build(&snap, policy, choices, &mut w.rng);
-                    log::debug!(
-                        "registry-lb: service {}: worker table at version {} with {} routable of {} instance(s)",
-                        w.cfg.services[i].name,
-                        table.version,
-                        table.endpoints.len(),
-                        table.known
-                    );
-                    w.tables[i] = Some(table);
-                }
-                Err(e) => {
-                    let name = w.cfg.services[i].name.clone();
-                    log::error!("registry-lb: service {name}: {e}; keeping the previous table");
-                    w.metrics.inc(&format!("{name}.snapshot_decode_failed"));
-                }
-            }
-        }
     }
 
     /// Lease contention; returns whether this root polls this tick.
     fn lead(&mut self, now: u64) -> bool {
-        let Some(keys) = &self.keys else { return false };
-        let (value, cas) = shared::get(&keys.lease);
+        let Some(worker) = &self.worker else { return false };
+        let key = worker.borrow().keys.lease.clone();
+        let (value, cas) = shared::get(&key);
         let read = match (&value, cas) {
             (Some(v), _) => Some(v.as_slice()),
             (None, Some(_)) => Some(&[][..]),
@@ -122,21 +63,24 @@ impl Root {
         };
         match lease::decide(self.me, read, now, self.lease_ttl_ms) {
             Decision::Seed => {
-                let seed = Lease { owner: 0, expires_ms: 0 }.encode();
-                let _ = shared::set(&keys.lease, &seed, None);
+                // The key is absent, so this write ignores CAS: claim the lease but
+                // act only after seeing it still ours on the next tick.
+                let mine = Lease { owner: self.me, expires_ms: now + self.lease_ttl_ms };
+                let _ = shared::set(&key, &mine.encode(), None);
                 false
             }
             Decision::Follow => false,
             Decision::Write { lease, confirmed } => {
-                let wrote = shared::set(&keys.lease, &lease.encode(), cas).is_ok();
+                let wrote = shared::set(&key, &lease.encode(), cas).is_ok();
                 wrote && confirmed
             }
         }
     }
 
     fn become_leader(&mut self) {
-        let (Some(keys), Some(worker)) = (&self.keys, &self.worker) else { return };
+        let Some(worker) = &self.worker else { return };
         let w = worker.borrow();
+        let keys = &w.keys;
         let mut pollers = Vec::with_capacity(w.cfg.services.len());
         for (i, svc) in w.cfg.services.iter().enumerate() {
             let mut p = ServicePoller::new(svc);
@@ -178,8 +122,10 @@ impl Root {
 
     /// Publishes what the pollers have ready; returns whether anything was written.
     fn publish(&mut self, now: u64) {
-        let (Some(pollers), Some(worker), Some(keys)) = (&mut self.pollers, &self.worker, &self.keys) else { return };
-        let mut w = worker.borrow_mut();
+        let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else { return };
+        let mut guard = worker.borrow_mut();
+        let w = &mut *guard;
+        let keys = &w.keys;
         for (i, p) in pollers.iter_mut().enumerate() {
             let name = w.cfg.services[i].name.clone();
             w.metrics.gauge_set(&format!("{name}.snapshot_age_ms"), now.saturating_sub(p.last_ok_ms.max(p.current.published_ms)));
@@ -297,7 +243,9 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let now = now_ms();
-        self.refresh_tables();
+        if let Some(w) = &self.worker {
+            w.borrow_mut().refresh_all();
+        }
         let leading = self.lead(now);
         match (leading, self.pollers.is_some()) {
             (true, false) => self.become_leader(),
@@ -311,13 +259,17 @@ impl RootContext for Root {
         if self.pollers.is_some() {
             self.poll(now);
             self.publish(now);
-            self.refresh_tables();
+        }
+        if let Some(w) = &self.worker {
+            let mut w = w.borrow_mut();
+            w.refresh_all();
+            w.release_waiting(now);
         }
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
         let worker = self.worker.clone()?;
-        Some(Box::new(Http::new(worker)))
+        Some(Box::new(Http::new(id, worker)))
     }
 
     fn get_type(&self) -> Option<ContextType> {
