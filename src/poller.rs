@@ -11,6 +11,11 @@
 //!   is published before every source has answered or failed once, so a slow source
 //!   does not cause a snapshot without its instances at start-up.
 //! - A new snapshot is produced only when the merged content hash changes.
+//! - Mass-deregistration guard: a change that would drop more than
+//!   `guard_max_drop_percent` of the routable instances, or leave none, is held
+//!   back and re-read; it is published only when `guard_confirmations` refreshes in
+//!   a row say the same. A registry outage that answers `[]` for a moment does not
+//!   black-hole traffic; a real scale-down goes through after a few refreshes.
 
 use crate::backoff;
 use crate::config::ServiceConfig;
@@ -35,6 +40,8 @@ struct SourcePoll {
     answered: bool,
     failed_once: bool,
     last_good: Vec<Instance>,
+    /// Wall-clock ms of this source's last successful answer.
+    last_ok_ms: u64,
 }
 
 #[derive(Debug)]
@@ -49,6 +56,12 @@ pub struct ServicePoller {
     dirty: bool,
     /// Wall-clock ms of the last successful refresh (changed or not).
     pub last_ok_ms: u64,
+    guard_max_drop_percent: u32,
+    guard_confirmations: u32,
+    /// A held change: (content hash, times seen).
+    held: Option<(u64, u32)>,
+    /// Guard decisions for the host to log and count: (event, message).
+    pub guard_events: Vec<(&'static str, String)>,
 }
 
 /// What one registry answer did.
@@ -56,8 +69,9 @@ pub struct ServicePoller {
 pub enum Outcome {
     /// Same index/revision, or the same content: nothing to publish.
     Unchanged,
-    /// A new list was accepted; `rejected` entries were skipped.
-    Updated { rejected: Vec<String> },
+    /// A new list was accepted; `rejected` entries were skipped; `warnings` are about
+    /// the answer as a whole (logged and counted as `registry_warning`).
+    Updated { rejected: Vec<String>, warnings: Vec<String> },
     /// An intermediate step (login, expired token); the real call follows at once.
     Again(&'static str),
     Failed(RegistryError),
@@ -82,11 +96,16 @@ impl ServicePoller {
                     answered: false,
                     failed_once: false,
                     last_good: Vec::new(),
+                    last_ok_ms: 0,
                 })
                 .collect(),
             current: Snapshot::default(),
             dirty: false,
             last_ok_ms: 0,
+            guard_max_drop_percent: svc.guard_max_drop_percent,
+            guard_confirmations: svc.guard_confirmations,
+            held: None,
+            guard_events: Vec::new(),
         }
     }
 
@@ -126,7 +145,7 @@ impl ServicePoller {
             if now_ms < sp.next_due_ms {
                 continue;
             }
-            match sp.source.request() {
+            match sp.source.request(now_ms) {
                 Some(req) => {
                     sp.in_flight = Some((now_ms, req.timeout_ms));
                     out.push((i, req));
@@ -167,20 +186,26 @@ impl ServicePoller {
                 sp.again = 0;
                 sp.failures = 0;
                 sp.answered = true;
+                sp.last_ok_ms = now_ms;
                 let quick = now_ms.saturating_sub(sent) < 1000;
                 sp.next_due_ms = if sp.source.is_blocking() && !quick { now_ms } else { now_ms + self.refresh_ms };
                 self.last_ok_ms = now_ms;
+                if self.held.is_some() {
+                    // The registry still says the same: that confirms a held change.
+                    self.dirty = true;
+                }
                 Outcome::Unchanged
             }
-            Ok(Step::Instances { instances, rejected }) => {
+            Ok(Step::Instances { instances, rejected, warnings }) => {
                 sp.again = 0;
                 sp.failures = 0;
                 sp.answered = true;
+                sp.last_ok_ms = now_ms;
                 sp.next_due_ms = if sp.source.is_blocking() { now_ms } else { now_ms + self.refresh_ms };
                 sp.last_good = instances;
                 self.last_ok_ms = now_ms;
                 self.dirty = true;
-                Outcome::Updated { rejected }
+                Outcome::Updated { rejected, warnings }
             }
             Err(e) => self.fail(i, now_ms, rng, e),
         }
@@ -228,9 +253,13 @@ impl ServicePoller {
         let hash = snapshot::content_hash(merged.iter().map(|(i, _)| i));
         let first = self.current.version == 0;
         if !first && hash == self.current.hash {
+            self.held = None;
             // Same routing content; keep tokens current without re-publishing.
             self.current.tokens = tokens;
             self.current.answered = answered;
+            return None;
+        }
+        if !first && self.guard_holds(&merged, hash) {
             return None;
         }
         let entries: Vec<Entry> = snapshot::assign_slots(&self.current.entries, merged);
@@ -244,20 +273,77 @@ impl ServicePoller {
         })
     }
 
+    /// Whether the guard holds this change back (and schedules a re-read).
+    fn guard_holds(&mut self, merged: &[(Instance, u8)], hash: u64) -> bool {
+        use crate::instance::State;
+        if self.guard_max_drop_percent >= 100 {
+            return false;
+        }
+        let before = self.current.entries.iter().filter(|e| e.instance.state == State::Healthy).count() as u64;
+        let after = merged.iter().filter(|(i, _)| i.state == State::Healthy).count() as u64;
+        let dropped = before.saturating_sub(after);
+        let suspicious = before > 0 && (after == 0 || dropped * 100 > u64::from(self.guard_max_drop_percent) * before);
+        if !suspicious {
+            self.held = None;
+            return false;
+        }
+        let seen = match self.held {
+            Some((h, n)) if h == hash => n + 1,
+            _ => 1,
+        };
+        if seen >= self.guard_confirmations {
+            self.held = None;
+            self.guard_events.push((
+                "guard_released",
+                format!("drop from {before} to {after} routable instance(s) confirmed {seen} times: applying it"),
+            ));
+            return false;
+        }
+        self.held = Some((hash, seen));
+        self.guard_events.push((
+            "guard_held",
+            format!(
+                "refresh would drop routable instances from {before} to {after}; held back ({seen} of {} confirmations), serving the previous list",
+                self.guard_confirmations
+            ),
+        ));
+        // Re-confirm within one refresh interval (a blocking query still returns at
+        // once if the registry recovers).
+        for sp in &mut self.sources {
+            sp.source.confirm_within(self.refresh_ms);
+        }
+        true
+    }
+
     /// The host stored `snap` in shared data.
     pub fn published(&mut self, snap: Snapshot) {
         self.current = snap;
+    }
+
+    /// How old the data is: the longest time any source has gone without a good
+    /// answer. A source whose blocking query is open after a good answer is fresh
+    /// (Consul answers it the moment anything changes); static sources are always fresh.
+    pub fn age_ms(&self, now_ms: u64) -> u64 {
+        self.sources
+            .iter()
+            .map(|sp| {
+                let fresh = matches!(sp.source, Source::Static(_))
+                    || (sp.in_flight.is_some() && sp.source.is_blocking() && sp.failures == 0 && sp.answered);
+                if fresh {
+                    0
+                } else {
+                    now_ms.saturating_sub(sp.last_ok_ms.max(self.current.published_ms))
+                }
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// Number of sources (for metrics).
     pub fn source_kinds(&self) -> Vec<&'static str> {
         self.sources
             .iter()
-            .map(|s| match s.source {
-                Source::Consul(_) => "consul",
-                Source::Etcd(_) => "etcd",
-                Source::Static(_) => "static",
-            })
+            .map(|s| s.source.kind())
             .collect()
     }
 }
@@ -311,7 +397,7 @@ mod tests {
         let body = consul_body(&["10.0.0.1", "10.0.0.2"]);
         let h = consul_ok("5");
         let out = p.on_response(0, &HttpResponse { status: 200, headers: &h, body: body.as_bytes() }, 20, &mut r);
-        assert_eq!(out, Outcome::Updated { rejected: vec![] });
+        assert_eq!(out, Outcome::Updated { rejected: vec![], warnings: vec![] });
         let s = p.publication(20).unwrap();
         assert_eq!(s.tokens, ["5"]);
         p.published(s);
@@ -435,5 +521,81 @@ mod tests {
             outcomes.push(p.on_response(0, &HttpResponse { status, headers: &[], body }, t, &mut r));
         }
         assert!(matches!(outcomes.last(), Some(Outcome::Failed(RegistryError::Auth(_)))), "{outcomes:?}");
+    }
+
+    fn consul_ok_body(ips: &[&str], index: &str, p: &mut ServicePoller, now: u64, r: &mut SplitMix64) -> Outcome {
+        let body = consul_body(ips);
+        let h = consul_ok(index);
+        p.on_response(0, &HttpResponse { status: 200, headers: &h, body: body.as_bytes() }, now, r)
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn guard_holds_mass_deregistration_until_confirmed() {
+        let mut p = poller(r#"{"consul":{"cluster":"consul"}}"#);
+        let mut r = SplitMix64(4);
+        p.due(0);
+        consul_ok_body(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], "5", &mut p, 0, &mut r);
+        let s = p.publication(0).unwrap();
+        p.published(s);
+        // The registry suddenly answers [] (index moved): held, and the next read is
+        // soon and non-blocking.
+        p.due(0);
+        consul_ok_body(&[], "6", &mut p, 10, &mut r);
+        assert!(p.publication(10).is_none());
+        assert_eq!(p.guard_events.len(), 1);
+        assert_eq!(p.guard_events[0].0, "guard_held");
+        let calls = p.due(10);
+        assert!(calls[0].1.path.ends_with("index=6&wait=1000ms"), "{}", calls[0].1.path);
+        // It recovers on the next read: nothing was ever published.
+        consul_ok_body(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], "7", &mut p, 1010, &mut r);
+        assert!(p.publication(1010).is_none(), "same content as published");
+        assert_eq!(p.current.entries.len(), 4);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn guard_releases_a_confirmed_scale_down_and_lets_small_drops_through() {
+        let mut p = poller(r#"{"consul":{"cluster":"consul","blocking":false}}"#);
+        let mut r = SplitMix64(4);
+        p.due(0);
+        consul_ok_body(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], "5", &mut p, 0, &mut r);
+        let s = p.publication(0).unwrap();
+        p.published(s);
+        // One of four leaves (25 %): straight through.
+        p.due(1000);
+        consul_ok_body(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], "6", &mut p, 1000, &mut r);
+        let s = p.publication(1000).unwrap();
+        assert_eq!(s.entries.len(), 3);
+        p.published(s);
+        // Two of three leave (67 %): published on the third identical answer.
+        let mut published = None;
+        for (k, t) in [2000u64, 3000, 4000].iter().enumerate() {
+            let calls = (*t..*t + 2000).find_map(|x| Some((x, p.due(x))).filter(|(_, c)| !c.is_empty())).unwrap();
+            consul_ok_body(&["10.0.0.1"], &format!("{}", 7 + k), &mut p, calls.0, &mut r);
+            if let Some(s) = p.publication(calls.0) {
+                published = Some((k, s));
+                break;
+            }
+        }
+        let (k, s) = published.expect("confirmed change never published");
+        assert_eq!(k, 2);
+        assert_eq!(s.entries.len(), 1);
+        assert!(p.guard_events.iter().any(|(e, _)| *e == "guard_released"));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn age_counts_from_the_last_good_answer() {
+        let mut p = poller(r#"{"consul":{"cluster":"consul","wait":"30s"}}"#);
+        let mut r = SplitMix64(4);
+        p.due(0);
+        consul_ok_body(&["10.0.0.1"], "5", &mut p, 1000, &mut r);
+        let s = p.publication(1000).unwrap();
+        p.published(s);
+        p.due(1000); // blocking query open: fresh however long it waits
+        assert_eq!(p.age_ms(20_000), 0);
+        let h = consul_ok("5");
+        p.on_response(0, &HttpResponse { status: 503, headers: &h, body: b"" }, 20_000, &mut r);
+        assert_eq!(p.age_ms(50_000), 49_000);
+        let s = poller(r#"{"static":{"instances":[{"address":"10.0.0.1","port":80}]}}"#);
+        assert_eq!(s.age_ms(99_999), 0);
     }
 }

@@ -3,7 +3,7 @@
 
 use super::now_ms;
 use super::metrics::gauge_add;
-use super::worker::{local_reply, shown, Reply, Worker};
+use super::worker::{local_reply, shown, Reply, Routed, Worker};
 use crate::config::Handoff;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -14,13 +14,13 @@ use std::rc::Rc;
 pub struct Http {
     id: u32,
     worker: Rc<RefCell<Worker>>,
-    /// In-flight gauge to decrement when the request ends.
-    active: Option<u32>,
+    /// The routing of this request, to account for when it ends.
+    routed: Option<Routed>,
 }
 
 impl Http {
     pub fn new(id: u32, worker: Rc<RefCell<Worker>>) -> Http {
-        Http { id, worker, active: None }
+        Http { id, worker, routed: None }
     }
 }
 
@@ -32,13 +32,25 @@ fn route_service(namespace: &str) -> Option<String> {
     String::from_utf8(v).ok().filter(|s| !s.is_empty())
 }
 
+/// An integer property (8 bytes, little endian); 0 when absent.
+fn int_property(path: &[&str]) -> u64 {
+    match hostcalls::get_property(path.to_vec()) {
+        Ok(Some(b)) if b.len() == 8 => {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b);
+            u64::from_le_bytes(a)
+        }
+        _ => 0,
+    }
+}
+
 impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let mut w = self.worker.borrow_mut();
         let cfg = w.cfg.clone();
-        if cfg.handoff == Handoff::Header {
+        if cfg.handoff != Handoff::FilterState {
             // A client-sent hand-off header must never reach the cluster.
             if let Ok(Some(_)) = hostcalls::get_map_value(MapType::HttpRequestHeaders, &cfg.handoff_header) {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &cfg.handoff_header, None);
@@ -65,9 +77,9 @@ impl HttpContext for Http {
                 return Action::Pause;
             }
         }
-        match w.route(si) {
-            Ok(gauge) => {
-                self.active = gauge;
+        match w.route(si, now_ms()) {
+            Ok(routed) => {
+                self.routed = Some(routed);
                 Action::Continue
             }
             Err(Reply(details, body)) => {
@@ -81,8 +93,19 @@ impl HttpContext for Http {
     fn on_log(&mut self) {
         let mut w = self.worker.borrow_mut();
         w.forget(self.id);
-        if let Some(id) = self.active.take().or_else(|| w.deferred_active.remove(&self.id)) {
+        let Some(routed) = self.routed.take().or_else(|| w.deferred.remove(&self.id)) else { return };
+        if let Some(id) = routed.gauge {
             gauge_add(id, -1);
+        }
+        if w.cfg.services.get(routed.service).map(|s| s.outlier_detection.consecutive_5xx > 0).unwrap_or(false) {
+            let code = int_property(&["response", "code"]);
+            let flags = int_property(&["response", "flags"]);
+            if routed.fallbacks.is_empty() {
+                w.finished(routed, code, flags, now_ms());
+            } else {
+                let attempts = int_property(&["upstream", "request_attempt_count"]).max(1);
+                w.finished_attempts(routed, attempts, code, flags, now_ms());
+            }
         }
     }
 }

@@ -45,6 +45,7 @@ impl Root {
             lease: format!("{ns}.lease"),
             snapshot: cfg.services.iter().map(|s| format!("{ns}.{}.snapshot", s.name)).collect(),
             version: cfg.services.iter().map(|s| format!("{ns}.{}.version", s.name)).collect(),
+            outliers: cfg.services.iter().map(|s| format!("{ns}.{}.outliers", s.name)).collect(),
         };
         self.lease_ttl_ms = (cfg.tick.0 * 20).max(1000);
         self.worker = Some(Rc::new(RefCell::new(Worker::new(cfg, keys, self.me))));
@@ -125,12 +126,17 @@ impl Root {
         let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else { return };
         let mut guard = worker.borrow_mut();
         let w = &mut *guard;
-        let keys = &w.keys;
+        let (snapshot_keys, version_keys) = (w.keys.snapshot.clone(), w.keys.version.clone());
         for (i, p) in pollers.iter_mut().enumerate() {
             let name = w.cfg.services[i].name.clone();
-            w.metrics.gauge_set(&format!("{name}.snapshot_age_ms"), now.saturating_sub(p.last_ok_ms.max(p.current.published_ms)));
-            let Some(snap) = p.publication(now) else { continue };
-            let (current, cas) = shared::get(&keys.snapshot[i]);
+            w.metrics.gauge_set(&format!("{name}.snapshot_age_ms"), p.age_ms(now));
+            let publication = p.publication(now);
+            for (event, message) in p.guard_events.drain(..) {
+                w.metrics.inc(&format!("{name}.{event}"));
+                log::warn!("registry-lb: service {name}: {message}");
+            }
+            let Some(snap) = publication else { continue };
+            let (current, cas) = shared::get(&snapshot_keys[i]);
             if let Some(cur) = current.as_deref().and_then(|b| Snapshot::decode(b).ok()) {
                 if cur.version >= snap.version {
                     log::warn!("registry-lb: service {name}: another poller published version {} first; adopting it", cur.version);
@@ -139,11 +145,11 @@ impl Root {
                 }
             }
             let bytes = snap.encode();
-            if let Err(e) = shared::set(&keys.snapshot[i], &bytes, cas) {
+            if let Err(e) = shared::set(&snapshot_keys[i], &bytes, cas) {
                 log::warn!("registry-lb: service {name}: snapshot write failed ({e:?}); retrying on the next change");
                 continue;
             }
-            let _ = shared::set(&keys.version[i], &snap.version.to_le_bytes(), None);
+            let _ = shared::set(&version_keys[i], &snap.version.to_le_bytes(), None);
             let healthy = snap.entries.iter().filter(|e| e.instance.state == crate::instance::State::Healthy).count();
             w.metrics.gauge_set(&format!("{name}.instances_known"), snap.entries.len() as u64);
             w.metrics.gauge_set(&format!("{name}.instances_healthy"), healthy as u64);
@@ -156,7 +162,25 @@ impl Root {
                 snap.entries.len(),
                 bytes.len()
             );
+            let live: std::collections::HashSet<u32> = snap.entries.iter().map(|e| e.slot).collect();
             p.published(snap);
+            if w.cfg.services[i].outlier_detection.consecutive_5xx > 0 {
+                w.update_outliers(i, |o| o.retain(|slot| live.contains(&slot)));
+            }
+        }
+    }
+
+    /// Leader duty: ejections whose time is over become half-open.
+    fn expire_outliers(&mut self, now: u64) {
+        let Some(worker) = &self.worker else { return };
+        let mut w = worker.borrow_mut();
+        for i in 0..w.cfg.services.len() {
+            let svc = &w.cfg.services[i];
+            if svc.outlier_detection.consecutive_5xx == 0 {
+                continue;
+            }
+            let trial_timeout = svc.request_timeout.0.max(30_000);
+            w.update_outliers(i, |o| o.expire(now, trial_timeout));
         }
     }
 }
@@ -166,8 +190,14 @@ fn report(m: &mut Metrics, service: &str, source: usize, out: &Outcome) {
     match out {
         Outcome::Unchanged => m.inc(&format!("{service}.refresh_unchanged")),
         Outcome::Again(why) => m.inc(&format!("{service}.registry_{why}")),
-        Outcome::Updated { rejected } => {
+        Outcome::Updated { rejected, warnings } => {
             m.inc(&format!("{service}.refresh_ok"));
+            if !warnings.is_empty() {
+                m.add(&format!("{service}.registry_warning"), warnings.len() as i64);
+                for w in warnings {
+                    log::warn!("registry-lb: service {service}: source {source}: registry warning: {w}");
+                }
+            }
             if !rejected.is_empty() {
                 m.add(&format!("{service}.instances_rejected"), rejected.len() as i64);
                 for r in rejected.iter().take(5) {
@@ -259,6 +289,7 @@ impl RootContext for Root {
         if self.pollers.is_some() {
             self.poll(now);
             self.publish(now);
+            self.expire_outliers(now);
         }
         if let Some(w) = &self.worker {
             let mut w = w.borrow_mut();

@@ -6,7 +6,8 @@ use super::metrics::{gauge_add, gauge_get, Metrics};
 use super::shared;
 use crate::config::{Handoff, PluginConfig, Policy};
 use crate::instance::truncate;
-use crate::picker::Table;
+use crate::outlier::{self, Outliers};
+use crate::picker::{Options, Table};
 use crate::rng::SplitMix64;
 use crate::snapshot::Snapshot;
 use proxy_wasm::hostcalls;
@@ -19,6 +20,20 @@ pub struct Keys {
     pub lease: String,
     pub snapshot: Vec<String>,
     pub version: Vec<String>,
+    pub outliers: Vec<String>,
+}
+
+/// What the filter must remember about a routed request until it ends.
+#[derive(Clone, Debug, Default)]
+pub struct Routed {
+    pub service: usize,
+    pub slot: u32,
+    /// In-flight gauge to decrement.
+    pub gauge: Option<u32>,
+    /// This request is the half-open trial of its instance.
+    pub trial: bool,
+    /// `override_host`: slots of the ranked list after the first (attempt k+1 → entry k).
+    pub fallbacks: Vec<u32>,
 }
 
 /// A local reply instead of routing: (response code details, body).
@@ -34,8 +49,12 @@ pub struct Worker {
     active_gauges: Vec<HashMap<u32, Option<u32>>>,
     /// Requests paused until their service's first snapshot: (context, service, deadline).
     pub waiting: Vec<(u32, usize, u64)>,
-    /// In-flight gauges of requests routed while paused, by context id.
-    pub deferred_active: HashMap<u32, u32>,
+    /// Requests routed while paused, by context id.
+    pub deferred: HashMap<u32, Routed>,
+    /// Per service: last ejection state seen.
+    pub outliers: Vec<Outliers>,
+    /// Per service: served stale beyond `max_stale`.
+    pub stale: Vec<bool>,
 }
 
 impl Worker {
@@ -49,7 +68,9 @@ impl Worker {
             metrics: Metrics::default(),
             active_gauges: (0..n).map(|_| HashMap::new()).collect(),
             waiting: Vec::new(),
-            deferred_active: HashMap::new(),
+            deferred: HashMap::new(),
+            outliers: (0..n).map(|_| Outliers::default()).collect(),
+            stale: vec![false; n],
         }
     }
 
@@ -65,7 +86,11 @@ impl Worker {
         let svc = &self.cfg.services[i];
         match Snapshot::decode(&bytes) {
             Ok(snap) => {
-                let table = Table::build(&snap, svc.policy, svc.choice_count, &mut self.rng);
+                let options = Options { policy: svc.policy, choice_count: svc.choice_count, panic_threshold: svc.panic_threshold };
+                let mut table = Table::build(&snap, options, &mut self.rng);
+                if let Some(o) = self.outliers.get(i) {
+                    table.apply(o, &mut self.rng);
+                }
                 log::debug!(
                     "registry-lb: service {}: worker table at version {} with {} routable of {} instance(s)",
                     svc.name,
@@ -86,6 +111,132 @@ impl Worker {
     pub fn refresh_all(&mut self) {
         for i in 0..self.tables.len() {
             self.refresh(i);
+            self.sync_outliers(i);
+            let max = self.cfg.services[i].max_stale.0;
+            if max > 0 {
+                let name = format!("{}.snapshot_age_ms", self.cfg.services[i].name);
+                let age = self.metrics.gauge_id(&name).map(gauge_get).unwrap_or(0);
+                let stale = age as u64 > max;
+                if stale != self.stale[i] {
+                    let svc = &self.cfg.services[i].name;
+                    if stale {
+                        log::error!("registry-lb: service {svc}: no registry confirmation for {age} ms (max_stale {max} ms): answering 503");
+                    } else {
+                        log::info!("registry-lb: service {svc}: registry data fresh again");
+                    }
+                }
+                self.stale[i] = stale;
+            }
+        }
+    }
+
+    fn outliers_on(&self, si: usize) -> bool {
+        self.cfg.services.get(si).map(|s| s.outlier_detection.consecutive_5xx > 0).unwrap_or(false)
+    }
+
+    /// Re-reads the ejection state of service `si` if its generation moved.
+    pub fn sync_outliers(&mut self, si: usize) {
+        if !self.outliers_on(si) {
+            return;
+        }
+        let name = format!("{}.outlier_generation", self.cfg.services[si].name);
+        let Some(id) = self.metrics.gauge_id(&name) else { return };
+        let g = gauge_get(id) as u64;
+        let have = self.tables.get(si).and_then(|t| t.as_ref()).map(|t| t.outlier_generation);
+        if have == Some(g) && self.outliers[si].generation == g {
+            return;
+        }
+        if self.outliers[si].generation != g {
+            let (bytes, _) = shared::get(&self.keys.outliers[si]);
+            if let Some(o) = bytes.as_deref().and_then(Outliers::decode) {
+                self.outliers[si] = o;
+            }
+        }
+        let mut rng = self.rng.clone();
+        if let (Some(Some(t)), Some(o)) = (self.tables.get_mut(si), self.outliers.get(si)) {
+            t.apply(o, &mut rng);
+        }
+        self.rng = rng;
+    }
+
+    /// Changes the shared ejection state of service `si` with compare-and-swap.
+    /// `change` returns whether it changed anything. Returns whether it was stored.
+    pub fn update_outliers(&mut self, si: usize, mut change: impl FnMut(&mut Outliers) -> bool) -> bool {
+        let Some(key) = self.keys.outliers.get(si).cloned() else { return false };
+        for _ in 0..8 {
+            let (bytes, cas) = shared::get(&key);
+            let mut o = bytes.as_deref().and_then(Outliers::decode).unwrap_or_default();
+            if !change(&mut o) {
+                return false;
+            }
+            if shared::set(&key, &o.encode(), cas).is_ok() {
+                let name = self.cfg.services[si].name.clone();
+                self.metrics.gauge_set(&format!("{name}.outlier_generation"), o.generation);
+                let out = o.slots.values().filter(|s| s.breaker != outlier::Breaker::HalfOpen).count();
+                self.metrics.gauge_set(&format!("{name}.instances_ejected"), out as u64);
+                self.outliers[si] = o;
+                self.sync_outliers(si);
+                return true;
+            }
+        }
+        log::warn!("registry-lb: ejection state update lost to contention; it is retried on the next event");
+        false
+    }
+
+    /// Accounts for a finished request that took `attempts` tries. With the
+    /// `override_host` hand-off, attempt k went to entry k of the ranked list, so
+    /// every attempt before the last failed on its host.
+    pub fn finished_attempts(&mut self, r: Routed, attempts: u64, code: u64, flags: u64, now: u64) {
+        let mut last = r.clone();
+        if attempts > 1 {
+            let tried: Vec<u32> = std::iter::once(r.slot).chain(r.fallbacks.iter().copied()).collect();
+            let n = (attempts as usize).min(tried.len());
+            for (k, slot) in tried.iter().take(n - 1).enumerate() {
+                let failed = Routed { slot: *slot, trial: r.trial && k == 0, gauge: None, fallbacks: Vec::new(), ..r };
+                self.finished(failed, 503, 32, now);
+            }
+            last = Routed { slot: tried[n - 1], trial: false, gauge: None, fallbacks: Vec::new(), ..r };
+        }
+        self.finished(last, code, flags, now);
+    }
+
+    /// Accounts for a finished request: consecutive failures, ejection, trials.
+    pub fn finished(&mut self, r: Routed, code: u64, flags: u64, now: u64) {
+        if !self.outliers_on(r.service) {
+            return;
+        }
+        let svc = self.cfg.services[r.service].clone();
+        let policy = svc.outlier_detection.policy();
+        let result = outlier::classify(code, flags);
+        let name = &svc.name;
+        if r.trial {
+            if self.update_outliers(r.service, |o| o.end_trial(r.slot, result, &policy, now)) {
+                let ok = result == outlier::Result_::Success;
+                self.metrics.inc(&format!("{name}.outlier_trial_{}", if ok { "ok" } else { "failed" }));
+                log::info!(
+                    "registry-lb: service {name}: slot {} trial request {}",
+                    r.slot,
+                    if ok { "succeeded: back in rotation" } else { "failed: ejected again" }
+                );
+            }
+            return;
+        }
+        let Some(counter) = self.metrics.gauge_id(&format!("{name}.slot_{}.consecutive_5xx", r.slot)) else { return };
+        if result == outlier::Result_::Success {
+            let _ = hostcalls::record_metric(counter, 0);
+            return;
+        }
+        gauge_add(counter, 1);
+        let n = gauge_get(counter).max(0) as u32;
+        if n < policy.consecutive_5xx {
+            return;
+        }
+        let known = self.tables.get(r.service).and_then(|t| t.as_ref()).map(|t| t.known).unwrap_or(1);
+        if self.update_outliers(r.service, |o| o.eject(r.slot, n, known, &policy, now)) {
+            let _ = hostcalls::record_metric(counter, 0);
+            self.metrics.inc(&format!("{name}.outlier_ejections"));
+            let until = self.outliers[r.service].slots.get(&r.slot).map(|s| s.until_ms.saturating_sub(now)).unwrap_or(0);
+            log::warn!("registry-lb: service {name}: ejecting slot {} for {until} ms after {n} consecutive failures", r.slot);
         }
     }
 
@@ -108,41 +259,65 @@ impl Worker {
     }
 
     /// Picks an instance of service `si` for the current request and hands it to
-    /// Envoy. Returns the in-flight gauge to decrement when the request ends.
-    pub fn route(&mut self, si: usize) -> Result<Option<u32>, Reply> {
+    /// Envoy. Returns what to remember until the request ends.
+    pub fn route(&mut self, si: usize, now: u64) -> Result<Routed, Reply> {
         let cfg = self.cfg.clone();
         let Some(svc) = cfg.services.get(si) else { return Err(Reply("registry_lb_unknown_service", String::new())) };
         let name = &svc.name;
-        let least_request = svc.policy == Policy::LeastRequest;
-        // Take the table out so the gauge lookup can borrow the rest of `self`.
-        let mut table = self.tables.get_mut(si).and_then(Option::take);
-        let picked = match table.as_mut() {
-            Some(t) => {
-                let mut rng = self.rng.clone();
-                let ep = t
-                    .pick(&mut rng, |slot| {
-                        if least_request {
-                            self.active_gauge(si, slot).map(gauge_get).unwrap_or(0)
-                        } else {
-                            0
-                        }
-                    })
-                    .map(|e| (e.host.clone(), e.slot));
-                self.rng = rng;
-                ep
-            }
-            None => None,
-        };
-        if let Some(slot) = self.tables.get_mut(si) {
-            *slot = table;
+        if self.stale.get(si).copied().unwrap_or(false) {
+            self.metrics.inc(&format!("{name}.rq_stale"));
+            return Err(Reply("registry_lb_stale", format!("registry-lb: registry data for service `{name}` is too old\n")));
         }
-        let Some((host, slot)) = picked else {
+        self.sync_outliers(si);
+        let least_request = svc.policy == Policy::LeastRequest;
+        let want = if cfg.handoff == Handoff::OverrideHost { svc.override_host_count as usize } else { 1 };
+        let mut chosen: Option<(Vec<(String, u32)>, bool)> = None;
+        for _attempt in 0..3 {
+            // Take the table out so the gauge lookup can borrow the rest of `self`.
+            let Some(mut table) = self.tables.get_mut(si).and_then(Option::take) else { break };
+            let mut rng = self.rng.clone();
+            let mut load = |slot: u32| if least_request { self.active_gauge(si, slot).map(gauge_get).unwrap_or(0) } else { 0 };
+            let picks: Vec<(String, u32)> = if want > 1 {
+                table.ranked(want, &mut rng, &mut load).into_iter().filter_map(|i| table.endpoints.get(i)).map(|e| (e.host.clone(), e.slot)).collect()
+            } else {
+                table.pick(&mut rng, &mut load).map(|e| vec![(e.host.clone(), e.slot)]).unwrap_or_default()
+            };
+            let panic = table.panic;
+            self.rng = rng;
+            if let Some(t) = self.tables.get_mut(si) {
+                *t = Some(table);
+            }
+            let Some(&(_, slot)) = picks.first() else { break };
+            if panic {
+                self.metrics.inc(&format!("{name}.rq_panic"));
+            }
+            if self.outliers[si].is_half_open(slot) {
+                // Half-open: this request is the one trial, if no other worker took it.
+                if self.update_outliers(si, |o| o.start_trial(slot, now)) {
+                    chosen = Some((picks, true));
+                    break;
+                }
+                self.sync_outliers(si);
+                continue;
+            }
+            chosen = Some((picks, false));
+            break;
+        }
+        let Some((picks, trial)) = chosen else {
             self.metrics.inc(&format!("{name}.rq_no_instance"));
             return Err(Reply("registry_lb_no_instance", format!("registry-lb: no available instance for service `{name}`\n")));
+        };
+        let (host, slot) = match picks.first() {
+            Some((h, s)) => (h.clone(), *s),
+            None => return Err(Reply("registry_lb_no_instance", String::new())),
         };
         let handed = match cfg.handoff {
             Handoff::FilterState => handoff::set_filter_state(&host),
             Handoff::Header => handoff::set_header(&cfg.handoff_header, &host),
+            Handoff::OverrideHost => {
+                let list: Vec<&str> = picks.iter().map(|(h, _)| h.as_str()).collect();
+                handoff::set_header(&cfg.handoff_header, &list.join(","))
+            }
         };
         if let Err(e) = handed {
             self.metrics.inc(&format!("{name}.handoff_failed"));
@@ -154,7 +329,8 @@ impl Worker {
             gauge_add(id, 1);
         }
         self.metrics.pick(name, &host, cfg.max_instance_stats);
-        Ok(gauge)
+        let fallbacks = picks.iter().skip(1).map(|(_, s)| *s).collect();
+        Ok(Routed { service: si, slot, gauge, trial, fallbacks })
     }
 
     /// Routes or fails the requests paused for a first snapshot, once it is there
@@ -172,11 +348,9 @@ impl Worker {
             if hostcalls::set_effective_context(ctx).is_err() {
                 continue; // the request is gone
             }
-            match self.route(si) {
-                Ok(gauge) => {
-                    if let Some(id) = gauge {
-                        self.deferred_active.insert(ctx, id);
-                    }
+            match self.route(si, now) {
+                Ok(routed) => {
+                    self.deferred.insert(ctx, routed);
                     continue_request();
                 }
                 Err(Reply(details, body)) => local_reply(503, details, &body),

@@ -23,6 +23,9 @@ pub struct Consul {
     request_timeout_ms: u64,
     /// Last `X-Consul-Index` seen; 0 = none (the next query does not block).
     pub index: u64,
+    /// A shorter `wait` for the next blocking query only (set while a change is
+    /// held back by the guard, so it is re-confirmed on time).
+    pub next_wait_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +92,7 @@ impl Consul {
             cfg: cfg.clone(),
             request_timeout_ms: svc.request_timeout.0,
             index: 0,
+            next_wait_ms: None,
         }
     }
 
@@ -96,7 +100,7 @@ impl Consul {
         self.cfg.blocking
     }
 
-    pub fn request(&self) -> HttpRequest {
+    pub fn request(&mut self) -> HttpRequest {
         let mut path = format!("/v1/health/service/{}", encode_component(&self.service));
         let mut q: Vec<String> = Vec::new();
         if self.cfg.passing_only {
@@ -110,10 +114,11 @@ impl Consul {
         }
         let mut timeout_ms = self.request_timeout_ms;
         if self.cfg.blocking && self.index > 0 {
+            let wait = self.next_wait_ms.take().unwrap_or(self.cfg.wait.0).min(self.cfg.wait.0);
             q.push(format!("index={}", self.index));
-            q.push(format!("wait={}ms", self.cfg.wait.0));
+            q.push(format!("wait={wait}ms"));
             // Consul adds up to wait/16 of jitter to the wait.
-            timeout_ms += self.cfg.wait.0 + self.cfg.wait.0 / 16;
+            timeout_ms += wait + wait / 16;
         }
         if !q.is_empty() {
             path.push('?');
@@ -155,7 +160,7 @@ impl Consul {
         // "Reset the index if it goes backwards" (Consul blocking-query docs); an
         // index of 0 must never be used to block either.
         self.index = if index < self.index { 0 } else { index };
-        Ok(Step::Instances { instances, rejected })
+        Ok(Step::Instances { instances, rejected, warnings: Vec::new() })
     }
 }
 
