@@ -41,6 +41,10 @@ pub enum Handoff {
     /// `handoff_header: ip:port` for an `ORIGINAL_DST` cluster with `use_http_header`.
     /// Any client-sent value of that header is removed on every request.
     Header,
+    /// `handoff_header: ip:port,ip:port,…` — a ranked list for Envoy's
+    /// `override_host` load-balancing policy: attempt k (first try, then retries)
+    /// goes to entry k. Any client-sent value is removed on every request.
+    OverrideHost,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -82,9 +86,64 @@ pub struct ServiceConfig {
     /// Registry answers larger than this are refused.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// Passive health: eject instances that keep failing.
+    #[serde(default)]
+    pub outlier_detection: OutlierConfig,
+    /// Percent of non-draining instances that must be routable; below it, traffic
+    /// goes to all of them (Envoy's `healthy_panic_threshold`). 0 disables.
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: u32,
+    /// Refreshes that would drop more than this percent of the routable instances
+    /// (or empty the service) are held back until seen `guard_confirmations` times
+    /// in a row. 100 disables the guard.
+    #[serde(default = "default_guard_max_drop_percent")]
+    pub guard_max_drop_percent: u32,
+    #[serde(default = "default_guard_confirmations")]
+    pub guard_confirmations: u32,
+    /// With the registry unreachable, keep serving the last good instances for at
+    /// most this long (0 = forever), then answer 503 `registry_lb_stale`.
+    #[serde(default)]
+    pub max_stale: Millis,
+    /// `override_host` hand-off: entries in the ranked list (first try + retries).
+    #[serde(default = "default_override_host_count")]
+    pub override_host_count: u32,
     /// Where instances come from. Several sources are merged by `ip:port`; on a
     /// conflict the earlier source in this list wins.
     pub sources: Vec<SourceConfig>,
+}
+
+/// Outlier detection (Envoy's names and defaults).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Consecutive 5xx (including connect failures, resets and timeouts) that eject
+    /// an instance; 0 disables outlier detection.
+    pub consecutive_5xx: u32,
+    pub base_ejection_time: Millis,
+    pub max_ejection_time: Millis,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_5xx: 5,
+            base_ejection_time: Millis::from_secs(30),
+            max_ejection_time: Millis::from_secs(300),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
+impl OutlierConfig {
+    pub fn policy(&self) -> crate::outlier::Policy {
+        crate::outlier::Policy {
+            consecutive_5xx: self.consecutive_5xx,
+            base_ejection_ms: self.base_ejection_time.0,
+            max_ejection_ms: self.max_ejection_time.0,
+            max_ejection_percent: self.max_ejection_percent,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -93,6 +152,9 @@ pub enum SourceConfig {
     Consul(ConsulConfig),
     Etcd(EtcdConfig),
     Static(StaticConfig),
+    Nacos(NacosConfig),
+    Eureka(EurekaConfig),
+    Kubernetes(KubernetesConfig),
 }
 
 impl SourceConfig {
@@ -101,6 +163,9 @@ impl SourceConfig {
             SourceConfig::Consul(_) => "consul",
             SourceConfig::Etcd(_) => "etcd",
             SourceConfig::Static(_) => "static",
+            SourceConfig::Nacos(_) => "nacos",
+            SourceConfig::Eureka(_) => "eureka",
+            SourceConfig::Kubernetes(_) => "kubernetes",
         }
     }
 }
@@ -152,6 +217,95 @@ pub struct EtcdConfig {
     pub password: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NacosApi {
+    /// `/nacos/v1/ns/instance/list`, the bare service object.
+    #[default]
+    V1,
+    /// `/nacos/v2/ns/instance/list` (Nacos 2.2+), wrapped in `{code, message, data}`.
+    V2,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NacosConfig {
+    /// Envoy cluster that reaches the Nacos server's HTTP API (port 8848).
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Nacos service name; defaults to the registry-lb service name.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default = "default_nacos_group")]
+    pub group: String,
+    /// Namespace id (Nacos' default is `public`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Only instances of these Nacos clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
+    /// Ask Nacos for healthy instances only (`healthyOnly=true`).
+    #[serde(default)]
+    pub healthy_only: bool,
+    #[serde(default)]
+    pub api: NacosApi,
+    /// With `password`: log in at `/nacos/v1/auth/login` and send `accessToken`.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EurekaConfig {
+    /// Envoy cluster that reaches the Eureka server (port 8761).
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Eureka application name; defaults to the registry-lb service name. Sent uppercased.
+    #[serde(default)]
+    pub app: Option<String>,
+    /// Path of the Eureka REST API (`/eureka` for Spring Cloud, `/eureka/v2` for Netflix's war).
+    #[serde(default = "default_eureka_prefix")]
+    pub path_prefix: String,
+    /// HTTP basic auth.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Use `securePort` instead of `port`.
+    #[serde(default)]
+    pub secure: bool,
+    /// Instance metadata key holding the weight (an integer; default 1).
+    #[serde(default = "default_weight_key")]
+    pub weight_key: String,
+    /// Instance metadata key holding the zone.
+    #[serde(default = "default_zone_key")]
+    pub zone_key: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Envoy cluster that reaches the Kubernetes API server.
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default = "default_k8s_namespace")]
+    pub namespace: String,
+    /// Kubernetes Service name; defaults to the registry-lb service name.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Name of the EndpointSlice port to use; default: each slice's first port.
+    #[serde(default)]
+    pub port_name: Option<String>,
+    /// Bearer token (e.g. a ServiceAccount token allowed to list endpointslices).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StaticConfig {
@@ -173,6 +327,18 @@ pub struct StaticInstance {
 
 fn default_true() -> bool {
     true
+}
+fn default_panic_threshold() -> u32 {
+    50
+}
+fn default_guard_max_drop_percent() -> u32 {
+    50
+}
+fn default_guard_confirmations() -> u32 {
+    3
+}
+fn default_override_host_count() -> u32 {
+    3
 }
 fn default_choice_count() -> u32 {
     2
@@ -213,6 +379,21 @@ fn default_max_response_bytes() -> usize {
 fn default_consul_wait() -> Millis {
     Millis::from_secs(30)
 }
+fn default_nacos_group() -> String {
+    "DEFAULT_GROUP".to_string()
+}
+fn default_eureka_prefix() -> String {
+    "/eureka".to_string()
+}
+fn default_weight_key() -> String {
+    "weight".to_string()
+}
+fn default_zone_key() -> String {
+    "zone".to_string()
+}
+fn default_k8s_namespace() -> String {
+    "default".to_string()
+}
 
 impl ConsulConfig {
     pub fn authority(&self) -> &str {
@@ -221,6 +402,24 @@ impl ConsulConfig {
 }
 
 impl EtcdConfig {
+    pub fn authority(&self) -> &str {
+        self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+}
+
+impl NacosConfig {
+    pub fn authority(&self) -> &str {
+        self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+}
+
+impl EurekaConfig {
+    pub fn authority(&self) -> &str {
+        self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+}
+
+impl KubernetesConfig {
     pub fn authority(&self) -> &str {
         self.authority.as_deref().unwrap_or(&self.cluster)
     }
@@ -277,6 +476,22 @@ impl PluginConfig {
             }
             if s.sources.is_empty() {
                 return err(format!("{at}.sources"), "at least one source is required");
+            }
+            if s.panic_threshold > 100 {
+                return err(format!("{at}.panic_threshold"), "is a percentage (0-100)");
+            }
+            if s.guard_max_drop_percent > 100 || s.guard_confirmations == 0 || s.guard_confirmations > 100 {
+                return err(format!("{at}.guard_max_drop_percent"), "must be 0-100, with guard_confirmations 1-100");
+            }
+            if !(1..=8).contains(&s.override_host_count) {
+                return err(format!("{at}.override_host_count"), "must be between 1 and 8");
+            }
+            let od = &s.outlier_detection;
+            if od.max_ejection_percent > 100 {
+                return err(format!("{at}.outlier_detection.max_ejection_percent"), "is a percentage (0-100)");
+            }
+            if od.consecutive_5xx > 0 && (od.base_ejection_time.0 == 0 || od.max_ejection_time < od.base_ejection_time) {
+                return err(format!("{at}.outlier_detection.base_ejection_time"), "must be > 0 and not above max_ejection_time");
             }
             if !(2..=16).contains(&s.choice_count) {
                 return err(format!("{at}.choice_count"), "must be between 2 and 16");
@@ -336,6 +551,9 @@ impl PluginConfig {
                             }
                         }
                     }
+                    SourceConfig::Nacos(n) => validate_nacos(&at, n)?,
+                    SourceConfig::Eureka(e) => validate_eureka(&at, e)?,
+                    SourceConfig::Kubernetes(k) => validate_kubernetes(&at, k, &s.name)?,
                 }
             }
         }
@@ -362,6 +580,113 @@ impl StaticConfig {
             })
             .collect()
     }
+}
+
+fn field_err(at: &str, field: &str, msg: &str) -> Result<(), ConfigError> {
+    Err(ConfigError(format!("{at}.{field}: {msg}")))
+}
+
+/// A value that goes into a URL, a header or a form: no control characters.
+fn printable(s: &str) -> bool {
+    !s.chars().any(char::is_control)
+}
+
+fn validate_nacos(at: &str, n: &NacosConfig) -> Result<(), ConfigError> {
+    if n.cluster.is_empty() {
+        return field_err(at, "cluster", "must name an Envoy cluster");
+    }
+    if n.service.as_deref().is_some_and(|s| s.is_empty() || !printable(s)) {
+        return field_err(at, "service", "must be a non-empty name without control characters");
+    }
+    if n.group.is_empty() || !printable(&n.group) {
+        return field_err(at, "group", "must be a non-empty name without control characters");
+    }
+    if n.namespace.as_deref().is_some_and(|s| s.is_empty() || !printable(s)) {
+        return field_err(at, "namespace", "must be a non-empty namespace id");
+    }
+    for (k, c) in n.clusters.iter().enumerate() {
+        if c.is_empty() || c.contains(',') || !printable(c) {
+            return field_err(at, &format!("clusters[{k}]"), "must be a non-empty Nacos cluster name without ','");
+        }
+    }
+    if n.username.is_some() != n.password.is_some() {
+        return field_err(at, "username", "username and password go together");
+    }
+    if n.username.as_deref().is_some_and(str::is_empty) {
+        return field_err(at, "username", "must not be empty");
+    }
+    Ok(())
+}
+
+fn validate_eureka(at: &str, e: &EurekaConfig) -> Result<(), ConfigError> {
+    if e.cluster.is_empty() {
+        return field_err(at, "cluster", "must name an Envoy cluster");
+    }
+    if let Some(app) = &e.app {
+        if app.is_empty() || app.contains('/') || !printable(app) {
+            return field_err(at, "app", "must be a non-empty application name without '/'");
+        }
+    }
+    let p = &e.path_prefix;
+    if !p.starts_with('/') || p.contains(['?', '#']) || !printable(p) {
+        return field_err(at, "path_prefix", "must be a path starting with '/' (e.g. \"/eureka\")");
+    }
+    if e.username.is_some() != e.password.is_some() {
+        return field_err(at, "username", "username and password go together");
+    }
+    if let Some(u) = &e.username {
+        // RFC 7617: the user-id of Basic auth cannot contain ':'.
+        if u.is_empty() || u.contains(':') || !printable(u) {
+            return field_err(at, "username", "must be non-empty, without ':' or control characters");
+        }
+    }
+    if e.password.as_deref().is_some_and(|p| !printable(p)) {
+        return field_err(at, "password", "contains control characters");
+    }
+    if e.weight_key.is_empty() {
+        return field_err(at, "weight_key", "must not be empty");
+    }
+    if e.zone_key.is_empty() {
+        return field_err(at, "zone_key", "must not be empty");
+    }
+    Ok(())
+}
+
+/// RFC 1123 label, as Kubernetes requires of namespace and Service names.
+fn dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn validate_kubernetes(at: &str, k: &KubernetesConfig, service_name: &str) -> Result<(), ConfigError> {
+    if k.cluster.is_empty() {
+        return field_err(at, "cluster", "must name an Envoy cluster");
+    }
+    if !dns_label(&k.namespace) {
+        return field_err(at, "namespace", "must be a DNS label (lowercase letters, digits, '-')");
+    }
+    match &k.service {
+        Some(s) if !dns_label(s) => {
+            return field_err(at, "service", "must be a DNS label (lowercase letters, digits, '-')");
+        }
+        None if !dns_label(service_name) => {
+            return field_err(
+                at,
+                "service",
+                &format!("required: the service name `{service_name}` is not a Kubernetes Service name (DNS label)"),
+            );
+        }
+        _ => {}
+    }
+    if k.port_name.as_deref().is_some_and(|p| p.is_empty() || !printable(p)) {
+        return field_err(at, "port_name", "must be a non-empty port name");
+    }
+    if k.token.as_deref().is_some_and(|t| t.is_empty() || !printable(t)) {
+        return field_err(at, "token", "must be non-empty, without control characters");
+    }
+    Ok(())
 }
 
 fn valid_name(s: &str) -> bool {
@@ -449,5 +774,85 @@ mod tests {
         assert!(e.0.starts_with("tick:"), "{}", e.0);
         let e = parse(&format!(r#"{{"handoff_header":"X-Bad Header","services":[{twice}]}}"#)).unwrap_err();
         assert!(e.0.starts_with("handoff_header:"), "{}", e.0);
+    }
+
+    fn one_source(src: &str) -> Result<PluginConfig, ConfigError> {
+        parse(&format!(r#"{{"services":[{{"name":"web","sources":[{src}]}}]}}"#))
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn nacos_source_defaults_and_options() {
+        let c = one_source(r#"{"nacos":{"cluster":"nacos"}}"#).unwrap();
+        let SourceConfig::Nacos(n) = &c.services[0].sources[0] else { panic!() };
+        assert_eq!((n.group.as_str(), n.api, n.healthy_only, n.authority()), ("DEFAULT_GROUP", NacosApi::V1, false, "nacos"));
+        assert_eq!((n.service.as_deref(), n.namespace.as_deref(), n.clusters.len()), (None, None, 0));
+        let c = one_source(
+            r#"{"nacos":{"cluster":"nacos","authority":"nacos.local","service":"svc","group":"G","namespace":"dev",
+                "clusters":["a","b"],"healthy_only":true,"api":"v2","username":"nacos","password":"pw"}}"#,
+        )
+        .unwrap();
+        let SourceConfig::Nacos(n) = &c.services[0].sources[0] else { panic!() };
+        assert_eq!(n.api, NacosApi::V2);
+        assert_eq!(n.clusters, ["a", "b"]);
+        assert_eq!(c.services[0].sources[0].kind(), "nacos");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn nacos_errors_name_the_field() {
+        for (src, want) in [
+            (r#"{"nacos":{"cluster":""}}"#, "services[0].sources[0].nacos.cluster: must name"),
+            (r#"{"nacos":{"cluster":"n","api":"v3"}}"#, "services[0].sources[0].nacos.api: unknown variant `v3`"),
+            (r#"{"nacos":{"cluster":"n","username":"u"}}"#, "services[0].sources[0].nacos.username: username and password go together"),
+            (r#"{"nacos":{"cluster":"n","clusters":["a,b"]}}"#, "services[0].sources[0].nacos.clusters[0]: "),
+            (r#"{"nacos":{"cluster":"n","group":""}}"#, "services[0].sources[0].nacos.group: "),
+            (r#"{"nacos":{"cluster":"n","namespace":""}}"#, "services[0].sources[0].nacos.namespace: "),
+            (r#"{"nacos":{"cluster":"n","healthy":true}}"#, "services[0].sources[0].nacos.healthy: unknown field `healthy`"),
+        ] {
+            let e = one_source(src).unwrap_err();
+            assert!(e.0.starts_with(want), "{src}: {}", e.0);
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn eureka_source_defaults_and_errors() {
+        let c = one_source(r#"{"eureka":{"cluster":"eureka"}}"#).unwrap();
+        let SourceConfig::Eureka(e) = &c.services[0].sources[0] else { panic!() };
+        assert_eq!((e.path_prefix.as_str(), e.weight_key.as_str(), e.zone_key.as_str(), e.secure), ("/eureka", "weight", "zone", false));
+        assert_eq!(e.authority(), "eureka");
+        one_source(r#"{"eureka":{"cluster":"e","app":"web-app","path_prefix":"/eureka/v2","username":"u","password":"p:w","secure":true}}"#)
+            .unwrap();
+        for (src, want) in [
+            (r#"{"eureka":{"cluster":"e","path_prefix":"eureka"}}"#, "services[0].sources[0].eureka.path_prefix: "),
+            (r#"{"eureka":{"cluster":"e","username":"a:b","password":"p"}}"#, "services[0].sources[0].eureka.username: "),
+            (r#"{"eureka":{"cluster":"e","password":"p"}}"#, "services[0].sources[0].eureka.username: username and password go together"),
+            (r#"{"eureka":{"cluster":"e","app":"a/b"}}"#, "services[0].sources[0].eureka.app: "),
+            (r#"{"eureka":{"cluster":"e","weight_key":""}}"#, "services[0].sources[0].eureka.weight_key: "),
+            (r#"{"eureka":{"cluster":"e","secure":"yes"}}"#, "services[0].sources[0].eureka.secure: invalid type"),
+        ] {
+            let e = one_source(src).unwrap_err();
+            assert!(e.0.starts_with(want), "{src}: {}", e.0);
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn kubernetes_source_defaults_and_errors() {
+        let c = one_source(r#"{"kubernetes":{"cluster":"k8s"}}"#).unwrap();
+        let SourceConfig::Kubernetes(k) = &c.services[0].sources[0] else { panic!() };
+        assert_eq!((k.namespace.as_str(), k.service.as_deref(), k.port_name.as_deref()), ("default", None, None));
+        one_source(r#"{"kubernetes":{"cluster":"k8s","namespace":"prod","service":"web-v2","port_name":"http","token":"ey.x"}}"#).unwrap();
+        for (src, want) in [
+            (r#"{"kubernetes":{"cluster":"k","namespace":"Prod"}}"#, "services[0].sources[0].kubernetes.namespace: "),
+            (r#"{"kubernetes":{"cluster":"k","service":"web_v2"}}"#, "services[0].sources[0].kubernetes.service: "),
+            (r#"{"kubernetes":{"cluster":"k","token":"a
+b"}}"#, "services[0].sources[0].kubernetes.token: "),
+            (r#"{"kubernetes":{"cluster":"k","port_name":""}}"#, "services[0].sources[0].kubernetes.port_name: "),
+            (r#"{"kubernetes":{"cluster":"k","labels":{}}}"#, "services[0].sources[0].kubernetes.labels: unknown field"),
+        ] {
+            let e = one_source(src).unwrap_err();
+            assert!(e.0.starts_with(want), "{src}: {}", e.0);
+        }
+        // The default Service name is the registry-lb service name, which must then fit.
+        let e = parse(r#"{"services":[{"name":"Web_1","sources":[{"kubernetes":{"cluster":"k"}}]}]}"#).unwrap_err();
+        assert!(e.0.starts_with("services[0].sources[0].kubernetes.service: required"), "{}", e.0);
     }
 }

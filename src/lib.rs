@@ -6,9 +6,11 @@
 pub mod backoff;
 pub mod balancer;
 pub mod config;
+pub mod detmath;
 pub mod duration;
 pub mod instance;
 pub mod lease;
+pub mod outlier;
 pub mod picker;
 pub mod poller;
 pub mod registry;

@@ -162,7 +162,15 @@ fn bad_plugin_configuration_is_rejected_with_the_field_named() {
 
 #[test]
 fn every_shipped_envoy_config_validates() {
-    for f in ["envoy/static.yaml", "envoy/consul.yaml", "envoy/etcd.yaml", "compose/envoy.yaml"] {
+    for f in [
+        "envoy/static.yaml",
+        "envoy/consul.yaml",
+        "envoy/etcd.yaml",
+        "envoy/nacos.yaml",
+        "envoy/eureka.yaml",
+        "envoy/kubernetes.yaml",
+        "compose/envoy.yaml",
+    ] {
         let (ok, out) = Envoy::validate(&EnvoyConfig::from_file(f));
         assert!(ok, "{f} does not validate:\n{out}");
     }

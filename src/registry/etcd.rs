@@ -162,7 +162,7 @@ impl Etcd {
         };
         let (instances, rejected) = parse_kvs(&kvs);
         self.revision = revision;
-        Ok(Step::Instances { instances, rejected })
+        Ok(Step::Instances { instances, rejected, warnings: Vec::new() })
     }
 }
 
@@ -301,7 +301,7 @@ mod tests {
         let mut e = etcd("");
         e.request();
         let step = e.on_response(&ok(RANGE)).unwrap();
-        let Step::Instances { instances, rejected } = step else { panic!("{step:?}") };
+        let Step::Instances { instances, rejected, .. } = step else { panic!("{step:?}") };
         assert!(rejected.is_empty());
         let got: Vec<(String, u32, String)> =
             instances.iter().map(|i| (i.addr.to_string(), i.weight, i.zone.clone())).collect();
@@ -318,7 +318,7 @@ mod tests {
     fn empty_range_has_no_kvs_field() {
         let mut e = etcd("");
         e.request();
-        assert_eq!(e.on_response(&ok(EMPTY)).unwrap(), Step::Instances { instances: vec![], rejected: vec![] });
+        assert_eq!(e.on_response(&ok(EMPTY)).unwrap(), Step::Instances { instances: vec![], rejected: vec![], warnings: vec![] });
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -326,7 +326,7 @@ mod tests {
         // The captured value is {"Addr":"1.2.3.4","Metadata":"..."}: no port, so refused.
         let mut e = etcd(r#","prefix":"my-service/""#);
         e.request();
-        let Step::Instances { instances, rejected } = e.on_response(&ok(GRPC_NAMING)).unwrap() else { panic!() };
+        let Step::Instances { instances, rejected, .. } = e.on_response(&ok(GRPC_NAMING)).unwrap() else { panic!() };
         assert!(instances.is_empty());
         assert_eq!(rejected, ["key `my-service/1.2.3.4`: `Addr` has no port"]);
         let with_port = parse_value(br#"{"Op":0,"Addr":"1.2.3.4:50051","Metadata":"x"}"#).unwrap().unwrap();

@@ -4,6 +4,9 @@
 
 pub mod consul;
 pub mod etcd;
+pub mod eureka;
+pub mod kubernetes;
+pub mod nacos;
 
 use crate::config::{ServiceConfig, SourceConfig};
 use crate::instance::Instance;
@@ -42,8 +45,10 @@ impl HttpResponse<'_> {
 pub enum Step {
     /// Same index/revision as last time: nothing was parsed.
     Unchanged,
-    /// A fresh list. `rejected` lists entries that were skipped, with the reason.
-    Instances { instances: Vec<Instance>, rejected: Vec<String> },
+    /// A fresh list. `rejected` lists entries that were skipped, with the reason;
+    /// `warnings` are things about the whole answer worth an operator's attention
+    /// (e.g. Nacos' protect threshold): the list is used, the host logs and counts them.
+    Instances { instances: Vec<Instance>, rejected: Vec<String>, warnings: Vec<String> },
     /// Intermediate step done: make the next call now. The reason names it for
     /// metrics: `login` (a token was obtained), `token_expired` (it was refused).
     Again(&'static str),
@@ -116,6 +121,9 @@ pub enum Source {
     Consul(consul::Consul),
     Etcd(etcd::Etcd),
     Static(Vec<Instance>),
+    Nacos(nacos::Nacos),
+    Eureka(eureka::Eureka),
+    Kubernetes(kubernetes::Kubernetes),
 }
 
 impl Source {
@@ -124,15 +132,22 @@ impl Source {
             SourceConfig::Consul(c) => Source::Consul(consul::Consul::new(svc, c)),
             SourceConfig::Etcd(e) => Source::Etcd(etcd::Etcd::new(svc, e)),
             SourceConfig::Static(s) => Source::Static(s.instances()),
+            SourceConfig::Nacos(n) => Source::Nacos(nacos::Nacos::new(svc, n)),
+            SourceConfig::Eureka(e) => Source::Eureka(eureka::Eureka::new(svc, e)),
+            SourceConfig::Kubernetes(k) => Source::Kubernetes(kubernetes::Kubernetes::new(svc, k)),
         }
     }
 
-    /// The next call to make, or `None` for a source that needs none.
-    pub fn request(&mut self) -> Option<HttpRequest> {
+    /// The next call to make, or `None` for a source that needs none. `now_ms` is
+    /// wall-clock time, for sources whose credentials expire (Nacos tokens).
+    pub fn request(&mut self, now_ms: u64) -> Option<HttpRequest> {
         match self {
             Source::Consul(c) => Some(c.request()),
             Source::Etcd(e) => Some(e.request()),
             Source::Static(_) => None,
+            Source::Nacos(n) => Some(n.request(now_ms)),
+            Source::Eureka(e) => Some(e.request()),
+            Source::Kubernetes(k) => Some(k.request()),
         }
     }
 
@@ -143,16 +158,23 @@ impl Source {
         match self {
             Source::Consul(c) => c.on_response(resp),
             Source::Etcd(e) => e.on_response(resp),
-            Source::Static(list) => Ok(Step::Instances { instances: list.clone(), rejected: vec![] }),
+            Source::Static(list) => Ok(Step::Instances { instances: list.clone(), rejected: vec![], warnings: vec![] }),
+            Source::Nacos(n) => n.on_response(resp),
+            Source::Eureka(e) => e.on_response(resp),
+            Source::Kubernetes(k) => k.on_response(resp),
         }
     }
 
-    /// Change token to carry over to another poller (Consul index, etcd revision).
+    /// Change token to carry over to another poller (Consul index, etcd revision,
+    /// Kubernetes resourceVersion, hash of the last Nacos/Eureka list).
     pub fn token(&self) -> String {
         match self {
             Source::Consul(c) => c.index.to_string(),
             Source::Etcd(e) => e.revision.to_string(),
             Source::Static(_) => String::new(),
+            Source::Nacos(n) => n.token(),
+            Source::Eureka(e) => e.token(),
+            Source::Kubernetes(k) => k.resource_version.clone(),
         }
     }
 
@@ -161,6 +183,30 @@ impl Source {
             Source::Consul(c) => c.index = token.parse().unwrap_or(0),
             Source::Etcd(e) => e.revision = token.parse().unwrap_or(0),
             Source::Static(_) => {}
+            Source::Nacos(n) => n.restore_token(token),
+            Source::Eureka(e) => e.restore_token(token),
+            Source::Kubernetes(k) => k.resource_version = token.to_string(),
+        }
+    }
+
+    /// Short name of the registry kind, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Consul(_) => "consul",
+            Source::Etcd(_) => "etcd",
+            Source::Static(_) => "static",
+            Source::Nacos(_) => "nacos",
+            Source::Eureka(_) => "eureka",
+            Source::Kubernetes(_) => "kubernetes",
+        }
+    }
+
+    /// While the guard holds a change: re-read within `ms` — a blocking query
+    /// waits at most that long (so a recovery is still seen at once); other
+    /// sources poll every refresh interval anyway.
+    pub fn confirm_within(&mut self, ms: u64) {
+        if let Source::Consul(c) = self {
+            c.next_wait_ms = Some(ms.max(1000));
         }
     }
 
@@ -168,6 +214,14 @@ impl Source {
     pub fn is_blocking(&self) -> bool {
         matches!(self, Source::Consul(c) if c.blocking())
     }
+}
+
+/// FNV-1a 64 of some bytes, as a change token for registries without one.
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(bytes);
+    h.finish()
 }
 
 /// Percent-encodes a query-string component (RFC 3986 unreserved set kept).

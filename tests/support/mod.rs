@@ -8,13 +8,19 @@ pub mod backend;
 pub mod consul;
 pub mod envoy;
 pub mod etcd;
+pub mod eureka;
 pub mod http;
+pub mod kubernetes;
 pub mod lb;
+pub mod nacos;
 
 pub use backend::Backend;
 pub use consul::{ConsulInstance, FakeConsul};
 pub use envoy::{Envoy, EnvoyConfig};
 pub use etcd::Etcd;
+pub use eureka::{EurekaInstance, FakeEureka};
+pub use kubernetes::{FakeKubernetes, K8sEndpoint, K8sSlice};
+pub use nacos::{FakeNacos, NacosInstance};
 
 use std::io::Read;
 use std::net::TcpListener;
