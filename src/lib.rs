@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod config;
 pub mod detmath;
 pub mod duration;
+pub mod health_check;
 pub mod instance;
 pub mod lease;
 pub mod outlier;

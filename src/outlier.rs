@@ -14,7 +14,7 @@
 //! The state is shared by all workers of an Envoy through one small value in shared
 //! data, changed by compare-and-swap on transitions only (rare events).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -41,6 +41,8 @@ pub struct Outliers {
     /// Bumped on every change, so workers notice cheaply.
     pub generation: u64,
     pub slots: BTreeMap<u32, SlotState>,
+    /// Slots failing their active health checks (`health_check`).
+    pub hc_down: BTreeSet<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,7 +75,16 @@ pub fn classify(code: u64, flags: u64) -> Result_ {
 
 impl Outliers {
     pub fn is_out(&self, slot: u32) -> bool {
-        matches!(self.slots.get(&slot), Some(s) if s.breaker != Breaker::HalfOpen)
+        self.hc_down.contains(&slot) || matches!(self.slots.get(&slot), Some(s) if s.breaker != Breaker::HalfOpen)
+    }
+
+    /// Records an active health-check verdict; returns whether it changed anything.
+    pub fn set_hc(&mut self, slot: u32, healthy: bool) -> bool {
+        let changed = if healthy { self.hc_down.remove(&slot) } else { self.hc_down.insert(slot) };
+        if changed {
+            self.generation += 1;
+        }
+        changed
     }
 
     pub fn is_half_open(&self, slot: u32) -> bool {
@@ -160,9 +171,10 @@ impl Outliers {
 
     /// Forgets slots no longer in the snapshot.
     pub fn retain(&mut self, live: impl Fn(u32) -> bool) -> bool {
-        let before = self.slots.len();
+        let before = self.slots.len() + self.hc_down.len();
         self.slots.retain(|slot, _| live(*slot));
-        let changed = self.slots.len() != before;
+        self.hc_down.retain(|slot| live(*slot));
+        let changed = self.slots.len() + self.hc_down.len() != before;
         if changed {
             self.generation += 1;
         }
@@ -179,13 +191,19 @@ impl Outliers {
             b.extend_from_slice(&s.until_ms.to_le_bytes());
             b.extend_from_slice(&s.times.to_le_bytes());
         }
+        b.extend_from_slice(&(self.hc_down.len() as u32).to_le_bytes());
+        for slot in &self.hc_down {
+            b.extend_from_slice(&slot.to_le_bytes());
+        }
         b
     }
 
     pub fn decode(b: &[u8]) -> Option<Outliers> {
         let generation = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
         let n = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?) as usize;
-        if b.len() != 12 + n.checked_mul(15)? {
+        let end = 12usize.checked_add(n.checked_mul(15)?)?;
+        let m = u32::from_le_bytes(b.get(end..end + 4)?.try_into().ok()?) as usize;
+        if b.len() != end + 4 + m.checked_mul(4)? {
             return None;
         }
         let mut slots = BTreeMap::new();
@@ -202,7 +220,12 @@ impl Outliers {
             let times = u16::from_le_bytes(r.get(13..15)?.try_into().ok()?);
             slots.insert(slot, SlotState { breaker, until_ms, times });
         }
-        Some(Outliers { generation, slots })
+        let mut hc_down = BTreeSet::new();
+        for k in 0..m {
+            let at = end + 4 + k * 4;
+            hc_down.insert(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?));
+        }
+        Some(Outliers { generation, slots, hc_down })
     }
 }
 
@@ -280,12 +303,24 @@ mod tests {
         let mut o = Outliers::default();
         o.eject(1, 5, 10, &P, 5);
         o.eject(9, 5, 100, &P, 6);
+        o.set_hc(4, false);
         let b = o.encode();
         assert_eq!(Outliers::decode(&b), Some(o));
         for n in 0..b.len() {
             assert_eq!(Outliers::decode(&b[..n]), None);
         }
         assert_eq!(Outliers::decode(&Outliers::default().encode()), Some(Outliers::default()));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn failed_health_checks_take_an_instance_out() {
+        let mut o = Outliers::default();
+        assert!(o.set_hc(2, false));
+        assert!(!o.set_hc(2, false), "no change, no new generation");
+        assert!(o.is_out(2));
+        assert_eq!(o.generation, 1);
+        assert!(o.set_hc(2, true));
+        assert!(!o.is_out(2));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

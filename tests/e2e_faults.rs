@@ -317,3 +317,38 @@ fn a_backend_that_comes_back_gets_traffic_within_one_ejection_period() {
     assert_eq!(envoy.stat(&lb::stat("web.outlier_trial_ok")), Some(1));
     assert!(f.len() <= 8, "{:?}", f);
 }
+
+#[test]
+fn active_health_checks_take_a_failing_instance_out_and_back() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::start(n)).collect();
+    consul.set_service("web", b.iter().map(inst).collect());
+    let hc = "\"health_check\": { \"path\": \"/healthz\", \"interval\": \"300ms\", \"timeout\": \"200ms\", \"unhealthy_threshold\": 2, \"healthy_threshold\": 2 },";
+    let cluster = "  clusters:\n  # Health checks only: no route targets it, so clients cannot reach it.\n  - name: registry_lb_health\n    type: ORIGINAL_DST\n    lb_policy: CLUSTER_PROVIDED\n    connect_timeout: 0.5s\n    original_dst_lb_config: { use_http_header: true }\n";
+    let envoy = lb::start(
+        "envoy/consul.yaml",
+        &[(8500, consul.port)],
+        &[
+            ("\"policy\": \"round_robin\",", &format!("\"policy\": \"round_robin\", \"outlier_detection\": {{ \"consecutive_5xx\": 0 }}, {hc}")),
+            ("  clusters:\n", cluster),
+        ],
+        2,
+    );
+    lb::wait_version(&envoy, "web", 1);
+    let t0 = Instant::now();
+    b[1].set_status(503);
+    let down = lb::wait_stat(&envoy, &lb::stat("web.instances_hc_failed"), Duration::from_secs(5), |v| v == 1);
+    let down_after = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(150));
+    let c = lb::tally(&envoy, 60);
+    let checks = b[1].requests().iter().filter(|r| r.0.starts_with("/healthz")).count();
+    println!("active health check: failing instance out after {} ms; then {c:?}; {checks} checks reached it", down_after.as_millis());
+    assert!(down, "health checks never marked b down");
+    assert_eq!((c.get("a"), c.get("c"), c.get("b")), (Some(&30), Some(&30), None), "{c:?}");
+    assert!(checks >= 2);
+    b[1].set_status(200);
+    assert!(lb::wait_stat(&envoy, &lb::stat("web.instances_hc_failed"), Duration::from_secs(5), |v| v == 0));
+    std::thread::sleep(Duration::from_millis(150));
+    let c = lb::tally(&envoy, 60);
+    assert_eq!(c.get("b"), Some(&20), "back in rotation: {c:?}");
+}

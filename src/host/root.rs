@@ -10,6 +10,7 @@ use crate::config::PluginConfig;
 use crate::lease::{self, Decision, Lease};
 use crate::poller::{Outcome, ServicePoller};
 use crate::registry::HttpResponse;
+use crate::health_check::{HealthChecker, Transition};
 use crate::snapshot::Snapshot;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -20,11 +21,20 @@ use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::Duration;
 
+/// What an outstanding `dispatch_http_call` was for.
+#[derive(Clone, Copy)]
+enum Call {
+    Registry { service: usize, source: usize },
+    Health { service: usize, slot: u32 },
+}
+
 pub struct Root {
     me: u64,
     worker: Option<Rc<RefCell<Worker>>>,
     pollers: Option<Vec<ServicePoller>>,
-    calls: HashMap<u32, (usize, usize)>,
+    calls: HashMap<u32, Call>,
+    /// Leader only: active health checkers per service (None where not configured).
+    checkers: Vec<Option<HealthChecker>>,
     lease_ttl_ms: u64,
 }
 
@@ -33,7 +43,7 @@ impl Root {
         // Entropy from the host (WASI random_get behind RandomState) and the clock.
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(now_ms());
-        Root { me: h.finish() | 1, worker: None, pollers: None, calls: HashMap::new(), lease_ttl_ms: 0 }
+        Root { me: h.finish() | 1, worker: None, pollers: None, calls: HashMap::new(), checkers: Vec::new(), lease_ttl_ms: 0 }
     }
 
     fn configure(&mut self, bytes: &[u8]) -> Result<(), String> {
@@ -93,8 +103,60 @@ impl Root {
             pollers.push(p);
         }
         log::info!("registry-lb: this worker now polls the registries for {} service(s)", pollers.len());
+        let now = now_ms();
+        self.checkers = w
+            .cfg
+            .services
+            .iter()
+            .zip(&pollers)
+            .map(|(svc, p)| {
+                svc.health_check.as_ref().map(|hc| {
+                    let mut c = HealthChecker::new(hc.settings(&svc.name));
+                    c.set_hosts(&check_targets(&p.current), now);
+                    c
+                })
+            })
+            .collect();
         drop(w);
         self.pollers = Some(pollers);
+    }
+
+    /// Leader duty: start the health checks that are due.
+    fn check_health(&mut self, now: u64) {
+        for (si, checker) in self.checkers.iter_mut().enumerate() {
+            let Some(c) = checker else { continue };
+            for (slot, req) in c.due(now) {
+                let mut headers: Vec<(&str, &str)> =
+                    vec![(":method", req.method), (":path", &req.path), (":authority", &req.authority)];
+                headers.extend(req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                match hostcalls::dispatch_http_call(&req.cluster, headers, None, vec![], Duration::from_millis(req.timeout_ms)) {
+                    Ok(token) => {
+                        self.calls.insert(token, Call::Health { service: si, slot });
+                    }
+                    Err(e) => {
+                        log::error!("registry-lb: health check via cluster `{}` cannot be sent: {e:?}", req.cluster);
+                        c.on_result(slot, 0, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_health_result(&mut self, si: usize, slot: u32, status: u16, now: u64) {
+        let Some(Some(c)) = self.checkers.get_mut(si) else { return };
+        let Some(t) = c.on_result(slot, status, now) else { return };
+        let Some(worker) = &self.worker else { return };
+        let mut w = worker.borrow_mut();
+        let name = w.cfg.services[si].name.clone();
+        let (healthy, what) = match t {
+            Transition::Down(_) => (false, "down"),
+            Transition::Up(_) => (true, "up"),
+        };
+        w.update_outliers(si, |o| o.set_hc(slot, healthy));
+        w.metrics.inc(&format!("{name}.health_check_{what}"));
+        let unhealthy = c.unhealthy().count();
+        w.metrics.gauge_set(&format!("{name}.instances_hc_failed"), unhealthy as u64);
+        log::warn!("registry-lb: service {name}: slot {slot} active health check {what} (last status {status})");
     }
 
     fn poll(&mut self, now: u64) {
@@ -108,7 +170,7 @@ impl Root {
                 let body = if req.body.is_empty() { None } else { Some(req.body.as_slice()) };
                 match hostcalls::dispatch_http_call(&req.cluster, headers, body, vec![], Duration::from_millis(req.timeout_ms)) {
                     Ok(token) => {
-                        self.calls.insert(token, (si, src));
+                        self.calls.insert(token, Call::Registry { service: si, source: src });
                     }
                     Err(e) => {
                         let name = w.cfg.services[si].name.clone();
@@ -163,8 +225,11 @@ impl Root {
                 bytes.len()
             );
             let live: std::collections::HashSet<u32> = snap.entries.iter().map(|e| e.slot).collect();
+            if let Some(Some(c)) = self.checkers.get_mut(i) {
+                c.set_hosts(&check_targets(&snap), now);
+            }
             p.published(snap);
-            if w.cfg.services[i].outlier_detection.consecutive_5xx > 0 {
+            if w.cfg.services[i].outlier_detection.consecutive_5xx > 0 || w.cfg.services[i].health_check.is_some() {
                 w.update_outliers(i, |o| o.retain(|slot| live.contains(&slot)));
             }
         }
@@ -183,6 +248,15 @@ impl Root {
             w.update_outliers(i, |o| o.expire(now, trial_timeout));
         }
     }
+}
+
+/// Instances to health-check: every non-draining one, by slot.
+fn check_targets(snap: &Snapshot) -> Vec<(u32, String)> {
+    snap.entries
+        .iter()
+        .filter(|e| e.instance.state != crate::instance::State::Draining)
+        .map(|e| (e.slot, e.instance.addr.to_string()))
+        .collect()
 }
 
 /// Logs and counts one refresh outcome.
@@ -218,8 +292,26 @@ fn report(m: &mut Metrics, service: &str, source: usize, out: &Outcome) {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        let Some((si, src)) = self.calls.remove(&token) else { return };
+        let Some(call) = self.calls.remove(&token) else { return };
         let now = now_ms();
+        let (si, src) = match call {
+            Call::Registry { service, source } => (service, source),
+            Call::Health { service, slot } => {
+                // Only the status matters; no headers means no answer (reset).
+                let status = if num_headers == 0 {
+                    0
+                } else {
+                    hostcalls::get_map(MapType::HttpCallResponseHeaders)
+                        .unwrap_or_default()
+                        .iter()
+                        .find(|(k, _)| k == ":status")
+                        .and_then(|(_, v)| v.parse::<u16>().ok())
+                        .unwrap_or(0)
+                };
+                self.on_health_result(service, slot, status, now);
+                return;
+            }
+        };
         let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else { return };
         let Some(p) = pollers.get_mut(si) else { return };
         let mut w = worker.borrow_mut();
@@ -282,6 +374,7 @@ impl RootContext for Root {
             (false, true) => {
                 log::info!("registry-lb: this worker no longer polls the registries");
                 self.pollers = None;
+                self.checkers.clear();
                 self.calls.clear();
             }
             _ => {}
@@ -290,6 +383,7 @@ impl RootContext for Root {
             self.poll(now);
             self.publish(now);
             self.expire_outliers(now);
+            self.check_health(now);
         }
         if let Some(w) = &self.worker {
             let mut w = w.borrow_mut();

@@ -130,7 +130,12 @@ impl Worker {
         }
     }
 
+    /// Whether service `si` has shared ejection state (passive or active health).
     fn outliers_on(&self, si: usize) -> bool {
+        self.cfg.services.get(si).map(|s| s.outlier_detection.consecutive_5xx > 0 || s.health_check.is_some()).unwrap_or(false)
+    }
+
+    fn passive_on(&self, si: usize) -> bool {
         self.cfg.services.get(si).map(|s| s.outlier_detection.consecutive_5xx > 0).unwrap_or(false)
     }
 
@@ -202,7 +207,7 @@ impl Worker {
 
     /// Accounts for a finished request: consecutive failures, ejection, trials.
     pub fn finished(&mut self, r: Routed, code: u64, flags: u64, now: u64) {
-        if !self.outliers_on(r.service) {
+        if !self.passive_on(r.service) {
             return;
         }
         let svc = self.cfg.services[r.service].clone();
