@@ -104,12 +104,61 @@ pub struct ServiceConfig {
     /// most this long (0 = forever), then answer 503 `registry_lb_stale`.
     #[serde(default)]
     pub max_stale: Millis,
+    /// Active HTTP health checks of every instance (off when absent).
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
     /// `override_host` hand-off: entries in the ranked list (first try + retries).
     #[serde(default = "default_override_host_count")]
     pub override_host_count: u32,
     /// Where instances come from. Several sources are merged by `ip:port`; on a
     /// conflict the earlier source in this list wins.
     pub sources: Vec<SourceConfig>,
+}
+
+/// Active health checks, sent through an `ORIGINAL_DST` cluster with
+/// `use_http_header: true` that no route targets (so clients cannot use it).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(default = "default_hc_cluster")]
+    pub cluster: String,
+    pub path: String,
+    /// `:authority` of checks; defaults to the service name.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Header the cluster reads the destination from.
+    #[serde(default = "default_handoff_header")]
+    pub header: String,
+    #[serde(default = "default_hc_interval")]
+    pub interval: Millis,
+    #[serde(default = "default_hc_timeout")]
+    pub timeout: Millis,
+    #[serde(default = "default_hc_healthy")]
+    pub healthy_threshold: u32,
+    #[serde(default = "default_hc_unhealthy")]
+    pub unhealthy_threshold: u32,
+    /// Checks in flight at once, per service.
+    #[serde(default = "default_hc_in_flight")]
+    pub max_in_flight: u32,
+}
+
+fn default_hc_cluster() -> String {
+    "registry_lb_health".to_string()
+}
+fn default_hc_interval() -> Millis {
+    Millis::from_secs(5)
+}
+fn default_hc_timeout() -> Millis {
+    Millis::from_secs(1)
+}
+fn default_hc_healthy() -> u32 {
+    2
+}
+fn default_hc_unhealthy() -> u32 {
+    3
+}
+fn default_hc_in_flight() -> u32 {
+    64
 }
 
 /// Outlier detection (Envoy's names and defaults).
@@ -131,6 +180,22 @@ impl Default for OutlierConfig {
             base_ejection_time: Millis::from_secs(30),
             max_ejection_time: Millis::from_secs(300),
             max_ejection_percent: 10,
+        }
+    }
+}
+
+impl HealthCheckConfig {
+    pub fn settings(&self, service: &str) -> crate::health_check::Settings {
+        crate::health_check::Settings {
+            cluster: self.cluster.clone(),
+            authority: self.host.clone().unwrap_or_else(|| service.to_string()),
+            path: self.path.clone(),
+            header: self.header.clone(),
+            interval_ms: self.interval.0,
+            timeout_ms: self.timeout.0,
+            healthy_threshold: self.healthy_threshold,
+            unhealthy_threshold: self.unhealthy_threshold,
+            max_in_flight: self.max_in_flight as usize,
         }
     }
 }
@@ -485,6 +550,23 @@ impl PluginConfig {
             }
             if !(1..=8).contains(&s.override_host_count) {
                 return err(format!("{at}.override_host_count"), "must be between 1 and 8");
+            }
+            if let Some(hc) = &s.health_check {
+                if hc.cluster.is_empty() {
+                    return err(format!("{at}.health_check.cluster"), "must name an ORIGINAL_DST cluster with use_http_header");
+                }
+                if !hc.path.starts_with('/') || hc.path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return err(format!("{at}.health_check.path"), "must start with '/' and contain no spaces");
+                }
+                if hc.interval.0 < 100 || hc.timeout.0 == 0 || hc.timeout > hc.interval {
+                    return err(format!("{at}.health_check.interval"), "interval must be >= 100ms and timeout in (0, interval]");
+                }
+                if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 || hc.max_in_flight == 0 {
+                    return err(format!("{at}.health_check"), "thresholds and max_in_flight must be at least 1");
+                }
+                if !valid_header_name(&hc.header) {
+                    return err(format!("{at}.health_check.header"), "must be a lowercase HTTP header name");
+                }
             }
             let od = &s.outlier_detection;
             if od.max_ejection_percent > 100 {
