@@ -258,6 +258,13 @@ pub struct ConsulConfig {
     /// ACL token, sent as `X-Consul-Token`.
     #[serde(default)]
     pub token: Option<String>,
+    /// Log in through a Consul ACL auth method (`POST /v1/acl/login`) with this
+    /// bearer token (e.g. a Kubernetes service-account JWT) instead of a fixed
+    /// `token`; the login is repeated whenever Consul refuses the token (expired).
+    #[serde(default)]
+    pub auth_method: Option<String>,
+    #[serde(default)]
+    pub bearer_token: Option<String>,
     /// Use blocking queries (`?index=&wait=`): changes arrive as soon as Consul has them.
     #[serde(default = "default_true")]
     pub blocking: bool,
@@ -607,6 +614,12 @@ impl PluginConfig {
                             if t.chars().any(|ch| ch.is_control()) {
                                 return err(format!("{at}.token"), "contains control characters");
                             }
+                        }
+                        if c.auth_method.is_some() != c.bearer_token.is_some() {
+                            return err(format!("{at}.auth_method"), "auth_method and bearer_token go together");
+                        }
+                        if c.auth_method.is_some() && c.token.is_some() {
+                            return err(format!("{at}.token"), "use either token or auth_method, not both");
                         }
                     }
                     SourceConfig::Etcd(e) => {

@@ -206,3 +206,37 @@ fn requests_at_start_wait_for_the_first_snapshot_not_fail() {
     assert_eq!((status, body.as_str()), (503, "registry-lb: no available instance for service `web`\n"));
     assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(2), "{waited:?}");
 }
+
+#[test]
+fn acl_auth_method_login_is_renewed_when_the_token_expires() {
+    let consul = FakeConsul::start();
+    consul.set_auth_method("kubernetes", "sa-jwt", Duration::from_secs(2));
+    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    consul.set_service("web", vec![inst(&b[0])]);
+    let envoy = start(
+        &consul,
+        &[(
+            "\"service\": \"web\", \"wait\": \"30s\"",
+            "\"service\": \"web\", \"wait\": \"1s\", \"auth_method\": \"kubernetes\", \"bearer_token\": \"sa-jwt\"",
+        )],
+        1,
+    );
+    lb::wait_version(&envoy, "web", 1);
+    assert_eq!(envoy.get("/", &[]).1, "a");
+    // Tokens live 2 s; blocking queries of 1 s keep asking. After expiry Consul
+    // answers 403 and registry-lb logs in again without a failed refresh.
+    std::thread::sleep(Duration::from_millis(4500));
+    consul.set_service("web", vec![inst(&b[0]), inst(&b[1])]);
+    lb::wait_version(&envoy, "web", 2);
+    let c = lb::tally(&envoy, 20);
+    let logins = consul.logins();
+    println!(
+        "Consul ACL auth method, tokens living 2 s: {logins} logins in ~5 s, token_expired {:?}, refresh_failed {:?}",
+        envoy.stat(&lb::stat("web.registry_token_expired")),
+        envoy.stat(&lb::stat("web.refresh_failed"))
+    );
+    assert_eq!((c.get("a"), c.get("b")), (Some(&10), Some(&10)), "{c:?}");
+    assert!(logins >= 2, "{logins} logins");
+    assert!(envoy.stat(&lb::stat("web.registry_token_expired")).unwrap_or(0) >= 1);
+    assert_eq!(envoy.stat(&lb::stat("web.refresh_failed")).unwrap_or(0), 0);
+}

@@ -9,6 +9,10 @@
 //! Zone: `Service.Meta.zone`, else `Node.Meta.zone`. Metadata: `Service.Meta` plus
 //! one `tag:<tag>` key per tag. Left out: `TaggedAddresses` (lan/wan selection),
 //! Connect sidecar addresses, namespaces and partitions (Enterprise).
+//!
+//! Auth: a fixed ACL `token` (`X-Consul-Token`), or an ACL auth method: `POST
+//! /v1/acl/login` with a bearer token yields a token (`SecretID`) that may expire;
+//! when Consul refuses it (403 "ACL not found"), the source logs in again at once.
 
 use super::{encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step};
 use crate::config::{ConsulConfig, ServiceConfig};
@@ -23,6 +27,10 @@ pub struct Consul {
     request_timeout_ms: u64,
     /// Last `X-Consul-Index` seen; 0 = none (the next query does not block).
     pub index: u64,
+    /// Token from an auth-method login.
+    login_token: Option<String>,
+    /// The call in flight is a login.
+    logging_in: bool,
     /// A shorter `wait` for the next blocking query only (set while a change is
     /// held back by the guard, so it is re-confirmed on time).
     pub next_wait_ms: Option<u64>,
@@ -92,6 +100,8 @@ impl Consul {
             cfg: cfg.clone(),
             request_timeout_ms: svc.request_timeout.0,
             index: 0,
+            login_token: None,
+            logging_in: false,
             next_wait_ms: None,
         }
     }
@@ -101,6 +111,20 @@ impl Consul {
     }
 
     pub fn request(&mut self) -> HttpRequest {
+        if let (Some(method), Some(bearer), None) = (&self.cfg.auth_method, &self.cfg.bearer_token, &self.login_token) {
+            self.logging_in = true;
+            let body = serde_json::json!({ "AuthMethod": method, "BearerToken": bearer });
+            return HttpRequest {
+                cluster: self.cfg.cluster.clone(),
+                method: "POST",
+                authority: self.cfg.authority().to_string(),
+                path: "/v1/acl/login".to_string(),
+                headers: vec![("content-type".to_string(), "application/json".to_string())],
+                body: body.to_string().into_bytes(),
+                timeout_ms: self.request_timeout_ms,
+            };
+        }
+        self.logging_in = false;
         let mut path = format!("/v1/health/service/{}", encode_component(&self.service));
         let mut q: Vec<String> = Vec::new();
         if self.cfg.passing_only {
@@ -125,7 +149,7 @@ impl Consul {
             path.push_str(&q.join("&"));
         }
         let mut headers = vec![("accept".to_string(), "application/json".to_string())];
-        if let Some(t) = &self.cfg.token {
+        if let Some(t) = self.login_token.as_ref().or(self.cfg.token.as_ref()) {
             headers.push(("x-consul-token".to_string(), t.clone()));
         }
         HttpRequest {
@@ -143,8 +167,28 @@ impl Consul {
         if let Some(e) = envoy_local_failure(resp) {
             return Err(e);
         }
+        if self.logging_in {
+            self.logging_in = false;
+            if resp.status != 200 {
+                return Err(RegistryError::Auth(format!("ACL login failed: {} {}", resp.status, excerpt(resp.body))));
+            }
+            #[derive(Deserialize)]
+            struct Login {
+                #[serde(rename = "SecretID")]
+                secret_id: String,
+            }
+            let l: Login = serde_json::from_slice(resp.body)
+                .map_err(|e| RegistryError::Malformed(format!("consul ACL login: {e}")))?;
+            self.login_token = Some(l.secret_id);
+            return Ok(Step::Again("login"));
+        }
         match resp.status {
             200 => {}
+            403 if self.login_token.is_some() => {
+                // The login token expired or was revoked: log in again right away.
+                self.login_token = None;
+                return Ok(Step::Again("token_expired"));
+            }
             401 | 403 => return Err(RegistryError::Auth(format!("{} {}", resp.status, excerpt(resp.body)))),
             s => return Err(RegistryError::Status(s, excerpt(resp.body))),
         }
@@ -338,5 +382,27 @@ mod tests {
         let h = hdrs("5");
         c.on_response(&HttpResponse { status: 200, headers: &h, body: b"[]" }).unwrap();
         assert_eq!(c.request().path, "/v1/health/service/web?passing=1");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn auth_method_login_and_relogin_on_expiry() {
+        let mut c = consul(r#","auth_method":"kubernetes","bearer_token":"jwt-1""#);
+        let r = c.request();
+        assert_eq!((r.method, r.path.as_str()), ("POST", "/v1/acl/login"));
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body, serde_json::json!({"AuthMethod": "kubernetes", "BearerToken": "jwt-1"}));
+        let login = br#"{"AccessorID":"a","SecretID":"s-1","ExpirationTTL":"1h0m0s"}"#;
+        let h = hdrs("1");
+        assert_eq!(c.on_response(&HttpResponse { status: 200, headers: &h, body: login }).unwrap(), Step::Again("login"));
+        let r = c.request();
+        assert!(r.path.starts_with("/v1/health/service/web"));
+        assert!(r.headers.contains(&("x-consul-token".into(), "s-1".into())));
+        // Expired: 403, log in again at once.
+        let step = c.on_response(&HttpResponse { status: 403, headers: &h, body: b"ACL not found" }).unwrap();
+        assert_eq!(step, Step::Again("token_expired"));
+        assert_eq!(c.request().path, "/v1/acl/login");
+        let e = c.on_response(&HttpResponse { status: 403, headers: &h, body: b"Permission denied" }).unwrap_err();
+        assert_eq!(e.kind(), "auth");
+        assert!(e.to_string().contains("ACL login failed: 403"), "{e}");
     }
 }

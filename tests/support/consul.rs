@@ -82,6 +82,10 @@ struct State {
     log: Vec<RequestRecord>,
     error: Option<(u16, String)>,
     delay: Duration,
+    /// ACL auth method: (name, accepted bearer token, token lifetime).
+    auth_method: Option<(String, String, Duration)>,
+    /// Tokens issued by /v1/acl/login with their expiry.
+    logins: Vec<(String, Instant)>,
 }
 
 struct Inner {
@@ -271,6 +275,35 @@ fn svc_index(st: &State, svc: &str) -> u64 {
         .unwrap_or(INITIAL_INDEX)
 }
 
+/// `POST /v1/acl/login` {"AuthMethod", "BearerToken"} → {"SecretID", ...}, as Consul's
+/// ACL auth methods answer; a refused login is 403 "Permission denied".
+fn acl_login(inner: &Inner, req: &Request) -> Response {
+    if !req.method.eq_ignore_ascii_case("POST") {
+        return Response::text(405, "method not allowed");
+    }
+    let body: serde_json::Value = match serde_json::from_slice(&req.body) {
+        Ok(v) => v,
+        Err(_) => return Response::text(400, "Request decode failed"),
+    };
+    let mut st = inner.lock();
+    let Some((method, bearer, ttl)) = st.auth_method.clone() else {
+        return Response::text(403, "Permission denied");
+    };
+    if body["AuthMethod"] != serde_json::json!(method) || body["BearerToken"] != serde_json::json!(bearer) {
+        return Response::text(403, "Permission denied");
+    }
+    let secret = format!("login-{}", st.logins.len() + 1);
+    st.logins.push((secret.clone(), Instant::now() + ttl));
+    let out = serde_json::json!({
+        "AccessorID": format!("accessor-{}", st.logins.len()),
+        "SecretID": secret,
+        "AuthMethod": method,
+        "ExpirationTTL": format!("{}s", ttl.as_secs()),
+        "Local": true,
+    });
+    Response::json(200, &out.to_string())
+}
+
 fn handle(inner: &Inner, req: &Request) -> Option<Response> {
     let (token_cfg, dc_cfg, error, delay) = {
         let mut st = inner.lock();
@@ -297,6 +330,18 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
         let guard = wait_while(inner, guard, deadline, |st| !st.stopped);
         if guard.stopped {
             return None;
+        }
+    }
+    if req.path == "/v1/acl/login" {
+        return Some(acl_login(inner, req));
+    }
+    let login_required = inner.lock().auth_method.is_some();
+    if login_required {
+        let got = req.header("X-Consul-Token").unwrap_or("").to_string();
+        let now = Instant::now();
+        let valid = inner.lock().logins.iter().any(|(t, exp)| *t == got && *exp > now);
+        if !valid {
+            return Some(Response::text(403, "ACL not found"));
         }
     }
     if !req.method.eq_ignore_ascii_case("GET") && !req.method.eq_ignore_ascii_case("HEAD") {
@@ -432,6 +477,8 @@ impl FakeConsul {
                 services: HashMap::new(),
                 raft_index: INITIAL_INDEX,
                 token: None,
+                auth_method: None,
+                logins: Vec::new(),
                 datacenter: "dc1".to_string(),
                 stopped: false,
                 health_requests: 0,
@@ -454,6 +501,17 @@ impl FakeConsul {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Require a token from `POST /v1/acl/login` with this auth method and bearer
+    /// token; issued tokens expire after `ttl`.
+    pub fn set_auth_method(&self, method: &str, bearer: &str, ttl: Duration) {
+        self.inner.lock().auth_method = Some((method.to_string(), bearer.to_string(), ttl));
+    }
+
+    /// Tokens issued by ACL logins so far.
+    pub fn logins(&self) -> usize {
+        self.inner.lock().logins.len()
     }
 
     /// Require this ACL token (None = no ACLs).
