@@ -9,8 +9,8 @@
 //! weight ramps. Left out: subnormal results (flushed to 0) and full libm edge-case
 //! conformance (signed zeros, errno).
 
-const LN2_HI: f64 = 6.931_471_803_691_238_164_9e-1;
-const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+const LN2_HI: f64 = 6.931_471_803_691_238e-1; // 0x3FE62E42FEE00000: ln 2 with its low bits cleared
+const LN2_LO: f64 = 1.908_214_929_270_587_7e-10; // ln 2 − LN2_HI
 const LN2: f64 = core::f64::consts::LN_2;
 const SQRT2: f64 = core::f64::consts::SQRT_2;
 
@@ -28,15 +28,29 @@ pub fn exp(x: f64) -> f64 {
     // x = k·ln2 + r with |r| ≤ ln2/2; e^x = 2^k · e^r.
     let k = (x / LN2 + 0.5).floor();
     let r = (x - k * LN2_HI) - k * LN2_LO;
-    // Taylor series of e^r: |r| ≤ 0.35, 18 terms bring the remainder below 1e-20.
-    let mut term = 1.0;
-    let mut sum = 1.0;
-    for i in 1..18 {
-        term = term * r / f64::from(i);
-        sum += term;
-    }
+    // Taylor series of e^r to r^14/14! (|r| ≤ 0.35: remainder below 1e-19), by Horner.
+    let sum = INV_FACTORIAL.iter().rev().fold(0.0, |acc, &c| acc * r + c);
     scale_by_pow2(sum, k as i64)
 }
+
+/// 1/k! for k = 0..=14, each the correctly rounded double.
+const INV_FACTORIAL: [f64; 15] = [
+    1.0,
+    1.0,
+    0.5,
+    0.166_666_666_666_666_66,
+    0.041_666_666_666_666_664,
+    0.008_333_333_333_333_333,
+    0.001_388_888_888_888_889,
+    0.000_198_412_698_412_698_4,
+    2.480_158_730_158_73e-5,
+    2.755_731_922_398_589_3e-6,
+    2.755_731_922_398_589e-7,
+    2.505_210_838_544_172e-8,
+    2.087_675_698_786_81e-9,
+    1.605_904_383_682_161_3e-10,
+    1.147_074_559_772_972_5e-11,
+];
 
 /// Natural logarithm. `x ≤ 0` and NaN give NaN; +∞ gives +∞.
 pub fn ln(x: f64) -> f64 {
@@ -125,7 +139,7 @@ mod tests {
         assert!(close(exp(-1.0), 1.0 / core::f64::consts::E));
         assert!(close(exp(LN2), 2.0));
         assert!(close(exp(10.0), 22_026.465_794_806_718));
-        assert!(close(exp(-20.0), 2.061_153_622_438_557_8e-9));
+        assert!(close(exp(-20.0), 2.061_153_622_438_558e-9));
         assert!(close(exp(-700.0), 9.859_676_543_759_77e-305));
         assert_eq!(exp(-1000.0), 0.0);
         assert_eq!(exp(1000.0), f64::MAX);
@@ -137,7 +151,7 @@ mod tests {
         assert_eq!(ln(1.0), 0.0);
         assert!(close(ln(core::f64::consts::E), 1.0));
         assert!(close(ln(2.0), LN2));
-        assert!(close(ln(0.1), -2.302_585_092_994_045_7));
+        assert!(close(ln(0.1), -core::f64::consts::LN_10));
         assert!(close(ln(1e300), 690.775_527_898_213_7));
         assert!(close(ln(5e-324), -744.440_071_921_381_3));
         assert!(ln(0.0).is_nan() && ln(-1.0).is_nan());
@@ -157,7 +171,7 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn same_bits_on_every_target() {
         // Pinned outputs: a libm-dependent implementation would drift here first.
-        assert_eq!(exp(-0.1).to_bits(), 0x3FEC_F46D_99D5_2B3B, "{:#x}", exp(-0.1).to_bits());
+        assert_eq!(exp(-0.1).to_bits(), 0x3FEC_F46D_99D5_2B3A, "{:#x}", exp(-0.1).to_bits());
         assert_eq!(ln(0.3).to_bits(), 0xBFF3_4378_FCBD_A721, "{:#x}", ln(0.3).to_bits());
         assert_eq!(powf(0.37, 1.0 / 1.5).to_bits(), 0x3FE0_7E0F_6C6E_26EC, "{:#x}", powf(0.37, 1.0 / 1.5).to_bits());
     }

@@ -8,15 +8,20 @@ pub mod balancer;
 pub mod config;
 pub mod detmath;
 pub mod duration;
+pub mod hash_key;
 pub mod health_check;
 pub mod instance;
 pub mod lease;
+pub mod load_report;
 pub mod outlier;
 pub mod picker;
 pub mod poller;
 pub mod registry;
 pub mod rng;
+pub mod slow_start;
 pub mod snapshot;
+pub mod subset;
+pub mod zone;
 
 #[cfg(target_os = "wasi")]
 mod host;

@@ -2,6 +2,8 @@
 //! gateway, revision-based change detection, bad values, and authentication with
 //! tokens that expire.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::time::{Duration, Instant};

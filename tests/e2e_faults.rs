@@ -2,6 +2,8 @@
 //! worst day. Every load loop is bounded in time and count; each test prints its
 //! counts.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};

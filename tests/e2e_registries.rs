@@ -4,6 +4,8 @@
 //! shapes, a terminating Kubernetes endpoint, and a service moving from Nacos to
 //! Consul with no request failing during the switch.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::collections::HashMap;

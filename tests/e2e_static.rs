@@ -1,6 +1,8 @@
 //! End to end in a real Envoy with the static source: weighted split, client
 //! headers that try to steer, least_request, configuration errors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::collections::HashMap;

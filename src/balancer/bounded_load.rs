@@ -38,12 +38,12 @@ pub struct BoundedLoad {
 pub const DEFAULT_BALANCE_FACTOR_PERCENT: u32 = 125;
 
 impl BoundedLoad {
-    /// `weights[i]` of endpoint i (0 counts as 1); `balance_factor_percent` is raised
-    /// to at least 100.
+    /// `weights[i]` of endpoint i (0 counts as 1); `balance_factor_percent` is kept
+    /// within 100..=10,000.
     pub fn new(weights: &[u32], balance_factor_percent: u32) -> BoundedLoad {
         let weights: Vec<u32> = weights.iter().map(|&w| w.max(1)).collect();
         let total_weight = weights.iter().map(|&w| u64::from(w)).sum();
-        BoundedLoad { weights, total_weight, balance_factor_percent: balance_factor_percent.max(100) }
+        BoundedLoad { weights, total_weight, balance_factor_percent: balance_factor_percent.clamp(100, 10_000) }
     }
 
     pub fn len(&self) -> usize {

@@ -2,7 +2,12 @@
 //! weights of the routable instances and then answers picks with no allocation.
 //! Policies see indexes and weights only; the host layer maps an index to an address.
 
+pub mod bounded_load;
 pub mod least_request;
+pub mod maglev;
+pub mod peak_ewma;
+pub mod random;
+pub mod ring_hash;
 pub mod round_robin;
 pub mod weighted_sampler;
 

@@ -17,11 +17,13 @@
 //!   (`cost_a·w_b < cost_b·w_a`); exact ties are broken at random.
 //!
 //! **No samples yet.** A new endpoint starts with `ewma = default_rtt` stamped at
-//! its creation (tower's choice; Linkerd's defaults: 30 ms, τ = 10 s). It is not
-//! flooded: its cost is `default_rtt·(pending + 1)`, so it loses once a few requests
-//! are pending on it, and its first real response replaces or blends the default. It
-//! is not starved: the default decays toward zero like any estimate, so even if the
-//! others are much faster it wins pairs within ~τ·ln(default/their cost).
+//! its creation (tower's choice; Linkerd's defaults: 30 ms, τ = 10 s), and its first
+//! response *replaces* the default rather than blending with it (tower blends, which
+//! keeps a default above the real latency for about τ). It is not flooded: a default
+//! above typical latencies makes it the expensive choice at first, and its cost
+//! grows with `pending` like any other's. It is not starved: the default decays
+//! toward zero like any estimate, so even if the others are much faster it wins pairs
+//! within about τ·ln(default / their cost), and one answer makes it a peer.
 //!
 //! `exp` comes from [`crate::detmath`] (basic IEEE operations only), so costs and
 //! picks are bit-identical natively and in wasm. Time is `now_ms`, latencies are
@@ -47,6 +49,8 @@ pub struct EndpointState {
     pub stamp_ms: u64,
     /// Requests started and not yet ended.
     pub pending: u32,
+    /// False until the first response: `ewma_ns` is still the default.
+    pub sampled: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -61,7 +65,7 @@ impl PeakEwma {
     /// `decay_ms` is τ (raised to at least 1 ms); every endpoint starts at
     /// `default_rtt_ns`, stamped `now_ms`.
     pub fn new(weights: &[u32], decay_ms: u64, default_rtt_ns: u64, now_ms: u64) -> PeakEwma {
-        let fresh = EndpointState { ewma_ns: default_rtt_ns as f64, stamp_ms: now_ms, pending: 0 };
+        let fresh = EndpointState { ewma_ns: default_rtt_ns as f64, stamp_ms: now_ms, pending: 0, sampled: false };
         PeakEwma {
             sampler: WeightedSampler::new(weights),
             weights: weights.iter().map(|&w| w.max(1)).collect(),
@@ -109,13 +113,14 @@ impl PeakEwma {
         let decay_ms = self.decay_ms;
         let Some(s) = self.state.get_mut(i) else { return };
         let rtt = rtt_ns as f64;
-        if rtt > s.ewma_ns {
+        if rtt > s.ewma_ns || !s.sampled {
             s.ewma_ns = rtt;
         } else {
             let d = decay(now_ms.saturating_sub(s.stamp_ms), decay_ms);
             s.ewma_ns = s.ewma_ns * d + rtt * (1.0 - d);
         }
         s.stamp_ms = s.stamp_ms.max(now_ms);
+        s.sampled = true;
     }
 
     /// Estimated latency of `i` now (decayed toward zero since the last response).
@@ -150,9 +155,19 @@ impl PeakEwma {
             // Dominant weight: any other endpoint, uniformly.
             b = (a + 1 + rng.below(n as u64 - 1) as usize) % n;
         }
+        let (Some(sa), Some(sb)) = (self.state.get(a), self.state.get(b)) else { return Some(a) };
         let w = |i: usize| f64::from(self.weights.get(i).copied().unwrap_or(1));
-        let ca = self.cost(a, now_ms) * w(b);
-        let cb = self.cost(b, now_ms) * w(a);
+        // cost_a/w_a against cost_b/w_b. Both decay by exp(−elapsed/τ); the common
+        // factor exp(−min elapsed/τ) cancels, so at most one exp per pick, of the
+        // difference — none when the older estimate is already the cheaper one.
+        let (ea, eb) = (now_ms.saturating_sub(sa.stamp_ms), now_ms.saturating_sub(sb.stamp_ms));
+        let mut ca = sa.ewma_ns * (f64::from(sa.pending) + 1.0) * w(b);
+        let mut cb = sb.ewma_ns * (f64::from(sb.pending) + 1.0) * w(a);
+        if ea > eb && ca >= cb {
+            ca *= decay(ea - eb, self.decay_ms);
+        } else if eb > ea && cb >= ca {
+            cb *= decay(eb - ea, self.decay_ms);
+        }
         Some(if ca < cb {
             a
         } else if cb < ca {
@@ -208,7 +223,7 @@ mod tests {
         p.observe(0, 10 * MS, 10 + half_life);
         assert!(near(p.state(0).unwrap().ewma_ns, 30.0 * MS as f64, 1e-3), "{:?}", p.state(0));
         // Immediately after, another low sample does not move it (Δt = 0).
-        p.observe(0, 1 * MS, 10 + half_life);
+        p.observe(0, MS, 10 + half_life);
         assert!(near(p.state(0).unwrap().ewma_ns, 30.0 * MS as f64, 1e-3));
     }
 
@@ -235,7 +250,7 @@ mod tests {
         }
         // Even with a dominant weight the second candidate is the other endpoint.
         let mut p = PeakEwma::new(&[100_000, 1], 10_000, 10 * MS, 0);
-        p.observe(0, 400_000 * MS, 0);
+        p.observe(0, 4_000_000 * MS, 0); // 40 ms per unit of weight
         assert!((0..200).all(|_| p.pick(&mut rng, 0) == Some(1)));
     }
 
@@ -268,7 +283,7 @@ mod tests {
             .collect();
         assert_eq!(seq, PINNED);
     }
-    const PINNED: [usize; 16] = [0; 16];
+    const PINNED: [usize; 16] = [3, 2, 2, 3, 0, 0, 3, 3, 2, 3, 3, 2, 2, 2, 3, 2];
 
     /// Discrete-time simulation: one request per ms from `from` to `to`, each
     /// taking `latency(i, t)` ms; `seen(t, i)` is told every pick.
@@ -313,6 +328,7 @@ mod tests {
         let mut p = PeakEwma::new(&[1, 1, 1], 2_000, 30 * MS, 0);
         p.observe(0, 5 * MS, 0);
         p.observe(1, 5 * MS, 0);
+        assert_eq!(p.estimate_ns(0, 0), 5.0 * MS as f64, "the first sample replaces the default");
         let mut first = None;
         let mut late = [0u32; 3];
         run(&mut p, 21, 20_000, |_, _| 5, |t, i| {

@@ -22,7 +22,7 @@ pub struct Random {
 impl Random {
     pub fn new(weights: &[u32]) -> Random {
         let n = weights.len();
-        let uniform = weights.windows(2).all(|w| w[0] == w[1]);
+        let uniform = weights.windows(2).all(|w| w.first() == w.last());
         let sampler = if uniform { None } else { Some(WeightedSampler::new(weights)) };
         Random { n, sampler }
     }
