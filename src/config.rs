@@ -55,6 +55,20 @@ pub enum Policy {
     RoundRobin,
     /// Weighted power-of-two-choices on in-flight requests shared by all workers.
     LeastRequest,
+    /// Weighted random.
+    Random,
+    /// Power of two choices over peak-EWMA latency × (in-flight + 1).
+    PeakEwma,
+    /// Consistent hashing on a ring (Ketama, as Envoy's ring_hash).
+    RingHash,
+    /// Consistent hashing with a Maglev table.
+    Maglev,
+}
+
+impl Policy {
+    pub fn is_hash(self) -> bool {
+        matches!(self, Policy::RingHash | Policy::Maglev)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -63,6 +77,28 @@ pub struct ServiceConfig {
     pub name: String,
     #[serde(default)]
     pub policy: Policy,
+    /// `ring_hash` / `maglev`: what the hash key is taken from.
+    #[serde(default)]
+    pub hash_on: Option<HashOnConfig>,
+    /// `ring_hash` / `maglev`: consistent hashing with bounded loads — no instance
+    /// above this percent of the average in-flight load (e.g. 125).
+    #[serde(default)]
+    pub bounded_load_percent: Option<u32>,
+    /// `peak_ewma` settings.
+    #[serde(default)]
+    pub peak_ewma: PeakEwmaConfig,
+    /// New instances ramp their weight up over a window.
+    #[serde(default)]
+    pub slow_start: Option<SlowStartConfig>,
+    /// Zone-aware routing: prefer instances in this zone, spill over by capacity.
+    #[serde(default)]
+    pub local_zone: Option<String>,
+    /// Route to instances whose metadata match.
+    #[serde(default)]
+    pub subset: Option<SubsetConfig>,
+    /// Weights follow load that backends report in a response header.
+    #[serde(default)]
+    pub load_report: Option<LoadReportConfig>,
     /// `least_request`: candidates compared per pick (Envoy's `choice_count`).
     #[serde(default = "default_choice_count")]
     pub choice_count: u32,
@@ -159,6 +195,128 @@ fn default_hc_unhealthy() -> u32 {
 }
 fn default_hc_in_flight() -> u32 {
     64
+}
+
+/// Where the hash key of `ring_hash` / `maglev` comes from. Without a key (header
+/// or cookie absent) a request gets a random instance.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HashOnConfig {
+    Header(String),
+    Cookie(String),
+    SourceIp(bool),
+    Path(bool),
+}
+
+impl HashOnConfig {
+    pub fn to_hash_on(&self) -> crate::hash_key::HashOn {
+        use crate::hash_key::HashOn;
+        match self {
+            HashOnConfig::Header(h) => HashOn::Header(h.to_ascii_lowercase()),
+            HashOnConfig::Cookie(c) => HashOn::Cookie(c.clone()),
+            HashOnConfig::SourceIp(_) => HashOn::SourceIp,
+            HashOnConfig::Path(strip_query) => HashOn::Path { strip_query: *strip_query },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeakEwmaConfig {
+    /// Decay window of the moving average.
+    pub decay: Millis,
+    /// Latency assumed for an instance with no sample yet.
+    pub default_rtt: Millis,
+}
+
+impl Default for PeakEwmaConfig {
+    fn default() -> Self {
+        PeakEwmaConfig { decay: Millis::from_secs(10), default_rtt: Millis(30) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SlowStartConfig {
+    pub window: Millis,
+    #[serde(default = "default_aggression")]
+    pub aggression: f64,
+    #[serde(default = "default_min_weight_percent")]
+    pub min_weight_percent: u32,
+}
+
+fn default_aggression() -> f64 {
+    1.0
+}
+fn default_min_weight_percent() -> u32 {
+    10
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubsetConfig {
+    /// Selector from the configuration, e.g. `"version=v1"` (`k=v,k2=v2`).
+    #[serde(default)]
+    pub selector: Option<String>,
+    /// Request header carrying a selector; when present it replaces `selector`.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// `no_fallback` (503), `any_endpoint`, or `default_subset` (with `default_subset`).
+    #[serde(default)]
+    pub fallback: SubsetFallback,
+    #[serde(default)]
+    pub default_subset: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SubsetFallback {
+    NoFallback,
+    #[default]
+    AnyEndpoint,
+    DefaultSubset,
+}
+
+impl SubsetConfig {
+    pub fn fallback(&self) -> crate::subset::Fallback {
+        use crate::subset::Fallback;
+        match self.fallback {
+            SubsetFallback::NoFallback => Fallback::NoFallback,
+            SubsetFallback::AnyEndpoint => Fallback::AnyEndpoint,
+            SubsetFallback::DefaultSubset => Fallback::DefaultSubset(
+                self.default_subset.as_deref().and_then(|d| crate::subset::parse_selector(d).ok()).unwrap_or_default(),
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadReportConfig {
+    /// Response header with the load: ORCA `endpoint-load-metrics` (TEXT form) by
+    /// default, or any header holding a utilization (`0.42` or `42%`).
+    #[serde(default = "default_load_header")]
+    pub header: String,
+    #[serde(default = "default_load_smoothing")]
+    pub smoothing: Millis,
+    /// Weight multiplier bounds.
+    #[serde(default = "default_load_min")]
+    pub min_multiplier: f64,
+    #[serde(default = "default_load_max")]
+    pub max_multiplier: f64,
+}
+
+fn default_load_header() -> String {
+    "endpoint-load-metrics".to_string()
+}
+fn default_load_smoothing() -> Millis {
+    Millis::from_secs(10)
+}
+fn default_load_min() -> f64 {
+    0.1
+}
+fn default_load_max() -> f64 {
+    10.0
 }
 
 /// Outlier detection (Envoy's names and defaults).
@@ -557,6 +715,53 @@ impl PluginConfig {
             }
             if !(1..=8).contains(&s.override_host_count) {
                 return err(format!("{at}.override_host_count"), "must be between 1 and 8");
+            }
+            if s.policy.is_hash() != s.hash_on.is_some() && s.hash_on.is_some() {
+                return err(format!("{at}.hash_on"), "is only used by ring_hash and maglev");
+            }
+            if let Some(HashOnConfig::Header(h)) = &s.hash_on {
+                if !valid_header_name(&h.to_ascii_lowercase()) {
+                    return err(format!("{at}.hash_on.header"), "must be an HTTP header name");
+                }
+            }
+            if let Some(c) = s.bounded_load_percent {
+                if !(100..=10_000).contains(&c) {
+                    return err(format!("{at}.bounded_load_percent"), "must be between 100 and 10000");
+                }
+                if !s.policy.is_hash() {
+                    return err(format!("{at}.bounded_load_percent"), "is only used by ring_hash and maglev");
+                }
+            }
+            if s.peak_ewma.decay.0 == 0 || s.peak_ewma.default_rtt.0 == 0 {
+                return err(format!("{at}.peak_ewma"), "decay and default_rtt must be greater than zero");
+            }
+            if let Some(ss) = &s.slow_start {
+                if ss.window.0 == 0 || !(ss.aggression.is_finite() && ss.aggression > 0.0) || ss.min_weight_percent > 100 {
+                    return err(format!("{at}.slow_start"), "window > 0, aggression > 0, min_weight_percent 0-100");
+                }
+            }
+            if let Some(sub) = &s.subset {
+                for (field, v) in [("selector", &sub.selector), ("default_subset", &sub.default_subset)] {
+                    if let Some(text) = v {
+                        if let Err(e) = crate::subset::parse_selector(text) {
+                            return err(format!("{at}.subset.{field}"), &format!("{e:?}"));
+                        }
+                    }
+                }
+                if sub.fallback == SubsetFallback::DefaultSubset && sub.default_subset.is_none() {
+                    return err(format!("{at}.subset.default_subset"), "is required with fallback default_subset");
+                }
+                if let Some(h) = &sub.header {
+                    if !valid_header_name(h) {
+                        return err(format!("{at}.subset.header"), "must be a lowercase HTTP header name");
+                    }
+                }
+            }
+            if let Some(lr) = &s.load_report {
+                let bounds_ok = lr.min_multiplier > 0.0 && lr.max_multiplier >= lr.min_multiplier && lr.max_multiplier <= 1000.0;
+                if !(valid_header_name(&lr.header) && bounds_ok) {
+                    return err(format!("{at}.load_report"), "needs a lowercase header and 0 < min_multiplier <= max_multiplier <= 1000");
+                }
             }
             if let Some(hc) = &s.health_check {
                 if hc.cluster.is_empty() {

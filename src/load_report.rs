@@ -205,6 +205,13 @@ impl UtilizationWeights {
         UtilizationWeights { cfg, state: vec![None; n] }
     }
 
+    /// Makes room for endpoints `0..n` (existing state is kept).
+    pub fn resize(&mut self, n: usize) {
+        if n > self.state.len() {
+            self.state.resize(n, None);
+        }
+    }
+
     /// Endpoint `i` reported `utilization` at `now_ms` (negative or NaN is ignored).
     pub fn observe(&mut self, i: usize, utilization: f64, now_ms: u64) {
         if !(utilization.is_finite() && utilization >= 0.0) {

@@ -1,42 +1,119 @@
 //! The per-worker routing table of one service: the instances of the current
 //! snapshot, their `ip:port` text prepared once, which of them are routable now
-//! (registry health, outlier ejection, panic mode), and the policy state.
-//! Rebuilt when a worker sees a new snapshot or a new ejection state, never per request.
+//! (registry health, active health, outlier ejection, panic mode), and the policy
+//! state. Rebuilt when a worker sees a new snapshot or ejection state, and — while
+//! weights move (slow start, load reports) — once a second; never per request.
 //!
 //! Panic mode follows Envoy's `healthy_panic_threshold`: when fewer than
 //! `panic_threshold` percent of the non-draining instances are routable, traffic is
 //! spread over all of them (health and ejections ignored) rather than crushing the
 //! few that are left. Draining instances never get new requests.
+//!
+//! Composition, in order: routable set → subset (metadata selector from config or
+//! a request header, with a fallback) → zone (local zone first, spill over by
+//! capacity, see `zone`) → policy over the weights (registry weight × slow-start
+//! factor × load-report multiplier). Hash policies (`ring_hash`, `maglev`) skip the
+//! zone step, so a key keeps its instance.
 
+use crate::balancer::bounded_load::BoundedLoad;
+use crate::balancer::maglev::{self, Maglev};
+use crate::balancer::peak_ewma::PeakEwma;
+use crate::balancer::random::Random;
+use crate::balancer::ring_hash::{self, RingHash};
+use crate::balancer::weighted_sampler::WeightedSampler;
 use crate::balancer::{LeastRequest, RoundRobin};
 use crate::config::Policy;
 use crate::instance::State;
 use crate::outlier::Outliers;
 use crate::rng::Rng;
 use crate::snapshot::Snapshot;
+use crate::subset::{self, Fallback, Pairs};
+use crate::zone;
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     /// `ip:port` (`[v6]:port`), as handed to Envoy.
     pub host: String,
+    /// Effective weight (registry weight with slow start and load reports applied).
     pub weight: u32,
     /// Slot of the instance's shared in-flight gauge and outlier state.
     pub slot: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Candidate {
+    ep: Endpoint,
+    base_weight: u32,
+    healthy: bool,
+    zone: String,
+    metadata: Pairs,
+}
+
+/// How a table picks.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub policy: Policy,
+    pub choice_count: u32,
+    /// Percent; 0 disables panic mode.
+    pub panic_threshold: u32,
+    /// Bounded-load factor in percent (`ring_hash`, `maglev`); `None` = unbounded.
+    pub bounded_load_percent: Option<u32>,
+    /// Local zone for zone-aware routing; `None` = off.
+    pub local_zone: Option<String>,
+    /// Subset selector from the configuration.
+    pub subset: Option<Pairs>,
+    pub subset_fallback: Fallback,
+    pub peak_ewma_decay_ms: u64,
+    pub peak_ewma_default_rtt_ns: u64,
+}
+
+impl Options {
+    pub fn new(policy: Policy) -> Options {
+        Options {
+            policy,
+            choice_count: 2,
+            panic_threshold: 50,
+            bounded_load_percent: None,
+            local_zone: None,
+            subset: None,
+            subset_fallback: Fallback::NoFallback,
+            peak_ewma_decay_ms: crate::balancer::peak_ewma::DEFAULT_DECAY_MS,
+            peak_ewma_default_rtt_ns: crate::balancer::peak_ewma::DEFAULT_RTT_NS,
+        }
+    }
 }
 
 #[derive(Debug)]
 enum PolicyState {
     RoundRobin(RoundRobin),
     LeastRequest(LeastRequest),
+    Random(Random),
+    /// Two weighted draws, the lower peak-EWMA cost per weight wins.
+    PeakEwma(WeightedSampler),
+    RingHash(RingHash, Option<BoundedLoad>),
+    Maglev(Maglev, Option<BoundedLoad>),
 }
 
-/// How a table picks.
-#[derive(Debug, Clone, Copy)]
-pub struct Options {
-    pub policy: Policy,
-    pub choice_count: u32,
-    /// Percent; 0 disables panic mode.
-    pub panic_threshold: u32,
+/// A set of endpoints (indexes into `Table::endpoints`) with its policy.
+#[derive(Debug)]
+struct Pool {
+    members: Vec<usize>,
+    policy: PolicyState,
+}
+
+/// Per-request inputs of a pick.
+pub struct Request<'a, R: Rng, A: FnMut(u32) -> i64> {
+    pub rng: &'a mut R,
+    pub now_ms: u64,
+    /// Hash of the request's key (hash policies); `None` → random.
+    pub hash: Option<u64>,
+    /// Subset selector from a request header, already parsed.
+    pub subset: Option<&'a [(String, String)]>,
+    /// Shared in-flight count of a slot.
+    pub active: A,
+    /// Shared in-flight count of the service (bounded load).
+    pub total_active: u64,
 }
 
 #[derive(Debug)]
@@ -45,27 +122,39 @@ pub struct Table {
     pub published_ms: u64,
     /// Instances in the snapshot, routable or not.
     pub known: usize,
-    /// Non-draining instances with their registry health.
-    candidates: Vec<(Endpoint, bool)>,
-    /// What the policy picks from now.
+    candidates: Vec<Candidate>,
+    /// Routable endpoints now.
     pub endpoints: Vec<Endpoint>,
+    zones: Vec<String>,
+    endpoint_zone: Vec<usize>,
     /// Routing over all candidates because too few are routable.
     pub panic: bool,
     /// Generation of the outlier state applied.
     pub outlier_generation: u64,
     options: Options,
-    policy: PolicyState,
+    main: Option<Pool>,
+    /// Zone-aware routing: share per zone and a pool per zone.
+    zone_split: Option<(zone::Split, Vec<Option<Pool>>)>,
+    /// Pools per subset selector (config selector, header selectors), built lazily.
+    subsets: HashMap<Pairs, Option<Pool>>,
+    peak: Option<PeakEwma>,
 }
+
+/// Header-selected subsets kept per table; more are built per request, not kept.
+const MAX_CACHED_SUBSETS: usize = 32;
 
 impl Table {
     pub fn build(snap: &Snapshot, options: Options, rng: &mut impl Rng) -> Table {
-        let candidates: Vec<(Endpoint, bool)> = snap
+        let candidates: Vec<Candidate> = snap
             .entries
             .iter()
             .filter(|e| e.instance.state != State::Draining)
-            .map(|e| {
-                let ep = Endpoint { host: e.instance.addr.to_string(), weight: e.instance.weight, slot: e.slot };
-                (ep, e.instance.state == State::Healthy)
+            .map(|e| Candidate {
+                ep: Endpoint { host: e.instance.addr.to_string(), weight: e.instance.weight, slot: e.slot },
+                base_weight: e.instance.weight,
+                healthy: e.instance.state == State::Healthy,
+                zone: e.instance.zone.clone(),
+                metadata: e.instance.metadata.clone(),
             })
             .collect();
         let mut t = Table {
@@ -74,68 +163,266 @@ impl Table {
             known: snap.entries.len(),
             candidates,
             endpoints: Vec::new(),
+            zones: Vec::new(),
+            endpoint_zone: Vec::new(),
             panic: false,
             outlier_generation: 0,
             options,
-            policy: PolicyState::RoundRobin(RoundRobin::Empty),
+            main: None,
+            zone_split: None,
+            subsets: HashMap::new(),
+            peak: None,
         };
-        t.apply(&Outliers::default(), rng);
+        t.apply(&Outliers::default(), &|_: u32, w: u32| w, 0, rng);
         t
     }
 
-    /// Recomputes the routable set with this ejection state.
-    pub fn apply(&mut self, outliers: &Outliers, rng: &mut impl Rng) {
-        let routable: Vec<Endpoint> = self
-            .candidates
-            .iter()
-            .filter(|(e, healthy)| *healthy && !outliers.is_out(e.slot))
-            .map(|(e, _)| e.clone())
+    /// Recomputes the routable set and the policies. `weight(slot, registry weight)`
+    /// gives the effective weight (slow start, load reports).
+    pub fn apply(&mut self, outliers: &Outliers, weight: &dyn Fn(u32, u32) -> u32, now_ms: u64, rng: &mut impl Rng) {
+        for c in &mut self.candidates {
+            c.ep.weight = weight(c.ep.slot, c.base_weight).max(1);
+        }
+        let routable: Vec<usize> = (0..self.candidates.len())
+            .filter(|&i| self.candidates[i].healthy && !outliers.is_out(self.candidates[i].ep.slot))
             .collect();
         let threshold = u64::from(self.options.panic_threshold.min(100));
-        self.panic = !self.candidates.is_empty() && (routable.len() as u64) * 100 < threshold * self.candidates.len() as u64;
-        self.endpoints = if self.panic { self.candidates.iter().map(|(e, _)| e.clone()).collect() } else { routable };
-        self.outlier_generation = outliers.generation;
-        let weights: Vec<u32> = self.endpoints.iter().map(|e| e.weight).collect();
-        self.policy = match self.options.policy {
-            Policy::RoundRobin => PolicyState::RoundRobin(RoundRobin::new(&weights, rng)),
-            Policy::LeastRequest => PolicyState::LeastRequest(LeastRequest::new(&weights, self.options.choice_count)),
+        self.panic =
+            !self.candidates.is_empty() && (routable.len() as u64) * 100 < threshold * self.candidates.len() as u64;
+        let chosen: Vec<usize> = if self.panic { (0..self.candidates.len()).collect() } else { routable };
+        // Carry peak-EWMA state over by host.
+        let old_peak: HashMap<String, crate::balancer::peak_ewma::EndpointState> = match &self.peak {
+            Some(p) => self.endpoints.iter().enumerate().filter_map(|(i, e)| Some((e.host.clone(), p.state(i)?))).collect(),
+            None => HashMap::new(),
         };
+        self.endpoints = chosen.iter().map(|&i| self.candidates[i].ep.clone()).collect();
+        self.zones.clear();
+        self.endpoint_zone = chosen
+            .iter()
+            .map(|&i| {
+                let z = &self.candidates[i].zone;
+                match self.zones.iter().position(|x| x == z) {
+                    Some(k) => k,
+                    None => {
+                        self.zones.push(z.clone());
+                        self.zones.len() - 1
+                    }
+                }
+            })
+            .collect();
+        self.outlier_generation = outliers.generation;
+        if self.options.policy == Policy::PeakEwma {
+            let weights: Vec<u32> = self.endpoints.iter().map(|e| e.weight).collect();
+            let mut p = PeakEwma::new(&weights, self.options.peak_ewma_decay_ms, self.options.peak_ewma_default_rtt_ns, now_ms);
+            for (i, e) in self.endpoints.iter().enumerate() {
+                if let Some(s) = old_peak.get(&e.host) {
+                    p.set_state(i, *s);
+                }
+            }
+            self.peak = Some(p);
+        } else {
+            self.peak = None;
+        }
+        let all: Vec<usize> = (0..self.endpoints.len()).collect();
+        self.main = self.pool(all, rng);
+        self.zone_split = self.build_zones(rng);
+        self.subsets.clear();
+        if let Some(sel) = self.options.subset.clone() {
+            let members = self.select(&sel);
+            let pool = members.and_then(|m| self.pool(m, rng));
+            self.subsets.insert(sel, pool);
+        }
     }
 
-    /// Index (into `endpoints`) of the next pick. `active(slot)` gives the shared
-    /// in-flight count of a slot.
-    pub fn pick_index(&mut self, rng: &mut impl Rng, mut active: impl FnMut(u32) -> i64) -> Option<usize> {
-        match &mut self.policy {
-            PolicyState::RoundRobin(rr) => rr.pick(),
-            PolicyState::LeastRequest(lr) => {
-                let eps = &self.endpoints;
-                lr.pick(rng, |i| eps.get(i).map(|e| active(e.slot)).unwrap_or(i64::MAX))
+    fn pool(&self, members: Vec<usize>, rng: &mut impl Rng) -> Option<Pool> {
+        if members.is_empty() {
+            return None;
+        }
+        let eps: Vec<&Endpoint> = members.iter().filter_map(|&i| self.endpoints.get(i)).collect();
+        let weights: Vec<u32> = eps.iter().map(|e| e.weight).collect();
+        let keys: Vec<&str> = eps.iter().map(|e| e.host.as_str()).collect();
+        let bounded = self.options.bounded_load_percent.map(|c| BoundedLoad::new(&weights, c));
+        let policy = match self.options.policy {
+            Policy::RoundRobin => PolicyState::RoundRobin(RoundRobin::new(&weights, rng)),
+            Policy::LeastRequest => PolicyState::LeastRequest(LeastRequest::new(&weights, self.options.choice_count)),
+            Policy::Random => PolicyState::Random(Random::new(&weights)),
+            Policy::PeakEwma => PolicyState::PeakEwma(WeightedSampler::new(&weights)),
+            Policy::RingHash => PolicyState::RingHash(
+                RingHash::new(&keys, &weights, ring_hash::DEFAULT_MIN_RING_SIZE, ring_hash::DEFAULT_MAX_RING_SIZE),
+                bounded,
+            ),
+            Policy::Maglev => PolicyState::Maglev(Maglev::new(&keys, &weights, maglev::DEFAULT_TABLE_SIZE), bounded),
+        };
+        Some(Pool { members, policy })
+    }
+
+    fn build_zones(&self, rng: &mut impl Rng) -> Option<(zone::Split, Vec<Option<Pool>>)> {
+        let local = self.options.local_zone.as_ref()?;
+        if self.options.policy.is_hash() || self.zones.len() < 2 {
+            return None;
+        }
+        let local_idx = self.zones.iter().position(|z| z == local);
+        let mut capacity = vec![0u64; self.zones.len()];
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if let Some(z) = self.endpoint_zone.get(i) {
+                capacity[*z] += u64::from(e.weight);
+            }
+        }
+        let split = zone::zone_split(local_idx, &capacity, None);
+        let pools = (0..self.zones.len())
+            .map(|z| {
+                let members: Vec<usize> = (0..self.endpoints.len()).filter(|&i| self.endpoint_zone[i] == z).collect();
+                self.pool(members, rng)
+            })
+            .collect();
+        Some((split, pools))
+    }
+
+    /// Endpoints matching `sel`, with the fallback applied; `None` = no endpoint.
+    fn select(&self, sel: &[(String, String)]) -> Option<Vec<usize>> {
+        let metadata = |i: usize| -> &[(String, String)] {
+            self.endpoints
+                .get(i)
+                .and_then(|e| self.candidates.iter().find(|c| c.ep.slot == e.slot))
+                .map(|c| c.metadata.as_slice())
+                .unwrap_or(&[])
+        };
+        let hit: Vec<usize> = (0..self.endpoints.len()).filter(|&i| subset::matches(metadata(i), sel)).collect();
+        if !hit.is_empty() {
+            return Some(hit);
+        }
+        match &self.options.subset_fallback {
+            Fallback::NoFallback => None,
+            Fallback::AnyEndpoint => Some((0..self.endpoints.len()).collect()).filter(|v: &Vec<usize>| !v.is_empty()),
+            Fallback::DefaultSubset(d) => {
+                let v: Vec<usize> = (0..self.endpoints.len()).filter(|&i| subset::matches(metadata(i), d)).collect();
+                Some(v).filter(|v| !v.is_empty())
             }
         }
     }
 
+    /// Index (into `endpoints`) of the next pick.
+    pub fn pick_index<R: Rng, A: FnMut(u32) -> i64>(&mut self, req: &mut Request<'_, R, A>) -> Option<usize> {
+        let subset_key: Option<Pairs> = match req.subset {
+            Some(s) if !s.is_empty() => Some(s.to_vec()),
+            _ => self.options.subset.clone(),
+        };
+        if let Some(key) = subset_key {
+            if !self.subsets.contains_key(&key) {
+                let pool = self.select(&key).and_then(|m| self.pool(m, req.rng));
+                if self.subsets.len() >= MAX_CACHED_SUBSETS {
+                    let mut pool = pool?;
+                    return self.pick_in_mut(&mut pool, req);
+                }
+                self.subsets.insert(key.clone(), pool);
+            }
+            let pool = self.subsets.remove(&key)?;
+            let Some(mut pool) = pool else {
+                self.subsets.insert(key, None);
+                return None;
+            };
+            let picked = self.pick_in_mut(&mut pool, req);
+            self.subsets.insert(key, Some(pool));
+            return picked;
+        }
+        if let Some((split, mut pools)) = self.zone_split.take() {
+            let picked = split
+                .pick(req.rng)
+                .and_then(|z| pools.get_mut(z))
+                .and_then(|p| p.as_mut())
+                .and_then(|p| self.pick_in_mut(p, req));
+            self.zone_split = Some((split, pools));
+            if picked.is_some() {
+                return picked;
+            }
+        }
+        let mut main = self.main.take()?;
+        let picked = self.pick_in_mut(&mut main, req);
+        self.main = Some(main);
+        picked
+    }
+
+    fn pick_in_mut<R: Rng, A: FnMut(u32) -> i64>(&self, pool: &mut Pool, req: &mut Request<'_, R, A>) -> Option<usize> {
+        let members = &pool.members;
+        let eps = &self.endpoints;
+        let slot_of = |k: usize| members.get(k).and_then(|&i| eps.get(i)).map(|e| e.slot);
+        let k = match &mut pool.policy {
+            PolicyState::RoundRobin(rr) => rr.pick()?,
+            PolicyState::LeastRequest(lr) => {
+                let active = &mut req.active;
+                lr.pick(req.rng, |k| slot_of(k).map(&mut *active).unwrap_or(i64::MAX))?
+            }
+            PolicyState::Random(r) => r.pick(req.rng)?,
+            PolicyState::PeakEwma(sampler) => {
+                let peak = self.peak.as_ref()?;
+                let a = sampler.sample(req.rng)?;
+                let b = sampler.sample(req.rng)?;
+                if a == b {
+                    a
+                } else {
+                    let cost = |k: usize| {
+                        let i = members.get(k).copied().unwrap_or(0);
+                        let w = f64::from(eps.get(i).map(|e| e.weight).unwrap_or(1).max(1));
+                        peak.cost(i, req.now_ms) / w
+                    };
+                    if cost(b) < cost(a) {
+                        b
+                    } else {
+                        a
+                    }
+                }
+            }
+            PolicyState::RingHash(ring, bounded) => {
+                let h = req.hash.unwrap_or_else(|| req.rng.next_u64());
+                match bounded {
+                    Some(bl) => {
+                        let active = &mut req.active;
+                        bl.pick(ring.walk(h), req.total_active, |k| slot_of(k).map(&mut *active).unwrap_or(0).max(0) as u64)?
+                    }
+                    None => ring.pick(h)?,
+                }
+            }
+            PolicyState::Maglev(table, bounded) => {
+                let h = req.hash.unwrap_or_else(|| req.rng.next_u64());
+                match bounded {
+                    Some(bl) => {
+                        let active = &mut req.active;
+                        bl.pick(table.walk(h), req.total_active, |k| slot_of(k).map(&mut *active).unwrap_or(0).max(0) as u64)?
+                    }
+                    None => table.pick(h)?,
+                }
+            }
+        };
+        members.get(k).copied()
+    }
+
     /// Picks an endpoint.
-    pub fn pick(&mut self, rng: &mut impl Rng, active: impl FnMut(u32) -> i64) -> Option<&Endpoint> {
-        let i = self.pick_index(rng, active)?;
+    pub fn pick<R: Rng, A: FnMut(u32) -> i64>(&mut self, req: &mut Request<'_, R, A>) -> Option<&Endpoint> {
+        let i = self.pick_index(req)?;
         self.endpoints.get(i)
     }
 
     /// Up to `n` distinct endpoints in the policy's order of preference: the first
     /// pick, then further picks (for retries that should go elsewhere).
-    pub fn ranked(&mut self, n: usize, rng: &mut impl Rng, mut active: impl FnMut(u32) -> i64) -> Vec<usize> {
+    pub fn ranked<R: Rng, A: FnMut(u32) -> i64>(&mut self, n: usize, req: &mut Request<'_, R, A>) -> Vec<usize> {
         let mut out: Vec<usize> = Vec::with_capacity(n);
         let want = n.min(self.endpoints.len());
-        // Bounded: a few extra draws, then fill with the remaining in order.
-        for _ in 0..want * 4 {
+        let first_hash = req.hash;
+        for attempt in 0..want * 4 {
             if out.len() >= want {
                 break;
             }
-            match self.pick_index(rng, &mut active) {
+            // Hash policies: later entries come from re-hashing (different instances).
+            if attempt > 0 {
+                req.hash = first_hash.map(|h| crate::hash_key::hash_bytes(&(h ^ attempt as u64).to_le_bytes()));
+            }
+            match self.pick_index(req) {
                 Some(i) if !out.contains(&i) => out.push(i),
                 Some(_) => {}
                 None => break,
             }
         }
+        req.hash = first_hash;
         let mut i = 0;
         while out.len() < want && i < self.endpoints.len() {
             if !out.contains(&i) {
@@ -145,36 +432,78 @@ impl Table {
         }
         out
     }
+
+    /// Index of the endpoint in `slot`, if routable now.
+    pub fn index_of_slot(&self, slot: u32) -> Option<usize> {
+        self.endpoints.iter().position(|e| e.slot == slot)
+    }
+
+    /// `peak_ewma` bookkeeping: a request to `slot` starts.
+    pub fn peak_start(&mut self, slot: u32) {
+        let Some(i) = self.index_of_slot(slot) else { return };
+        if let Some(p) = self.peak.as_mut() {
+            p.start(i);
+        }
+    }
+
+    /// `peak_ewma` bookkeeping: a request to `slot` ended after `rtt_ns`.
+    pub fn peak_end(&mut self, slot: u32, rtt_ns: Option<u64>, now_ms: u64) {
+        let Some(i) = self.index_of_slot(slot) else { return };
+        if let Some(p) = self.peak.as_mut() {
+            p.end(i);
+            if let Some(rtt) = rtt_ns {
+                p.observe(i, rtt, now_ms);
+            }
+        }
+    }
+
+    /// Every non-draining instance: (slot, `ip:port`).
+    pub fn hosts_by_slot(&self) -> impl Iterator<Item = (u32, &str)> + '_ {
+        self.candidates.iter().map(|c| (c.ep.slot, c.ep.host.as_str()))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::instance::Instance;
+    use crate::outlier::{Breaker, SlotState};
     use crate::rng::SplitMix64;
     use crate::snapshot::Entry;
     use wasm_bindgen_test::wasm_bindgen_test;
 
     fn opts(policy: Policy) -> Options {
-        Options { policy, choice_count: 2, panic_threshold: 50 }
+        Options::new(policy)
+    }
+
+    fn entry(ip: &str, w: u32, state: State, slot: u32, zone: &str, meta: &[(&str, &str)]) -> Entry {
+        let mut i = Instance::new(format!("{ip}:80").parse().unwrap(), w);
+        i.state = state;
+        i.zone = zone.into();
+        i.metadata = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Entry { instance: i, source: 0, slot }
     }
 
     fn snap() -> Snapshot {
-        let mk = |ip: &str, w: u32, state: State, slot: u32| {
-            let mut i = Instance::new(format!("{ip}:80").parse().unwrap(), w);
-            i.state = state;
-            Entry { instance: i, source: 0, slot }
-        };
         Snapshot {
             version: 3,
             entries: vec![
-                mk("10.0.0.1", 5, State::Healthy, 0),
-                mk("10.0.0.2", 1, State::Unhealthy, 1),
-                mk("10.0.0.3", 1, State::Draining, 2),
-                mk("10.0.0.4", 1, State::Healthy, 3),
+                entry("10.0.0.1", 5, State::Healthy, 0, "", &[]),
+                entry("10.0.0.2", 1, State::Unhealthy, 1, "", &[]),
+                entry("10.0.0.3", 1, State::Draining, 2, "", &[]),
+                entry("10.0.0.4", 1, State::Healthy, 3, "", &[]),
             ],
             ..Default::default()
         }
+    }
+
+    fn pick_host(t: &mut Table, r: &mut SplitMix64, hash: Option<u64>, load: &dyn Fn(u32) -> i64) -> Option<String> {
+        let mut req = Request { rng: r, now_ms: 0, hash, subset: None, active: |s| load(s), total_active: 0 };
+        t.pick(&mut req).map(|e| e.host.clone())
+    }
+
+    fn hosts(t: &Table) -> Vec<&str> {
+        t.endpoints.iter().map(|e| e.host.as_str()).collect()
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -184,9 +513,9 @@ mod tests {
         assert_eq!(t.known, 4);
         assert_eq!(t.endpoints.len(), 2);
         assert!(!t.panic, "2 of 3 non-draining instances are healthy");
-        let mut c = std::collections::HashMap::new();
+        let mut c = HashMap::new();
         for _ in 0..60 {
-            *c.entry(t.pick(&mut r, |_| 0).unwrap().host.clone()).or_insert(0) += 1;
+            *c.entry(pick_host(&mut t, &mut r, None, &|_| 0).unwrap()).or_insert(0) += 1;
         }
         assert_eq!(c["10.0.0.1:80"], 50);
         assert_eq!(c["10.0.0.4:80"], 10);
@@ -198,51 +527,42 @@ mod tests {
         let mut t = Table::build(&snap(), opts(Policy::LeastRequest), &mut r);
         // Slot 3 (10.0.0.4, weight 1) is busy: it loses every pair it is in, so it
         // is chosen only when both draws are it, (1/6)^2 of the time.
-        let mut busy = 0;
-        for _ in 0..1000 {
-            if t.pick(&mut r, |slot| if slot == 3 { 10 } else { 0 }).unwrap().host == "10.0.0.4:80" {
-                busy += 1;
-            }
-        }
+        let busy = (0..1000)
+            .filter(|_| pick_host(&mut t, &mut r, None, &|slot| if slot == 3 { 10 } else { 0 }).as_deref() == Some("10.0.0.4:80"))
+            .count();
         assert!((10..60).contains(&busy), "{busy}");
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn empty_table_picks_nothing() {
         let mut r = SplitMix64(1);
-        let mut t = Table::build(&Snapshot::default(), opts(Policy::LeastRequest), &mut r);
-        assert!(t.pick(&mut r, |_| 0).is_none());
-        let mut t = Table::build(&Snapshot::default(), opts(Policy::RoundRobin), &mut r);
-        assert!(t.pick(&mut r, |_| 0).is_none());
-    }
-
-    fn hosts(t: &Table) -> Vec<&str> {
-        t.endpoints.iter().map(|e| e.host.as_str()).collect()
+        for p in [Policy::LeastRequest, Policy::RoundRobin, Policy::Random, Policy::PeakEwma, Policy::RingHash, Policy::Maglev] {
+            let mut t = Table::build(&Snapshot::default(), opts(p), &mut r);
+            assert!(pick_host(&mut t, &mut r, Some(1), &|_| 0).is_none(), "{p:?}");
+        }
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn ejected_instances_leave_and_half_open_ones_return() {
-        use crate::outlier::{Breaker, SlotState};
         let mut r = SplitMix64(1);
         let mut t = Table::build(&snap(), Options { panic_threshold: 0, ..opts(Policy::RoundRobin) }, &mut r);
         let mut o = Outliers { generation: 4, ..Default::default() };
         o.slots.insert(0, SlotState { breaker: Breaker::Open, until_ms: 9, times: 1 });
-        t.apply(&o, &mut r);
+        t.apply(&o, &|_, w| w, 0, &mut r);
         assert_eq!(hosts(&t), ["10.0.0.4:80"]);
         assert_eq!(t.outlier_generation, 4);
         o.slots.insert(0, SlotState { breaker: Breaker::HalfOpen, until_ms: 9, times: 1 });
-        t.apply(&o, &mut r);
+        t.apply(&o, &|_, w| w, 0, &mut r);
         assert_eq!(hosts(&t), ["10.0.0.1:80", "10.0.0.4:80"]);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn panic_mode_spreads_over_all_non_draining() {
-        use crate::outlier::{Breaker, SlotState};
         let mut r = SplitMix64(1);
         let mut t = Table::build(&snap(), opts(Policy::RoundRobin), &mut r);
         let mut o = Outliers::default();
         o.slots.insert(0, SlotState { breaker: Breaker::Open, until_ms: 9, times: 1 });
-        t.apply(&o, &mut r);
+        t.apply(&o, &|_, w| w, 0, &mut r);
         // 1 routable of 3 non-draining (33 % < 50 %): panic, the draining one stays out.
         assert!(t.panic);
         assert_eq!(hosts(&t), ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.4:80"]);
@@ -251,11 +571,140 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn ranked_lists_distinct_endpoints() {
         let mut r = SplitMix64(1);
-        let mut t = Table::build(&snap(), opts(Policy::RoundRobin), &mut r);
-        let ranked = t.ranked(3, &mut r, |_| 0);
-        assert_eq!(ranked.len(), 2, "only two routable");
-        assert_ne!(ranked[0], ranked[1]);
-        let mut t = Table::build(&Snapshot::default(), opts(Policy::LeastRequest), &mut r);
-        assert!(t.ranked(3, &mut r, |_| 0).is_empty());
+        for p in [Policy::RoundRobin, Policy::RingHash, Policy::Maglev] {
+            let mut t = Table::build(&snap(), opts(p), &mut r);
+            let mut req = Request { rng: &mut r, now_ms: 0, hash: Some(42), subset: None, active: |_| 0, total_active: 0 };
+            let ranked = t.ranked(3, &mut req);
+            assert_eq!(ranked.len(), 2, "only two routable ({p:?})");
+            assert_ne!(ranked[0], ranked[1]);
+        }
+    }
+
+    fn fleet(n: u32) -> Snapshot {
+        Snapshot {
+            version: 1,
+            entries: (0..n).map(|i| entry(&format!("10.0.1.{i}"), 1, State::Healthy, i, "", &[])).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn hash_policies_are_sticky_and_agree_across_builds() {
+        for p in [Policy::RingHash, Policy::Maglev] {
+            let mut r1 = SplitMix64(1);
+            let mut r2 = SplitMix64(99);
+            let mut a = Table::build(&fleet(8), opts(p), &mut r1);
+            let mut b = Table::build(&fleet(8), opts(p), &mut r2);
+            for key in 0..200u64 {
+                let h = crate::hash_key::hash_bytes(&key.to_le_bytes());
+                let x = pick_host(&mut a, &mut r1, Some(h), &|_| 0);
+                assert_eq!(x, pick_host(&mut a, &mut r1, Some(h), &|_| 0), "{p:?} key {key} not sticky");
+                assert_eq!(x, pick_host(&mut b, &mut r2, Some(h), &|_| 0), "{p:?} key {key}: builds disagree");
+            }
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn bounded_load_moves_keys_off_a_hot_instance() {
+        let mut r = SplitMix64(1);
+        let mut t = Table::build(&fleet(4), Options { bounded_load_percent: Some(125), ..opts(Policy::RingHash) }, &mut r);
+        let h = 12345;
+        let home = pick_host(&mut t, &mut r, Some(h), &|_| 0).unwrap();
+        let home_slot = t.endpoints.iter().find(|e| e.host == home).unwrap().slot;
+        // The key's home carries 20 of 24 in flight: above 1.25 × 24/4, so the key goes elsewhere.
+        let mut req = Request {
+            rng: &mut r,
+            now_ms: 0,
+            hash: Some(h),
+            subset: None,
+            active: |s| if s == home_slot { 20 } else { 1 },
+            total_active: 24,
+        };
+        let other = t.pick(&mut req).unwrap().host.clone();
+        assert_ne!(other, home);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn subsets_from_config_and_header_with_fallback() {
+        let s = Snapshot {
+            version: 1,
+            entries: vec![
+                entry("10.0.0.1", 1, State::Healthy, 0, "", &[("version", "v1")]),
+                entry("10.0.0.2", 1, State::Healthy, 1, "", &[("version", "v2")]),
+                entry("10.0.0.3", 1, State::Healthy, 2, "", &[("version", "v2")]),
+            ],
+            ..Default::default()
+        };
+        let mut r = SplitMix64(1);
+        let v1: Pairs = vec![("version".into(), "v1".into())];
+        let mut t = Table::build(
+            &s,
+            Options { subset: Some(v1.clone()), subset_fallback: Fallback::AnyEndpoint, ..opts(Policy::RoundRobin) },
+            &mut r,
+        );
+        for _ in 0..10 {
+            assert_eq!(pick_host(&mut t, &mut r, None, &|_| 0).as_deref(), Some("10.0.0.1:80"));
+        }
+        let v2: Pairs = vec![("version".into(), "v2".into())];
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let mut req = Request { rng: &mut r, now_ms: 0, hash: None, subset: Some(&v2), active: |_| 0, total_active: 0 };
+            seen.insert(t.pick(&mut req).unwrap().host.clone());
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["10.0.0.2:80", "10.0.0.3:80"]);
+        // Unknown version: fallback to any endpoint; with no fallback, nothing.
+        let v9: Pairs = vec![("version".into(), "v9".into())];
+        let mut req = Request { rng: &mut r, now_ms: 0, hash: None, subset: Some(&v9), active: |_| 0, total_active: 0 };
+        assert!(t.pick(&mut req).is_some());
+        let mut strict = Table::build(&s, Options { subset: Some(v9), ..opts(Policy::RoundRobin) }, &mut r);
+        assert!(pick_host(&mut strict, &mut r, None, &|_| 0).is_none());
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn zone_aware_keeps_traffic_local_and_spills_when_short() {
+        let zoned = |local_n: u32, remote_n: u32| Snapshot {
+            version: 1,
+            entries: (0..local_n)
+                .map(|i| entry(&format!("10.1.0.{i}"), 1, State::Healthy, i, "a", &[]))
+                .chain((0..remote_n).map(|i| entry(&format!("10.2.0.{i}"), 1, State::Healthy, 100 + i, "b", &[])))
+                .collect(),
+            ..Default::default()
+        };
+        let mut r = SplitMix64(5);
+        let o = Options { local_zone: Some("a".into()), ..opts(Policy::RoundRobin) };
+        // Equal capacity: everything stays in zone a.
+        let mut t = Table::build(&zoned(3, 3), o.clone(), &mut r);
+        let local = (0..600).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).unwrap().starts_with("10.1.")).count();
+        assert_eq!(local, 600);
+        // Zone a has 1 of 4 capacity units against half the demand: about half spills.
+        let mut t = Table::build(&zoned(1, 3), o, &mut r);
+        let local = (0..4000).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).unwrap().starts_with("10.1.")).count();
+        assert!((1800..2200).contains(&local), "{local} of 4000 stayed local");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn peak_ewma_avoids_a_slow_instance() {
+        let mut r = SplitMix64(3);
+        let mut t = Table::build(&fleet(3), opts(Policy::PeakEwma), &mut r);
+        // Slot 0 answers in 200 ms, the others in 5 ms.
+        for now in 0..50u64 {
+            for slot in 0..3u32 {
+                t.peak_start(slot);
+                t.peak_end(slot, Some(if slot == 0 { 200_000_000 } else { 5_000_000 }), now);
+            }
+        }
+        let slow = (0..3000).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).as_deref() == Some("10.0.1.0:80")).count();
+        // Only when both draws are the slow one: about 1/9.
+        assert!(slow < 450, "{slow} of 3000 to the slow instance");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn effective_weights_apply() {
+        let mut r = SplitMix64(3);
+        let mut t = Table::build(&fleet(2), opts(Policy::RoundRobin), &mut r);
+        // Slot 1 ramps at a tenth of its weight (slow start).
+        t.apply(&Outliers::default(), &|slot, w| if slot == 1 { w } else { w * 10 }, 0, &mut r);
+        let one = (0..110).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).as_deref() == Some("10.0.1.1:80")).count();
+        assert_eq!(one, 10);
     }
 }

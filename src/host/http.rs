@@ -3,7 +3,9 @@
 
 use super::now_ms;
 use super::metrics::gauge_add;
-use super::worker::{local_reply, shown, Reply, Routed, Worker};
+use super::worker::{local_reply, shown, Reply, RequestKey, Routed, Worker};
+use crate::config::{Policy, ServiceConfig};
+use crate::hash_key::{self, HashOn, RequestParts};
 use crate::config::Handoff;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -30,6 +32,51 @@ fn route_service(namespace: &str) -> Option<String> {
         .ok()
         .flatten()?;
     String::from_utf8(v).ok().filter(|s| !s.is_empty())
+}
+
+/// Reads what the service's policy needs from the request: the hash key
+/// (`ring_hash`, `maglev`; source IP when `hash_on` is not set) and a subset selector.
+fn request_key(svc: &ServiceConfig, w: &mut Worker) -> RequestKey {
+    let mut key = RequestKey::default();
+    if svc.policy.is_hash() {
+        let on = svc.hash_on.as_ref().map(|h| h.to_hash_on()).unwrap_or(HashOn::SourceIp);
+        let header_bytes;
+        let cookie;
+        let source;
+        let path;
+        let mut parts = RequestParts::default();
+        match &on {
+            HashOn::Header(name) => {
+                header_bytes = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten();
+                parts.header = header_bytes.as_deref();
+            }
+            HashOn::Cookie(_) => {
+                cookie = hostcalls::get_map_value(MapType::HttpRequestHeaders, "cookie").ok().flatten();
+                parts.cookie_header = cookie.as_deref();
+            }
+            HashOn::SourceIp => {
+                source = hostcalls::get_property(vec!["source", "address"]).ok().flatten().and_then(|b| String::from_utf8(b).ok());
+                parts.source_address = source.as_deref();
+            }
+            HashOn::Path { .. } => {
+                path = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":path").ok().flatten();
+                parts.path = path.as_deref();
+            }
+        }
+        key.hash = hash_key::key(&on, &parts).hash();
+        if key.hash.is_none() {
+            w.metrics.inc(&format!("{}.rq_hash_key_missing", svc.name));
+        }
+    }
+    if let Some(header) = svc.subset.as_ref().and_then(|s| s.header.as_deref()) {
+        if let Ok(Some(v)) = hostcalls::get_map_value(MapType::HttpRequestHeaders, header) {
+            match crate::subset::parse_selector(&v) {
+                Ok(sel) => key.subset = Some(sel),
+                Err(_) => w.metrics.inc(&format!("{}.subset_header_invalid", svc.name)),
+            }
+        }
+    }
+    key
 }
 
 /// An integer property (8 bytes, little endian); 0 when absent.
@@ -77,7 +124,8 @@ impl HttpContext for Http {
                 return Action::Pause;
             }
         }
-        match w.route(si, now_ms()) {
+        let key = request_key(&cfg.services[si], &mut w);
+        match w.route(si, now_ms(), &key) {
             Ok(routed) => {
                 self.routed = Some(routed);
                 Action::Continue
@@ -90,12 +138,36 @@ impl HttpContext for Http {
         }
     }
 
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(r) = &self.routed else { return Action::Continue };
+        let (si, slot) = (r.service, r.slot);
+        let mut w = self.worker.borrow_mut();
+        let header = match w.cfg.services.get(si).and_then(|s| s.load_report.as_ref()) {
+            Some(lr) => lr.header.clone(),
+            None => return Action::Continue,
+        };
+        if let Ok(Some(v)) = hostcalls::get_map_value(MapType::HttpResponseHeaders, &header) {
+            w.load_report(si, slot, &v, now_ms());
+        }
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
         let mut w = self.worker.borrow_mut();
         w.forget(self.id);
         let Some(routed) = self.routed.take().or_else(|| w.deferred.remove(&self.id)) else { return };
-        if let Some(id) = routed.gauge {
+        for id in [routed.gauge, routed.total_gauge].into_iter().flatten() {
             gauge_add(id, -1);
+        }
+        if w.cfg.services.get(routed.service).map(|s| s.policy == Policy::PeakEwma).unwrap_or(false) {
+            let rtt = match int_property(&["response", "backend_latency"]) {
+                0 => int_property(&["request", "duration"]),
+                v => v,
+            };
+            let now = now_ms();
+            if let Some(Some(t)) = w.tables.get_mut(routed.service) {
+                t.peak_end(routed.slot, (rtt > 0).then_some(rtt), now);
+            }
         }
         if w.cfg.services.get(routed.service).map(|s| s.outlier_detection.consecutive_5xx > 0).unwrap_or(false) {
             let code = int_property(&["response", "code"]);

@@ -388,6 +388,7 @@ impl RootContext for Root {
         if let Some(w) = &self.worker {
             let mut w = w.borrow_mut();
             w.refresh_all();
+            w.reweigh(now);
             w.release_waiting(now);
         }
     }

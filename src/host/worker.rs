@@ -4,10 +4,13 @@
 use super::handoff;
 use super::metrics::{gauge_add, gauge_get, Metrics};
 use super::shared;
-use crate::config::{Handoff, PluginConfig, Policy};
+use crate::config::{Handoff, PluginConfig, Policy, ServiceConfig};
+use crate::load_report::{self, UtilizationWeights, WeightConfig};
+use crate::slow_start::{self, FirstSeen, FirstSeenTracker, SlowStart};
+use crate::subset::{self, Fallback};
 use crate::instance::truncate;
 use crate::outlier::{self, Outliers};
-use crate::picker::{Options, Table};
+use crate::picker::{Options, Request, Table};
 use crate::rng::SplitMix64;
 use crate::snapshot::Snapshot;
 use proxy_wasm::hostcalls;
@@ -34,6 +37,26 @@ pub struct Routed {
     pub trial: bool,
     /// `override_host`: slots of the ranked list after the first (attempt k+1 → entry k).
     pub fallbacks: Vec<u32>,
+    /// Service-wide in-flight gauge (bounded load) to decrement.
+    pub total_gauge: Option<u32>,
+}
+
+/// What the HTTP context read from the request for the policy.
+#[derive(Debug, Default)]
+pub struct RequestKey {
+    /// Hash of the request's key (`ring_hash`, `maglev`).
+    pub hash: Option<u64>,
+    /// Subset selector from the request header.
+    pub subset: Option<Vec<(String, String)>>,
+}
+
+/// Per-service state of effective weights: slow start and load reports.
+pub struct Weights {
+    first_seen: FirstSeenTracker<String>,
+    slow: Option<SlowStart>,
+    load: Option<UtilizationWeights>,
+    /// Next time the table's weights are recomputed while they move.
+    next_ms: u64,
 }
 
 /// A local reply instead of routing: (response code details, body).
@@ -55,11 +78,51 @@ pub struct Worker {
     pub outliers: Vec<Outliers>,
     /// Per service: served stale beyond `max_stale`.
     pub stale: Vec<bool>,
+    /// Per service: effective-weight state.
+    pub weights: Vec<Weights>,
+}
+
+fn cfg_weights(services: &[ServiceConfig]) -> Vec<Weights> {
+    services
+        .iter()
+        .map(|s| Weights {
+            first_seen: FirstSeenTracker::new(),
+            slow: s.slow_start.map(|ss| SlowStart::new(ss.window.0, ss.aggression, ss.min_weight_percent)),
+            load: s.load_report.as_ref().map(|lr| {
+                UtilizationWeights::new(
+                    0,
+                    WeightConfig {
+                        smoothing_ms: lr.smoothing.0,
+                        min_multiplier: lr.min_multiplier,
+                        max_multiplier: lr.max_multiplier,
+                        ..WeightConfig::default()
+                    },
+                )
+            }),
+            next_ms: 0,
+        })
+        .collect()
+}
+
+/// Table options of a configured service.
+pub fn options(svc: &ServiceConfig) -> Options {
+    Options {
+        policy: svc.policy,
+        choice_count: svc.choice_count,
+        panic_threshold: svc.panic_threshold,
+        bounded_load_percent: svc.bounded_load_percent,
+        local_zone: svc.local_zone.clone(),
+        subset: svc.subset.as_ref().and_then(|s| s.selector.as_deref()).and_then(|t| subset::parse_selector(t).ok()),
+        subset_fallback: svc.subset.as_ref().map(|s| s.fallback()).unwrap_or(Fallback::NoFallback),
+        peak_ewma_decay_ms: svc.peak_ewma.decay.0,
+        peak_ewma_default_rtt_ns: svc.peak_ewma.default_rtt.0.saturating_mul(1_000_000),
+    }
 }
 
 impl Worker {
     pub fn new(cfg: PluginConfig, keys: Keys, seed: u64) -> Worker {
         let n = cfg.services.len();
+        let cfg_services_ref = cfg.services.clone();
         Worker {
             cfg: Rc::new(cfg),
             keys,
@@ -71,6 +134,7 @@ impl Worker {
             deferred: HashMap::new(),
             outliers: (0..n).map(|_| Outliers::default()).collect(),
             stale: vec![false; n],
+            weights: cfg_weights(&cfg_services_ref),
         }
     }
 
@@ -83,14 +147,21 @@ impl Worker {
             return;
         }
         let (Some(bytes), _) = shared::get(&self.keys.snapshot[i]) else { return };
-        let svc = &self.cfg.services[i];
+        let cfg = self.cfg.clone();
+        let svc = &cfg.services[i];
         match Snapshot::decode(&bytes) {
             Ok(snap) => {
-                let options = Options { policy: svc.policy, choice_count: svc.choice_count, panic_threshold: svc.panic_threshold };
-                let mut table = Table::build(&snap, options, &mut self.rng);
-                if let Some(o) = self.outliers.get(i) {
-                    table.apply(o, &mut self.rng);
+                let table = Table::build(&snap, options(svc), &mut self.rng);
+                if let Some(w) = self.weights.get_mut(i) {
+                    w.first_seen.update(snap.entries.iter().map(|e| e.instance.addr.to_string()), super::now_ms());
+                    if let Some(l) = w.load.as_mut() {
+                        l.resize(snap.entries.iter().map(|e| e.slot as usize + 1).max().unwrap_or(0));
+                    }
                 }
+                self.tables[i] = Some(table);
+                self.reapply(i, super::now_ms());
+                let Some(Some(table)) = self.tables.get_mut(i) else { return };
+                let table = &*table;
                 log::debug!(
                     "registry-lb: service {}: worker table at version {} with {} routable of {} instance(s)",
                     svc.name,
@@ -98,7 +169,6 @@ impl Worker {
                     table.endpoints.len(),
                     table.known
                 );
-                self.tables[i] = Some(table);
             }
             Err(e) => {
                 let name = svc.name.clone();
@@ -157,11 +227,72 @@ impl Worker {
                 self.outliers[si] = o;
             }
         }
+        self.reapply(si, super::now_ms());
+    }
+
+    /// Recomputes routable set and effective weights of service `si`'s table.
+    pub fn reapply(&mut self, si: usize, now: u64) {
+        let Some(Some(mut table)) = self.tables.get_mut(si).map(Option::take) else { return };
+        let factors: HashMap<u32, u64> = match self.weights.get(si) {
+            Some(w) if w.slow.is_some() || w.load.is_some() => table
+                .hosts_by_slot()
+                .map(|(slot, host)| {
+                    let slow = w.slow.as_ref().map_or(1_000_000u64, |ss| {
+                        let seen = w.first_seen.get(&host.to_string()).unwrap_or(FirstSeen::Initial);
+                        u64::from(ss.factor_ppm(slow_start::age_ms(now, None, seen)))
+                    });
+                    let load = w.load.as_ref().and_then(|l| l.multiplier_ppm(slot as usize, now)).map_or(1_000_000u64, u64::from);
+                    (slot, slow * load / 1_000_000)
+                })
+                .collect(),
+            _ => HashMap::new(),
+        };
+        // With factors in play every weight is scaled by 1000, so a 10 % ramp of a
+        // weight-1 instance is 100 against 1000, not rounded up to 1 against 1.
+        let weight = |slot: u32, w: u32| -> u32 {
+            match factors.get(&slot) {
+                Some(f) => u32::try_from(u64::from(w) * f / 1_000).unwrap_or(u32::MAX).max(1),
+                None => w,
+            }
+        };
         let mut rng = self.rng.clone();
-        if let (Some(Some(t)), Some(o)) = (self.tables.get_mut(si), self.outliers.get(si)) {
-            t.apply(o, &mut rng);
-        }
+        let empty = Outliers::default();
+        let o = self.outliers.get(si).unwrap_or(&empty);
+        table.apply(o, &weight, now, &mut rng);
         self.rng = rng;
+        if let Some(w) = self.weights.get_mut(si) {
+            w.next_ms = now + 1000;
+        }
+        if let Some(t) = self.tables.get_mut(si) {
+            *t = Some(table);
+        }
+    }
+
+    /// Tick duty: weights that move with time (slow start, load reports) are
+    /// recomputed once a second.
+    pub fn reweigh(&mut self, now: u64) {
+        for si in 0..self.weights.len() {
+            let w = &self.weights[si];
+            if (w.slow.is_some() || w.load.is_some()) && now >= w.next_ms {
+                self.reapply(si, now);
+            }
+        }
+    }
+
+    /// A backend's load report (response header value) for `slot` of service `si`.
+    pub fn load_report(&mut self, si: usize, slot: u32, value: &str, now: u64) {
+        let util = match load_report::parse_orca(value) {
+            Ok(r) => r.utilization(),
+            Err(_) => load_report::parse_utilization(value).ok(),
+        };
+        let Some(u) = util else {
+            let name = self.cfg.services.get(si).map(|s| s.name.clone()).unwrap_or_default();
+            self.metrics.inc(&format!("{name}.load_report_invalid"));
+            return;
+        };
+        if let Some(Weights { load: Some(l), .. }) = self.weights.get_mut(si) {
+            l.observe(slot as usize, u, now);
+        }
     }
 
     /// Changes the shared ejection state of service `si` with compare-and-swap.
@@ -265,7 +396,7 @@ impl Worker {
 
     /// Picks an instance of service `si` for the current request and hands it to
     /// Envoy. Returns what to remember until the request ends.
-    pub fn route(&mut self, si: usize, now: u64) -> Result<Routed, Reply> {
+    pub fn route(&mut self, si: usize, now: u64, key: &RequestKey) -> Result<Routed, Reply> {
         let cfg = self.cfg.clone();
         let Some(svc) = cfg.services.get(si) else { return Err(Reply("registry_lb_unknown_service", String::new())) };
         let name = &svc.name;
@@ -274,18 +405,22 @@ impl Worker {
             return Err(Reply("registry_lb_stale", format!("registry-lb: registry data for service `{name}` is too old\n")));
         }
         self.sync_outliers(si);
-        let least_request = svc.policy == Policy::LeastRequest;
+        let shared_load = svc.policy == Policy::LeastRequest || svc.bounded_load_percent.is_some();
+        let total_gauge = if svc.bounded_load_percent.is_some() { self.metrics.gauge_id(&format!("{name}.rq_active")) } else { None };
+        let total_active = total_gauge.map(gauge_get).unwrap_or(0).max(0) as u64;
         let want = if cfg.handoff == Handoff::OverrideHost { svc.override_host_count as usize } else { 1 };
         let mut chosen: Option<(Vec<(String, u32)>, bool)> = None;
         for _attempt in 0..3 {
             // Take the table out so the gauge lookup can borrow the rest of `self`.
             let Some(mut table) = self.tables.get_mut(si).and_then(Option::take) else { break };
             let mut rng = self.rng.clone();
-            let mut load = |slot: u32| if least_request { self.active_gauge(si, slot).map(gauge_get).unwrap_or(0) } else { 0 };
+            let load = |slot: u32| if shared_load { self.active_gauge(si, slot).map(gauge_get).unwrap_or(0) } else { 0 };
+            let mut req = Request { rng: &mut rng, now_ms: now, hash: key.hash, subset: key.subset.as_deref(), active: load, total_active };
             let picks: Vec<(String, u32)> = if want > 1 {
-                table.ranked(want, &mut rng, &mut load).into_iter().filter_map(|i| table.endpoints.get(i)).map(|e| (e.host.clone(), e.slot)).collect()
+                let ranked = table.ranked(want, &mut req);
+                ranked.into_iter().filter_map(|i| table.endpoints.get(i)).map(|e| (e.host.clone(), e.slot)).collect()
             } else {
-                table.pick(&mut rng, &mut load).map(|e| vec![(e.host.clone(), e.slot)]).unwrap_or_default()
+                table.pick(&mut req).map(|e| vec![(e.host.clone(), e.slot)]).unwrap_or_default()
             };
             let panic = table.panic;
             self.rng = rng;
@@ -329,13 +464,18 @@ impl Worker {
             log::error!("registry-lb: service {name}: cannot hand {host} to Envoy: {e:?}");
             return Err(Reply("registry_lb_handoff_failed", format!("registry-lb: cannot route to service `{name}`\n")));
         }
-        let gauge = if least_request { self.active_gauge(si, slot) } else { None };
-        if let Some(id) = gauge {
+        let gauge = if shared_load { self.active_gauge(si, slot) } else { None };
+        for id in [gauge, total_gauge].into_iter().flatten() {
             gauge_add(id, 1);
+        }
+        if svc.policy == Policy::PeakEwma {
+            if let Some(Some(t)) = self.tables.get_mut(si) {
+                t.peak_start(slot);
+            }
         }
         self.metrics.pick(name, &host, cfg.max_instance_stats);
         let fallbacks = picks.iter().skip(1).map(|(_, s)| *s).collect();
-        Ok(Routed { service: si, slot, gauge, trial, fallbacks })
+        Ok(Routed { service: si, slot, gauge, trial, fallbacks, total_gauge })
     }
 
     /// Routes or fails the requests paused for a first snapshot, once it is there
@@ -353,7 +493,7 @@ impl Worker {
             if hostcalls::set_effective_context(ctx).is_err() {
                 continue; // the request is gone
             }
-            match self.route(si, now) {
+            match self.route(si, now, &RequestKey::default()) {
                 Ok(routed) => {
                     self.deferred.insert(ctx, routed);
                     continue_request();

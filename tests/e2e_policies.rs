@@ -1,0 +1,156 @@
+//! End to end in a real Envoy: the host-selection policies beyond round robin —
+//! consistent hashing (sticky across workers and restarts), peak EWMA, subsets,
+//! slow start.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{lb, Backend, ConsulInstance, Envoy, FakeConsul};
+
+fn inst(b: &Backend) -> ConsulInstance {
+    ConsulInstance::new(&b.name, "127.0.0.1", b.port)
+}
+
+fn start(consul: &FakeConsul, policy: &str, concurrency: u32) -> Envoy {
+    let envoy = lb::start(
+        "envoy/consul.yaml",
+        &[(8500, consul.port)],
+        &[("\"policy\": \"round_robin\",", policy)],
+        concurrency,
+    );
+    lb::wait_version(&envoy, "web", 1);
+    envoy
+}
+
+/// Each request on a new connection, so the kernel spreads them over the workers.
+fn fresh_get(envoy: &Envoy, headers: &[(&str, &str)]) -> (u16, String) {
+    let agent = support::agent(Duration::from_secs(5));
+    let (s, b, _) = support::http_request(&agent, "GET", &format!("http://127.0.0.1:{}/", envoy.listener_port), headers, None);
+    (s, b)
+}
+
+fn mapping(envoy: &Envoy, users: usize, repeats: usize) -> HashMap<String, String> {
+    let mut m: HashMap<String, String> = HashMap::new();
+    for u in 0..users {
+        let user = format!("user-{u}");
+        for _ in 0..repeats {
+            let (status, body) = fresh_get(envoy, &[("x-user", &user)]);
+            assert_eq!(status, 200, "{body}");
+            match m.get(&user) {
+                Some(prev) => assert_eq!(prev, &body, "{user} moved from {prev} to {body}"),
+                None => {
+                    m.insert(user.clone(), body);
+                }
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn hashed_keys_stick_across_workers_and_restarts() {
+    for policy in ["ring_hash", "maglev"] {
+        let consul = FakeConsul::start();
+        let b: Vec<Backend> = ["a", "b", "c", "d"].iter().map(|n| Backend::start(n)).collect();
+        consul.set_service("web", b.iter().map(inst).collect());
+        let cfg = format!("\"policy\": \"{policy}\", \"hash_on\": {{ \"header\": \"x-user\" }},");
+        let envoy = start(&consul, &cfg, 2);
+        let first = mapping(&envoy, 40, 4);
+        let spread: std::collections::HashSet<&String> = first.values().collect();
+        drop(envoy);
+        let envoy = start(&consul, &cfg, 2);
+        let second = mapping(&envoy, 40, 2);
+        println!("{policy}: 40 keys × 4 requests on new connections, 2 workers, then a restart: {} backends used, all keys stayed", spread.len());
+        assert_eq!(first, second, "{policy}: keys moved across the restart");
+        assert!(spread.len() >= 3, "{policy}: keys spread over the backends: {spread:?}");
+        // A request without the key still gets an instance (random).
+        assert_eq!(fresh_get(&envoy, &[]).0, 200);
+        assert!(envoy.stat(&lb::stat("web.rq_hash_key_missing")).unwrap_or(0) >= 1);
+    }
+}
+
+#[test]
+fn peak_ewma_steers_away_from_a_slow_instance() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::start(n)).collect();
+    b[0].set_delay(Duration::from_millis(100));
+    consul.set_service("web", b.iter().map(inst).collect());
+    let envoy = Arc::new(start(&consul, "\"policy\": \"peak_ewma\",", 1));
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            let e = Arc::clone(&envoy);
+            std::thread::spawn(move || lb::tally(&e, 50))
+        })
+        .collect();
+    let mut c: HashMap<String, u32> = HashMap::new();
+    for h in handles {
+        for (k, v) in h.join().unwrap() {
+            *c.entry(k).or_insert(0) += v;
+        }
+    }
+    println!("peak_ewma, a is 100 ms slower: {c:?}");
+    assert_eq!(c.values().sum::<u32>(), 300);
+    let a = c.get("a").copied().unwrap_or(0);
+    assert!(a * 3 < c["b"].min(c["c"]), "{c:?}");
+}
+
+#[test]
+fn subsets_by_header_and_by_config() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["v1-a", "v1-b", "v2-a"].iter().map(|n| Backend::start(n)).collect();
+    consul.set_service(
+        "web",
+        vec![inst(&b[0]).meta("version", "v1"), inst(&b[1]).meta("version", "v1"), inst(&b[2]).meta("version", "v2")],
+    );
+    let envoy = start(
+        &consul,
+        "\"policy\": \"round_robin\", \"subset\": { \"selector\": \"version=v1\", \"header\": \"x-subset\", \"fallback\": \"any_endpoint\" },",
+        1,
+    );
+    let c = lb::tally(&envoy, 20);
+    assert_eq!((c.get("v1-a"), c.get("v1-b")), (Some(&10), Some(&10)), "config selector: {c:?}");
+    for _ in 0..10 {
+        let (s, body, _) = envoy.get("/", &[("x-subset", "version=v2")]);
+        assert_eq!((s, body.as_str()), (200, "v2-a"));
+    }
+    // A subset nobody has: any endpoint (the fallback), not a failure.
+    let (s, _, _) = envoy.get("/", &[("x-subset", "version=v9")]);
+    assert_eq!(s, 200);
+    // Garbage in the header is counted and ignored.
+    let (s, _, _) = envoy.get("/", &[("x-subset", "=v2")]);
+    assert_eq!(s, 200);
+    assert!(envoy.stat(&lb::stat("web.subset_header_invalid")).unwrap_or(0) >= 1);
+}
+
+#[test]
+fn slow_start_ramps_a_new_instance() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b", "c", "new"].iter().map(|n| Backend::start(n)).collect();
+    consul.set_service("web", b[..3].iter().map(inst).collect());
+    let envoy = start(
+        &consul,
+        "\"policy\": \"round_robin\", \"slow_start\": { \"window\": \"6s\", \"min_weight_percent\": 10 },",
+        1,
+    );
+    // Instances in the first list are not ramped.
+    let c = lb::tally(&envoy, 30);
+    assert_eq!((c.get("a"), c.get("b"), c.get("c")), (Some(&10), Some(&10), Some(&10)), "{c:?}");
+    consul.set_service("web", b.iter().map(inst).collect());
+    lb::wait_version(&envoy, "web", 2);
+    let t0 = Instant::now();
+    let early = lb::tally(&envoy, 300);
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(t0.elapsed()) + Duration::from_millis(1200));
+    let late = lb::tally(&envoy, 400);
+    let share = |c: &HashMap<String, u32>, n: u32| f64::from(*c.get("new").unwrap_or(&0)) / f64::from(n);
+    println!(
+        "slow start (6 s window): new instance share {:.3} right after joining, {:.3} after the window (full share 0.25)",
+        share(&early, 300),
+        share(&late, 400)
+    );
+    assert!(share(&early, 300) < 0.12, "{early:?}");
+    assert!((share(&late, 400) - 0.25).abs() < 0.03, "{late:?}");
+}
