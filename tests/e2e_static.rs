@@ -48,12 +48,11 @@ fn weighted_split_matches_weights_within_two_percent() {
         assert!((got - want).abs() <= 0.02, "backend {k}: share {got:.4}, want {want:.4}: {c:?}");
     }
     assert_eq!(c.len(), 3, "only the three backends answer: {c:?}");
-    // Picks are counted per instance in Envoy's stats.
-    let picks: i64 = b
-        .iter()
-        .map(|x| envoy.stat(&lb::stat(&format!("web.instance.127_0_0_1_{}.picks", x.port))).unwrap_or(0))
-        .sum();
-    assert_eq!(picks, n as i64);
+    // Picks are counted per instance in Envoy's stats (added on the workers' next tick).
+    let picks = || -> i64 {
+        b.iter().map(|x| envoy.stat(&lb::stat(&format!("web.instance.127_0_0_1_{}.picks", x.port))).unwrap_or(0)).sum()
+    };
+    assert!(support::wait_until(Duration::from_secs(2), Duration::from_millis(20), || picks() == n as i64), "picks {}", picks());
     let prom = envoy.prometheus();
     assert!(prom.contains("registry_lb_web_instances_healthy"), "metrics are exported to Prometheus");
 }

@@ -10,6 +10,9 @@ use std::collections::HashMap;
 pub struct Metrics {
     ids: HashMap<String, Option<u32>>,
     instance_names: HashMap<String, usize>,
+    /// Per-instance pick counts not yet added to Envoy's counters (flushed on tick,
+    /// so a request costs no host call for them).
+    pending_picks: HashMap<u32, i64>,
 }
 
 impl Metrics {
@@ -51,19 +54,37 @@ impl Metrics {
     }
 
     /// Counts a pick of `host` in `service`, by instance while under the cap.
-    pub fn pick(&mut self, service: &str, host: &str, cap: usize) {
+    /// `id_hint` caches the counter id per endpoint so the request path does not
+    /// format names.
+    pub fn pick(&mut self, service: &str, host: &str, cap: usize) -> Option<u32> {
         let name = format!("{service}.instance.{}.picks", stat_safe(host));
-        if self.ids.contains_key(&name) {
-            self.inc(&name);
-            return;
+        let id = if self.ids.contains_key(&name) {
+            self.id(MetricType::Counter, &name)
+        } else {
+            let used = self.instance_names.entry(service.to_string()).or_insert(0);
+            if *used >= cap {
+                self.id(MetricType::Counter, &format!("{service}.instance.overflow.picks"))
+            } else {
+                *used += 1;
+                self.id(MetricType::Counter, &name)
+            }
+        };
+        if let Some(id) = id {
+            self.count_pick(id);
         }
-        let used = self.instance_names.entry(service.to_string()).or_insert(0);
-        if *used >= cap {
-            self.inc(&format!("{service}.instance.overflow.picks"));
-            return;
+        id
+    }
+
+    /// Counts a pick on a known counter id (no host call: flushed on tick).
+    pub fn count_pick(&mut self, id: u32) {
+        *self.pending_picks.entry(id).or_insert(0) += 1;
+    }
+
+    /// Adds the pending pick counts to Envoy's counters.
+    pub fn flush(&mut self) {
+        for (id, n) in self.pending_picks.drain() {
+            let _ = hostcalls::increment_metric(id, n);
         }
-        *used += 1;
-        self.inc(&name);
     }
 }
 

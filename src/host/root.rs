@@ -390,6 +390,7 @@ impl RootContext for Root {
             w.refresh_all();
             w.reweigh(now);
             w.release_waiting(now);
+            w.metrics.flush();
         }
     }
 

@@ -80,6 +80,10 @@ pub struct Worker {
     pub stale: Vec<bool>,
     /// Per service: effective-weight state.
     pub weights: Vec<Weights>,
+    /// Pick counter id per (service, slot); cleared when slots change hands.
+    pick_ids: HashMap<(usize, u32), u32>,
+    /// Per-service gauge ids used on the request path, by short name.
+    gauges: HashMap<(usize, &'static str), Option<u32>>,
 }
 
 fn cfg_weights(services: &[ServiceConfig]) -> Vec<Weights> {
@@ -135,6 +139,8 @@ impl Worker {
             outliers: (0..n).map(|_| Outliers::default()).collect(),
             stale: vec![false; n],
             weights: cfg_weights(&cfg_services_ref),
+            pick_ids: HashMap::new(),
+            gauges: HashMap::new(),
         }
     }
 
@@ -159,6 +165,8 @@ impl Worker {
                     }
                 }
                 self.tables[i] = Some(table);
+                // Slots may now belong to other instances: re-resolve pick counters.
+                self.pick_ids.retain(|(svc, _), _| *svc != i);
                 self.reapply(i, super::now_ms());
                 let Some(Some(table)) = self.tables.get_mut(i) else { return };
                 let table = &*table;
@@ -209,13 +217,23 @@ impl Worker {
         self.cfg.services.get(si).map(|s| s.outlier_detection.consecutive_5xx > 0).unwrap_or(false)
     }
 
+    /// Id of the service gauge `<service>.<what>`, defined once per VM.
+    fn gauge_cached(&mut self, si: usize, what: &'static str) -> Option<u32> {
+        if let Some(id) = self.gauges.get(&(si, what)) {
+            return *id;
+        }
+        let name = format!("{}.{what}", self.cfg.services.get(si)?.name);
+        let id = self.metrics.gauge_id(&name);
+        self.gauges.insert((si, what), id);
+        id
+    }
+
     /// Re-reads the ejection state of service `si` if its generation moved.
     pub fn sync_outliers(&mut self, si: usize) {
         if !self.outliers_on(si) {
             return;
         }
-        let name = format!("{}.outlier_generation", self.cfg.services[si].name);
-        let Some(id) = self.metrics.gauge_id(&name) else { return };
+        let Some(id) = self.gauge_cached(si, "outlier_generation") else { return };
         let g = gauge_get(id) as u64;
         let have = self.tables.get(si).and_then(|t| t.as_ref()).map(|t| t.outlier_generation);
         if have == Some(g) && self.outliers[si].generation == g {
@@ -406,7 +424,7 @@ impl Worker {
         }
         self.sync_outliers(si);
         let shared_load = svc.policy == Policy::LeastRequest || svc.bounded_load_percent.is_some();
-        let total_gauge = if svc.bounded_load_percent.is_some() { self.metrics.gauge_id(&format!("{name}.rq_active")) } else { None };
+        let total_gauge = if svc.bounded_load_percent.is_some() { self.gauge_cached(si, "rq_active") } else { None };
         let total_active = total_gauge.map(gauge_get).unwrap_or(0).max(0) as u64;
         let want = if cfg.handoff == Handoff::OverrideHost { svc.override_host_count as usize } else { 1 };
         let mut chosen: Option<(Vec<(String, u32)>, bool)> = None;
@@ -473,7 +491,14 @@ impl Worker {
                 t.peak_start(slot);
             }
         }
-        self.metrics.pick(name, &host, cfg.max_instance_stats);
+        match self.pick_ids.get(&(si, slot)) {
+            Some(id) => self.metrics.count_pick(*id),
+            None => {
+                if let Some(id) = self.metrics.pick(name, &host, cfg.max_instance_stats) {
+                    self.pick_ids.insert((si, slot), id);
+                }
+            }
+        }
         let fallbacks = picks.iter().skip(1).map(|(_, s)| *s).collect();
         Ok(Routed { service: si, slot, gauge, trial, fallbacks, total_gauge })
     }
