@@ -84,6 +84,8 @@ pub struct Worker {
     pick_ids: HashMap<(usize, u32), u32>,
     /// Per-service gauge ids used on the request path, by short name.
     gauges: HashMap<(usize, &'static str), Option<u32>>,
+    /// Consecutive-failure gauge per (service, slot).
+    failure_gauges: HashMap<(usize, u32), Option<u32>>,
 }
 
 fn cfg_weights(services: &[ServiceConfig]) -> Vec<Weights> {
@@ -141,6 +143,7 @@ impl Worker {
             weights: cfg_weights(&cfg_services_ref),
             pick_ids: HashMap::new(),
             gauges: HashMap::new(),
+            failure_gauges: HashMap::new(),
         }
     }
 
@@ -359,7 +362,8 @@ impl Worker {
         if !self.passive_on(r.service) {
             return;
         }
-        let svc = self.cfg.services[r.service].clone();
+        let cfg = self.cfg.clone();
+        let Some(svc) = cfg.services.get(r.service) else { return };
         let policy = svc.outlier_detection.policy();
         let result = outlier::classify(code, flags);
         let name = &svc.name;
@@ -375,7 +379,15 @@ impl Worker {
             }
             return;
         }
-        let Some(counter) = self.metrics.gauge_id(&format!("{name}.slot_{}.consecutive_5xx", r.slot)) else { return };
+        let counter = match self.failure_gauges.get(&(r.service, r.slot)) {
+            Some(id) => *id,
+            None => {
+                let id = self.metrics.gauge_id(&format!("{name}.slot_{}.consecutive_5xx", r.slot));
+                self.failure_gauges.insert((r.service, r.slot), id);
+                id
+            }
+        };
+        let Some(counter) = counter else { return };
         if result == outlier::Result_::Success {
             let _ = hostcalls::record_metric(counter, 0);
             return;
