@@ -182,12 +182,12 @@ fn requests_without_a_service_pass_through_untouched() {
     // A second route with no registry-lb metadata goes to an ordinary cluster.
     let b = three_backends();
     let other = Backend::start("plain");
-    let route = "              - match: { prefix: \"/plain\" }\n                route: { cluster: plain }\n              - match: { prefix: \"/\" }";
+    let route = "              - match: { prefix: \"/plain\" }\n                route: { cluster: plain }\n              - name: web\n";
     let cluster = format!(
         "  clusters:\n  - name: plain\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: plain\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {} }}\n",
         other.port
     );
-    let envoy = start_static(&b, &[("              - match: { prefix: \"/\" }", route), ("  clusters:\n", &cluster)], 1);
+    let envoy = start_static(&b, &[("              - name: web\n", route), ("  clusters:\n", &cluster)], 1);
     lb::wait_version(&envoy, "web", 1);
     let (status, body, _) = envoy.get("/plain/x", &[]);
     assert_eq!((status, body.as_str()), (200, "plain"));

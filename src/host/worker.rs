@@ -86,6 +86,10 @@ pub struct Worker {
     gauges: HashMap<(usize, &'static str), Option<u32>>,
     /// Consecutive-failure gauge per (service, slot).
     failure_gauges: HashMap<(usize, u32), Option<u32>>,
+    /// Route name → service from its metadata; forgotten every 10 s so a route
+    /// changed by RDS under the same name is picked up.
+    pub route_cache: HashMap<Vec<u8>, Option<String>>,
+    route_cache_until: u64,
 }
 
 fn cfg_weights(services: &[ServiceConfig]) -> Vec<Weights> {
@@ -144,6 +148,8 @@ impl Worker {
             pick_ids: HashMap::new(),
             gauges: HashMap::new(),
             failure_gauges: HashMap::new(),
+            route_cache: HashMap::new(),
+            route_cache_until: 0,
         }
     }
 
@@ -190,6 +196,11 @@ impl Worker {
     }
 
     pub fn refresh_all(&mut self) {
+        let now = super::now_ms();
+        if now >= self.route_cache_until {
+            self.route_cache.clear();
+            self.route_cache_until = now + 10_000;
+        }
         for i in 0..self.tables.len() {
             self.refresh(i);
             self.sync_outliers(i);
