@@ -1,0 +1,1421 @@
+#!/usr/bin/env python3
+"""registry-lb benchmark driver, run by `./dev bench` (which builds and installs first).
+
+Everything runs on this machine, on loopback only: Envoy (`--concurrency 1` for the load
+phases), wrk (1 thread x 32 connections), nginx backends answering `return 200` on many
+ports and loopback addresses (127.0.0.0/8 is all loopback), hyper backends for the
+slow-instance scenario, and a fake Consul agent (Python's http.server) for the registry
+phases. Every load loop is bounded by wrk's -d and a subprocess timeout; the whole run is
+bounded by --max-seconds. Timings are reported, never asserted.
+
+Phases:
+  main      native ROUND_ROBIN / native + empty wasm filter / registry-lb round_robin and
+            least_request (100 instances) / least_request with 10 and 10,000 instances,
+            run alternately (A B C ... A B C ...), medians of the rounds
+  slow      4 backends, one 50 ms slower: native ROUND_ROBIN and LEAST_REQUEST,
+            registry-lb round_robin and least_request (+ peak_ewma once the config accepts it)
+  refresh   a 10,000-instance Consul answer parsed and published inside Envoy
+  registry  registry requests per refresh interval at --concurrency 1, 2, 8, and memory
+            per wasm VM (RSS of native / empty filter / registry-lb Envoys)
+  hostcalls (not in the default run) one host call repeated N times per request by
+            bench/hostcall-probe, priced against the probe doing nothing
+
+Results: <out>/<name>.json (every run), .csv, .md (the tables), throughput.png and
+slow-instance.png. `--replot FILE.json` redoes tables and plots from a results file.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = ROOT / "bench" / "report.lua"
+CONSUL_FIXTURE = ROOT / "tests" / "fixtures" / "consul" / "health_service_modern_shape.json"
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+HZ = os.sysconf("SC_CLK_TCK")
+
+# Policies of the slow-instance scenario beyond round_robin / least_request: each is
+# tried, and included if registry-lb's configuration accepts it (Envoy starts with it).
+EXTRA_SLOW_POLICIES = ["peak_ewma"]
+
+
+def log(msg):
+    print(f"\033[1m--> {msg}\033[0m", file=sys.stderr, flush=True)
+
+
+def http_get(url, timeout=5.0):
+    try:
+        with NO_PROXY.open(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def can_bind(ip, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((ip, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def free_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def pick_port_range(count, ips, start=20000, stop=32000, step=200):
+    """A run of `count` ports free on every address of `ips` (below the ephemeral range)."""
+    for base in range(start, stop, step):
+        if all(can_bind(ip, p) for p in range(base, base + count) for ip in ips[:: max(1, len(ips) // 4)]):
+            return base
+    raise SystemExit("no free port range for the nginx backends")
+
+
+def proc_ticks():
+    """{pid: (ppid, utime + stime ticks)} of every process."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(d.name)] = (int(f[1]), int(f[11]) + int(f[12]))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def cpu_busy_ticks():
+    """user + nice + system ticks of all CPUs (what processes' utime + stime add up to)."""
+    with open("/proc/stat") as f:
+        v = f.readline().split()[1:]
+    return int(v[0]) + int(v[1]) + int(v[2])
+
+
+class CpuAccount:
+    """CPU used by processes that are not this run's during a measurement, in % of one CPU:
+    on a shared machine that is the noise of the figure."""
+
+    def __init__(self, procs):
+        self.procs = procs
+
+    def ours(self):
+        table = proc_ticks()
+        roots = {p.pid for p, _ in self.procs.items} | {os.getpid()}
+        mine, frontier = set(roots), list(roots)
+        children = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        while frontier:
+            for c in children.get(frontier.pop(), []):
+                if c not in mine:
+                    mine.add(c)
+                    frontier.append(c)
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        reaped = (ru.ru_utime + ru.ru_stime) * HZ
+        return sum(table[p][1] for p in mine if p in table) + reaped
+
+    def begin(self):
+        self.t0, self.b0, self.o0 = time.time(), cpu_busy_ticks(), self.ours()
+
+    def others_pct(self):
+        dt = time.time() - self.t0
+        other = (cpu_busy_ticks() - self.b0) - (self.ours() - self.o0)
+        return max(0.0, other / HZ / dt * 100) if dt > 0 else None
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+class Procs:
+    """Processes started by this run; each is stopped by its own pid at the end."""
+
+    def __init__(self):
+        self.items = []
+
+    def start(self, cmd, logfile, cpus=None, env=None):
+        if cpus is not None:
+            cmd = ["taskset", "-c", cpus] + cmd
+        f = open(logfile, "wb")
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True, env=env)
+        self.items.append((p, f))
+        return p
+
+    def stop(self, p, grace=10):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        for q, f in self.items:
+            if q is p:
+                f.close()
+        self.items = [(q, f) for q, f in self.items if q is not p]
+
+    def stop_all(self):
+        for p, _ in list(reversed(self.items)):
+            self.stop(p)
+
+
+# ---------------------------------------------------------------------------------------
+# Envoy configuration
+
+
+def sock(ip, port):
+    return {"socket_address": {"address": ip, "port_value": port}}
+
+
+CIRCUIT_BREAKERS = {"thresholds": [{"priority": "DEFAULT", "max_connections": 1000000,
+                                    "max_pending_requests": 1000000, "max_requests": 1000000,
+                                    "max_retries": 1000}]}
+
+
+def static_cluster(name, policy, hosts):
+    return {
+        "name": name, "type": "STATIC", "lb_policy": policy, "connect_timeout": "1s",
+        "circuit_breakers": CIRCUIT_BREAKERS,
+        "load_assignment": {"cluster_name": name, "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": sock(ip, port)}} for ip, port in hosts]}]},
+    }
+
+
+def original_dst_cluster():
+    # cleanup_interval: an alternating benchmark leaves each Envoy idle for a minute
+    # between its turns; the default 5 s would drop every host and its connections.
+    return {"name": "registry_lb_original_dst", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+            "connect_timeout": "1s", "cleanup_interval": "3600s", "circuit_breakers": CIRCUIT_BREAKERS}
+
+
+def wasm_filter(name, path, configuration=None):
+    cfg = {"name": name, "root_id": name,
+           "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
+                         "code": {"local": {"filename": str(path)}}}}
+    if configuration is not None:
+        cfg["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                "value": configuration}
+    return {"name": "envoy.filters.http.wasm",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                             "config": cfg}}
+
+
+SERVICE_EXTRA = {}
+
+
+def rlb_configuration(policy, source, refresh=None, extra=None):
+    svc = {"name": "web", "policy": policy, "sources": [source], **SERVICE_EXTRA, **(extra or {})}
+    if refresh:
+        svc["refresh_interval"] = refresh
+    return json.dumps({"services": [svc]}, separators=(",", ":"))
+
+
+def static_source(hosts):
+    return {"static": {"instances": [{"address": ip, "port": port} for ip, port in hosts]}}
+
+
+def bootstrap(listen, admin, filters, route_cluster, clusters, rlb_route, warm_route=False):
+    route = {"match": {"prefix": "/"}, "route": {"cluster": route_cluster}}
+    if rlb_route:
+        route["metadata"] = {"filter_metadata": {"registry_lb": {"service": "web"}}}
+    routes = [route]
+    if warm_route:
+        # Warm-up only: a route registry-lb ignores (no metadata), whose requests name
+        # their ORIGINAL_DST host in a header, to create the cluster's hosts in order.
+        routes.insert(0, {"match": {"prefix": "/__warm"}, "route": {"cluster": route_cluster}})
+    router = {"name": "envoy.filters.http.router",
+              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+           "stat_prefix": "ingress",
+           "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+           "http_filters": filters + [router]}
+    return {"admin": {"address": sock("127.0.0.1", admin)},
+            "static_resources": {
+                "listeners": [{"name": "ingress", "address": sock("127.0.0.1", listen),
+                               "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                               "typed_config": hcm}]}]}],
+                "clusters": clusters}}
+
+
+def envoy_spec(kind, hosts, policy=None, empty_wasm=None, rlb_wasm=None, source=None, refresh=None, extra_clusters=(),
+               warm_route=False, extra=None):
+    """kind: native (policy = Envoy lb_policy) | empty | rlb (policy = registry-lb policy)."""
+    listen, admin = free_port(), free_port()
+    if kind == "native":
+        return listen, admin, bootstrap(listen, admin, [], "backends", [static_cluster("backends", policy, hosts)], False)
+    if kind == "empty":
+        return listen, admin, bootstrap(listen, admin, [wasm_filter("empty", empty_wasm)], "backends",
+                                        [static_cluster("backends", "ROUND_ROBIN", hosts)], False)
+    if kind == "probe":
+        # policy = "<op> <count>"; the route carries registry-lb's metadata for route_metadata.
+        return listen, admin, bootstrap(listen, admin, [wasm_filter("probe", empty_wasm, policy)], "backends",
+                                        [static_cluster("backends", "ROUND_ROBIN", hosts)], True)
+    conf = rlb_configuration(policy, source or static_source(hosts), refresh, extra)
+    odst = original_dst_cluster()
+    if warm_route:
+        # Requests handed a host by registry-lb (filter state) never read the header:
+        # Envoy's ORIGINAL_DST load balancer looks at the filter state first.
+        odst["original_dst_lb_config"] = {"use_http_header": True}
+    return listen, admin, bootstrap(listen, admin, [wasm_filter("registry_lb", rlb_wasm, conf)],
+                                    "registry_lb_original_dst", [odst, *extra_clusters], True, warm_route)
+
+
+class Envoy:
+    def __init__(self, run, name, spec, concurrency=1, component_log="wasm:info"):
+        self.run, self.name = run, name
+        self.listen, self.admin, cfg = spec
+        self.concurrency = concurrency
+        self.cfg_path = run.work / f"envoy-{name}.json"
+        self.cfg_path.write_text(json.dumps(cfg))
+        self.log_path = run.work / f"envoy-{name}.log"
+        self.component_log = component_log
+        self.proc = None
+
+    def start(self):
+        cmd = [str(self.run.envoy), "-c", str(self.cfg_path), "--concurrency", str(self.concurrency),
+               "--disable-hot-restart", "--log-format", "%E.%f [%t][%l] %v", "-l", "warn",
+               "--component-log-level", self.component_log]
+        self.proc = self.run.procs.start(cmd, self.log_path, cpus=self.run.cpus_envoy)
+        return self
+
+    def wait_ready(self, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            code, _ = http_get(f"http://127.0.0.1:{self.admin}/ready", 1)
+            if code == 200:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def wait_routing(self, timeout=30):
+        """Until a request through the listener answers 200 (first snapshot in place)."""
+        deadline = time.time() + timeout
+        last = None
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                return False, "envoy exited"
+            last = http_get(f"http://127.0.0.1:{self.listen}/", 3)
+            if last[0] == 200:
+                return True, last[1][:40]
+            time.sleep(0.2)
+        return False, last
+
+    def log_tail(self, n=15):
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stats(self, pattern="."):
+        code, body = http_get(f"http://127.0.0.1:{self.admin}/stats?filter={urllib.parse.quote(pattern)}", 10)
+        out = {}
+        for line in body.decode(errors="replace").splitlines():
+            k, _, v = line.partition(": ")
+            try:
+                out[k] = int(v)
+            except ValueError:
+                pass
+        return out
+
+    def host_rq(self, cluster):
+        code, body = http_get(f"http://127.0.0.1:{self.admin}/clusters", 10)
+        out = {}
+        for line in body.decode(errors="replace").splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == cluster and parts[2] == "rq_total":
+                # An ORIGINAL_DST cluster can list one address several times (hosts
+                # created by concurrent first requests): add them up.
+                out[parts[1]] = out.get(parts[1], 0) + int(parts[3])
+        return out
+
+    def memory(self):
+        code, body = http_get(f"http://127.0.0.1:{self.admin}/memory", 5)
+        try:
+            return {k: int(v) for k, v in json.loads(body).items() if str(v).isdigit()}
+        except (ValueError, AttributeError):
+            return {}
+
+    def rss_kb(self):
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    def cpu_ticks(self):
+        try:
+            f = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return int(f[11]) + int(f[12])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def thread_ticks(self):
+        out = {}
+        for t in Path(f"/proc/{self.proc.pid}/task").glob("*"):
+            try:
+                comm = (t / "comm").read_text().strip()
+                f = (t / "stat").read_text().rsplit(")", 1)[1].split()
+                out[int(t.name)] = (comm, int(f[11]) + int(f[12]))
+            except (OSError, IndexError, ValueError):
+                pass
+        return out
+
+    def mem_snapshot(self):
+        st = self.stats(r"^wasm\.|wasmcustom\.registry_lb\.web\.(snapshot_bytes|instances_known)")
+        return {"rss_kb": self.rss_kb(), "memory": self.memory(),
+                "wasm_vms_active": sum(v for k, v in st.items() if k.endswith(".active")),
+                "snapshot_bytes": st.get("wasmcustom.registry_lb.web.snapshot_bytes")}
+
+    def stop(self):
+        if self.proc is not None:
+            self.run.procs.stop(self.proc)
+
+
+# ---------------------------------------------------------------------------------------
+# Backends
+
+
+class Nginx:
+    """nginx instances answering `200 ok` on every (ip, port) given, ≤ 3,400 sockets each
+    (each process stays well under the open-files limit with one upstream connection per
+    listening socket)."""
+
+    CHUNK = 3400
+
+    def __init__(self, run, hosts):
+        self.run, self.hosts, self.procs = run, hosts, []
+
+    def start(self):
+        nofile = 19000
+        try:
+            import resource
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            if hard != resource.RLIM_INFINITY:
+                nofile = min(nofile, hard - 100)
+        except (ImportError, ValueError):
+            pass
+        for i in range(0, len(self.hosts), self.CHUNK):
+            chunk = self.hosts[i:i + self.CHUNK]
+            d = self.run.work / f"nginx-{i // self.CHUNK}"
+            d.mkdir(exist_ok=True)
+            listens = "\n".join(f"    listen {ip}:{port} backlog=4096;" for ip, port in chunk)
+            conf = f"""worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {nofile - 200}; multi_accept on; }}
+http {{
+  access_log off;
+  keepalive_timeout 900s;
+  keepalive_requests 100000000;
+  client_body_temp_path {d}/body;
+  server {{
+{listens}
+    location / {{ return 200 "ok\\n"; }}
+  }}
+}}
+"""
+            (d / "nginx.conf").write_text(conf)
+            self.procs.append(self.run.procs.start(["nginx", "-p", str(d), "-c", str(d / "nginx.conf")],
+                                                   d / "stdout.log", cpus=self.run.cpus_load))
+        deadline = time.time() + 60
+        probes = self.hosts[:: max(1, len(self.hosts) // 20)] + [self.hosts[-1]]
+        for ip, port in probes:
+            while http_get(f"http://{ip}:{port}/", 2)[0] != 200:
+                if time.time() > deadline or any(p.poll() is not None for p in self.procs):
+                    raise SystemExit(f"nginx did not start; see {self.run.work}/nginx-*/error.log")
+                time.sleep(0.1)
+
+
+def nginx_version():
+    r = subprocess.run(["nginx", "-v"], capture_output=True, text=True)
+    return (r.stderr or r.stdout).strip()
+
+
+# ---------------------------------------------------------------------------------------
+# Fake Consul agent
+
+
+def consul_entries(hosts, weight_bump=-1):
+    """Entries shaped like the recorded Consul 1.21 answer (tests/fixtures), one per host."""
+    tpl = json.loads(CONSUL_FIXTURE.read_text())[0]
+    tpl_s = json.dumps(tpl, separators=(",", ":"))
+    out = []
+    for i, (ip, port) in enumerate(hosts):
+        e = json.loads(tpl_s)
+        node = f"node-{i}"
+        e["Node"].update({"ID": f"00000000-0000-0000-0000-{i:012d}", "Node": node, "Address": ip,
+                          "TaggedAddresses": {k: ip for k in e["Node"]["TaggedAddresses"]}})
+        s = e["Service"]
+        s.update({"ID": f"web-{i}", "Service": "web", "Address": ip, "Port": port, "Tags": ["v1"],
+                  "Meta": {"version": "v1"},
+                  "Weights": {"Passing": 2 if i == weight_bump else 1, "Warning": 1}})
+        for v in s["TaggedAddresses"].values():
+            v.update({"Address": ip, "Port": port})
+        for c in e["Checks"]:
+            c["Node"] = node
+            c["Status"] = "passing"
+            if c["ServiceID"]:
+                c.update({"ServiceID": f"web-{i}", "ServiceName": "web", "ServiceTags": ["v1"],
+                          "CheckID": f"service:web-{i}", "Name": "Service 'web' check"})
+        out.append(e)
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+class FakeConsul:
+    """`GET /v1/health/service/web` with X-Consul-Index, blocking queries (`index`, `wait`),
+    and a count of requests. Loopback only."""
+
+    def __init__(self, body):
+        self.index, self.body = 10, body
+        self.cond = threading.Condition()
+        self.requests = []  # (time, path)
+        self.sent = {}  # index -> time the answer's last byte was written
+        self.closing = False
+        fc = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                u = urllib.parse.urlsplit(self.path)
+                with fc.cond:
+                    fc.requests.append((time.time(), self.path))
+                if not u.path.startswith("/v1/health/service/"):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                q = urllib.parse.parse_qs(u.query)
+                want = int(q.get("index", ["0"])[0] or 0)
+                wait = q.get("wait", ["0"])[0]
+                m = re.fullmatch(r"(\d+)(ms|s|m)?", wait)
+                secs = 0.0
+                if m:
+                    secs = int(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[m.group(2)]
+                with fc.cond:
+                    if want and want == fc.index:
+                        fc.cond.wait_for(lambda: fc.index != want or fc.closing, timeout=min(secs, 120))
+                    index, body = fc.index, fc.body
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("X-Consul-Index", str(index))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                except OSError:
+                    return  # Envoy went away (shut down while a query was blocked)
+                fc.sent.setdefault(index, time.time())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def change(self, body):
+        with self.cond:
+            self.index += 1
+            self.body = body
+            self.cond.notify_all()
+            return self.index
+
+    def count(self):
+        with self.cond:
+            return len(self.requests)
+
+    def stop(self):
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def consul_cluster(port):
+    return static_cluster("consul", "ROUND_ROBIN", [("127.0.0.1", port)])
+
+
+# ---------------------------------------------------------------------------------------
+# Load
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.envoy = Path(args.envoy)
+        self.rlb_wasm = Path(args.wasm).resolve()
+        self.empty_wasm = Path(args.empty_wasm).resolve()
+        self.backend_bin = Path(args.backend).resolve()
+        self.compare_wasm = Path(args.compare_wasm).resolve() if getattr(args, "compare_wasm", None) else None
+        self.probe_wasm = Path(args.probe_wasm).resolve() if getattr(args, "probe_wasm", None) else None
+        self.work = Path(args.work).resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.procs = Procs()
+        pin = args.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset")
+        self.cpus_envoy = "0" if pin else None
+        self.cpus_load = "1" if pin else None
+        self.deadline = time.time() + args.max_seconds
+        self.results = {}
+        self.acct = CpuAccount(self.procs)
+        self.quiet_budget = args.quiet_wait
+
+    def wait_quiet(self):
+        """Before a measurement: wait (within --quiet-wait seconds for the whole run) until
+        other processes use under 5 % of a CPU over half a second."""
+        if self.args.quiet_wait <= 0:
+            return None
+        while True:
+            self.acct.begin()
+            time.sleep(0.5)
+            others = self.acct.others_pct()
+            if others is None or others < 5 or self.quiet_budget <= 0:
+                return others
+            self.quiet_budget -= 0.5
+
+
+    def time_left(self):
+        return self.deadline - time.time()
+
+    def wrk(self, port, duration):
+        cmd = ["wrk", "-t1", "-c32", f"-d{int(duration)}s", "--timeout", "5s", "-s", str(LUA),
+               f"http://127.0.0.1:{port}/"]
+        if self.cpus_load is not None:
+            cmd = ["taskset", "-c", self.cpus_load] + cmd
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+        for line in reversed(r.stdout.splitlines()):
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"wrk printed no result: {r.stdout[-500:]} {r.stderr[-500:]}")
+
+    def measure(self, envoy, duration, cluster=None, slow_host=None):
+        st0 = envoy.stats(r"^http\.ingress\.downstream_rq_[2-5]xx$|^cluster\.[a-z_]+\.upstream_cx_total$")
+        hosts0 = envoy.host_rq(cluster) if slow_host else {}
+        quiet_before = self.wait_quiet()
+        cpu0 = envoy.cpu_ticks()
+        self.acct.begin()
+        w = self.wrk(envoy.listen, duration)
+        others = self.acct.others_pct()
+        cpu1 = envoy.cpu_ticks()
+        st1 = envoy.stats(r"^http\.ingress\.downstream_rq_[2-5]xx$|^cluster\.[a-z_]+\.upstream_cx_total$")
+        d = {k: st1.get(k, 0) - st0.get(k, 0) for k in st1}
+        secs = w["duration_us"] / 1e6
+        out = {
+            "rps": w["requests"] / secs if secs else 0,
+            "p50_ms": w["p50_us"] / 1000, "p90_ms": w["p90_us"] / 1000, "p99_ms": w["p99_us"] / 1000,
+            "p999_ms": w["p999_us"] / 1000, "mean_ms": w["mean_us"] / 1000, "requests": w["requests"],
+            "wrk_errors": w["err_connect"] + w["err_read"] + w["err_write"] + w["err_timeout"] + w["err_status"],
+            "rq_2xx": d.get("http.ingress.downstream_rq_2xx", 0),
+            "rq_non2xx": sum(v for k, v in d.items() if re.search(r"downstream_rq_[345]xx$", k)),
+            "upstream_cx_new": sum(v for k, v in d.items() if k.endswith("upstream_cx_total")),
+            "others_cpu_pct": others, "others_cpu_pct_before": quiet_before,
+            "envoy_cpu_us_per_rq": ((cpu1 - cpu0) / HZ * 1e6 / w["requests"]) if cpu0 is not None and cpu1 is not None and w["requests"] else None,
+        }
+        if slow_host:
+            hosts1 = envoy.host_rq(cluster)
+            delta = {h: hosts1.get(h, 0) - hosts0.get(h, 0) for h in hosts1}
+            total = sum(delta.values())
+            out["slow_share"] = delta.get(slow_host, 0) / total if total else None
+        return out
+
+
+def paired(a, b, field):
+    """Median over rounds of a[i][field] / b[i][field]."""
+    r = [x[field] / y[field] for x, y in zip(a, b) if x.get(field) and y.get(field)]
+    return statistics.median(r) if r else None
+
+
+def summarize(runs, label, extra=None):
+    s = {
+        "label": label,
+        "rounds": len(runs),
+        "rps": median(r["rps"] for r in runs),
+        "rps_min": min((r["rps"] for r in runs), default=None),
+        "rps_max": max((r["rps"] for r in runs), default=None),
+        "p50_ms": median(r["p50_ms"] for r in runs),
+        "p99_ms": median(r["p99_ms"] for r in runs),
+        "p999_ms": median(r["p999_ms"] for r in runs),
+        "cpu_us_per_rq": median(r["envoy_cpu_us_per_rq"] for r in runs),
+        "errors": sum(r["wrk_errors"] for r in runs),
+        "non2xx": sum(r["rq_non2xx"] for r in runs),
+        "upstream_cx_new": sum(r["upstream_cx_new"] for r in runs),
+        "others_cpu_pct": median(r.get("others_cpu_pct") for r in runs),
+    }
+    if runs and "slow_share" in runs[0]:
+        s["slow_share"] = median(r.get("slow_share") for r in runs)
+    if extra:
+        s.update(extra)
+    return s
+
+
+def alternate(run, envoys, rounds, duration, warmup, cluster_of=None, slow_host=None):
+    """Warm each Envoy up, then rounds of A B C ...; returns {key: [runs]}."""
+    for key, e in envoys.items():
+        w = warmup(key) if callable(warmup) else warmup
+        if w > 0:
+            run.wrk(e.listen, w)
+    out = {k: [] for k in envoys}
+    for r in range(rounds):
+        if run.time_left() < duration * len(envoys) + 30:
+            log(f"time budget reached: stopping after {r} round(s)")
+            break
+        for key, e in envoys.items():
+            m = run.measure(e, duration, cluster=cluster_of(key) if cluster_of else None, slow_host=slow_host)
+            out[key].append(m)
+            log(f"round {r + 1}/{rounds} {key:>16}: {m['rps']:9.0f} req/s  p50 {m['p50_ms']:6.2f} ms  "
+                f"p99 {m['p99_ms']:6.2f} ms  cpu/rq {m['envoy_cpu_us_per_rq'] or 0:5.1f} us  "
+                f"others {m['others_cpu_pct'] or 0:4.1f} %cpu"
+                + (f"  slow share {m['slow_share']:.3f}" if m.get("slow_share") is not None else ""))
+    return out
+
+
+def start_all(run, specs, optional=(), skipped=None):
+    """Starts every Envoy; an optional one that does not come up (e.g. a setting this
+    build does not have) is left out and noted in `skipped`."""
+    envoys = {}
+    for key, (name, spec) in specs.items():
+        envoys[key] = Envoy(run, name, spec).start()
+    for key, e in list(envoys.items()):
+        ok = e.wait_ready() and e.wait_routing()[0]
+        if ok:
+            continue
+        if key in optional and skipped is not None:
+            m = re.findall(r"invalid configuration[^\n]*", e.log_tail(40))
+            skipped[key] = m[-1] if m else "Envoy did not start with it"
+            log(f"{key} left out: {skipped[key]}")
+            e.stop()
+            del envoys[key]
+            continue
+        raise SystemExit(f"Envoy `{key}` did not come up; log {e.log_path}:\n{e.log_tail()}")
+    return envoys
+
+
+# ---------------------------------------------------------------------------------------
+# Phases
+
+
+# Diagnostic variants of the main phase: least_request (100) with one feature off, to
+# show what it costs per request. Left out (and noted) if this build rejects the setting.
+VARIANTS = {
+    "rlb_lr_100_no_outlier": ("least_request (100), outlier_detection off", {"outlier_detection": {"consecutive_5xx": 0}}),
+}
+
+
+def phase_main(run):
+    a = run.args
+    large = a.large
+    nips = (large + 99) // 100
+    ips = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(nips)]
+    base = pick_port_range(100, ["127.0.0.1"] + ips)
+    h100 = [("127.0.0.1", base + i) for i in range(100)]
+    h10 = h100[:10]
+    hbig = [(ip, base + i) for ip in ips for i in range(100)][:large]
+    log(f"nginx backends: 100 ports {base}-{base + 99} on 127.0.0.1, and {large:,} on "
+        f"{nips} more loopback addresses x 100 ports")
+    ngx = Nginx(run, h100 + hbig)
+    ngx.start()
+    W, E = run.rlb_wasm, run.empty_wasm
+    specs = {
+        "native_rr": ("native-rr", envoy_spec("native", h100, "ROUND_ROBIN")),
+        "empty_filter": ("empty", envoy_spec("empty", h100, empty_wasm=E)),
+        "rlb_rr_100": ("rlb-rr-100", envoy_spec("rlb", h100, "round_robin", rlb_wasm=W)),
+        "rlb_lr_100": ("rlb-lr-100", envoy_spec("rlb", h100, "least_request", rlb_wasm=W)),
+        "rlb_lr_10": ("rlb-lr-10", envoy_spec("rlb", h10, "least_request", rlb_wasm=W)),
+        "rlb_lr_10k": ("rlb-lr-10k", envoy_spec("rlb", hbig, "least_request", rlb_wasm=W, warm_route=True)),
+        "native_rr_10k": ("native-rr-10k", envoy_spec("native", hbig, "ROUND_ROBIN")),
+    }
+    labels = {
+        "native_rr": "native Envoy ROUND_ROBIN (100)",
+        "empty_filter": "native + empty wasm filter (100)",
+        "rlb_rr_100": "registry-lb round_robin (100)",
+        "rlb_lr_100": "registry-lb least_request (100)",
+        "rlb_lr_10": "registry-lb least_request (10)",
+        "rlb_lr_10k": f"registry-lb least_request ({large:,})",
+        "native_rr_10k": f"native Envoy ROUND_ROBIN ({large:,})",
+        "rlb_lr_100_cmp": "registry-lb least_request (100), --compare-wasm build",
+    }
+    instances = {"native_rr": 100, "empty_filter": 100, "rlb_rr_100": 100, "rlb_lr_100": 100,
+                 "rlb_lr_10": 10, "rlb_lr_10k": large, "native_rr_10k": large, "rlb_lr_100_cmp": 100}
+    for key, (label, extra) in VARIANTS.items():
+        specs[key] = (key.replace("_", "-"), envoy_spec("rlb", h100, "least_request", rlb_wasm=W, extra=extra))
+        labels[key] = "registry-lb " + label
+        instances[key] = 100
+    if run.compare_wasm:
+        specs["rlb_lr_100_cmp"] = ("rlb-lr-100-cmp", envoy_spec("rlb", h100, "least_request", rlb_wasm=run.compare_wasm))
+    if a.configs:
+        keep = a.configs.split(",")
+        specs = {k: v for k, v in specs.items() if k in keep}
+    log(f"starting {len(specs)} Envoys (--concurrency 1)")
+    skipped = {}
+    envoys = start_all(run, specs, optional=VARIANTS, skipped=skipped)
+    mem_before = {k: e.mem_snapshot() for k, e in envoys.items()}
+    prewarm = None
+    if "rlb_lr_10k" in envoys:
+        prewarm = prewarm_original_dst(run, envoys["rlb_lr_10k"], hbig, 90)
+    log(f"warm-up, then {a.rounds} alternating round(s) of {a.duration} s per configuration")
+    runs = alternate(run, envoys, a.rounds, a.duration,
+                     lambda k: a.warmup * (3 if k.endswith("10k") else 1))
+    mem_after = {k: e.mem_snapshot() for k, e in envoys.items()}
+    picks = envoys["rlb_lr_100"].stats(r"registry_lb\.web\.instance\.") if "rlb_lr_100" in envoys else {}
+    for e in envoys.values():
+        e.stop()
+    summary = {k: summarize(v, labels[k], {"instances": instances[k], "mem_before": mem_before[k],
+                                           "mem_after": mem_after[k]}) for k, v in runs.items()}
+    none = {"rps": None, "p99_ms": None, "cpu_us_per_rq": None}
+    nat, emp = summary.get("native_rr", none), summary.get("empty_filter", none)
+    # Ratios are medians of per-round ratios: each round's runs are seconds apart, so a
+    # slow spell of the machine moves both sides of a ratio alike.
+    for k, s in summary.items():
+        if "native_rr" in runs:
+            s["vs_native"] = paired(runs[k], runs["native_rr"], "rps")
+        if "empty_filter" in runs:
+            s["vs_empty"] = paired(runs[k], runs["empty_filter"], "rps")
+            s["p99_vs_empty"] = paired(runs[k], runs["empty_filter"], "p99_ms")
+        if s["cpu_us_per_rq"] and nat["cpu_us_per_rq"]:
+            s["cpu_us_over_native"] = s["cpu_us_per_rq"] - nat["cpu_us_per_rq"]
+    lr, lr10, lr10k = (summary.get(k, dict(none)) for k in ("rlb_lr_100", "rlb_lr_10", "rlb_lr_10k"))
+    targets = {}
+    if lr.get("vs_empty") is not None:
+        targets["least_request >= 0.97 x empty filter throughput"] = [round(lr["vs_empty"], 3), lr["vs_empty"] >= 0.97]
+    if lr.get("vs_native") is not None:
+        targets["least_request >= 0.83 x native throughput"] = [round(lr["vs_native"], 3), lr["vs_native"] >= 0.83]
+    if lr.get("p99_vs_empty") is not None:
+        targets["least_request p99 within 5 % of the empty filter's"] = [round(lr["p99_vs_empty"], 3), lr["p99_vs_empty"] <= 1.05]
+    if "rlb_lr_10" in runs and "rlb_lr_10k" in runs:
+        r = paired(runs["rlb_lr_10k"], runs["rlb_lr_10"], "rps")
+        if r is not None:
+            targets[f"{large:,} vs 10 instances within 10 %"] = [round(r, 3), abs(r - 1) <= 0.10]
+    if "native_rr_10k" in summary and "native_rr" in summary and nat["rps"] and summary["native_rr_10k"]["rps"]:
+        summary["native_rr_10k"]["vs_native_100"] = summary["native_rr_10k"]["rps"] / nat["rps"]
+    run.results["main"] = {"summary": summary, "runs": runs, "targets": targets, "original_dst_prewarm": prewarm,
+                           "large": large, "variants_left_out": skipped,
+                           "per_instance_pick_stats_defined": sum(1 for k in picks if k.endswith(".picks"))}
+    for p in ngx.procs:
+        run.procs.stop(p)
+
+
+def prewarm_original_dst(run, envoy, hosts, limit_s):
+    """Creates every host of the ORIGINAL_DST cluster (and a connection to it) before the
+    measurements, through the warm-up route, in order. Envoy adds each new host on its
+    main thread by rebuilding the host set, so the first request to each of 10,000 hosts
+    is expensive; what that costs is reported. Bounded by `limit_s`."""
+    path = run.work / "warm-hosts.txt"
+    path.write_text("".join(f"{ip}:{port}\n" for ip, port in hosts))
+    stat = "cluster.registry_lb_original_dst.membership_total"
+    t0, cpu0 = time.time(), envoy.cpu_ticks()
+    have = 0
+    log(f"creating the {len(hosts):,} ORIGINAL_DST hosts of rlb_lr_10k (at most {limit_s} s)")
+    while time.time() - t0 < limit_s:
+        cmd = ["wrk", "-t1", "-c32", "-d3s", "--timeout", "5s", "-s", str(ROOT / "bench" / "warm.lua"),
+               f"http://127.0.0.1:{envoy.listen}/"]
+        if run.cpus_load is not None:
+            cmd = ["taskset", "-c", run.cpus_load] + cmd
+        subprocess.run(cmd, capture_output=True, timeout=60, env={**os.environ, "BENCH_WARM_HOSTS": str(path)})
+        have = envoy.stats(r"membership_total$").get(stat, 0)
+        if have >= len(hosts):
+            break
+    secs = time.time() - t0
+    cpu = (envoy.cpu_ticks() - cpu0) / HZ
+    out = {"hosts": have, "seconds": round(secs, 1), "envoy_cpu_s": round(cpu, 1),
+           "envoy_cpu_ms_per_new_host": round(cpu * 1000 / have, 2) if have else None}
+    log(f"{have:,} hosts in {secs:.1f} s, Envoy CPU {cpu:.1f} s ({out['envoy_cpu_ms_per_new_host']} ms per new host)")
+    return out
+
+
+def peak_ewma_hook():
+    return list(EXTRA_SLOW_POLICIES)
+
+
+def phase_slow(run):
+    a = run.args
+    ports = []
+    while len(ports) < 4:
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
+    hosts = [("127.0.0.1", p) for p in ports]
+    slow = f"127.0.0.1:{ports[3]}"
+    args = [f"127.0.0.1:{p}" for p in ports[:3]] + [f"{slow}={a.slow_ms}"]
+    backend = run.procs.start([str(run.backend_bin), *args], run.work / "slow-backends.log", cpus=run.cpus_load,
+                              env={**os.environ, "BENCH_BACKEND_MAX_SECS": str(int(a.max_seconds) + 60)})
+    for ip, p in hosts:
+        deadline = time.time() + 20
+        while http_get(f"http://{ip}:{p}/", 2)[0] != 200:
+            if time.time() > deadline or backend.poll() is not None:
+                raise SystemExit(f"bench-backend did not start; see {run.work}/slow-backends.log")
+            time.sleep(0.1)
+    W = run.rlb_wasm
+    specs = {
+        "native_rr": ("slow-native-rr", envoy_spec("native", hosts, "ROUND_ROBIN")),
+        "native_lr": ("slow-native-lr", envoy_spec("native", hosts, "LEAST_REQUEST")),
+        "rlb_rr": ("slow-rlb-rr", envoy_spec("rlb", hosts, "round_robin", rlb_wasm=W)),
+        "rlb_lr": ("slow-rlb-lr", envoy_spec("rlb", hosts, "least_request", rlb_wasm=W)),
+    }
+    labels = {"native_rr": "native Envoy ROUND_ROBIN", "native_lr": "native Envoy LEAST_REQUEST",
+              "rlb_rr": "registry-lb round_robin", "rlb_lr": "registry-lb least_request"}
+    skipped = {}
+    for pol in peak_ewma_hook():
+        key = f"rlb_{pol}"
+        e = Envoy(run, f"slow-probe-{pol}", envoy_spec("rlb", hosts, pol, rlb_wasm=W)).start()
+        ok = e.wait_ready(30) and e.wait_routing(15)[0]
+        if ok:
+            specs[key] = (f"slow-rlb-{pol}", envoy_spec("rlb", hosts, pol, rlb_wasm=W))
+            labels[key] = f"registry-lb {pol}"
+        else:
+            m = re.findall(r"invalid configuration[^\n]*", e.log_tail(40))
+            skipped[pol] = m[-1] if m else "Envoy did not start with it"
+            log(f"policy {pol} not accepted by this build: {skipped[pol]}")
+        e.stop()
+    log(f"slow-instance scenario: 4 backends, {slow} is {a.slow_ms} ms slower; {len(specs)} configurations")
+    envoys = start_all(run, specs)
+    runs = alternate(run, envoys, a.slow_rounds, a.duration, a.warmup,
+                     cluster_of=lambda k: "backends" if k.startswith("native") else "registry_lb_original_dst",
+                     slow_host=slow)
+    for e in envoys.values():
+        e.stop()
+    run.procs.stop(backend)
+    summary = {k: summarize(v, labels[k]) for k, v in runs.items()}
+    run.results["slow"] = {"summary": summary, "runs": runs, "slow_ms": a.slow_ms, "backends": 4,
+                           "policies_not_accepted": skipped}
+
+
+# N per request is chosen so that N calls cost tens of µs: well above this machine's noise
+# (filter_state can be set once per request only, so its figure is the noisiest).
+HOSTCALL_OPS = [("none", 1), ("route_metadata", 20), ("route_name", 20), ("filter_state", 1), ("get_metric", 100),
+                ("increment_metric", 100), ("current_time", 100), ("response_code", 20), ("status_header", 50),
+                ("guest_format", 50)]
+
+
+def phase_hostcalls(run):
+    """Prices single host calls: a probe filter repeats one call N times per request;
+    (Envoy CPU per request − the probe doing nothing) / N is the cost of one call."""
+    a = run.args
+    base = pick_port_range(10, ["127.0.0.1"])
+    hosts = [("127.0.0.1", base + i) for i in range(10)]
+    ngx = Nginx(run, hosts)
+    ngx.start()
+    specs = {f"{op}_x{n}": (f"probe-{op}", envoy_spec("probe", hosts, f"{op} {n}", empty_wasm=run.probe_wasm))
+             for op, n in HOSTCALL_OPS}
+    envoys = start_all(run, specs)
+    runs = alternate(run, envoys, a.slow_rounds, a.duration, a.warmup)
+    for e in envoys.values():
+        e.stop()
+    for p in ngx.procs:
+        run.procs.stop(p)
+    summary = {k: summarize(v, k) for k, v in runs.items()}
+    base = runs["none_x1"]
+    for (op, n), (k, s) in zip(HOSTCALL_OPS, summary.items()):
+        s["op"], s["count"] = op, n
+        if op != "none":
+            # Per round: (this op's CPU per request − the do-nothing probe's) / N.
+            d = [(x["envoy_cpu_us_per_rq"] - y["envoy_cpu_us_per_rq"]) * 1000 / n
+                 for x, y in zip(runs[k], base) if x["envoy_cpu_us_per_rq"] and y["envoy_cpu_us_per_rq"]]
+            if d:
+                s["ns_per_call"] = round(statistics.median(d))
+                s["ns_per_call_min_max"] = [round(min(d)), round(max(d))]
+    run.results["hostcalls"] = {"summary": summary, "runs": runs}
+
+
+def wait_log(path, pattern, count, timeout):
+    """Lines matching `pattern` once at least `count` exist (or what there is at timeout)."""
+    rx = re.compile(pattern)
+    deadline = time.time() + timeout
+    while True:
+        lines = [l for l in path.read_text(errors="replace").splitlines() if rx.search(l)]
+        if len(lines) >= count or time.time() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def log_time(line):
+    m = re.match(r"(\d+\.\d+) \[(\d+)\]", line)
+    return (float(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
+def phase_refresh(run):
+    a = run.args
+    out = {}
+    for n in a.refresh_sizes:
+        if run.time_left() < 60:
+            log("time budget reached: skipping the rest of the refresh phase")
+            break
+        hosts = [(f"127.0.{1 + i // 250}.{1 + i % 250}", 20000 + i % 100) for i in range(n)]
+        body0 = consul_entries(hosts)
+        reg = FakeConsul(body0).start()
+        src = {"consul": {"cluster": "consul", "service": "web", "wait": "30s"}}
+        spec = envoy_spec("rlb", hosts, "least_request", rlb_wasm=run.rlb_wasm, source=src,
+                          extra_clusters=[consul_cluster(reg.port)])
+        e = Envoy(run, f"refresh-{n}", spec, component_log="wasm:debug").start()
+        if not e.wait_ready():
+            raise SystemExit(f"Envoy (refresh) did not start:\n{e.log_tail()}")
+        pub_rx = r"published snapshot version"
+        first = wait_log(e.log_path, pub_rx, 1, 60)
+        if not first:
+            raise SystemExit(f"no snapshot published:\n{e.log_tail()}")
+        time.sleep(0.5)
+        threads = e.thread_ticks()
+        samples = []
+        for k in range(1, a.refresh_changes + 1):
+            body = consul_entries(hosts, weight_bump=k)
+            idx = reg.change(body)
+            lines = wait_log(e.log_path, pub_rx, 1 + k, 30)
+            if len(lines) < 1 + k:
+                log(f"refresh {k}: no publication within 30 s")
+                break
+            t_pub, tid = log_time(lines[k])
+            t_sent = reg.sent.get(idx)
+            m = re.search(r"version (\d+)", lines[k])
+            ver = m.group(1) if m else None
+            tables = wait_log(e.log_path, rf"worker table at version {ver} ", 2, 2)
+            tbl = [log_time(l) for l in tables]
+            samples.append({"index": idx, "answer_bytes": len(body),
+                            "sent_to_published_ms": (t_pub - t_sent) * 1000 if t_pub and t_sent else None,
+                            "published_thread": threads.get(tid, ("?", 0))[0] if tid else None,
+                            "published_to_tables_ms": [round((t - t_pub) * 1000, 2) for t, _ in tbl if t and t_pub]})
+            time.sleep(0.3)
+        after = e.thread_ticks()
+        cpu = {}
+        for tid, (comm, t1) in after.items():
+            t0 = threads.get(tid, (comm, 0))[1]
+            if t1 - t0 > 0:
+                cpu[f"{comm}[{tid}]"] = round((t1 - t0) / HZ * 1000 / max(1, len(samples)), 1)
+        st = e.stats(r"wasmcustom\.registry_lb\.web\.")
+        mem = e.mem_snapshot()
+        e.stop()
+        reg.stop()
+        lat = [s["sent_to_published_ms"] for s in samples if s["sent_to_published_ms"] is not None]
+        out[str(n)] = {
+            "instances": n, "answer_bytes": len(body0), "changes": len(samples), "samples": samples,
+            "sent_to_published_ms_median": median(lat), "sent_to_published_ms_max": max(lat) if lat else None,
+            "published_by_thread": sorted({s["published_thread"] for s in samples if s["published_thread"]}),
+            "cpu_ms_per_refresh_by_thread": cpu,
+            "snapshot_bytes": st.get("wasmcustom.registry_lb.web.snapshot_bytes"),
+            "instances_known": st.get("wasmcustom.registry_lb.web.instances_known"),
+            "refresh_ok": st.get("wasmcustom.registry_lb.web.refresh_ok"),
+            "rss_kb": mem["rss_kb"],
+        }
+        log(f"refresh of {n} instances ({len(body0) / 1e6:.1f} MB answer): registry sent -> published "
+            f"median {out[str(n)]['sent_to_published_ms_median']} ms; snapshot {out[str(n)]['snapshot_bytes']} bytes")
+    run.results["refresh"] = out
+
+
+def phase_registry(run):
+    """Registry requests per refresh interval at --concurrency 1, 2, 8 (one poller per
+    Envoy), and the memory of native / empty-filter / registry-lb Envoys at each."""
+    a = run.args
+    hosts = [("127.0.0.1", 20000 + i) for i in range(100)]
+    body = consul_entries(hosts)
+    interval_s = a.registry_interval_ms / 1000
+    out = {"refresh_interval_ms": a.registry_interval_ms, "window_s": a.registry_window, "by_concurrency": {}}
+    mem = {}
+    for c in a.concurrencies:
+        if run.time_left() < a.registry_window + 30:
+            log("time budget reached: skipping the rest of the registry phase")
+            break
+        reg = FakeConsul(body).start()
+        src = {"consul": {"cluster": "consul", "service": "web", "blocking": False}}
+        spec = envoy_spec("rlb", hosts, "least_request", rlb_wasm=run.rlb_wasm, source=src,
+                          refresh=f"{a.registry_interval_ms}ms", extra_clusters=[consul_cluster(reg.port)])
+        e = Envoy(run, f"registry-c{c}", spec, concurrency=c)
+        e.start()
+        if not e.wait_ready() or not wait_log(e.log_path, r"published snapshot version", 1, 30):
+            raise SystemExit(f"Envoy (registry, concurrency {c}) did not publish:\n{e.log_tail()}")
+        time.sleep(1.0)
+        n0, t0 = reg.count(), time.time()
+        time.sleep(a.registry_window)
+        n1, t1 = reg.count(), time.time()
+        intervals = (t1 - t0) / interval_s
+        st = e.stats(r"wasmcustom\.registry_lb\.web\.refresh_|^wasm\.")
+        out["by_concurrency"][str(c)] = {
+            "requests": n1 - n0, "intervals": round(intervals, 2),
+            "requests_per_interval": round((n1 - n0) / intervals, 3) if intervals else None,
+            "refresh_unchanged": st.get("wasmcustom.registry_lb.web.refresh_unchanged"),
+            "root_contexts_ticking": c + 1,
+        }
+        mem.setdefault("registry_lb", {})[str(c)] = e.mem_snapshot()
+        e.stop()
+        reg.stop()
+        log(f"concurrency {c}: {n1 - n0} registry requests in {t1 - t0:.1f} s = "
+            f"{out['by_concurrency'][str(c)]['requests_per_interval']} per {a.registry_interval_ms} ms interval")
+        for kind in ("native", "empty"):
+            spec = envoy_spec(kind, hosts, "ROUND_ROBIN", empty_wasm=run.empty_wasm)
+            e = Envoy(run, f"mem-{kind}-c{c}", spec, concurrency=c).start()
+            if e.wait_ready():
+                time.sleep(1.0)
+                mem.setdefault(kind, {})[str(c)] = e.mem_snapshot()
+            e.stop()
+    per_vm = {}
+    for c in mem.get("registry_lb", {}):
+        r, nat, emp = mem["registry_lb"][c], mem.get("native", {}).get(c), mem.get("empty", {}).get(c)
+        if nat and r["rss_kb"] and nat["rss_kb"]:
+            per_vm[c] = {"wasm_vms": r.get("wasm_vms_active"),
+                         "registry_lb_rss_over_native_kb": r["rss_kb"] - nat["rss_kb"],
+                         "empty_rss_over_native_kb": (emp["rss_kb"] - nat["rss_kb"]) if emp and emp["rss_kb"] else None,
+                         "empty_wasm_vms": emp.get("wasm_vms_active") if emp else None}
+    marginal = {}
+    if "1" in per_vm and "8" in per_vm:
+        a1, a8 = per_vm["1"], per_vm["8"]
+        dv = (a8["wasm_vms"] or 0) - (a1["wasm_vms"] or 0)
+        if dv > 0:
+            marginal["registry_lb_kb_per_extra_vm"] = round((a8["registry_lb_rss_over_native_kb"] - a1["registry_lb_rss_over_native_kb"]) / dv)
+        de = (a8["empty_wasm_vms"] or 0) - (a1["empty_wasm_vms"] or 0)
+        if de > 0 and a8["empty_rss_over_native_kb"] is not None and a1["empty_rss_over_native_kb"] is not None:
+            marginal["empty_kb_per_extra_vm"] = round((a8["empty_rss_over_native_kb"] - a1["empty_rss_over_native_kb"]) / de)
+    out["memory_marginal"] = marginal
+    out["memory"] = mem
+    out["memory_per_vm"] = per_vm
+    run.results["registry"] = out
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+
+
+def fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+def tables(res):
+    out = []
+    if "main" in res:
+        m = res["main"]["summary"]
+        out.append("| configuration | req/s (median) | min–max | p50 ms | p99 ms | Envoy CPU µs/req | vs native | vs empty filter | p99 vs empty | non-2xx | others' CPU % |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for s in m.values():
+            out.append(f"| {s['label']} | {fmt(s['rps'], ',.0f')} | {fmt(s['rps_min'], ',.0f')}–{fmt(s['rps_max'], ',.0f')} | "
+                       f"{fmt(s['p50_ms'], '.2f')} | {fmt(s['p99_ms'], '.2f')} | {fmt(s['cpu_us_per_rq'], '.1f')} | "
+                       f"{fmt(s.get('vs_native'), '.3f')} | {fmt(s.get('vs_empty'), '.3f')} | {fmt(s.get('p99_vs_empty'), '.3f')} | "
+                       f"{s['non2xx'] + s['errors']} | {fmt(s.get('others_cpu_pct'), '.0f')} |")
+        t = res["main"]["targets"]
+        if t:
+            out.append("")
+            out.append("| target | measured | met |")
+            out.append("|---|---:|---|")
+            for k, (v, ok) in t.items():
+                out.append(f"| {k} | {v} | {'yes' if ok else 'no'} |")
+    if "slow" in res:
+        s = res["slow"]
+        out.append("")
+        out.append(f"Slow instance: 4 backends, one {s['slow_ms']} ms slower (share of requests it got).")
+        out.append("")
+        out.append("| configuration | req/s (median) | p50 ms | p99 ms | slow instance share | non-2xx | others' CPU % |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        for v in s["summary"].values():
+            out.append(f"| {v['label']} | {fmt(v['rps'], ',.0f')} | {fmt(v['p50_ms'], '.2f')} | {fmt(v['p99_ms'], '.2f')} | "
+                       f"{fmt(v.get('slow_share'), '.3f')} | {v['non2xx'] + v['errors']} | {fmt(v.get('others_cpu_pct'), '.0f')} |")
+        for pol, why in s.get("policies_not_accepted", {}).items():
+            out.append(f"\n`{pol}`: not measured — {why}")
+    if "hostcalls" in res:
+        out.append("")
+        out.append("| host call (probe filter, N per request) | N | Envoy CPU µs/req | ns per call: median of rounds | per-round range | req/s |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for s in res["hostcalls"]["summary"].values():
+            rng = s.get("ns_per_call_min_max")
+            out.append(f"| {s['op']} | {s['count']} | {fmt(s['cpu_us_per_rq'], '.1f')} | {fmt(s.get('ns_per_call'), ',')} | "
+                       f"{'—' if not rng else f'{rng[0]:,} … {rng[1]:,}'} | {fmt(s['rps'], ',.0f')} |")
+    if "refresh" in res and res["refresh"]:
+        out.append("")
+        out.append("| Consul answer | bytes | registry sent → snapshot published (median / max ms) | published on | CPU ms per refresh by thread | snapshot bytes |")
+        out.append("|---|---:|---:|---|---|---:|")
+        for r in res["refresh"].values():
+            cpu = ", ".join(f"{k.split('[')[0]} {v}" for k, v in r["cpu_ms_per_refresh_by_thread"].items())
+            out.append(f"| {r['instances']:,} instances | {r['answer_bytes']:,} | {fmt(r['sent_to_published_ms_median'], '.1f')} / "
+                       f"{fmt(r['sent_to_published_ms_max'], '.1f')} | {', '.join(r['published_by_thread'])} | {cpu} | {fmt(r['snapshot_bytes'], ',')} |")
+    if "registry" in res:
+        g = res["registry"]
+        out.append("")
+        out.append(f"| Envoy --concurrency | root contexts ticking | registry requests in {g['window_s']} s | per {g['refresh_interval_ms']} ms refresh interval | wasm VMs | RSS registry-lb − native | RSS empty filter − native |")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|")
+        for c, v in g["by_concurrency"].items():
+            pv = g["memory_per_vm"].get(c, {})
+            out.append(f"| {c} | {v['root_contexts_ticking']} | {v['requests']} | {v['requests_per_interval']} | "
+                       f"{pv.get('wasm_vms', '—')} | {fmt(pv.get('registry_lb_rss_over_native_kb'), ',')} KB | "
+                       f"{fmt(pv.get('empty_rss_over_native_kb'), ',')} KB |")
+        mg = g.get("memory_marginal", {})
+        if mg:
+            out.append("")
+            out.append(f"Memory per additional wasm VM (RSS slope from --concurrency 1 to 8): registry-lb "
+                       f"{fmt(mg.get('registry_lb_kb_per_extra_vm'), ',')} KB, empty filter {fmt(mg.get('empty_kb_per_extra_vm'), ',')} KB.")
+    if "main" in res:
+        out.append("")
+        out.append("| configuration | wasm VMs | RSS before load | RSS after load | tcmalloc allocated after | snapshot bytes |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for s in res["main"]["summary"].values():
+            b, a = s.get("mem_before") or {}, s.get("mem_after") or {}
+            out.append(f"| {s['label']} | {a.get('wasm_vms_active', '—')} | {fmt(b.get('rss_kb'), ',')} KB | {fmt(a.get('rss_kb'), ',')} KB | "
+                       f"{fmt((a.get('memory') or {}).get('allocated', None) and a['memory']['allocated'] // 1024, ',')} KB | "
+                       f"{fmt(a.get('snapshot_bytes'), ',')} |")
+        pw = res["main"].get("original_dst_prewarm")
+        if pw:
+            out.append("")
+            out.append(f"Creating the {pw['hosts']:,} ORIGINAL_DST hosts (first request to each address) took {pw['seconds']} s "
+                       f"and {pw['envoy_cpu_s']} s of Envoy CPU: {pw['envoy_cpu_ms_per_new_host']} ms per new host.")
+    return "\n".join(out)
+
+
+def write_csv(path, res):
+    import csv
+    cols = ["phase", "config", "label", "instances", "rounds", "rps", "rps_min", "rps_max", "p50_ms", "p99_ms",
+            "p999_ms", "cpu_us_per_rq", "vs_native", "vs_empty", "p99_vs_empty", "slow_share", "errors", "non2xx"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for phase in ("main", "slow"):
+            for k, s in res.get(phase, {}).get("summary", {}).items():
+                row = {"phase": phase, "config": k, **s}
+                w.writerow([("" if row.get(c) is None else (round(row[c], 4) if isinstance(row.get(c), float) else row[c])) for c in cols])
+
+
+def plot(res, outdir):
+    sys.path.insert(0, str(ROOT / ".tools" / "py"))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        log(f"no plot: {e}")
+        return []
+    made = []
+    if "main" in res:
+        keys = list(res["main"]["summary"].keys())
+        m = [res["main"]["summary"][k] for k in keys]
+
+        def short(k, s):
+            n = f"({s.get('instances', 0):,})"
+            if k.startswith("native"):
+                return f"native\nROUND_ROBIN\n{n}"
+            if k == "empty_filter":
+                return f"empty wasm\nfilter\n{n}"
+            if k == "rlb_lr_100_no_outlier":
+                return f"registry-lb\nleast_request\n{n}\noutlier off"
+            if k == "rlb_lr_100_cmp":
+                return f"registry-lb\nleast_request\n{n}\ncompare build"
+            pol = "round_robin" if "_rr_" in k else "least_request"
+            return f"registry-lb\n{pol}\n{n}"
+
+        labels = [short(k, s) for k, s in zip(keys, m)]
+        colors = ["#4c72b0" if k.startswith("native") else "#8c8c8c" if k == "empty_filter" else "#dd8452" for k in keys]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 6))
+        rps = [s["rps"] or 0 for s in m]
+        err = [[(s["rps"] or 0) - (s["rps_min"] or 0) for s in m], [(s["rps_max"] or 0) - (s["rps"] or 0) for s in m]]
+        ax1.bar(range(len(m)), rps, yerr=err, color=colors, capsize=4)
+        for i, s in enumerate(m):
+            if s.get("vs_native"):
+                ax1.text(i, rps[i] * 1.01, f"{s['vs_native']:.2f}×", ha="center", va="bottom", fontsize=8)
+        ax1.set_xticks(range(len(m)), labels, fontsize=7)
+        ax1.set_ylabel("requests / s (median of rounds; whiskers min–max)")
+        ax1.set_title("Throughput, Envoy --concurrency 1, wrk 1×32 (label: × native, median of per-round ratios)", fontsize=10)
+        ax2.bar(range(len(m)), [s["p99_ms"] or 0 for s in m], color=colors)
+        ax2.plot(range(len(m)), [s["p50_ms"] or 0 for s in m], "k_", markersize=18, label="p50")
+        ax2.set_xticks(range(len(m)), labels, fontsize=7)
+        ax2.set_ylabel("latency ms (bars p99, ticks p50)")
+        ax2.set_title("Latency")
+        ax2.legend()
+        fig.tight_layout()
+        p = outdir / "throughput.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(p)
+    if "slow" in res:
+        m = list(res["slow"]["summary"].values())
+        labels = [s["label"].replace("native Envoy ", "native\n").replace("registry-lb ", "registry-lb\n") for s in m]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+        ax1.bar(range(len(m)), [s["rps"] or 0 for s in m],
+                color=["#4c72b0" if s["label"].startswith("native") else "#dd8452" for s in m])
+        for i, s in enumerate(m):
+            if s.get("slow_share") is not None:
+                ax1.text(i, (s["rps"] or 0) * 1.01, f"slow: {s['slow_share']:.1%}", ha="center", va="bottom", fontsize=8)
+        ax1.set_xticks(range(len(m)), labels, fontsize=8)
+        ax1.set_ylabel("requests / s")
+        ax1.set_title(f"4 backends, one {res['slow']['slow_ms']} ms slower: throughput")
+        x = list(range(len(m)))
+        ax2.bar([i - 0.2 for i in x], [s["p50_ms"] or 0 for s in m], width=0.4, label="p50")
+        ax2.bar([i + 0.2 for i in x], [s["p99_ms"] or 0 for s in m], width=0.4, label="p99")
+        ax2.set_xticks(x, labels, fontsize=8)
+        ax2.set_ylabel("ms")
+        ax2.set_title("latency")
+        ax2.legend()
+        fig.tight_layout()
+        p = outdir / "slow-instance.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(p)
+    return made
+
+
+def machine_info(run):
+    def out(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            return (r.stdout or r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return None
+    cpu = None
+    try:
+        cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("model name")), None)
+    except OSError:
+        pass
+    prof = re.search(r"\[profile\.release\][^\[]*", (ROOT / "Cargo.toml").read_text())
+    return {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpus": os.cpu_count(), "cpu_model": cpu, "kernel": os.uname().release,
+        "envoy": out([str(run.envoy), "--version"]), "wrk": out(["wrk", "-v"]), "nginx": nginx_version(),
+        "git": run.git_at_start,
+        "wasm_sha256": {"registry_lb": hashlib.sha256(run.rlb_wasm.read_bytes()).hexdigest()},
+        "wasm_bytes": {"registry_lb": run.rlb_wasm.stat().st_size, "empty_filter": run.empty_wasm.stat().st_size,
+                       "hostcall_probe": run.probe_wasm.stat().st_size if run.probe_wasm else None},
+        "profile_release": prof.group(0).strip() if prof else None,
+        "pinning": {"envoy": run.cpus_envoy, "wrk_and_backends": run.cpus_load},
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run (short rounds, fewer of them)")
+    ap.add_argument("--name", help="results name (default: full, or quick)")
+    ap.add_argument("--out", help="results folder (default: bench/results, quick runs: target/bench)")
+    ap.add_argument("--phases", default="main,slow,refresh,registry")
+    ap.add_argument("--envoy", default=os.environ.get("ENVOY_BIN", str(ROOT / ".tools/envoy-1.40.0/envoy/_bin/envoy")))
+    ap.add_argument("--wasm", default=str(ROOT / "target/wasm32-wasip1/release/registry_lb.wasm"))
+    ap.add_argument("--compare-wasm", help="main phase: also least_request (100) with this build of registry_lb.wasm")
+    ap.add_argument("--empty-wasm", default=str(ROOT / "target/wasm32-wasip1/release/empty_filter.wasm"))
+    ap.add_argument("--probe-wasm", default=str(ROOT / "target/wasm32-wasip1/release/hostcall_probe.wasm"))
+    ap.add_argument("--backend", default=str(ROOT / "target/release/bench-backend"))
+    ap.add_argument("--work", default=str(ROOT / "target/bench/work"))
+    ap.add_argument("--configs", help="main phase: only these configurations (comma-separated keys)")
+    ap.add_argument("--large", type=int, help="instances of the large configurations (default 10,000; quick 2,000)")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--slow-rounds", type=int)
+    ap.add_argument("--duration", type=int, help="seconds per measured run")
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--slow-ms", type=int, default=50)
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin Envoy to CPU 0 and wrk + backends to CPU 1")
+    ap.add_argument("--max-seconds", type=float)
+    ap.add_argument("--replot", metavar="JSON", help="only redo the tables and plots of a results file")
+    ap.add_argument("--service-extra", help="JSON merged into every registry-lb service config (experiments)")
+    ap.add_argument("--quiet-wait", type=float,
+                    help="seconds (whole run) to wait for other processes to go quiet before measurements")
+    a = ap.parse_args()
+    if a.replot:
+        path = Path(a.replot)
+        res = json.loads(path.read_text())
+        (path.parent / (path.stem + ".md")).write_text(tables(res) + "\n")
+        write_csv(path.parent / (path.stem + ".csv"), res)
+        made = plot(res, path.parent)
+        print(tables(res))
+        print("made", ", ".join(str(p) for p in made))
+        return
+    q = a.quick
+    a.rounds = a.rounds or (1 if q else 10)
+    a.slow_rounds = a.slow_rounds or (1 if q else 6)
+    a.duration = a.duration or (2 if q else 3)
+    a.large = a.large or (2000 if q else 10000)
+    a.warmup = a.warmup if a.warmup is not None else (1 if q else 2)
+    a.max_seconds = a.max_seconds or (240 if q else 900)
+    a.quiet_wait = a.quiet_wait if a.quiet_wait is not None else (0 if q else 120)
+    a.refresh_sizes = [10000] if q else [1000, 10000]
+    a.refresh_changes = 2 if q else 5
+    a.registry_interval_ms = 500 if q else 1000
+    a.registry_window = 2 if q else 6
+    a.concurrencies = (1, 8) if q else (1, 2, 8)
+    name = a.name or ("quick" if q else "full")
+    if a.service_extra:
+        SERVICE_EXTRA.update(json.loads(a.service_extra))
+    outdir = Path(a.out or (ROOT / ("target/bench" if q else "bench/results")))
+    outdir.mkdir(parents=True, exist_ok=True)
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is not installed (./dev bench installs it)")
+    run = Run(a)
+    if run.work.exists():
+        shutil.rmtree(run.work)
+    run.work.mkdir(parents=True)
+    # The measured binaries are copied first: a rebuild during the run must not change them.
+    for attr in ("rlb_wasm", "empty_wasm", "compare_wasm", "probe_wasm"):
+        src = getattr(run, attr)
+        if src is None or not src.exists():
+            setattr(run, attr, None)
+            continue
+        dst = run.work / (src.name if attr != "compare_wasm" else "compare-" + src.name)
+        shutil.copy2(src, dst)
+        setattr(run, attr, dst)
+    started = time.time()
+    # The source the measured build came from (as the run starts: others may commit meanwhile).
+    r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    run.git_at_start = r.stdout.strip() or None
+    r = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True, text=True)
+    if run.git_at_start and r.returncode == 0:
+        run.git_at_start += " (src/ with uncommitted changes)" if r.stdout.strip() else " (src/ as committed)"
+    phases = [p.strip() for p in a.phases.split(",") if p.strip()]
+    try:
+        for p in phases:
+            if run.time_left() < 30:
+                log(f"time budget reached: phase {p} skipped")
+                continue
+            log(f"phase {p}")
+            {"main": phase_main, "slow": phase_slow, "refresh": phase_refresh, "registry": phase_registry,
+             "hostcalls": phase_hostcalls}[p](run)
+    finally:
+        run.procs.stop_all()
+    res = run.results
+    res["meta"] = machine_info(run)
+    res["meta"].update({"quick": q, "rounds": a.rounds, "slow_rounds": a.slow_rounds, "duration_s": a.duration,
+                        "elapsed_s": round(time.time() - started, 1), "service_extra": SERVICE_EXTRA, "load": "wrk -t1 -c32, Envoy --concurrency 1"})
+    (outdir / f"{name}.json").write_text(json.dumps(res, indent=1, sort_keys=False) + "\n")
+    write_csv(outdir / f"{name}.csv", res)
+    md = tables(res)
+    (outdir / f"{name}.md").write_text(md + "\n")
+    made = plot(res, outdir)
+    print()
+    print(f"registry_lb.wasm {res['meta']['wasm_bytes']['registry_lb']:,} bytes; empty_filter.wasm "
+          f"{res['meta']['wasm_bytes']['empty_filter']:,} bytes; {res['meta']['envoy']}")
+    print(md)
+    print()
+    print(f"results: {outdir}/{name}.json, {name}.csv, {name}.md" + "".join(f", {p.name}" for p in made)
+          + f"  ({res['meta']['elapsed_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
