@@ -1300,7 +1300,7 @@ def machine_info(run):
     return {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(), "cpu_model": cpu, "kernel": os.uname().release,
-        "envoy": out([str(run.envoy), "--version"]), "wrk": out(["wrk", "-v"]), "nginx": nginx_version(),
+        "envoy": out([str(run.envoy), "--version"]).replace(str(ROOT) + "/", ""), "wrk": out(["wrk", "-v"]), "nginx": nginx_version(),
         "git": run.git_at_start,
         "wasm_sha256": {"registry_lb": hashlib.sha256(run.rlb_wasm.read_bytes()).hexdigest()},
         "wasm_bytes": {"registry_lb": run.rlb_wasm.stat().st_size, "empty_filter": run.empty_wasm.stat().st_size,
