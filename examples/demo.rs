@@ -74,6 +74,8 @@ fn main() {
     let weights: BTreeMap<&str, u32> = [("web-2", 1), ("web-3", 1), ("web-4", 1)].into();
     print_split("300 requests after the change:", &split(&envoy, 300), &weights);
 
+    // Workers add their pick counts to Envoy's stats on their next tick.
+    std::thread::sleep(Duration::from_millis(150));
     println!("\nregistry-lb stats (curl -s 127.0.0.1:9901/stats | grep registry_lb):");
     let mut stats: Vec<(String, i64)> = envoy.stats().into_iter().filter(|(k, _)| k.starts_with("wasmcustom.registry_lb")).collect();
     stats.sort();
