@@ -126,10 +126,7 @@ impl Root {
         for (si, checker) in self.checkers.iter_mut().enumerate() {
             let Some(c) = checker else { continue };
             for (slot, req) in c.due(now) {
-                let mut headers: Vec<(&str, &str)> =
-                    vec![(":method", req.method), (":path", &req.path), (":authority", &req.authority)];
-                headers.extend(req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-                match hostcalls::dispatch_http_call(&req.cluster, headers, None, vec![], Duration::from_millis(req.timeout_ms)) {
+                match dispatch(&req) {
                     Ok(token) => {
                         self.calls.insert(token, Call::Health { service: si, slot });
                     }
@@ -164,11 +161,7 @@ impl Root {
         let mut w = worker.borrow_mut();
         for (si, p) in pollers.iter_mut().enumerate() {
             for (src, req) in p.due(now) {
-                let mut headers: Vec<(&str, &str)> =
-                    vec![(":method", req.method), (":path", &req.path), (":authority", &req.authority)];
-                headers.extend(req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-                let body = if req.body.is_empty() { None } else { Some(req.body.as_slice()) };
-                match hostcalls::dispatch_http_call(&req.cluster, headers, body, vec![], Duration::from_millis(req.timeout_ms)) {
+                match dispatch(&req) {
                     Ok(token) => {
                         self.calls.insert(token, Call::Registry { service: si, source: src });
                     }
@@ -250,6 +243,14 @@ impl Root {
     }
 }
 
+/// Sends a call to an Envoy cluster; returns its token.
+fn dispatch(req: &crate::registry::HttpRequest) -> Result<u32, proxy_wasm::types::Status> {
+    let mut headers: Vec<(&str, &str)> = vec![(":method", req.method), (":path", &req.path), (":authority", &req.authority)];
+    headers.extend(req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let body = if req.body.is_empty() { None } else { Some(req.body.as_slice()) };
+    hostcalls::dispatch_http_call(&req.cluster, headers, body, vec![], Duration::from_millis(req.timeout_ms))
+}
+
 /// Instances to health-check: every non-draining one, by slot.
 fn check_targets(snap: &Snapshot) -> Vec<(u32, String)> {
     snap.entries
@@ -294,20 +295,14 @@ impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         let Some(call) = self.calls.remove(&token) else { return };
         let now = now_ms();
+        // No headers means a reset or an oversized body: reading the header map then
+        // would fail, so it is not read (status 0).
+        let headers: Vec<(String, String)> =
+            if num_headers == 0 { Vec::new() } else { hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default() };
+        let status = headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse::<u16>().ok()).unwrap_or(0);
         let (si, src) = match call {
             Call::Registry { service, source } => (service, source),
             Call::Health { service, slot } => {
-                // Only the status matters; no headers means no answer (reset).
-                let status = if num_headers == 0 {
-                    0
-                } else {
-                    hostcalls::get_map(MapType::HttpCallResponseHeaders)
-                        .unwrap_or_default()
-                        .iter()
-                        .find(|(k, _)| k == ":status")
-                        .and_then(|(_, v)| v.parse::<u16>().ok())
-                        .unwrap_or(0)
-                };
                 self.on_health_result(service, slot, status, now);
                 return;
             }
@@ -316,11 +311,6 @@ impl Context for Root {
         let Some(p) = pollers.get_mut(si) else { return };
         let mut w = worker.borrow_mut();
         let max = w.cfg.services[si].max_response_bytes;
-        // No headers means a reset or an oversized body: reading the header map then
-        // would fail, so it is not read.
-        let headers: Vec<(String, String)> =
-            if num_headers == 0 { Vec::new() } else { hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default() };
-        let status = headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse::<u16>().ok()).unwrap_or(0);
         let body: Vec<u8> = if body_size == 0 || body_size > max {
             Vec::new()
         } else {

@@ -68,8 +68,6 @@ pub struct Worker {
     pub tables: Vec<Option<Table>>,
     pub rng: SplitMix64,
     pub metrics: Metrics,
-    /// Per service: slot → gauge id of its in-flight requests.
-    active_gauges: Vec<HashMap<u32, Option<u32>>>,
     /// Requests paused until their service's first snapshot: (context, service, deadline).
     pub waiting: Vec<(u32, usize, u64)>,
     /// Requests routed while paused, by context id.
@@ -84,8 +82,8 @@ pub struct Worker {
     pick_ids: HashMap<(usize, u32), u32>,
     /// Per-service gauge ids used on the request path, by short name.
     gauges: HashMap<(usize, &'static str), Option<u32>>,
-    /// Consecutive-failure gauge per (service, slot).
-    failure_gauges: HashMap<(usize, u32), Option<u32>>,
+    /// Per-slot gauge ids (`rq_active`, `consecutive_5xx`) by (service, slot, name).
+    slot_gauges: HashMap<(usize, u32, &'static str), Option<u32>>,
     /// Route name → service from its metadata; forgotten every 10 s so a route
     /// changed by RDS under the same name is picked up.
     pub route_cache: HashMap<Vec<u8>, Option<String>>,
@@ -132,22 +130,21 @@ pub fn options(svc: &ServiceConfig) -> Options {
 impl Worker {
     pub fn new(cfg: PluginConfig, keys: Keys, seed: u64) -> Worker {
         let n = cfg.services.len();
-        let cfg_services_ref = cfg.services.clone();
+        let weights = cfg_weights(&cfg.services);
         Worker {
             cfg: Rc::new(cfg),
             keys,
             tables: (0..n).map(|_| None).collect(),
             rng: SplitMix64(seed),
             metrics: Metrics::default(),
-            active_gauges: (0..n).map(|_| HashMap::new()).collect(),
             waiting: Vec::new(),
             deferred: HashMap::new(),
             outliers: (0..n).map(|_| Outliers::default()).collect(),
             stale: vec![false; n],
-            weights: cfg_weights(&cfg_services_ref),
+            weights,
             pick_ids: HashMap::new(),
             gauges: HashMap::new(),
-            failure_gauges: HashMap::new(),
+            slot_gauges: HashMap::new(),
             route_cache: HashMap::new(),
             route_cache_until: 0,
         }
@@ -390,15 +387,7 @@ impl Worker {
             }
             return;
         }
-        let counter = match self.failure_gauges.get(&(r.service, r.slot)) {
-            Some(id) => *id,
-            None => {
-                let id = self.metrics.gauge_id(&format!("{name}.slot_{}.consecutive_5xx", r.slot));
-                self.failure_gauges.insert((r.service, r.slot), id);
-                id
-            }
-        };
-        let Some(counter) = counter else { return };
+        let Some(counter) = self.slot_gauge(r.service, r.slot, "consecutive_5xx") else { return };
         if result == outlier::Result_::Success {
             let _ = hostcalls::record_metric(counter, 0);
             return;
@@ -422,16 +411,15 @@ impl Worker {
         self.tables.get(i).map(|t| t.is_none()).unwrap_or(true)
     }
 
-    fn active_gauge(&mut self, si: usize, slot: u32) -> Option<u32> {
-        let map = self.active_gauges.get_mut(si)?;
-        if let Some(id) = map.get(&slot) {
+    /// Id of the gauge `<service>.slot_<n>.<what>`, cached so the request path
+    /// does not format names.
+    fn slot_gauge(&mut self, si: usize, slot: u32, what: &'static str) -> Option<u32> {
+        if let Some(id) = self.slot_gauges.get(&(si, slot, what)) {
             return *id;
         }
-        let name = format!("{}.slot_{slot}.rq_active", self.cfg.services.get(si)?.name);
+        let name = format!("{}.slot_{slot}.{what}", self.cfg.services.get(si)?.name);
         let id = self.metrics.gauge_id(&name);
-        if let Some(map) = self.active_gauges.get_mut(si) {
-            map.insert(slot, id);
-        }
+        self.slot_gauges.insert((si, slot, what), id);
         id
     }
 
@@ -455,7 +443,7 @@ impl Worker {
             // Take the table out so the gauge lookup can borrow the rest of `self`.
             let Some(mut table) = self.tables.get_mut(si).and_then(Option::take) else { break };
             let mut rng = self.rng.clone();
-            let load = |slot: u32| if shared_load { self.active_gauge(si, slot).map(gauge_get).unwrap_or(0) } else { 0 };
+            let load = |slot: u32| if shared_load { self.slot_gauge(si, slot, "rq_active").map(gauge_get).unwrap_or(0) } else { 0 };
             let mut req = Request { rng: &mut rng, now_ms: now, hash: key.hash, subset: key.subset.as_deref(), active: load, total_active };
             let picks: Vec<(String, u32)> = if want > 1 {
                 let ranked = table.ranked(want, &mut req);
@@ -505,7 +493,7 @@ impl Worker {
             log::error!("registry-lb: service {name}: cannot hand {host} to Envoy: {e:?}");
             return Err(Reply("registry_lb_handoff_failed", format!("registry-lb: cannot route to service `{name}`\n")));
         }
-        let gauge = if shared_load { self.active_gauge(si, slot) } else { None };
+        let gauge = if shared_load { self.slot_gauge(si, slot, "rq_active") } else { None };
         for id in [gauge, total_gauge].into_iter().flatten() {
             gauge_add(id, 1);
         }
