@@ -125,6 +125,10 @@ pub struct Table {
     candidates: Vec<Candidate>,
     /// Routable endpoints now.
     pub endpoints: Vec<Endpoint>,
+    /// For each endpoint, its index in `candidates`.
+    endpoint_candidate: Vec<usize>,
+    /// Slot → index in `endpoints`.
+    slot_index: HashMap<u32, usize>,
     zones: Vec<String>,
     endpoint_zone: Vec<usize>,
     /// Routing over all candidates because too few are routable.
@@ -163,6 +167,8 @@ impl Table {
             known: snap.entries.len(),
             candidates,
             endpoints: Vec::new(),
+            endpoint_candidate: Vec::new(),
+            slot_index: HashMap::new(),
             zones: Vec::new(),
             endpoint_zone: Vec::new(),
             panic: false,
@@ -196,6 +202,7 @@ impl Table {
             None => HashMap::new(),
         };
         self.endpoints = chosen.iter().map(|&i| self.candidates[i].ep.clone()).collect();
+        self.slot_index = self.endpoints.iter().enumerate().map(|(i, e)| (e.slot, i)).collect();
         self.zones.clear();
         self.endpoint_zone = chosen
             .iter()
@@ -210,6 +217,7 @@ impl Table {
                 }
             })
             .collect();
+        self.endpoint_candidate = chosen;
         self.outlier_generation = outliers.generation;
         if self.options.policy == Policy::PeakEwma {
             let weights: Vec<u32> = self.endpoints.iter().map(|e| e.weight).collect();
@@ -281,9 +289,9 @@ impl Table {
     /// Endpoints matching `sel`, with the fallback applied; `None` = no endpoint.
     fn select(&self, sel: &[(String, String)]) -> Option<Vec<usize>> {
         let metadata = |i: usize| -> &[(String, String)] {
-            self.endpoints
+            self.endpoint_candidate
                 .get(i)
-                .and_then(|e| self.candidates.iter().find(|c| c.ep.slot == e.slot))
+                .and_then(|&c| self.candidates.get(c))
                 .map(|c| c.metadata.as_slice())
                 .unwrap_or(&[])
         };
@@ -435,7 +443,7 @@ impl Table {
 
     /// Index of the endpoint in `slot`, if routable now.
     pub fn index_of_slot(&self, slot: u32) -> Option<usize> {
-        self.endpoints.iter().position(|e| e.slot == slot)
+        self.slot_index.get(&slot).copied()
     }
 
     /// `peak_ewma` bookkeeping: a request to `slot` starts.
