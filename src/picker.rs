@@ -362,21 +362,18 @@ impl Table {
             }
             PolicyState::Random(r) => r.pick(req.rng)?,
             PolicyState::PeakEwma(sampler) => {
+                // Two distinct members (drawn with replacement, a slow endpoint would
+                // win every time both draws hit it); the cheaper per weight wins.
                 let peak = self.peak.as_ref()?;
-                let a = sampler.sample(req.rng)?;
-                let b = sampler.sample(req.rng)?;
-                if a == b {
-                    a
-                } else {
-                    let cost = |k: usize| {
-                        let i = members.get(k).copied().unwrap_or(0);
-                        let w = f64::from(eps.get(i).map(|e| e.weight).unwrap_or(1).max(1));
-                        peak.cost(i, req.now_ms) / w
-                    };
-                    if cost(b) < cost(a) {
-                        b
-                    } else {
-                        a
+                match sampler.sample_pair(req.rng)? {
+                    (a, None) => a,
+                    (a, Some(b)) => {
+                        let (ia, ib) = (members.get(a).copied()?, members.get(b).copied()?);
+                        if peak.cheaper(ia, ib, req.rng, req.now_ms) == ia {
+                            a
+                        } else {
+                            b
+                        }
                     }
                 }
             }
@@ -702,8 +699,17 @@ mod tests {
             }
         }
         let slow = (0..3000).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).as_deref() == Some("10.0.1.0:80")).count();
-        // Only when both draws are the slow one: about 1/9.
-        assert!(slow < 450, "{slow} of 3000 to the slow instance");
+        // Two distinct candidates: the slow one never wins a pair while its estimate
+        // is the highest (with replacement it would get ~1/9).
+        assert_eq!(slow, 0, "{slow} of 3000 to the slow instance");
+        // With 40 requests pending on each fast one (5 ms × 41 > 200 ms) the slow one
+        // is the cheaper choice of every pair it is in (2/3 of the pairs).
+        for _ in 0..40 {
+            t.peak_start(1);
+            t.peak_start(2);
+        }
+        let slow = (0..300).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).as_deref() == Some("10.0.1.0:80")).count();
+        assert!(slow > 150, "{slow} of 300 to the slow instance once the others are loaded");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

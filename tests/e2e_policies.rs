@@ -95,12 +95,13 @@ fn peak_ewma_steers_away_from_a_slow_instance() {
             *c.entry(k).or_insert(0) += v;
         }
     }
-    println!("peak_ewma, a is 100 ms slower, after a warm-up: {c:?} (two choices: it wins only when both draws are it, ~1/9)");
+    println!("peak_ewma, a is 100 ms slower, after a warm-up: {c:?} (round robin would give it 100)");
     assert_eq!(c.values().sum::<u32>(), 300);
     let a = c.get("a").copied().unwrap_or(0);
-    // Round robin would give it half of what the other two get together (100); two
-    // choices give it about 1/9 of all (33). Below half its round-robin share:
-    assert!(a * 4 < c["b"] + c["c"], "{c:?}");
+    // Round robin would give it 100. Two distinct candidates: it wins a pair only
+    // when the other has many requests pending or its own estimate has decayed for
+    // seconds, so at most a few (two draws with replacement gave it ~33).
+    assert!(a * 20 <= 300, "{c:?}");
 }
 
 #[test]

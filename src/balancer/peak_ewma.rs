@@ -38,9 +38,6 @@ use crate::rng::Rng;
 pub const DEFAULT_RTT_NS: u64 = 30_000_000;
 pub const DEFAULT_DECAY_MS: u64 = 10_000;
 
-/// Draws for a second, different candidate before falling back to a uniform one.
-const DISTINCT_TRIES: u32 = 4;
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EndpointState {
     /// Peak-EWMA latency estimate, nanoseconds.
@@ -139,26 +136,19 @@ impl PeakEwma {
 
     /// Picks the cheaper (per unit of weight) of two distinct weighted draws.
     pub fn pick(&self, rng: &mut impl Rng, now_ms: u64) -> Option<usize> {
-        let n = self.state.len();
-        let a = self.sampler.sample(rng)?;
-        if n == 1 {
-            return Some(a);
+        match self.sampler.sample_pair(rng)? {
+            (a, None) => Some(a),
+            (a, Some(b)) => Some(self.cheaper(a, b, rng, now_ms)),
         }
-        let mut b = a;
-        for _ in 0..DISTINCT_TRIES {
-            b = self.sampler.sample(rng)?;
-            if b != a {
-                break;
-            }
-        }
-        if b == a {
-            // Dominant weight: any other endpoint, uniformly.
-            b = (a + 1 + rng.below(n as u64 - 1) as usize) % n;
-        }
-        let (Some(sa), Some(sb)) = (self.state.get(a), self.state.get(b)) else { return Some(a) };
+    }
+
+    /// The cheaper per unit of weight of endpoints `a` and `b`
+    /// (`cost_a·w_b < cost_b·w_a`); exact ties are broken at random.
+    pub fn cheaper(&self, a: usize, b: usize, rng: &mut impl Rng, now_ms: u64) -> usize {
+        let (Some(sa), Some(sb)) = (self.state.get(a), self.state.get(b)) else { return a };
         let w = |i: usize| f64::from(self.weights.get(i).copied().unwrap_or(1));
-        // cost_a/w_a against cost_b/w_b. Both decay by exp(−elapsed/τ); the common
-        // factor exp(−min elapsed/τ) cancels, so at most one exp per pick, of the
+        // Both estimates decay by exp(−elapsed/τ); the common factor
+        // exp(−min elapsed/τ) cancels, so at most one exp per pick, of the
         // difference — none when the older estimate is already the cheaper one.
         let (ea, eb) = (now_ms.saturating_sub(sa.stamp_ms), now_ms.saturating_sub(sb.stamp_ms));
         let mut ca = sa.ewma_ns * (f64::from(sa.pending) + 1.0) * w(b);
@@ -168,7 +158,7 @@ impl PeakEwma {
         } else if eb > ea && cb >= ca {
             cb *= decay(eb - ea, self.decay_ms);
         }
-        Some(if ca < cb {
+        if ca < cb {
             a
         } else if cb < ca {
             b
@@ -176,7 +166,7 @@ impl PeakEwma {
             a
         } else {
             b
-        })
+        }
     }
 }
 

@@ -45,6 +45,25 @@ impl WeightedSampler {
         self.threshold.is_empty()
     }
 
+    /// Two distinct indexes, each drawn in proportion to weight (the second by
+    /// rejection, a few tries, then uniformly among the others so a dominant weight
+    /// cannot make it loop). `None` for the second when there is one index.
+    pub fn sample_pair(&self, rng: &mut impl Rng) -> Option<(usize, Option<usize>)> {
+        const DISTINCT_TRIES: u32 = 4;
+        let n = self.threshold.len();
+        let a = self.sample(rng)?;
+        if n == 1 {
+            return Some((a, None));
+        }
+        for _ in 0..DISTINCT_TRIES {
+            let b = self.sample(rng)?;
+            if b != a {
+                return Some((a, Some(b)));
+            }
+        }
+        Some((a, Some((a + 1 + rng.below(n as u64 - 1) as usize) % n)))
+    }
+
     pub fn sample(&self, rng: &mut impl Rng) -> Option<usize> {
         let n = self.threshold.len();
         if n == 0 {
