@@ -13,7 +13,8 @@ Phases:
             least_request (100 instances) / least_request with 10 and 10,000 instances,
             run alternately (A B C ... A B C ...), medians of the rounds
   slow      4 backends, one 50 ms slower: native ROUND_ROBIN and LEAST_REQUEST,
-            registry-lb round_robin and least_request (+ peak_ewma once the config accepts it)
+            registry-lb round_robin, least_request and peak_ewma; then the same with the
+            instance turning 50 ms slower halfway through each run (fresh Envoys)
   refresh   a 10,000-instance Consul answer parsed and published inside Envoy
   registry  registry requests per refresh interval at --concurrency 1, 2, 8, and memory
             per wasm VM (RSS of native / empty filter / registry-lb Envoys)
@@ -628,13 +629,24 @@ class Run:
                 return json.loads(line)
         raise RuntimeError(f"wrk printed no result: {r.stdout[-500:]} {r.stderr[-500:]}")
 
-    def measure(self, envoy, duration, cluster=None, slow_host=None):
+    def measure(self, envoy, duration, cluster=None, slow_host=None, midway=None):
+        """midway: (at_seconds, start, end): start() is called that long into the
+        load, end() after it (a backend that degrades midway)."""
         st0 = envoy.stats(r"^http\.ingress\.downstream_rq_[2-5]xx$|^cluster\.[a-z_]+\.upstream_cx_total$")
         hosts0 = envoy.host_rq(cluster) if slow_host else {}
         quiet_before = self.wait_quiet()
         cpu0 = envoy.cpu_ticks()
         self.acct.begin()
-        w = self.wrk(envoy.listen, duration)
+        timer = threading.Timer(midway[0], midway[1]) if midway else None
+        if timer:
+            timer.start()
+        try:
+            w = self.wrk(envoy.listen, duration)
+        finally:
+            if timer:
+                timer.cancel()
+                timer.join()
+                midway[2]()
         others = self.acct.others_pct()
         cpu1 = envoy.cpu_ticks()
         st1 = envoy.stats(r"^http\.ingress\.downstream_rq_[2-5]xx$|^cluster\.[a-z_]+\.upstream_cx_total$")
@@ -688,7 +700,7 @@ def summarize(runs, label, extra=None):
     return s
 
 
-def alternate(run, envoys, rounds, duration, warmup, cluster_of=None, slow_host=None):
+def alternate(run, envoys, rounds, duration, warmup, cluster_of=None, slow_host=None, midway=None):
     """Warm each Envoy up, then rounds of A B C ...; returns {key: [runs]}."""
     for key, e in envoys.items():
         w = warmup(key) if callable(warmup) else warmup
@@ -700,7 +712,8 @@ def alternate(run, envoys, rounds, duration, warmup, cluster_of=None, slow_host=
             log(f"time budget reached: stopping after {r} round(s)")
             break
         for key, e in envoys.items():
-            m = run.measure(e, duration, cluster=cluster_of(key) if cluster_of else None, slow_host=slow_host)
+            m = run.measure(e, duration, cluster=cluster_of(key) if cluster_of else None, slow_host=slow_host,
+                            midway=midway)
             out[key].append(m)
             log(f"round {r + 1}/{rounds} {key:>16}: {m['rps']:9.0f} req/s  p50 {m['p50_ms']:6.2f} ms  "
                 f"p99 {m['p99_ms']:6.2f} ms  cpu/rq {m['envoy_cpu_us_per_rq'] or 0:5.1f} us  "
@@ -907,16 +920,49 @@ def phase_slow(run):
             log(f"policy {pol} not accepted by this build: {skipped[pol]}")
         e.stop()
     log(f"slow-instance scenario: 4 backends, {slow} is {a.slow_ms} ms slower; {len(specs)} configurations")
+    cluster_of = lambda k: "backends" if k.startswith("native") else "registry_lb_original_dst"
     envoys = start_all(run, specs)
-    runs = alternate(run, envoys, a.slow_rounds, a.duration, a.warmup,
-                     cluster_of=lambda k: "backends" if k.startswith("native") else "registry_lb_original_dst",
-                     slow_host=slow)
+    runs = alternate(run, envoys, a.slow_rounds, a.duration, a.warmup, cluster_of=cluster_of, slow_host=slow)
+    for e in envoys.values():
+        e.stop()
+    summary = {k: summarize(v, labels[k]) for k, v in runs.items()}
+    run.results["slow"] = {"summary": summary, "runs": runs, "slow_ms": a.slow_ms, "backends": 4,
+                           "policies_not_accepted": skipped, "targets": slow_targets(runs)}
+
+    # Second scenario: the same instance is fast for the first half of every run and
+    # slow for the second (fresh Envoys: nothing learnt in the first scenario).
+    def set_delay(ms):
+        code, _ = http_get(f"http://{slow}/__delay?ms={ms}", 5)
+        if code != 200:
+            log(f"could not set the delay of {slow} to {ms} ms (HTTP {code})")
+    set_delay(0)
+    duration = a.duration * 2
+    log(f"degrading-instance scenario: {slow} turns {a.slow_ms} ms slower {duration / 2:g} s into each {duration} s run")
+    envoys = start_all(run, {k: (name.replace("slow-", "degrade-"), spec) for k, (name, spec) in specs.items()})
+    runs = alternate(run, envoys, a.slow_rounds, duration, a.warmup, cluster_of=cluster_of, slow_host=slow,
+                     midway=(duration / 2, lambda: set_delay(a.slow_ms), lambda: set_delay(0)))
     for e in envoys.values():
         e.stop()
     run.procs.stop(backend)
     summary = {k: summarize(v, labels[k]) for k, v in runs.items()}
-    run.results["slow"] = {"summary": summary, "runs": runs, "slow_ms": a.slow_ms, "backends": 4,
-                           "policies_not_accepted": skipped}
+    run.results["degrade"] = {"summary": summary, "runs": runs, "slow_ms": a.slow_ms, "backends": 4,
+                              "duration_s": duration, "targets": slow_targets(runs)}
+
+
+def slow_targets(runs):
+    """#4's targets: peak_ewma p99 <= 0.5 x native ROUND_ROBIN's and <= native
+    LEAST_REQUEST's, as medians of per-round ratios."""
+    pe = runs.get("rlb_peak_ewma")
+    if not pe:
+        return {}
+    out = {}
+    for key, bound, label in (("native_rr", 0.5, "peak_ewma p99 <= 0.5 x native ROUND_ROBIN p99"),
+                              ("native_lr", 1.0, "peak_ewma p99 <= native LEAST_REQUEST p99")):
+        r = [x["p99_ms"] / y["p99_ms"] for x, y in zip(pe, runs.get(key, [])) if x["p99_ms"] and y["p99_ms"]]
+        if r:
+            m = statistics.median(r)
+            out[label] = {"ratio": round(m, 3), "bound": bound, "met": m <= bound}
+    return out
 
 
 # N per request is chosen so that N calls cost tens of µs: well above this machine's noise
@@ -1145,6 +1191,19 @@ def tables(res):
                        f"{fmt(v.get('slow_share'), '.3f')} | {v['non2xx'] + v['errors']} | {fmt(v.get('others_cpu_pct'), '.0f')} |")
         for pol, why in s.get("policies_not_accepted", {}).items():
             out.append(f"\n`{pol}`: not measured — {why}")
+        slow_target_rows(out, s)
+    if "degrade" in res:
+        s = res["degrade"]
+        out.append("")
+        out.append(f"Degrading instance: 4 backends, one turns {s['slow_ms']} ms slower halfway through each "
+                   f"{s['duration_s']} s run (its share of the whole run).")
+        out.append("")
+        out.append("| configuration | req/s (median) | p50 ms | p99 ms | degrading instance share | non-2xx | others' CPU % |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        for v in s["summary"].values():
+            out.append(f"| {v['label']} | {fmt(v['rps'], ',.0f')} | {fmt(v['p50_ms'], '.2f')} | {fmt(v['p99_ms'], '.2f')} | "
+                       f"{fmt(v.get('slow_share'), '.3f')} | {v['non2xx'] + v['errors']} | {fmt(v.get('others_cpu_pct'), '.0f')} |")
+        slow_target_rows(out, s)
     if "hostcalls" in res:
         out.append("")
         out.append("| host call (probe filter, N per request) | N | Envoy CPU µs/req | ns per call: median of rounds | per-round range | req/s |")
@@ -1200,10 +1259,20 @@ def write_csv(path, res):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
-        for phase in ("main", "slow"):
+        for phase in ("main", "slow", "degrade"):
             for k, s in res.get(phase, {}).get("summary", {}).items():
                 row = {"phase": phase, "config": k, **s}
                 w.writerow([("" if row.get(c) is None else (round(row[c], 4) if isinstance(row.get(c), float) else row[c])) for c in cols])
+
+
+def slow_target_rows(out, s):
+    t = s.get("targets") or {}
+    if t:
+        out.append("")
+        out.append("| target (median of per-round ratios) | measured | met |")
+        out.append("|---|---:|---|")
+        for k, v in t.items():
+            out.append(f"| {k} | {v['ratio']:.3f} | {'yes' if v['met'] else 'no'} |")
 
 
 def plot(res, outdir):
@@ -1256,25 +1325,30 @@ def plot(res, outdir):
         fig.savefig(p, dpi=110)
         plt.close(fig)
         made.append(p)
-    if "slow" in res:
-        m = list(res["slow"]["summary"].values())
-        labels = [s["label"].replace("native Envoy ", "native\n").replace("registry-lb ", "registry-lb\n") for s in m]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-        ax1.bar(range(len(m)), [s["rps"] or 0 for s in m],
-                color=["#4c72b0" if s["label"].startswith("native") else "#dd8452" for s in m])
-        for i, s in enumerate(m):
-            if s.get("slow_share") is not None:
-                ax1.text(i, (s["rps"] or 0) * 1.01, f"slow: {s['slow_share']:.1%}", ha="center", va="bottom", fontsize=8)
-        ax1.set_xticks(range(len(m)), labels, fontsize=8)
-        ax1.set_ylabel("requests / s")
-        ax1.set_title(f"4 backends, one {res['slow']['slow_ms']} ms slower: throughput")
-        x = list(range(len(m)))
-        ax2.bar([i - 0.2 for i in x], [s["p50_ms"] or 0 for s in m], width=0.4, label="p50")
-        ax2.bar([i + 0.2 for i in x], [s["p99_ms"] or 0 for s in m], width=0.4, label="p99")
-        ax2.set_xticks(x, labels, fontsize=8)
-        ax2.set_ylabel("ms")
-        ax2.set_title("latency")
-        ax2.legend()
+    scen = [k for k in ("slow", "degrade") if k in res]
+    if scen:
+        fig, axes = plt.subplots(len(scen), 2, figsize=(12, 4.8 * len(scen)), squeeze=False)
+        for row, key in enumerate(scen):
+            ax1, ax2 = axes[row]
+            m = list(res[key]["summary"].values())
+            labels = [s["label"].replace("native Envoy ", "native\n").replace("registry-lb ", "registry-lb\n") for s in m]
+            ax1.bar(range(len(m)), [s["rps"] or 0 for s in m],
+                    color=["#4c72b0" if s["label"].startswith("native") else "#dd8452" for s in m])
+            for i, s in enumerate(m):
+                if s.get("slow_share") is not None:
+                    ax1.text(i, (s["rps"] or 0) * 1.01, f"slow: {s['slow_share']:.1%}", ha="center", va="bottom", fontsize=8)
+            ax1.set_xticks(range(len(m)), labels, fontsize=8)
+            ax1.set_ylabel("requests / s")
+            what = (f"one {res[key]['slow_ms']} ms slower" if key == "slow"
+                    else f"one {res[key]['slow_ms']} ms slower from mid-run")
+            ax1.set_title(f"4 backends, {what}: throughput")
+            x = list(range(len(m)))
+            ax2.bar([i - 0.2 for i in x], [s["p50_ms"] or 0 for s in m], width=0.4, label="p50")
+            ax2.bar([i + 0.2 for i in x], [s["p99_ms"] or 0 for s in m], width=0.4, label="p99")
+            ax2.set_xticks(x, labels, fontsize=8)
+            ax2.set_ylabel("ms")
+            ax2.set_title(f"latency ({what})")
+            ax2.legend()
         fig.tight_layout()
         p = outdir / "slow-instance.png"
         fig.savefig(p, dpi=110)

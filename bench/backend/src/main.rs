@@ -1,7 +1,8 @@
 //! `bench-backend 127.0.0.1:18001 127.0.0.1:18002=50 …`: one HTTP/1.1 server (hyper,
 //! keep-alive) per address, answering `200 ok`; `=N` delays every answer by N ms
-//! (a slow instance). One thread: the backends of `./dev bench` must leave the CPU
-//! to Envoy. Runs until killed, or at most `BENCH_BACKEND_MAX_SECS` (default 3600).
+//! (a slow instance). `GET /__delay?ms=N` sent to one address changes that
+//! address's delay from then on (a backend that degrades midway). One thread: the
+//! backends of `./dev bench` must leave the CPU to Envoy. Runs until killed, or at most `BENCH_BACKEND_MAX_SECS` (default 3600).
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -11,6 +12,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::rc::Rc;
+use std::cell::Cell;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -26,16 +29,34 @@ fn parse(arg: &str) -> Result<(SocketAddr, u64), String> {
     Ok((addr, delay))
 }
 
-async fn serve(listener: TcpListener, delay: Duration) {
+/// The new delay a control request asks for: `/__delay?ms=N`.
+fn control(req: &Request<hyper::body::Incoming>) -> Option<u64> {
+    if req.uri().path() != "/__delay" {
+        return None;
+    }
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix("ms=")).and_then(|v| v.parse().ok())
+}
+
+async fn serve(listener: TcpListener, delay_ms: u64) {
+    let delay = Rc::new(Cell::new(delay_ms));
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let _ = stream.set_nodelay(true);
+        let delay = Rc::clone(&delay);
         tokio::task::spawn_local(async move {
-            let svc = service_fn(move |_req: Request<hyper::body::Incoming>| async move {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let delay = Rc::clone(&delay);
+                async move {
+                    if let Some(ms) = control(&req) {
+                        delay.set(ms);
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("delay {ms} ms\n")))));
+                    }
+                    let d = delay.get();
+                    if d > 0 {
+                        tokio::time::sleep(Duration::from_millis(d)).await;
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
                 }
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
             });
             let _ = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc).await;
         });
@@ -76,7 +97,7 @@ fn main() {
                     std::process::exit(1);
                 }
             };
-            tokio::task::spawn_local(serve(listener, Duration::from_millis(delay)));
+            tokio::task::spawn_local(serve(listener, delay));
         }
         println!("ready");
         tokio::time::sleep(Duration::from_secs(max_secs)).await;
