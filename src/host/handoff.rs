@@ -29,10 +29,15 @@ fn varint(b: &mut Vec<u8>, mut v: u64) {
     b.push(v as u8);
 }
 
-pub fn set_filter_state(host: &str) -> Result<(), Status> {
-    hostcalls::call_foreign_function("set_envoy_filter_state", Some(&filter_state_args(host))).map(|_| ())
+/// Sets the filter state from [`filter_state_args`] bytes.
+pub fn set_filter_state_args(args: &[u8]) -> Result<(), Status> {
+    hostcalls::call_foreign_function("set_envoy_filter_state", Some(args)).map(|_| ())
 }
 
 pub fn set_header(name: &str, host: &str) -> Result<(), Status> {
     hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(host))
+}
+
+pub fn set_header_bytes(name: &str, value: &[u8]) -> Result<(), Status> {
+    hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value))
 }

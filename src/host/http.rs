@@ -3,7 +3,7 @@
 
 use super::now_ms;
 use super::metrics::gauge_add;
-use super::worker::{local_reply, shown, Reply, RequestKey, Routed, Worker};
+use super::worker::{local_reply, shown, Reply, RequestKey, RouteTarget, Routed, Worker};
 use crate::config::{Policy, ServiceConfig};
 use crate::hash_key::{self, HashOn, RequestParts};
 use crate::config::Handoff;
@@ -26,22 +26,32 @@ impl Http {
     }
 }
 
-/// The service named by the route, cached per route name: reading the route's
-/// name costs the host about a quarter of reading its metadata (measured with
+/// What the route names, cached per route name: reading the route's name costs
+/// the host about a quarter of reading its metadata (measured with
 /// `bench/hostcall-probe`). Unnamed routes are read every time.
-fn route_service_cached(w: &mut Worker, namespace: &str) -> Option<String> {
+fn route_target_cached(w: &mut Worker, namespace: &str) -> RouteTarget {
     match hostcalls::get_property(vec!["xds", "route_name"]) {
         Ok(Some(name)) if !name.is_empty() => {
             if let Some(v) = w.route_cache.get(&name) {
                 return v.clone();
             }
-            let v = route_service(namespace);
+            let v = route_target(w, namespace);
             if w.route_cache.len() < 1024 {
                 w.route_cache.insert(name, v.clone());
             }
             v
         }
-        _ => route_service(namespace),
+        _ => route_target(w, namespace),
+    }
+}
+
+fn route_target(w: &Worker, namespace: &str) -> RouteTarget {
+    match route_service(namespace) {
+        None => RouteTarget::None,
+        Some(name) => match w.service_index(&name) {
+            Some(i) => RouteTarget::Service(i),
+            None => RouteTarget::Unknown(name),
+        },
     }
 }
 
@@ -123,13 +133,16 @@ impl HttpContext for Http {
                 w.metrics.inc("client_handoff_header_removed");
             }
         }
-        let Some(service) = route_service_cached(&mut w, &cfg.metadata_namespace) else { return Action::Continue };
-        let Some(si) = w.service_index(&service) else {
-            w.metrics.inc("unknown_service");
-            log::warn!("registry-lb: a route names service `{}`, which is not configured", shown(&service));
-            drop(w);
-            local_reply(503, "registry_lb_unknown_service", &format!("registry-lb: service `{}` is not configured\n", shown(&service)));
-            return Action::Pause;
+        let si = match route_target_cached(&mut w, &cfg.metadata_namespace) {
+            RouteTarget::None => return Action::Continue,
+            RouteTarget::Service(i) => i,
+            RouteTarget::Unknown(service) => {
+                w.metrics.inc("unknown_service");
+                log::warn!("registry-lb: a route names service `{}`, which is not configured", shown(&service));
+                drop(w);
+                local_reply(503, "registry_lb_unknown_service", &format!("registry-lb: service `{}` is not configured\n", shown(&service)));
+                return Action::Pause;
+            }
         };
         if w.unknown(si) {
             // No snapshot seen yet: look now rather than at the next tick, and if
@@ -139,7 +152,7 @@ impl HttpContext for Http {
             if w.unknown(si) {
                 let deadline = now_ms() + cfg.services[si].initial_fetch_timeout.0;
                 w.waiting.push((self.id, si, deadline));
-                w.metrics.inc(&format!("{service}.rq_waited_for_first_snapshot"));
+                w.metrics.inc(&format!("{}.rq_waited_for_first_snapshot", cfg.services[si].name));
                 return Action::Pause;
             }
         }
@@ -193,10 +206,10 @@ impl HttpContext for Http {
             // Host-failure flags come with no response or a 5xx: read them only then.
             let flags = if code == 0 || code >= 500 || !routed.fallbacks.is_empty() { int_property(&["response", "flags"]) } else { 0 };
             if routed.fallbacks.is_empty() {
-                w.finished(routed, code, flags, now_ms());
+                w.finished(routed, code, flags);
             } else {
                 let attempts = int_property(&["upstream", "request_attempt_count"]).max(1);
-                w.finished_attempts(routed, attempts, code, flags, now_ms());
+                w.finished_attempts(routed, attempts, code, flags);
             }
         }
     }

@@ -12,7 +12,7 @@ pub struct Metrics {
     instance_names: HashMap<String, usize>,
     /// Per-instance pick counts not yet added to Envoy's counters (flushed on tick,
     /// so a request costs no host call for them).
-    pending_picks: HashMap<u32, i64>,
+    pending_picks: fnv::FnvHashMap<u32, i64>,
 }
 
 impl Metrics {

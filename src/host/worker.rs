@@ -26,6 +26,38 @@ pub struct Keys {
     pub outliers: Vec<String>,
 }
 
+/// Service gauges of the request path.
+#[derive(Clone, Copy, Debug)]
+enum ServiceGauge {
+    RqActive,
+    OutlierGeneration,
+}
+
+impl ServiceGauge {
+    fn name(self) -> &'static str {
+        match self {
+            ServiceGauge::RqActive => "rq_active",
+            ServiceGauge::OutlierGeneration => "outlier_generation",
+        }
+    }
+}
+
+/// Per-slot gauges of the request path.
+#[derive(Clone, Copy, Debug)]
+enum SlotGauge {
+    RqActive,
+    Consecutive5xx,
+}
+
+impl SlotGauge {
+    fn name(self) -> &'static str {
+        match self {
+            SlotGauge::RqActive => "rq_active",
+            SlotGauge::Consecutive5xx => "consecutive_5xx",
+        }
+    }
+}
+
 /// What the filter must remember about a routed request until it ends.
 #[derive(Clone, Debug, Default)]
 pub struct Routed {
@@ -59,6 +91,39 @@ pub struct Weights {
     next_ms: u64,
 }
 
+/// What the request path needs about one slot of one service, resolved once:
+/// gauge and counter ids, and the bytes that hand its instance to Envoy.
+#[derive(Clone, Debug, Default)]
+struct SlotCache {
+    /// `<service>.slot_<n>.rq_active` (`None` until resolved).
+    active: Option<Option<u32>>,
+    /// `<service>.slot_<n>.consecutive_5xx`.
+    consecutive: Option<Option<u32>>,
+    /// Pick counter of the instance now in the slot; forgotten with a new snapshot.
+    pick: Option<u32>,
+    /// Hand-off payload (filter-state arguments or header value) of the instance
+    /// now in the slot; forgotten with a new snapshot.
+    handoff: Option<Vec<u8>>,
+}
+
+/// Service gauges read on the request path.
+#[derive(Clone, Copy, Debug, Default)]
+struct ServiceGauges {
+    rq_active: Option<Option<u32>>,
+    outlier_generation: Option<Option<u32>>,
+}
+
+/// What a route's name resolved to.
+#[derive(Clone, Debug)]
+pub enum RouteTarget {
+    /// No registry-lb metadata: not ours.
+    None,
+    /// A configured service, by index.
+    Service(usize),
+    /// Metadata names a service that is not configured.
+    Unknown(String),
+}
+
 /// A local reply instead of routing: (response code details, body).
 pub struct Reply(pub &'static str, pub String);
 
@@ -78,15 +143,15 @@ pub struct Worker {
     pub stale: Vec<bool>,
     /// Per service: effective-weight state.
     pub weights: Vec<Weights>,
-    /// Pick counter id per (service, slot); cleared when slots change hands.
-    pick_ids: HashMap<(usize, u32), u32>,
-    /// Per-service gauge ids used on the request path, by short name.
-    gauges: HashMap<(usize, &'static str), Option<u32>>,
-    /// Per-slot gauge ids (`rq_active`, `consecutive_5xx`) by (service, slot, name).
-    slot_gauges: HashMap<(usize, u32, &'static str), Option<u32>>,
-    /// Route name → service from its metadata; forgotten every 10 s so a route
+    /// Per service, per slot: ids and hand-off bytes (index = slot).
+    slots: Vec<Vec<SlotCache>>,
+    /// Per service: gauge ids of the request path.
+    gauges: Vec<ServiceGauges>,
+    /// Per service: when the request path last looked for other workers' ejections.
+    outliers_seen_ms: Vec<u64>,
+    /// Route name → what its metadata names; forgotten every 10 s so a route
     /// changed by RDS under the same name is picked up.
-    pub route_cache: HashMap<Vec<u8>, Option<String>>,
+    pub route_cache: fnv::FnvHashMap<Vec<u8>, RouteTarget>,
     route_cache_until: u64,
 }
 
@@ -142,10 +207,10 @@ impl Worker {
             outliers: (0..n).map(|_| Outliers::default()).collect(),
             stale: vec![false; n],
             weights,
-            pick_ids: HashMap::new(),
-            gauges: HashMap::new(),
-            slot_gauges: HashMap::new(),
-            route_cache: HashMap::new(),
+            slots: vec![Vec::new(); n],
+            gauges: vec![ServiceGauges::default(); n],
+            outliers_seen_ms: vec![u64::MAX; n],
+            route_cache: fnv::FnvHashMap::default(),
             route_cache_until: 0,
         }
     }
@@ -171,8 +236,13 @@ impl Worker {
                     }
                 }
                 self.tables[i] = Some(table);
-                // Slots may now belong to other instances: re-resolve pick counters.
-                self.pick_ids.retain(|(svc, _), _| *svc != i);
+                // Slots may now belong to other instances: re-resolve what is per instance.
+                if let Some(slots) = self.slots.get_mut(i) {
+                    for c in slots.iter_mut() {
+                        c.pick = None;
+                        c.handoff = None;
+                    }
+                }
                 self.reapply(i, super::now_ms());
                 let Some(Some(table)) = self.tables.get_mut(i) else { return };
                 let table = &*table;
@@ -229,14 +299,34 @@ impl Worker {
     }
 
     /// Id of the service gauge `<service>.<what>`, defined once per VM.
-    fn gauge_cached(&mut self, si: usize, what: &'static str) -> Option<u32> {
-        if let Some(id) = self.gauges.get(&(si, what)) {
-            return *id;
+    fn gauge_cached(&mut self, si: usize, what: ServiceGauge) -> Option<u32> {
+        let g = self.gauges.get_mut(si)?;
+        let cached = match what {
+            ServiceGauge::RqActive => &mut g.rq_active,
+            ServiceGauge::OutlierGeneration => &mut g.outlier_generation,
+        };
+        if let Some(id) = *cached {
+            return id;
         }
-        let name = format!("{}.{what}", self.cfg.services.get(si)?.name);
+        let name = format!("{}.{}", self.cfg.services.get(si)?.name, what.name());
         let id = self.metrics.gauge_id(&name);
-        self.gauges.insert((si, what), id);
+        let g = self.gauges.get_mut(si)?;
+        match what {
+            ServiceGauge::RqActive => g.rq_active = Some(id),
+            ServiceGauge::OutlierGeneration => g.outlier_generation = Some(id),
+        }
         id
+    }
+
+    /// The cache entry of `slot` of service `si`, grown on first use.
+    fn slot_cache(&mut self, si: usize, slot: u32) -> Option<&mut SlotCache> {
+        let slots = self.slots.get_mut(si)?;
+        let k = slot as usize;
+        if k >= slots.len() {
+            // Slots are dense and bounded by the snapshot's instance count.
+            slots.resize(k + 1, SlotCache::default());
+        }
+        slots.get_mut(k)
     }
 
     /// Re-reads the ejection state of service `si` if its generation moved.
@@ -244,7 +334,7 @@ impl Worker {
         if !self.outliers_on(si) {
             return;
         }
-        let Some(id) = self.gauge_cached(si, "outlier_generation") else { return };
+        let Some(id) = self.gauge_cached(si, ServiceGauge::OutlierGeneration) else { return };
         let g = gauge_get(id) as u64;
         let have = self.tables.get(si).and_then(|t| t.as_ref()).map(|t| t.outlier_generation);
         if have == Some(g) && self.outliers[si].generation == g {
@@ -351,22 +441,22 @@ impl Worker {
     /// Accounts for a finished request that took `attempts` tries. With the
     /// `override_host` hand-off, attempt k went to entry k of the ranked list, so
     /// every attempt before the last failed on its host.
-    pub fn finished_attempts(&mut self, r: Routed, attempts: u64, code: u64, flags: u64, now: u64) {
+    pub fn finished_attempts(&mut self, r: Routed, attempts: u64, code: u64, flags: u64) {
         let mut last = r.clone();
         if attempts > 1 {
             let tried: Vec<u32> = std::iter::once(r.slot).chain(r.fallbacks.iter().copied()).collect();
             let n = (attempts as usize).min(tried.len());
             for (k, slot) in tried.iter().take(n - 1).enumerate() {
                 let failed = Routed { slot: *slot, trial: r.trial && k == 0, gauge: None, fallbacks: Vec::new(), ..r };
-                self.finished(failed, 503, 32, now);
+                self.finished(failed, 503, 32);
             }
             last = Routed { slot: tried[n - 1], trial: false, gauge: None, fallbacks: Vec::new(), ..r };
         }
-        self.finished(last, code, flags, now);
+        self.finished(last, code, flags);
     }
 
     /// Accounts for a finished request: consecutive failures, ejection, trials.
-    pub fn finished(&mut self, r: Routed, code: u64, flags: u64, now: u64) {
+    pub fn finished(&mut self, r: Routed, code: u64, flags: u64) {
         if !self.passive_on(r.service) {
             return;
         }
@@ -375,7 +465,9 @@ impl Worker {
         let policy = svc.outlier_detection.policy();
         let result = outlier::classify(code, flags);
         let name = &svc.name;
+        // The clock is read only when an ejection state changes (not per success).
         if r.trial {
+            let now = super::now_ms();
             if self.update_outliers(r.service, |o| o.end_trial(r.slot, result, &policy, now)) {
                 let ok = result == outlier::Result_::Success;
                 self.metrics.inc(&format!("{name}.outlier_trial_{}", if ok { "ok" } else { "failed" }));
@@ -387,7 +479,7 @@ impl Worker {
             }
             return;
         }
-        let Some(counter) = self.slot_gauge(r.service, r.slot, "consecutive_5xx") else { return };
+        let Some(counter) = self.slot_gauge(r.service, r.slot, SlotGauge::Consecutive5xx) else { return };
         if result == outlier::Result_::Success {
             let _ = hostcalls::record_metric(counter, 0);
             return;
@@ -398,6 +490,7 @@ impl Worker {
             return;
         }
         let known = self.tables.get(r.service).and_then(|t| t.as_ref()).map(|t| t.known).unwrap_or(1);
+        let now = super::now_ms();
         if self.update_outliers(r.service, |o| o.eject(r.slot, n, known, &policy, now)) {
             let _ = hostcalls::record_metric(counter, 0);
             self.metrics.inc(&format!("{name}.outlier_ejections"));
@@ -413,13 +506,22 @@ impl Worker {
 
     /// Id of the gauge `<service>.slot_<n>.<what>`, cached so the request path
     /// does not format names.
-    fn slot_gauge(&mut self, si: usize, slot: u32, what: &'static str) -> Option<u32> {
-        if let Some(id) = self.slot_gauges.get(&(si, slot, what)) {
-            return *id;
+    fn slot_gauge(&mut self, si: usize, slot: u32, what: SlotGauge) -> Option<u32> {
+        let c = self.slot_cache(si, slot)?;
+        let cached = match what {
+            SlotGauge::RqActive => c.active,
+            SlotGauge::Consecutive5xx => c.consecutive,
+        };
+        if let Some(id) = cached {
+            return id;
         }
-        let name = format!("{}.slot_{slot}.{what}", self.cfg.services.get(si)?.name);
+        let name = format!("{}.slot_{slot}.{}", self.cfg.services.get(si)?.name, what.name());
         let id = self.metrics.gauge_id(&name);
-        self.slot_gauges.insert((si, slot, what), id);
+        let c = self.slot_cache(si, slot)?;
+        match what {
+            SlotGauge::RqActive => c.active = Some(id),
+            SlotGauge::Consecutive5xx => c.consecutive = Some(id),
+        }
         id
     }
 
@@ -433,67 +535,79 @@ impl Worker {
             self.metrics.inc(&format!("{name}.rq_stale"));
             return Err(Reply("registry_lb_stale", format!("registry-lb: registry data for service `{name}` is too old\n")));
         }
-        self.sync_outliers(si);
+        // Other workers' ejections: their generation gauge is read at most once per
+        // millisecond per service (this worker's own apply at once).
+        if self.outliers_seen_ms.get(si).copied() != Some(now) {
+            self.sync_outliers(si);
+            if let Some(t) = self.outliers_seen_ms.get_mut(si) {
+                *t = now;
+            }
+        }
         let shared_load = svc.policy == Policy::LeastRequest || svc.bounded_load_percent.is_some();
-        let total_gauge = if svc.bounded_load_percent.is_some() { self.gauge_cached(si, "rq_active") } else { None };
+        let total_gauge = if svc.bounded_load_percent.is_some() { self.gauge_cached(si, ServiceGauge::RqActive) } else { None };
         let total_active = total_gauge.map(gauge_get).unwrap_or(0).max(0) as u64;
         let want = if cfg.handoff == Handoff::OverrideHost { svc.override_host_count as usize } else { 1 };
-        let mut chosen: Option<(Vec<(String, u32)>, bool)> = None;
+        // The chosen slot, the further ranked ones (override_host only: no
+        // allocation otherwise), and whether it is a half-open trial.
+        let mut chosen: Option<(u32, Vec<u32>, bool)> = None;
         for _attempt in 0..3 {
             // Take the table out so the gauge lookup can borrow the rest of `self`.
             let Some(mut table) = self.tables.get_mut(si).and_then(Option::take) else { break };
             let mut rng = self.rng.clone();
-            let load = |slot: u32| if shared_load { self.slot_gauge(si, slot, "rq_active").map(gauge_get).unwrap_or(0) } else { 0 };
+            let load = |slot: u32| if shared_load { self.slot_gauge(si, slot, SlotGauge::RqActive).map(gauge_get).unwrap_or(0) } else { 0 };
             let mut req = Request { rng: &mut rng, now_ms: now, hash: key.hash, subset: key.subset.as_deref(), active: load, total_active };
-            let picks: Vec<(String, u32)> = if want > 1 {
-                let ranked = table.ranked(want, &mut req);
-                ranked.into_iter().filter_map(|i| table.endpoints.get(i)).map(|e| (e.host.clone(), e.slot)).collect()
+            let picked: Option<(u32, Vec<u32>)> = if want > 1 {
+                let ranked: Vec<u32> =
+                    table.ranked(want, &mut req).into_iter().filter_map(|i| table.endpoints.get(i)).map(|e| e.slot).collect();
+                ranked.split_first().map(|(first, rest)| (*first, rest.to_vec()))
             } else {
-                table.pick(&mut req).map(|e| vec![(e.host.clone(), e.slot)]).unwrap_or_default()
+                table.pick(&mut req).map(|e| (e.slot, Vec::new()))
             };
             let panic = table.panic;
             self.rng = rng;
             if let Some(t) = self.tables.get_mut(si) {
                 *t = Some(table);
             }
-            let Some(&(_, slot)) = picks.first() else { break };
+            let Some((slot, rest)) = picked else { break };
             if panic {
                 self.metrics.inc(&format!("{name}.rq_panic"));
             }
             if self.outliers[si].is_half_open(slot) {
                 // Half-open: this request is the one trial, if no other worker took it.
                 if self.update_outliers(si, |o| o.start_trial(slot, now)) {
-                    chosen = Some((picks, true));
+                    chosen = Some((slot, rest, true));
                     break;
                 }
                 self.sync_outliers(si);
                 continue;
             }
-            chosen = Some((picks, false));
+            chosen = Some((slot, rest, false));
             break;
         }
-        let Some((picks, trial)) = chosen else {
+        let Some((slot, fallbacks, trial)) = chosen else {
             self.metrics.inc(&format!("{name}.rq_no_instance"));
             return Err(Reply("registry_lb_no_instance", format!("registry-lb: no available instance for service `{name}`\n")));
         };
-        let (host, slot) = match picks.first() {
-            Some((h, s)) => (h.clone(), *s),
-            None => return Err(Reply("registry_lb_no_instance", String::new())),
-        };
         let handed = match cfg.handoff {
-            Handoff::FilterState => handoff::set_filter_state(&host),
-            Handoff::Header => handoff::set_header(&cfg.handoff_header, &host),
+            Handoff::FilterState | Handoff::Header => match self.handoff_payload(si, slot) {
+                Some(payload) => match cfg.handoff {
+                    Handoff::FilterState => handoff::set_filter_state_args(payload),
+                    _ => handoff::set_header_bytes(&cfg.handoff_header, payload),
+                },
+                None => Err(Status::NotFound),
+            },
             Handoff::OverrideHost => {
-                let list: Vec<&str> = picks.iter().map(|(h, _)| h.as_str()).collect();
+                let list: Vec<&str> = std::iter::once(slot).chain(fallbacks.iter().copied()).filter_map(|s| self.host_of(si, s)).collect();
                 handoff::set_header(&cfg.handoff_header, &list.join(","))
             }
         };
         if let Err(e) = handed {
             self.metrics.inc(&format!("{name}.handoff_failed"));
+            let host = self.host_of(si, slot).unwrap_or("?");
             log::error!("registry-lb: service {name}: cannot hand {host} to Envoy: {e:?}");
             return Err(Reply("registry_lb_handoff_failed", format!("registry-lb: cannot route to service `{name}`\n")));
         }
-        let gauge = if shared_load { self.slot_gauge(si, slot, "rq_active") } else { None };
+        let gauge = if shared_load { self.slot_gauge(si, slot, SlotGauge::RqActive) } else { None };
         for id in [gauge, total_gauge].into_iter().flatten() {
             gauge_add(id, 1);
         }
@@ -502,16 +616,44 @@ impl Worker {
                 t.peak_start(slot);
             }
         }
-        match self.pick_ids.get(&(si, slot)) {
-            Some(id) => self.metrics.count_pick(*id),
-            None => {
-                if let Some(id) = self.metrics.pick(name, &host, cfg.max_instance_stats) {
-                    self.pick_ids.insert((si, slot), id);
-                }
+        self.count_pick(si, slot, cfg.max_instance_stats);
+        Ok(Routed { service: si, slot, gauge, trial, fallbacks, total_gauge })
+    }
+
+    /// `ip:port` of the routable instance in `slot` of service `si`.
+    fn host_of(&self, si: usize, slot: u32) -> Option<&str> {
+        let t = self.tables.get(si)?.as_ref()?;
+        t.index_of_slot(slot).and_then(|i| t.endpoints.get(i)).map(|e| e.host.as_str())
+    }
+
+    /// The bytes that hand `slot`'s instance to Envoy (filter-state arguments or
+    /// header value), built once per instance.
+    fn handoff_payload(&mut self, si: usize, slot: u32) -> Option<&[u8]> {
+        if self.slot_cache(si, slot)?.handoff.is_none() {
+            let host = self.host_of(si, slot)?;
+            let payload = match self.cfg.handoff {
+                Handoff::FilterState => handoff::filter_state_args(host),
+                _ => host.as_bytes().to_vec(),
+            };
+            self.slot_cache(si, slot)?.handoff = Some(payload);
+        }
+        self.slot_cache(si, slot)?.handoff.as_deref()
+    }
+
+    /// Counts a pick of `slot`'s instance (per-instance counter while under the cap).
+    fn count_pick(&mut self, si: usize, slot: u32, cap: usize) {
+        if let Some(id) = self.slot_cache(si, slot).and_then(|c| c.pick) {
+            self.metrics.count_pick(id);
+            return;
+        }
+        let (Some(name), Some(host)) = (self.cfg.services.get(si).map(|s| s.name.clone()), self.host_of(si, slot).map(str::to_string)) else {
+            return;
+        };
+        if let Some(id) = self.metrics.pick(&name, &host, cap) {
+            if let Some(c) = self.slot_cache(si, slot) {
+                c.pick = Some(id);
             }
         }
-        let fallbacks = picks.iter().skip(1).map(|(_, s)| *s).collect();
-        Ok(Routed { service: si, slot, gauge, trial, fallbacks, total_gauge })
     }
 
     /// Routes or fails the requests paused for a first snapshot, once it is there

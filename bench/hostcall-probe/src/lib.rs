@@ -13,6 +13,10 @@
 //! - `current_time`: `get_current_time` (proxy_get_current_time_nanoseconds)
 //! - `guest_format`: no host call: a stat name built with `format!` and looked up in
 //!   a `HashMap<String, _>`, as registry-lb's per-instance pick counter does
+//! - `mimic <n> <port>`: the host calls registry-lb's `least_request` makes per
+//!   request, and nothing else: route name, outlier generation gauge, clock, two
+//!   in-flight gauges, filter state (to `127.0.0.1:<port + k>`, k cycling over n),
+//!   in-flight +1; in `on_log` in-flight −1, `response.code`, consecutive-failure reset
 //! - `none`: nothing (the empty filter, with this crate's code size)
 
 use proxy_wasm::hostcalls;
@@ -39,6 +43,7 @@ enum Op {
     RouteName,
     CurrentTime,
     GuestFormat,
+    Mimic,
 }
 
 #[derive(Default)]
@@ -47,6 +52,9 @@ struct Probe {
     count: u32,
     gauge: u32,
     names: HashMap<String, u32>,
+    /// mimic: filter-state arguments and gauges per host, next host.
+    hosts: Vec<(Vec<u8>, u32, u32)>,
+    next: usize,
 }
 
 struct Root {
@@ -70,6 +78,7 @@ impl RootContext for Root {
             "route_name" => Op::RouteName,
             "current_time" => Op::CurrentTime,
             "guest_format" => Op::GuestFormat,
+            "mimic" => Op::Mimic,
             "none" => Op::None,
             _ => return false,
         };
@@ -78,6 +87,15 @@ impl RootContext for Root {
         p.op = op;
         p.count = if op == Op::FilterState { count.min(1) } else { count };
         p.gauge = hostcalls::define_metric(MetricType::Gauge, "probe.gauge").unwrap_or(0);
+        if op == Op::Mimic {
+            let port: u32 = it.next().and_then(|c| c.parse().ok()).unwrap_or(20000);
+            for k in 0..count {
+                let a = hostcalls::define_metric(MetricType::Gauge, &format!("probe.slot_{k}.rq_active")).unwrap_or(0);
+                let c = hostcalls::define_metric(MetricType::Gauge, &format!("probe.slot_{k}.consecutive_5xx")).unwrap_or(0);
+                p.hosts.push((filter_state_args(&format!("127.0.0.1:{}", port + k)), a, c));
+            }
+            p.count = 1;
+        }
         for i in 0..256u32 {
             p.names.insert(format!("web.instance.127_0_0_1_{}.picks", 20000 + i), i);
         }
@@ -85,7 +103,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { probe: self.probe.clone() }))
+        Some(Box::new(Http { probe: self.probe.clone(), slot: 0 }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -95,6 +113,8 @@ impl RootContext for Root {
 
 struct Http {
     probe: Rc<RefCell<Probe>>,
+    /// mimic: the host this request went to.
+    slot: usize,
 }
 
 impl Context for Http {}
@@ -115,6 +135,24 @@ fn filter_state_args(value: &str) -> Vec<u8> {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if self.probe.borrow().op == Op::Mimic {
+            let mut p = self.probe.borrow_mut();
+            let n = p.hosts.len().max(1);
+            let k = p.next % n;
+            p.next = p.next.wrapping_add(1);
+            self.slot = k;
+            std::hint::black_box(hostcalls::get_property(vec!["xds", "route_name"]).ok().flatten());
+            std::hint::black_box(hostcalls::get_metric(p.gauge).unwrap_or(0));
+            std::hint::black_box(hostcalls::get_current_time().ok());
+            if let (Some(a), Some(b)) = (p.hosts.get(k), p.hosts.get((k + 1) % n)) {
+                std::hint::black_box(hostcalls::get_metric(a.1).unwrap_or(0) + hostcalls::get_metric(b.1).unwrap_or(0));
+            }
+            if let Some(h) = p.hosts.get(k) {
+                let _ = hostcalls::call_foreign_function("set_envoy_filter_state", Some(&h.0));
+                let _ = hostcalls::increment_metric(h.1, 1);
+            }
+            return Action::Continue;
+        }
         let p = self.probe.borrow();
         let mut sink = 0u64;
         for i in 0..p.count {
@@ -143,7 +181,7 @@ impl HttpContext for Http {
                 Op::CurrentTime => {
                     sink += hostcalls::get_current_time().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.subsec_nanos() as u64).unwrap_or(0);
                 }
-                Op::ResponseCode | Op::StatusHeader | Op::None => {}
+                Op::ResponseCode | Op::StatusHeader | Op::None | Op::Mimic => {}
             }
         }
         std::hint::black_box(sink);
@@ -162,6 +200,14 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         let p = self.probe.borrow();
+        if p.op == Op::Mimic {
+            if let Some(h) = p.hosts.get(self.slot) {
+                let _ = hostcalls::increment_metric(h.1, -1);
+                std::hint::black_box(hostcalls::get_property(vec!["response", "code"]).ok().flatten());
+                let _ = hostcalls::record_metric(h.2, 0);
+            }
+            return;
+        }
         if p.op == Op::ResponseCode {
             for _ in 0..p.count {
                 std::hint::black_box(hostcalls::get_property(vec!["response", "code"]).ok().flatten());
