@@ -494,7 +494,8 @@ pub struct EurekaConfig {
     pub cluster: String,
     #[serde(default)]
     pub authority: Option<String>,
-    /// Eureka application name; defaults to the registry-lb service name. Sent uppercased.
+    /// Eureka application name; defaults to the registry-lb service name. Sent with ASCII
+    /// letters uppercased, as Eureka stores application names (no Unicode case tables in the .wasm).
     #[serde(default)]
     pub app: Option<String>,
     /// Path of the Eureka REST API (`/eureka` for Spring Cloud, `/eureka/v2` for Netflix's war).

@@ -45,7 +45,7 @@ impl Eureka {
             _ => None,
         };
         Eureka {
-            app: cfg.app.clone().unwrap_or_else(|| svc.name.clone()).to_uppercase(),
+            app: cfg.app.clone().unwrap_or_else(|| svc.name.clone()).to_ascii_uppercase(),
             cfg: cfg.clone(),
             request_timeout_ms: svc.request_timeout.0,
             authorization,
