@@ -93,6 +93,14 @@ pub struct ServiceConfig {
     /// Zone-aware routing: prefer instances in this zone, spill over by capacity.
     #[serde(default)]
     pub local_zone: Option<String>,
+    /// Priority failover: zone groups in order of preference (e.g. the local
+    /// region's zones, then another region's). Zones not listed form a last group.
+    #[serde(default)]
+    pub zone_priorities: Option<Vec<Vec<String>>>,
+    /// Envoy's overprovisioning factor for `zone_priorities`, in percent: a group
+    /// keeps all traffic while at least 100/this of its weight is healthy.
+    #[serde(default = "default_overprovisioning")]
+    pub overprovisioning_percent: u32,
     /// Route to instances whose metadata match.
     #[serde(default)]
     pub subset: Option<SubsetConfig>,
@@ -619,6 +627,10 @@ fn default_eureka_prefix() -> String {
 fn default_weight_key() -> String {
     "weight".to_string()
 }
+fn default_overprovisioning() -> u32 {
+    crate::zone::DEFAULT_OVERPROVISIONING_PERCENT
+}
+
 fn default_zone_key() -> String {
     "zone".to_string()
 }
@@ -732,6 +744,28 @@ impl PluginConfig {
                 if !s.policy.is_hash() {
                     return err(format!("{at}.bounded_load_percent"), "is only used by ring_hash and maglev");
                 }
+            }
+            if let Some(groups) = &s.zone_priorities {
+                let mut seen_zone = HashSet::new();
+                if groups.is_empty() {
+                    return err(format!("{at}.zone_priorities"), "list at least one group of zones");
+                }
+                for (g, zones) in groups.iter().enumerate() {
+                    if zones.is_empty() {
+                        return err(format!("{at}.zone_priorities[{g}]"), "a group lists at least one zone");
+                    }
+                    for z in zones {
+                        if z.is_empty() || !printable(z) || !seen_zone.insert(z.as_str()) {
+                            return err(format!("{at}.zone_priorities[{g}]"), "zones are non-empty and listed once");
+                        }
+                    }
+                }
+                if s.policy.is_hash() {
+                    return err(format!("{at}.zone_priorities"), "ring_hash and maglev ignore zones (a key keeps its instance)");
+                }
+            }
+            if !(100..=1_000).contains(&s.overprovisioning_percent) {
+                return err(format!("{at}.overprovisioning_percent"), "must be between 100 and 1000");
             }
             if s.peak_ewma.decay.0 == 0 || s.peak_ewma.default_rtt.0 == 0 {
                 return err(format!("{at}.peak_ewma"), "decay and default_rtt must be greater than zero");
@@ -1039,6 +1073,24 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(s.sources[1].kind(), "etcd");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn zone_priorities_are_checked() {
+        let svc = |extra: &str| format!(r#"{{"services":[{{"name":"web",{extra}"sources":[{{"static":{{"instances":[{{"address":"10.0.0.1","port":80}}]}}}}]}}]}}"#);
+        let c = parse(&svc(r#""local_zone":"a","zone_priorities":[["a","b"],["c"]],"#)).unwrap();
+        assert_eq!(c.services[0].zone_priorities.as_ref().map(Vec::len), Some(2));
+        assert_eq!(c.services[0].overprovisioning_percent, 140);
+        for (extra, want) in [
+            (r#""zone_priorities":[],"#, "services[0].zone_priorities: "),
+            (r#""zone_priorities":[["a"],[]],"#, "services[0].zone_priorities[1]: "),
+            (r#""zone_priorities":[["a"],["b","a"]],"#, "services[0].zone_priorities[1]: zones are non-empty and listed once"),
+            (r#""policy":"maglev","zone_priorities":[["a"]],"#, "services[0].zone_priorities: ring_hash and maglev"),
+            (r#""overprovisioning_percent":99,"#, "services[0].overprovisioning_percent: "),
+        ] {
+            let e = parse(&svc(extra)).unwrap_err();
+            assert!(e.0.starts_with(want), "{extra}: {}", e.0);
+        }
     }
 
     #[wasm_bindgen_test(unsupported = test)]

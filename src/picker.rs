@@ -61,6 +61,9 @@ pub struct Options {
     pub bounded_load_percent: Option<u32>,
     /// Local zone for zone-aware routing; `None` = off.
     pub local_zone: Option<String>,
+    /// Zone groups in order of preference (priority failover); empty = off.
+    pub zone_priorities: Vec<Vec<String>>,
+    pub overprovisioning_percent: u32,
     /// Subset selector from the configuration.
     pub subset: Option<Pairs>,
     pub subset_fallback: Fallback,
@@ -76,6 +79,8 @@ impl Options {
             panic_threshold: 50,
             bounded_load_percent: None,
             local_zone: None,
+            zone_priorities: Vec::new(),
+            overprovisioning_percent: zone::DEFAULT_OVERPROVISIONING_PERCENT,
             subset: None,
             subset_fallback: Fallback::NoFallback,
             peak_ewma_decay_ms: crate::balancer::peak_ewma::DEFAULT_DECAY_MS,
@@ -265,21 +270,47 @@ impl Table {
     }
 
     fn build_zones(&self, rng: &mut impl Rng) -> Option<(zone::Split, Vec<Option<Pool>>)> {
-        let local = self.options.local_zone.as_ref()?;
-        if self.options.policy.is_hash() || self.zones.len() < 2 {
+        let o = &self.options;
+        if o.policy.is_hash() || (o.local_zone.is_none() && o.zone_priorities.is_empty()) {
             return None;
         }
-        let local_idx = self.zones.iter().position(|z| z == local);
-        let mut capacity = vec![0u64; self.zones.len()];
-        for (i, e) in self.endpoints.iter().enumerate() {
-            if let Some(z) = self.endpoint_zone.get(i) {
-                capacity[*z] += u64::from(e.weight);
+        // Zones of the routable instances; with priorities also those of the others:
+        // a group's health is its routable weight over its whole weight.
+        let mut zones: Vec<&str> = self.zones.iter().map(String::as_str).collect();
+        if !o.zone_priorities.is_empty() {
+            for c in &self.candidates {
+                if !zones.contains(&c.zone.as_str()) {
+                    zones.push(c.zone.as_str());
+                }
             }
         }
-        let split = zone::zone_split(local_idx, &capacity, None);
-        let pools = (0..self.zones.len())
+        if zones.len() < 2 {
+            return None;
+        }
+        let mut capacity = vec![0u64; zones.len()];
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if let (Some(&z), false) = (self.endpoint_zone.get(i), self.panic) {
+                capacity[z] += u64::from(e.weight);
+            }
+        }
+        let local_idx = o.local_zone.as_ref().and_then(|l| zones.iter().position(|z| z == l));
+        let split = if o.zone_priorities.is_empty() {
+            zone::zone_split(local_idx, &capacity, None)
+        } else {
+            let mut total = vec![0u64; zones.len()];
+            for c in &self.candidates {
+                if let Some(z) = zones.iter().position(|z| *z == c.zone) {
+                    total[z] += u64::from(c.ep.weight);
+                }
+            }
+            let last = o.zone_priorities.len();
+            let level: Vec<usize> =
+                zones.iter().map(|z| o.zone_priorities.iter().position(|g| g.iter().any(|x| x == z)).unwrap_or(last)).collect();
+            zone::failover_split(local_idx, &level, &capacity, &total, o.overprovisioning_percent)
+        };
+        let pools = (0..zones.len())
             .map(|z| {
-                let members: Vec<usize> = (0..self.endpoints.len()).filter(|&i| self.endpoint_zone[i] == z).collect();
+                let members: Vec<usize> = (0..self.endpoints.len()).filter(|&i| self.endpoint_zone.get(i) == Some(&z)).collect();
                 self.pool(members, rng)
             })
             .collect();
@@ -685,6 +716,53 @@ mod tests {
         let mut t = Table::build(&zoned(1, 3), o, &mut r);
         let local = (0..4000).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).unwrap().starts_with("10.1.")).count();
         assert!((1800..2200).contains(&local), "{local} of 4000 stayed local");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn zone_priorities_fail_over_to_the_next_group() {
+        // Group 0: zones a (local) and b; group 1: zone c. Five instances per zone, of
+        // which `up_a`, `up_b` in a and b are healthy (all of c).
+        let fleet = |up_a: u32, up_b: u32| Snapshot {
+            version: 1,
+            entries: ["a", "b", "c"]
+                .iter()
+                .enumerate()
+                .flat_map(|(z, name)| {
+                    let up = [up_a, up_b, 5][z];
+                    (0..5u32).map(move |i| {
+                        let st = if i < up { State::Healthy } else { State::Unhealthy };
+                        entry(&format!("10.{z}.0.{i}"), 1, st, z as u32 * 10 + i, name, &[])
+                    })
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let o = Options {
+            local_zone: Some("a".into()),
+            zone_priorities: vec![vec!["a".into(), "b".into()], vec!["c".into()]],
+            // 7 of 15 healthy below: not panic mode (which ignores zones).
+            panic_threshold: 0,
+            ..opts(Policy::RoundRobin)
+        };
+        let mut r = SplitMix64(7);
+        let count = |t: &mut Table, r: &mut SplitMix64| {
+            let mut n = [0u32; 3];
+            for _ in 0..4000 {
+                let h = pick_host(t, r, None, &|_| 0).unwrap();
+                n[h[3..4].parse::<usize>().unwrap()] += 1;
+            }
+            n
+        };
+        // Everything healthy: zone a keeps all.
+        let mut t = Table::build(&fleet(5, 5), o.clone(), &mut r);
+        assert_eq!(count(&mut t, &mut r), [4000, 0, 0]);
+        // 4 of 5 up in a: group 0 is 1.4·9/10 > 100 % healthy; a spills to b only.
+        let mut t = Table::build(&fleet(4, 5), o.clone(), &mut r);
+        assert_eq!(count(&mut t, &mut r)[2], 0);
+        // 1 of 5 up in a and in b: group 0 health 1.4·2/10 = 28 %, c takes 72 %.
+        let mut t = Table::build(&fleet(1, 1), o, &mut r);
+        let n = count(&mut t, &mut r);
+        assert!((1000..1240).contains(&n[0]) && n[1] < 100 && (2760..3000).contains(&n[2]), "{n:?}");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

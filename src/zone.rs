@@ -169,6 +169,49 @@ pub fn priority_split(levels: &[(u64, u64)], overprovisioning_percent: u32) -> S
     Split { ppm }
 }
 
+/// Per-zone shares with priority failover: zone z belongs to priority level
+/// `level[z]`; `capacity[z]` is its healthy weight and `total[z]` its weight with
+/// unhealthy and ejected instances counted. Levels share the load by
+/// [`priority_split`] on `(Σ capacity, Σ total)` per level; inside a level, zones
+/// share it by [`zone_split`] (with the local zone if it is in that level, else in
+/// proportion to capacity). A zone's share is the product, floored; the millionths
+/// lost go to the zone with the largest share.
+pub fn failover_split(local: Option<usize>, level: &[usize], capacity: &[u64], total: &[u64], overprovisioning_percent: u32) -> Split {
+    let n = capacity.len();
+    let levels = level.iter().copied().max().map_or(0, |m| m + 1);
+    let mut per_level = vec![(0u64, 0u64); levels];
+    for z in 0..n {
+        if let (Some(&l), Some(&c), Some(&t)) = (level.get(z), capacity.get(z), total.get(z)) {
+            if let Some(x) = per_level.get_mut(l) {
+                x.0 = x.0.saturating_add(c);
+                x.1 = x.1.saturating_add(t.max(c));
+            }
+        }
+    }
+    let level_split = priority_split(&per_level, overprovisioning_percent);
+    let mut ppm = vec![0u32; n];
+    for (l, &lp) in level_split.ppm.iter().enumerate() {
+        if lp == 0 {
+            continue;
+        }
+        let zones: Vec<usize> = (0..n).filter(|&z| level.get(z) == Some(&l)).collect();
+        let caps: Vec<u64> = zones.iter().map(|&z| capacity.get(z).copied().unwrap_or(0)).collect();
+        let local_here = local.and_then(|lz| zones.iter().position(|&z| z == lz));
+        let inner = zone_split(local_here, &caps, None);
+        for (k, &z) in zones.iter().enumerate() {
+            let share = inner.ppm.get(k).copied().unwrap_or(0);
+            if let Some(p) = ppm.get_mut(z) {
+                *p = (u64::from(lp) * u64::from(share) / u64::from(PPM)) as u32;
+            }
+        }
+    }
+    if ppm.iter().any(|&p| p > 0) {
+        let w: Vec<u128> = ppm.iter().map(|&p| u128::from(p)).collect();
+        settle(&mut ppm, &w);
+    }
+    Split { ppm }
+}
+
 /// The values shifted right together until the largest fits in 32 bits, so the
 /// products above stay far inside u128 whatever the caller passes (ratios kept to
 /// 32 significant bits).
@@ -268,6 +311,30 @@ mod tests {
         // Four zones, odd numbers: within 3 ppm of the formula, summing to 10⁶.
         check(2, &[7, 13, 3, 11], None);
         check(1, &[1_000, 1, 999, 5], Some(&[3, 5, 7, 11]));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn failover_keeps_the_local_region_until_it_is_degraded() {
+        // Region 0 = zones a, b (local a); region 1 = zones c, d; all healthy: a keeps all.
+        let levels = [0, 0, 1, 1];
+        assert_eq!(failover_split(Some(0), &levels, &[10, 10, 10, 10], &[10, 10, 10, 10], 140).shares_ppm(), &[PPM, 0, 0, 0]);
+        // a lost 8 of 10: region 0 health = 1.4·12/20 = 84 %, region 1 takes 16 %
+        // (8 % per zone); inside region 0, a keeps (2/12)/(1/2) = 1/3 of 84 %, b the rest.
+        assert_eq!(
+            failover_split(Some(0), &levels, &[2, 10, 10, 10], &[10, 10, 10, 10], 140).shares_ppm(),
+            &[279_999, 560_001, 80_000, 80_000]
+        );
+        // Still 75 % healthy in region 0 (≥ 1/1.4): no failover, only zone spill.
+        assert_eq!(
+            failover_split(Some(0), &levels, &[5, 10, 10, 10], &[10, 10, 10, 10], 140).shares_ppm(),
+            &[666_666, 333_334, 0, 0]
+        );
+        // Region 0 gone: region 1 in proportion to capacity.
+        assert_eq!(failover_split(Some(0), &levels, &[0, 0, 10, 30], &[10, 10, 10, 30], 140).shares_ppm(), &[0, 0, 250_000, 750_000]);
+        // One level, no local zone: in proportion to capacity.
+        assert_eq!(failover_split(None, &[0, 0], &[1, 3], &[1, 3], 140).shares_ppm(), &[250_000, 750_000]);
+        // Nothing healthy anywhere.
+        assert_eq!(failover_split(Some(0), &levels, &[0, 0, 0, 0], &[1, 1, 1, 1], 140).pick(&mut SplitMix64(1)), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

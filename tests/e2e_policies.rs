@@ -1,6 +1,6 @@
 //! End to end in a real Envoy: the host-selection policies beyond round robin —
 //! consistent hashing (sticky across workers and restarts), peak EWMA, subsets,
-//! slow start.
+//! slow start, zone priority failover.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -159,4 +159,34 @@ fn slow_start_ramps_a_new_instance() {
     );
     assert!(share(&early, 300) < 0.12, "{early:?}");
     assert!((share(&late, 400) - 0.25).abs() < 0.03, "{late:?}");
+}
+
+#[test]
+fn zone_priorities_fail_over_when_the_first_group_is_degraded() {
+    let consul = FakeConsul::start();
+    let a: Vec<Backend> = ["a1", "a2", "a3", "a4"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = ["b1", "b2"].iter().map(|n| Backend::start(n)).collect();
+    // Zone a (local, first group): 1 of 4 passing. Zone b (second group): both passing.
+    let mut list: Vec<ConsulInstance> =
+        a.iter().enumerate().map(|(i, x)| inst(x).meta("zone", "a").status(if i == 0 { "passing" } else { "critical" })).collect();
+    list.extend(b.iter().map(|x| inst(x).meta("zone", "b")));
+    consul.set_service("web", list);
+    let envoy = start(
+        &consul,
+        "\"policy\": \"round_robin\", \"local_zone\": \"a\", \"zone_priorities\": [[\"a\"], [\"b\"]], \"panic_threshold\": 0,",
+        1,
+    );
+    // Group a's health: 1.4 × 1/4 = 35 % of the traffic, the rest fails over to b.
+    let c = lb::tally(&envoy, 400);
+    let (a1, bs) = (c.get("a1").copied().unwrap_or(0), c.get("b1").copied().unwrap_or(0) + c.get("b2").copied().unwrap_or(0));
+    println!("zone a with 1 of 4 instances up: {c:?} (a1 expected ~35 %)");
+    assert_eq!(a1 + bs, 400, "{c:?}");
+    assert!((100..=180).contains(&a1), "{c:?}");
+    // Zone a recovers: it takes everything again.
+    consul.update_service("web", |v| v.iter_mut().for_each(|i| i.status = "passing".into()));
+    lb::wait_version(&envoy, "web", 2);
+    std::thread::sleep(Duration::from_millis(200));
+    let c = lb::tally(&envoy, 200);
+    println!("zone a healthy again: {c:?}");
+    assert_eq!(c.keys().filter(|k| k.starts_with('a')).map(|k| c[k]).sum::<u32>(), 200, "{c:?}");
 }

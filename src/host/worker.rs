@@ -185,6 +185,8 @@ pub fn options(svc: &ServiceConfig) -> Options {
         panic_threshold: svc.panic_threshold,
         bounded_load_percent: svc.bounded_load_percent,
         local_zone: svc.local_zone.clone(),
+        zone_priorities: svc.zone_priorities.clone().unwrap_or_default(),
+        overprovisioning_percent: svc.overprovisioning_percent,
         subset: svc.subset.as_ref().and_then(|s| s.selector.as_deref()).and_then(|t| subset::parse_selector(t).ok()),
         subset_fallback: svc.subset.as_ref().map(|s| s.fallback()).unwrap_or(Fallback::NoFallback),
         peak_ewma_decay_ms: svc.peak_ewma.decay.0,
