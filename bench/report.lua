@@ -1,5 +1,21 @@
 -- wrk script of ./dev bench: prints one JSON line with the run's figures.
 -- Latencies are in microseconds. summary.errors.status counts answers >= 400.
+-- Requests cycle through 1,024 paths `/?k=N` (prebuilt), so a policy hashing the path
+-- (ring_hash with hash_on path) sees many keys; every configuration gets the same load.
+local reqs = {}
+local n = 0
+
+init = function(args)
+  for i = 1, 1024 do
+    reqs[i] = wrk.format(nil, "/?k=" .. i)
+  end
+end
+
+request = function()
+  n = n % 1024 + 1
+  return reqs[n]
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

@@ -274,6 +274,9 @@ def envoy_spec(kind, hosts, policy=None, empty_wasm=None, rlb_wasm=None, source=
     if kind == "empty":
         return listen, admin, bootstrap(listen, admin, [wasm_filter("empty", empty_wasm)], "backends",
                                         [static_cluster("backends", "ROUND_ROBIN", hosts)], False)
+    if kind == "probe_odst":
+        return listen, admin, bootstrap(listen, admin, [wasm_filter("probe", empty_wasm, policy)], "registry_lb_original_dst",
+                                        [original_dst_cluster()], True)
     if kind == "probe":
         # policy = "<op> <count>"; the route carries registry-lb's metadata for route_metadata.
         return listen, admin, bootstrap(listen, admin, [wasm_filter("probe", empty_wasm, policy)], "backends",
@@ -773,6 +776,7 @@ def phase_main(run):
         "empty_filter": ("empty", envoy_spec("empty", h100, empty_wasm=E)),
         "rlb_rr_100": ("rlb-rr-100", envoy_spec("rlb", h100, "round_robin", rlb_wasm=W)),
         "rlb_lr_100": ("rlb-lr-100", envoy_spec("rlb", h100, "least_request", rlb_wasm=W)),
+        "rlb_ring_100": ("rlb-ring-100", envoy_spec("rlb", h100, "ring_hash", rlb_wasm=W, extra={"hash_on": {"path": False}})),
         "rlb_lr_10": ("rlb-lr-10", envoy_spec("rlb", h10, "least_request", rlb_wasm=W)),
         "rlb_lr_10k": ("rlb-lr-10k", envoy_spec("rlb", hbig, "least_request", rlb_wasm=W, warm_route=True)),
         "native_rr_10k": ("native-rr-10k", envoy_spec("native", hbig, "ROUND_ROBIN")),
@@ -782,17 +786,25 @@ def phase_main(run):
         "empty_filter": "native + empty wasm filter (100)",
         "rlb_rr_100": "registry-lb round_robin (100)",
         "rlb_lr_100": "registry-lb least_request (100)",
+        "rlb_ring_100": "registry-lb ring_hash on the path (100)",
+        "host_call_floor": "probe: registry-lb's host calls only (100)",
         "rlb_lr_10": "registry-lb least_request (10)",
         "rlb_lr_10k": f"registry-lb least_request ({large:,})",
         "native_rr_10k": f"native Envoy ROUND_ROBIN ({large:,})",
         "rlb_lr_100_cmp": "registry-lb least_request (100), --compare-wasm build",
     }
-    instances = {"native_rr": 100, "empty_filter": 100, "rlb_rr_100": 100, "rlb_lr_100": 100,
+    instances = {"native_rr": 100, "empty_filter": 100, "rlb_rr_100": 100, "rlb_lr_100": 100, "rlb_ring_100": 100,
+                 "host_call_floor": 100,
                  "rlb_lr_10": 10, "rlb_lr_10k": large, "native_rr_10k": large, "rlb_lr_100_cmp": 100}
     for key, (label, extra) in VARIANTS.items():
         specs[key] = (key.replace("_", "-"), envoy_spec("rlb", h100, "least_request", rlb_wasm=W, extra=extra))
         labels[key] = "registry-lb " + label
         instances[key] = 100
+    if run.probe_wasm:
+        # The host calls registry-lb's least_request makes per request (route name,
+        # gauges, clock, filter state, response code), without any of its logic.
+        specs["host_call_floor"] = ("host-call-floor", envoy_spec("probe_odst", h100, f"mimic 100 {base}",
+                                                                  empty_wasm=run.probe_wasm))
     if run.compare_wasm:
         specs["rlb_lr_100_cmp"] = ("rlb-lr-100-cmp", envoy_spec("rlb", h100, "least_request", rlb_wasm=run.compare_wasm))
     if a.configs:
@@ -834,6 +846,10 @@ def phase_main(run):
         targets["least_request >= 0.83 x native throughput"] = [round(lr["vs_native"], 3), lr["vs_native"] >= 0.83]
     if lr.get("p99_vs_empty") is not None:
         targets["least_request p99 within 5 % of the empty filter's"] = [round(lr["p99_vs_empty"], 3), lr["p99_vs_empty"] <= 1.05]
+    for key, name in (("rlb_rr_100", "round_robin"), ("rlb_ring_100", "ring_hash")):
+        v = summary.get(key, {}).get("vs_empty")
+        if v is not None:
+            targets[f"{name} >= 0.97 x empty filter throughput"] = [round(v, 3), v >= 0.97]
     if "rlb_lr_10" in runs and "rlb_lr_10k" in runs:
         r = paired(runs["rlb_lr_10k"], runs["rlb_lr_10"], "rps")
         if r is not None:
@@ -1299,11 +1315,14 @@ def plot(res, outdir):
                 return f"registry-lb\nleast_request\n{n}\noutlier off"
             if k == "rlb_lr_100_cmp":
                 return f"registry-lb\nleast_request\n{n}\ncompare build"
-            pol = "round_robin" if "_rr_" in k else "least_request"
+            if k == "host_call_floor":
+                return f"probe: host\ncalls only\n{n}"
+            pol = "round_robin" if "_rr_" in k else "ring_hash" if "_ring_" in k else "least_request"
             return f"registry-lb\n{pol}\n{n}"
 
         labels = [short(k, s) for k, s in zip(keys, m)]
-        colors = ["#4c72b0" if k.startswith("native") else "#8c8c8c" if k == "empty_filter" else "#dd8452" for k in keys]
+        colors = ["#4c72b0" if k.startswith("native") else "#8c8c8c" if k in ("empty_filter", "host_call_floor") else "#dd8452"
+                  for k in keys]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 6))
         rps = [s["rps"] or 0 for s in m]
         err = [[(s["rps"] or 0) - (s["rps_min"] or 0) for s in m], [(s["rps_max"] or 0) - (s["rps"] or 0) for s in m]]
@@ -1427,7 +1446,7 @@ def main():
     a.duration = a.duration or (2 if q else 3)
     a.large = a.large or (2000 if q else 10000)
     a.warmup = a.warmup if a.warmup is not None else (1 if q else 2)
-    a.max_seconds = a.max_seconds or (240 if q else 900)
+    a.max_seconds = a.max_seconds or (300 if q else 1500)
     a.quiet_wait = a.quiet_wait if a.quiet_wait is not None else (0 if q else 120)
     a.refresh_sizes = [10000] if q else [1000, 10000]
     a.refresh_changes = 2 if q else 5

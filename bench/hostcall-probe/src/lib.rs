@@ -16,7 +16,10 @@
 //! - `mimic <n> <port>`: the host calls registry-lb's `least_request` makes per
 //!   request, and nothing else: route name, outlier generation gauge, clock, two
 //!   in-flight gauges, filter state (to `127.0.0.1:<port + k>`, k cycling over n),
-//!   in-flight +1; in `on_log` in-flight −1, `response.code`, consecutive-failure reset
+//!   in-flight +1; in `on_log` in-flight −1, `response.code`, consecutive-failure reset.
+//!   Flags after the port leave parts out or change them: `nofs` (no filter state: route
+//!   the probe to a cluster that balances itself), `nocode` (no `response.code`), `header`
+//!   (hand the host over in `x-envoy-original-dst-host`, removing a client-sent one first)
 //! - `none`: nothing (the empty filter, with this crate's code size)
 
 use proxy_wasm::hostcalls;
@@ -55,6 +58,9 @@ struct Probe {
     /// mimic: filter-state arguments and gauges per host, next host.
     hosts: Vec<(Vec<u8>, u32, u32)>,
     next: usize,
+    no_fs: bool,
+    no_code: bool,
+    header: bool,
 }
 
 struct Root {
@@ -89,10 +95,20 @@ impl RootContext for Root {
         p.gauge = hostcalls::define_metric(MetricType::Gauge, "probe.gauge").unwrap_or(0);
         if op == Op::Mimic {
             let port: u32 = it.next().and_then(|c| c.parse().ok()).unwrap_or(20000);
+            for flag in it.by_ref() {
+                match flag {
+                    "nofs" => p.no_fs = true,
+                    "nocode" => p.no_code = true,
+                    "header" => p.header = true,
+                    _ => return false,
+                }
+            }
+            let header = p.header;
             for k in 0..count {
                 let a = hostcalls::define_metric(MetricType::Gauge, &format!("probe.slot_{k}.rq_active")).unwrap_or(0);
                 let c = hostcalls::define_metric(MetricType::Gauge, &format!("probe.slot_{k}.consecutive_5xx")).unwrap_or(0);
-                p.hosts.push((filter_state_args(&format!("127.0.0.1:{}", port + k)), a, c));
+                let host = format!("127.0.0.1:{}", port + k);
+                p.hosts.push((if header { host.into_bytes() } else { filter_state_args(&host) }, a, c));
             }
             p.count = 1;
         }
@@ -148,7 +164,15 @@ impl HttpContext for Http {
                 std::hint::black_box(hostcalls::get_metric(a.1).unwrap_or(0) + hostcalls::get_metric(b.1).unwrap_or(0));
             }
             if let Some(h) = p.hosts.get(k) {
-                let _ = hostcalls::call_foreign_function("set_envoy_filter_state", Some(&h.0));
+                if p.header {
+                    const H: &str = "x-envoy-original-dst-host";
+                    if let Ok(Some(_)) = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, H) {
+                        let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, H, None);
+                    }
+                    let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, H, Some(&h.0));
+                } else if !p.no_fs {
+                    let _ = hostcalls::call_foreign_function("set_envoy_filter_state", Some(&h.0));
+                }
                 let _ = hostcalls::increment_metric(h.1, 1);
             }
             return Action::Continue;
@@ -203,7 +227,9 @@ impl HttpContext for Http {
         if p.op == Op::Mimic {
             if let Some(h) = p.hosts.get(self.slot) {
                 let _ = hostcalls::increment_metric(h.1, -1);
-                std::hint::black_box(hostcalls::get_property(vec!["response", "code"]).ok().flatten());
+                if !p.no_code {
+                    std::hint::black_box(hostcalls::get_property(vec!["response", "code"]).ok().flatten());
+                }
                 let _ = hostcalls::record_metric(h.2, 0);
             }
             return;
