@@ -20,6 +20,8 @@ Phases:
             per wasm VM (RSS of native / empty filter / registry-lb Envoys)
   hostcalls (not in the default run) one host call repeated N times per request by
             bench/hostcall-probe, priced against the probe doing nothing
+  floor     (not in the default run) the probe making registry-lb's per-request host
+            calls (and variants leaving parts out) against the empty filter and registry-lb
 
 Results: <out>/<name>.json (every run), .csv, .md (the tables), throughput.png and
 slow-instance.png. `--replot FILE.json` redoes tables and plots from a results file.
@@ -274,6 +276,11 @@ def envoy_spec(kind, hosts, policy=None, empty_wasm=None, rlb_wasm=None, source=
     if kind == "empty":
         return listen, admin, bootstrap(listen, admin, [wasm_filter("empty", empty_wasm)], "backends",
                                         [static_cluster("backends", "ROUND_ROBIN", hosts)], False)
+    if kind == "probe_odst_header":
+        odst = original_dst_cluster()
+        odst["original_dst_lb_config"] = {"use_http_header": True}
+        return listen, admin, bootstrap(listen, admin, [wasm_filter("probe", empty_wasm, policy)], "registry_lb_original_dst",
+                                        [odst], True)
     if kind == "probe_odst":
         return listen, admin, bootstrap(listen, admin, [wasm_filter("probe", empty_wasm, policy)], "registry_lb_original_dst",
                                         [original_dst_cluster()], True)
@@ -1018,6 +1025,50 @@ def phase_hostcalls(run):
     run.results["hostcalls"] = {"summary": summary, "runs": runs}
 
 
+FLOOR_CONFIGS = [
+    ("empty_filter", "empty wasm filter"),
+    ("mimic", "host calls of least_request, filter-state hand-off"),
+    ("mimic_nofs", "the same without the filter state (cluster balances itself)"),
+    ("mimic_nocode", "the same without response.code"),
+    ("mimic_header", "the same, header hand-off instead of filter state"),
+    ("rlb_lr_100", "registry-lb least_request"),
+]
+
+
+def phase_floor(run):
+    """Where registry-lb's per-request cost goes: the probe making exactly its host
+    calls (with parts left out) against the empty filter and registry-lb itself, 100
+    nginx backends, alternating rounds; differences of Envoy CPU per request."""
+    a = run.args
+    base = pick_port_range(100, ["127.0.0.1"])
+    hosts = [("127.0.0.1", base + i) for i in range(100)]
+    ngx = Nginx(run, hosts)
+    ngx.start()
+    m = f"mimic 100 {base}"
+    specs = {
+        "empty_filter": ("floor-empty", envoy_spec("empty", hosts, empty_wasm=run.empty_wasm)),
+        "mimic": ("floor-mimic", envoy_spec("probe_odst", hosts, m, empty_wasm=run.probe_wasm)),
+        "mimic_nofs": ("floor-mimic-nofs", envoy_spec("probe", hosts, m + " nofs", empty_wasm=run.probe_wasm)),
+        "mimic_nocode": ("floor-mimic-nocode", envoy_spec("probe_odst", hosts, m + " nocode", empty_wasm=run.probe_wasm)),
+        "mimic_header": ("floor-mimic-header", envoy_spec("probe_odst_header", hosts, m + " header", empty_wasm=run.probe_wasm)),
+        "rlb_lr_100": ("floor-rlb-lr", envoy_spec("rlb", hosts, "least_request", rlb_wasm=run.rlb_wasm)),
+    }
+    envoys = start_all(run, specs)
+    runs = alternate(run, envoys, a.rounds, a.duration, a.warmup)
+    for e in envoys.values():
+        e.stop()
+    for p in ngx.procs:
+        run.procs.stop(p)
+    labels = dict(FLOOR_CONFIGS)
+    summary = {k: summarize(v, labels[k]) for k, v in runs.items()}
+    for k, s in summary.items():
+        d = [x["envoy_cpu_us_per_rq"] - y["envoy_cpu_us_per_rq"] for x, y in zip(runs[k], runs["empty_filter"])
+             if x["envoy_cpu_us_per_rq"] and y["envoy_cpu_us_per_rq"]]
+        s["cpu_us_over_empty"] = round(statistics.median(d), 1) if d else None
+        s["vs_empty"] = paired(runs[k], runs["empty_filter"], "rps")
+    run.results["floor"] = {"summary": summary, "runs": runs}
+
+
 def wait_log(path, pattern, count, timeout):
     """Lines matching `pattern` once at least `count` exist (or what there is at timeout)."""
     rx = re.compile(pattern)
@@ -1220,6 +1271,13 @@ def tables(res):
             out.append(f"| {v['label']} | {fmt(v['rps'], ',.0f')} | {fmt(v['p50_ms'], '.2f')} | {fmt(v['p99_ms'], '.2f')} | "
                        f"{fmt(v.get('slow_share'), '.3f')} | {v['non2xx'] + v['errors']} | {fmt(v.get('others_cpu_pct'), '.0f')} |")
         slow_target_rows(out, s)
+    if "floor" in res:
+        out.append("")
+        out.append("| configuration (100 backends) | req/s (median) | Envoy CPU µs/req | µs/req over the empty filter (median of rounds) | vs empty filter |")
+        out.append("|---|---:|---:|---:|---:|")
+        for s in res["floor"]["summary"].values():
+            out.append(f"| {s['label']} | {fmt(s['rps'], ',.0f')} | {fmt(s['cpu_us_per_rq'], '.1f')} | "
+                       f"{fmt(s.get('cpu_us_over_empty'), '.1f')} | {fmt(s.get('vs_empty'), '.3f')} |")
     if "hostcalls" in res:
         out.append("")
         out.append("| host call (probe filter, N per request) | N | Envoy CPU µs/req | ns per call: median of rounds | per-round range | req/s |")
@@ -1489,7 +1547,7 @@ def main():
                 continue
             log(f"phase {p}")
             {"main": phase_main, "slow": phase_slow, "refresh": phase_refresh, "registry": phase_registry,
-             "hostcalls": phase_hostcalls}[p](run)
+             "hostcalls": phase_hostcalls, "floor": phase_floor}[p](run)
     finally:
         run.procs.stop_all()
     res = run.results
