@@ -6,6 +6,8 @@
 //! `cargo bench --bench refresh`. Inside Envoy the same code runs compiled to wasm;
 //! `./dev bench` measures that end to end (phase `refresh`).
 
+#![allow(clippy::expect_used)] // a benchmark, not the filter: a broken fixture should stop it
+
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use registry_lb::registry::consul;
 use registry_lb::snapshot::{self, Snapshot};
