@@ -276,14 +276,13 @@ def envoy_spec(kind, hosts, policy=None, empty_wasm=None, rlb_wasm=None, source=
     if kind == "empty":
         return listen, admin, bootstrap(listen, admin, [wasm_filter("empty", empty_wasm)], "backends",
                                         [static_cluster("backends", "ROUND_ROBIN", hosts)], False)
-    if kind == "probe_odst_header":
+    if kind in ("probe_odst", "probe_odst_header"):
+        # The probe hands its host over in the filter state, or in the header.
         odst = original_dst_cluster()
-        odst["original_dst_lb_config"] = {"use_http_header": True}
+        if kind == "probe_odst_header":
+            odst["original_dst_lb_config"] = {"use_http_header": True}
         return listen, admin, bootstrap(listen, admin, [wasm_filter("probe", empty_wasm, policy)], "registry_lb_original_dst",
                                         [odst], True)
-    if kind == "probe_odst":
-        return listen, admin, bootstrap(listen, admin, [wasm_filter("probe", empty_wasm, policy)], "registry_lb_original_dst",
-                                        [original_dst_cluster()], True)
     if kind == "probe":
         # policy = "<op> <count>"; the route carries registry-lb's metadata for route_metadata.
         return listen, admin, bootstrap(listen, admin, [wasm_filter("probe", empty_wasm, policy)], "backends",
@@ -998,19 +997,11 @@ HOSTCALL_OPS = [("none", 1), ("route_metadata", 20), ("route_name", 20), ("filte
 def phase_hostcalls(run):
     """Prices single host calls: a probe filter repeats one call N times per request;
     (Envoy CPU per request − the probe doing nothing) / N is the cost of one call."""
-    a = run.args
     base = pick_port_range(10, ["127.0.0.1"])
     hosts = [("127.0.0.1", base + i) for i in range(10)]
-    ngx = Nginx(run, hosts)
-    ngx.start()
     specs = {f"{op}_x{n}": (f"probe-{op}", envoy_spec("probe", hosts, f"{op} {n}", empty_wasm=run.probe_wasm))
              for op, n in HOSTCALL_OPS}
-    envoys = start_all(run, specs)
-    runs = alternate(run, envoys, a.slow_rounds, a.duration, a.warmup)
-    for e in envoys.values():
-        e.stop()
-    for p in ngx.procs:
-        run.procs.stop(p)
+    runs = alternate_on_nginx(run, hosts, specs, run.args.slow_rounds)
     summary = {k: summarize(v, k) for k, v in runs.items()}
     base = runs["none_x1"]
     for (op, n), (k, s) in zip(HOSTCALL_OPS, summary.items()):
@@ -1023,6 +1014,21 @@ def phase_hostcalls(run):
                 s["ns_per_call"] = round(statistics.median(d))
                 s["ns_per_call_min_max"] = [round(min(d)), round(max(d))]
     run.results["hostcalls"] = {"summary": summary, "runs": runs}
+
+
+def alternate_on_nginx(run, hosts, specs, rounds):
+    """nginx on `hosts`, the Envoys of `specs`, alternating rounds; everything stopped
+    after. Returns {key: [runs]}."""
+    ngx = Nginx(run, hosts)
+    ngx.start()
+    envoys = start_all(run, specs)
+    try:
+        return alternate(run, envoys, rounds, run.args.duration, run.args.warmup)
+    finally:
+        for e in envoys.values():
+            e.stop()
+        for p in ngx.procs:
+            run.procs.stop(p)
 
 
 FLOOR_CONFIGS = [
@@ -1039,11 +1045,8 @@ def phase_floor(run):
     """Where registry-lb's per-request cost goes: the probe making exactly its host
     calls (with parts left out) against the empty filter and registry-lb itself, 100
     nginx backends, alternating rounds; differences of Envoy CPU per request."""
-    a = run.args
     base = pick_port_range(100, ["127.0.0.1"])
     hosts = [("127.0.0.1", base + i) for i in range(100)]
-    ngx = Nginx(run, hosts)
-    ngx.start()
     m = f"mimic 100 {base}"
     specs = {
         "empty_filter": ("floor-empty", envoy_spec("empty", hosts, empty_wasm=run.empty_wasm)),
@@ -1053,12 +1056,7 @@ def phase_floor(run):
         "mimic_header": ("floor-mimic-header", envoy_spec("probe_odst_header", hosts, m + " header", empty_wasm=run.probe_wasm)),
         "rlb_lr_100": ("floor-rlb-lr", envoy_spec("rlb", hosts, "least_request", rlb_wasm=run.rlb_wasm)),
     }
-    envoys = start_all(run, specs)
-    runs = alternate(run, envoys, a.rounds, a.duration, a.warmup)
-    for e in envoys.values():
-        e.stop()
-    for p in ngx.procs:
-        run.procs.stop(p)
+    runs = alternate_on_nginx(run, hosts, specs, run.args.rounds)
     labels = dict(FLOOR_CONFIGS)
     summary = {k: summarize(v, labels[k]) for k, v in runs.items()}
     for k, s in summary.items():
