@@ -106,11 +106,29 @@ struct SlotCache {
     handoff: Option<Vec<u8>>,
 }
 
-/// Service gauges read on the request path.
+impl SlotCache {
+    fn gauge(&mut self, what: SlotGauge) -> &mut Option<Option<u32>> {
+        match what {
+            SlotGauge::RqActive => &mut self.active,
+            SlotGauge::Consecutive5xx => &mut self.consecutive,
+        }
+    }
+}
+
+/// Service gauges read on the request path (`None` until resolved).
 #[derive(Clone, Copy, Debug, Default)]
 struct ServiceGauges {
     rq_active: Option<Option<u32>>,
     outlier_generation: Option<Option<u32>>,
+}
+
+impl ServiceGauges {
+    fn gauge(&mut self, what: ServiceGauge) -> &mut Option<Option<u32>> {
+        match what {
+            ServiceGauge::RqActive => &mut self.rq_active,
+            ServiceGauge::OutlierGeneration => &mut self.outlier_generation,
+        }
+    }
 }
 
 /// What a route's name resolved to.
@@ -302,21 +320,12 @@ impl Worker {
 
     /// Id of the service gauge `<service>.<what>`, defined once per VM.
     fn gauge_cached(&mut self, si: usize, what: ServiceGauge) -> Option<u32> {
-        let g = self.gauges.get_mut(si)?;
-        let cached = match what {
-            ServiceGauge::RqActive => &mut g.rq_active,
-            ServiceGauge::OutlierGeneration => &mut g.outlier_generation,
-        };
-        if let Some(id) = *cached {
+        if let Some(id) = *self.gauges.get_mut(si)?.gauge(what) {
             return id;
         }
         let name = format!("{}.{}", self.cfg.services.get(si)?.name, what.name());
         let id = self.metrics.gauge_id(&name);
-        let g = self.gauges.get_mut(si)?;
-        match what {
-            ServiceGauge::RqActive => g.rq_active = Some(id),
-            ServiceGauge::OutlierGeneration => g.outlier_generation = Some(id),
-        }
+        *self.gauges.get_mut(si)?.gauge(what) = Some(id);
         id
     }
 
@@ -509,21 +518,12 @@ impl Worker {
     /// Id of the gauge `<service>.slot_<n>.<what>`, cached so the request path
     /// does not format names.
     fn slot_gauge(&mut self, si: usize, slot: u32, what: SlotGauge) -> Option<u32> {
-        let c = self.slot_cache(si, slot)?;
-        let cached = match what {
-            SlotGauge::RqActive => c.active,
-            SlotGauge::Consecutive5xx => c.consecutive,
-        };
-        if let Some(id) = cached {
+        if let Some(id) = *self.slot_cache(si, slot)?.gauge(what) {
             return id;
         }
         let name = format!("{}.slot_{slot}.{}", self.cfg.services.get(si)?.name, what.name());
         let id = self.metrics.gauge_id(&name);
-        let c = self.slot_cache(si, slot)?;
-        match what {
-            SlotGauge::RqActive => c.active = Some(id),
-            SlotGauge::Consecutive5xx => c.consecutive = Some(id),
-        }
+        *self.slot_cache(si, slot)?.gauge(what) = Some(id);
         id
     }
 
