@@ -243,7 +243,7 @@ impl Default for PeakEwmaConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SlowStartConfig {
     pub window: Millis,
@@ -251,6 +251,14 @@ pub struct SlowStartConfig {
     pub aggression: f64,
     #[serde(default = "default_min_weight_percent")]
     pub min_weight_percent: u32,
+    /// Instance metadata key holding the registration time (Unix ms or s), used when
+    /// the registry gives none of its own (Eureka does); "" = none.
+    #[serde(default = "default_registered_at_key")]
+    pub registered_at_key: String,
+}
+
+fn default_registered_at_key() -> String {
+    "registered_at".to_string()
 }
 
 fn default_aggression() -> f64 {
@@ -773,6 +781,9 @@ impl PluginConfig {
             if let Some(ss) = &s.slow_start {
                 if ss.window.0 == 0 || !(ss.aggression.is_finite() && ss.aggression > 0.0) || ss.min_weight_percent > 100 {
                     return err(format!("{at}.slow_start"), "window > 0, aggression > 0, min_weight_percent 0-100");
+                }
+                if !printable(&ss.registered_at_key) {
+                    return err(format!("{at}.slow_start.registered_at_key"), "must be printable");
                 }
             }
             if let Some(sub) = &s.subset {

@@ -38,6 +38,9 @@ pub struct Instance {
     pub zone: String,
     /// Registry tags and metadata as key/value pairs, sorted by key (tags as `tag:<t>` = "").
     pub metadata: Vec<(String, String)>,
+    /// When the instance registered (or came up), Unix milliseconds; 0 = unknown.
+    /// Slow start ramps from it, so a proxy restart does not re-ramp old instances.
+    pub registered_ms: u64,
 }
 
 /// Weights above this are clamped: it keeps the sum of 10,000 weights inside u32.
@@ -51,7 +54,19 @@ impl Instance {
             state: State::Healthy,
             zone: String::new(),
             metadata: Vec::new(),
+            registered_ms: 0,
         }
+    }
+}
+
+/// A registration time from metadata: Unix time in milliseconds, or in seconds
+/// (values below 10¹¹, i.e. before 1973 as milliseconds). Anything else: `None`.
+pub fn parse_registered_at(v: &str) -> Option<u64> {
+    let n: u64 = v.trim().parse().ok()?;
+    match n {
+        0 => None,
+        n if n < 100_000_000_000 => n.checked_mul(1000),
+        n => Some(n),
     }
 }
 
@@ -105,6 +120,15 @@ pub fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn registration_times_in_ms_or_s() {
+        assert_eq!(parse_registered_at("1700000000123"), Some(1_700_000_000_123));
+        assert_eq!(parse_registered_at(" 1700000000 "), Some(1_700_000_000_000));
+        for bad in ["", "0", "-5", "2024-01-01T00:00:00Z", "1.5e12", "99999999999999999999999"] {
+            assert_eq!(parse_registered_at(bad), None, "{bad}");
+        }
+    }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn accepts_ipv4_and_ipv6() {

@@ -48,6 +48,8 @@ struct Candidate {
     healthy: bool,
     zone: String,
     metadata: Pairs,
+    /// Registration time from the registry, Unix ms; 0 = unknown.
+    registered_ms: u64,
 }
 
 /// How a table picks.
@@ -164,6 +166,7 @@ impl Table {
                 healthy: e.instance.state == State::Healthy,
                 zone: e.instance.zone.clone(),
                 metadata: e.instance.metadata.clone(),
+                registered_ms: e.instance.registered_ms,
             })
             .collect();
         let mut t = Table {
@@ -493,9 +496,10 @@ impl Table {
         }
     }
 
-    /// Every non-draining instance: (slot, `ip:port`).
-    pub fn hosts_by_slot(&self) -> impl Iterator<Item = (u32, &str)> + '_ {
-        self.candidates.iter().map(|c| (c.ep.slot, c.ep.host.as_str()))
+    /// Every non-draining instance: (slot, `ip:port`, registration time in Unix ms
+    /// or `None`).
+    pub fn hosts_by_slot(&self) -> impl Iterator<Item = (u32, &str, Option<u64>)> + '_ {
+        self.candidates.iter().map(|c| (c.ep.slot, c.ep.host.as_str(), Some(c.registered_ms).filter(|&t| t > 0)))
     }
 }
 

@@ -62,6 +62,8 @@ pub struct ServicePoller {
     held: Option<(u64, u32)>,
     /// Guard decisions for the host to log and count: (event, message).
     pub guard_events: Vec<(&'static str, String)>,
+    /// Slow start's metadata key for registration times (`None` without slow start).
+    registered_at_key: Option<String>,
 }
 
 /// What one registry answer did.
@@ -106,6 +108,7 @@ impl ServicePoller {
             guard_confirmations: svc.guard_confirmations,
             held: None,
             guard_events: Vec::new(),
+            registered_at_key: svc.slow_start.as_ref().map(|s| s.registered_at_key.clone()).filter(|k| !k.is_empty()),
         }
     }
 
@@ -234,7 +237,12 @@ impl ServicePoller {
         for (i, sp) in self.sources.iter().enumerate() {
             for inst in &sp.last_good {
                 if seen.insert(inst.addr) {
-                    out.push((inst.clone(), i as u8));
+                    let mut inst = inst.clone();
+                    if let (0, Some(key)) = (inst.registered_ms, &self.registered_at_key) {
+                        let v = inst.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+                        inst.registered_ms = v.and_then(crate::instance::parse_registered_at).unwrap_or(0);
+                    }
+                    out.push((inst, i as u8));
                 }
             }
         }
@@ -373,6 +381,26 @@ mod tests {
 
     fn consul_ok(index: &str) -> Vec<(String, String)> {
         vec![("x-consul-index".into(), index.into()), ("server".into(), "consul".into())]
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn registration_time_comes_from_metadata_with_slow_start() {
+        let sources = r#"{"static":{"instances":[
+            {"address":"10.0.0.1","port":80,"metadata":{"registered_at":"1700000000"}},
+            {"address":"10.0.0.2","port":80,"metadata":{"registered_at":"soon"}},
+            {"address":"10.0.0.3","port":80}]}}"#;
+        let parse = |extra: &str| {
+            let cfg = format!(r#"{{"services":[{{"name":"web",{extra}"sources":[{sources}]}}]}}"#);
+            ServicePoller::new(&PluginConfig::parse(cfg.as_bytes()).unwrap().services[0])
+        };
+        let times = |p: &mut ServicePoller| -> Vec<u64> {
+            assert!(p.due(0).is_empty());
+            p.publication(0).unwrap().entries.iter().map(|e| e.instance.registered_ms).collect()
+        };
+        assert_eq!(times(&mut parse(r#""slow_start":{"window":"10s"},"#)), [1_700_000_000_000, 0, 0]);
+        // Without slow start, or with the key turned off: not read.
+        assert_eq!(times(&mut parse("")), [0, 0, 0]);
+        assert_eq!(times(&mut parse(r#""slow_start":{"window":"10s","registered_at_key":""},"#)), [0, 0, 0]);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

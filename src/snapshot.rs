@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::hash::Hasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-const MAGIC: &[u8; 4] = b"RLB\x01";
+const MAGIC: &[u8; 4] = b"RLB\x02";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -48,6 +48,7 @@ pub fn content_hash<'a>(instances: impl Iterator<Item = &'a Instance>) -> u64 {
             h.write_u32(i.weight);
             h.write_u8(i.state as u8);
             h.write(i.zone.as_bytes());
+            h.write_u64(i.registered_ms);
             for (k, v) in &i.metadata {
                 h.write_u8(0);
                 h.write(k.as_bytes());
@@ -142,6 +143,7 @@ impl Snapshot {
             b.push(i.state as u8);
             b.push(e.source);
             b.extend_from_slice(&e.slot.to_le_bytes());
+            b.extend_from_slice(&i.registered_ms.to_le_bytes());
             put_str(&mut b, &i.zone);
             put_u16(&mut b, i.metadata.len().min(u16::MAX as usize) as u16);
             for (k, v) in i.metadata.iter().take(u16::MAX as usize) {
@@ -190,6 +192,7 @@ impl Snapshot {
             let state = State::from_u8(r.u8()?).ok_or(DecodeError("bad state"))?;
             let source = r.u8()?;
             let slot = r.u32()?;
+            let registered_ms = r.u64()?;
             let zone = r.str()?;
             let nmeta = r.u16()? as usize;
             let mut metadata = Vec::with_capacity(nmeta.min(64));
@@ -199,7 +202,7 @@ impl Snapshot {
                 metadata.push((k, v));
             }
             entries.push(Entry {
-                instance: Instance { addr: SocketAddr::new(ip, port), weight, state, zone, metadata },
+                instance: Instance { addr: SocketAddr::new(ip, port), weight, state, zone, metadata, registered_ms },
                 source,
                 slot,
             });
@@ -278,6 +281,7 @@ mod tests {
         let mut a = inst("10.0.0.1", 80, 5);
         a.zone = "eu-1a".into();
         a.metadata = vec![("version".into(), "v2".into()), ("tag:canary".into(), String::new())];
+        a.registered_ms = 1_699_999_000_000;
         let mut b = inst("::1", 8080, 1);
         b.state = State::Draining;
         Snapshot {

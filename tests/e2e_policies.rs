@@ -1,6 +1,6 @@
 //! End to end in a real Envoy: the host-selection policies beyond round robin —
 //! consistent hashing (sticky across workers and restarts), peak EWMA, subsets,
-//! slow start, zone priority failover.
+//! slow start (with registration times), zone priority failover.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -159,6 +159,30 @@ fn slow_start_ramps_a_new_instance() {
     );
     assert!(share(&early, 300) < 0.12, "{early:?}");
     assert!((share(&late, 400) - 0.25).abs() < 0.03, "{late:?}");
+}
+
+#[test]
+fn slow_start_follows_the_registration_time() {
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b", "fresh", "old"].iter().map(|n| Backend::start(n)).collect();
+    // `fresh` registered just now (milliseconds), in the very first list the proxy sees.
+    let first = vec![inst(&b[0]), inst(&b[1]), inst(&b[2]).meta("registered_at", &(now_s * 1000).to_string())];
+    consul.set_service("web", first.clone());
+    let envoy = start(&consul, "\"policy\": \"round_robin\", \"slow_start\": { \"window\": \"60s\" },", 1);
+    let c = lb::tally(&envoy, 300);
+    let share = |c: &HashMap<String, u32>, k: &str, n: u32| f64::from(*c.get(k).unwrap_or(&0)) / f64::from(n);
+    println!("registered just now, in the first list: {c:?}");
+    // Ramping (10 % of its weight) although the proxy just started: ~5 %, not a third.
+    assert!(share(&c, "fresh", 300) < 0.12, "{c:?}");
+    // `old` joins later but registered an hour ago (seconds): no ramp.
+    let mut all = first;
+    all.push(inst(&b[3]).meta("registered_at", &(now_s - 3600).to_string()));
+    consul.set_service("web", all);
+    lb::wait_version(&envoy, "web", 2);
+    let c = lb::tally(&envoy, 300);
+    println!("registered an hour ago, joining now: {c:?}");
+    assert!(share(&c, "old", 300) > 0.25, "{c:?}");
 }
 
 #[test]

@@ -178,7 +178,7 @@ fn cfg_weights(services: &[ServiceConfig]) -> Vec<Weights> {
         .iter()
         .map(|s| Weights {
             first_seen: FirstSeenTracker::new(),
-            slow: s.slow_start.map(|ss| SlowStart::new(ss.window.0, ss.aggression, ss.min_weight_percent)),
+            slow: s.slow_start.as_ref().map(|ss| SlowStart::new(ss.window.0, ss.aggression, ss.min_weight_percent)),
             load: s.load_report.as_ref().map(|lr| {
                 UtilizationWeights::new(
                     0,
@@ -366,10 +366,10 @@ impl Worker {
         let factors: HashMap<u32, u64> = match self.weights.get(si) {
             Some(w) if w.slow.is_some() || w.load.is_some() => table
                 .hosts_by_slot()
-                .map(|(slot, host)| {
+                .map(|(slot, host, registered)| {
                     let slow = w.slow.as_ref().map_or(1_000_000u64, |ss| {
                         let seen = w.first_seen.get(&host.to_string()).unwrap_or(FirstSeen::Initial);
-                        u64::from(ss.factor_ppm(slow_start::age_ms(now, None, seen)))
+                        u64::from(ss.factor_ppm(slow_start::age_ms(now, registered, seen)))
                     });
                     let load = w.load.as_ref().and_then(|l| l.multiplier_ppm(slot as usize, now)).map_or(1_000_000u64, u64::from);
                     (slot, slow * load / 1_000_000)

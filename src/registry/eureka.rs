@@ -237,6 +237,10 @@ fn parse_instance(obj: &Map<String, Value>, cfg: &EurekaConfig) -> Result<Option
         })
         .unwrap_or_default();
     inst.metadata = meta;
+    // When it came up (else registered): slow start ramps from there.
+    let lease = obj.get("leaseInfo");
+    let stamp = |k: &str| lease.and_then(|l| l.get(k)).and_then(Value::as_u64).filter(|&t| t > 0);
+    inst.registered_ms = stamp("serviceUpTimestamp").or_else(|| stamp("registrationTimestamp")).unwrap_or(0);
     Ok(Some(inst))
 }
 
@@ -311,6 +315,8 @@ mod tests {
             [("192.168.191.150:7100".to_string(), 1, State::Healthy), ("192.168.191.235:7100".to_string(), 1, State::Healthy)]
         );
         assert!(list[0].metadata.contains(&("base-uri".into(), "https://qa16gs.qa.somecompany.com:7100".into())));
+        // leaseInfo.serviceUpTimestamp: slow start ramps from it.
+        assert_eq!((list[0].registered_ms, list[1].registered_ms), (1_402_357_291_394, 1_402_096_233_497));
         // The same list again: unchanged.
         assert_eq!(e.on_response(&resp(200, FARGO)).unwrap(), Step::Unchanged);
         // Another app in a whole-registry answer: empty.
