@@ -189,15 +189,8 @@ pub fn next_prime(n: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balancer::fixtures::{hosts, key_hash};
     use wasm_bindgen_test::wasm_bindgen_test;
-
-    fn hosts(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250 + 1)).collect()
-    }
-
-    fn key_hash(k: u64) -> u64 {
-        xxh64(format!("user-{k}").as_bytes(), 0)
-    }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn primes() {

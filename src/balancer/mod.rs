@@ -22,6 +22,22 @@ pub(crate) fn gcd_all(weights: &[u32]) -> u32 {
     weights.iter().fold(0, |g, &w| gcd(g, w)).max(1)
 }
 
+/// Fixtures shared by the consistent-hashing tests (`ring_hash`, `maglev`).
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use xxhash_rust::xxh64::xxh64;
+
+    /// `n` distinct `ip:port` keys.
+    pub fn hosts(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250 + 1)).collect()
+    }
+
+    /// The hash of request key `user-<k>`.
+    pub fn key_hash(k: u64) -> u64 {
+        xxh64(format!("user-{k}").as_bytes(), 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
