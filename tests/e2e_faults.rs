@@ -67,6 +67,17 @@ impl Load {
     }
 }
 
+/// Two clients load `envoy`; one second in, `backend` is stopped; two seconds
+/// later the load ends. Returns the samples and when the kill happened.
+fn kill_under_load(envoy: &Envoy, backend: &mut Backend) -> (Vec<Sample>, u64) {
+    let load = Load::start(envoy, 2, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1000));
+    let killed_at = load.now_ms();
+    backend.stop();
+    std::thread::sleep(Duration::from_millis(2000));
+    (load.finish(), killed_at)
+}
+
 fn failures(s: &[Sample]) -> Vec<&Sample> {
     s.iter().filter(|x| x.1 != 200).collect()
 }
@@ -89,12 +100,7 @@ fn killed_backend_is_ejected_after_a_few_failures_original_dst() {
     // Ejected for 10 s: the whole test runs inside the first ejection (a half-open
     // trial after it would cost one more request per ejection period).
     let envoy = start_consul_envoy(&consul, &[("\"base_ejection_time\": \"2s\"", "\"base_ejection_time\": \"10s\"")], 2);
-    let load = Load::start(&envoy, 2, Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(1000));
-    let killed_at = load.now_ms();
-    b[3].stop();
-    std::thread::sleep(Duration::from_millis(2000));
-    let samples = load.finish();
+    let (samples, killed_at) = kill_under_load(&envoy, &mut b[3]);
     let f = failures(&samples);
     let last = f.last().map(|x| x.0).unwrap_or(killed_at);
     let after = samples.iter().filter(|x| x.0 > killed_at && x.2 == "d").count();
@@ -167,12 +173,7 @@ fn killed_backend_with_override_host_and_retries_costs_at_most_three_failures() 
         ],
         2,
     );
-    let load = Load::start(&envoy, 2, Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(1000));
-    let killed_at = load.now_ms();
-    b[3].stop();
-    std::thread::sleep(Duration::from_millis(2000));
-    let samples = load.finish();
+    let (samples, killed_at) = kill_under_load(&envoy, &mut b[3]);
     let f = failures(&samples);
     println!(
         "override_host + retries, backend killed under load: {} requests, {} failed; retries: {:?}; ejections: {:?}",
