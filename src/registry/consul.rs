@@ -272,19 +272,17 @@ pub fn parse(body: &[u8]) -> Result<(Vec<Instance>, Vec<String>), RegistryError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PluginConfig;
+    use crate::config::SourceConfig;
+    use crate::registry::test_util::service;
     use wasm_bindgen_test::wasm_bindgen_test;
 
     const REDIS: &str = include_str!("../../tests/fixtures/consul/health_service_redis.json");
     const MODERN: &str = include_str!("../../tests/fixtures/consul/health_service_modern_shape.json");
 
     fn consul(extra: &str) -> Consul {
-        let c = PluginConfig::parse(
-            format!(r#"{{"services":[{{"name":"web","sources":[{{"consul":{{"cluster":"consul"{extra}}}}}]}}]}}"#).as_bytes(),
-        )
-        .unwrap();
-        match &c.services[0].sources[0] {
-            crate::config::SourceConfig::Consul(k) => Consul::new(&c.services[0], k),
+        let svc = service("web", "consul", "consul", extra);
+        match &svc.sources[0] {
+            SourceConfig::Consul(k) => Consul::new(&svc, k),
             _ => unreachable!(),
         }
     }

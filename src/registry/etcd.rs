@@ -258,7 +258,8 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PluginConfig, SourceConfig};
+    use crate::config::SourceConfig;
+    use crate::registry::test_util::{resp, service};
     use wasm_bindgen_test::wasm_bindgen_test;
 
     const RANGE: &str = include_str!("../../tests/fixtures/etcd/03_range_prefix.body.json");
@@ -270,18 +271,15 @@ mod tests {
     const NO_TOKEN: &str = include_str!("../../tests/fixtures/etcd/11_range_no_token.body.json");
 
     fn etcd(extra: &str) -> Etcd {
-        let c = PluginConfig::parse(
-            format!(r#"{{"services":[{{"name":"web","sources":[{{"etcd":{{"cluster":"etcd"{extra}}}}}]}}]}}"#).as_bytes(),
-        )
-        .unwrap();
-        match &c.services[0].sources[0] {
-            SourceConfig::Etcd(e) => Etcd::new(&c.services[0], e),
+        let svc = service("web", "etcd", "etcd", extra);
+        match &svc.sources[0] {
+            SourceConfig::Etcd(e) => Etcd::new(&svc, e),
             _ => unreachable!(),
         }
     }
 
     fn ok(body: &str) -> HttpResponse<'_> {
-        HttpResponse { status: 200, headers: &[], body: body.as_bytes() }
+        resp(200, body)
     }
 
     #[wasm_bindgen_test(unsupported = test)]

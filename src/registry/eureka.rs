@@ -247,24 +247,18 @@ fn parse_instance(obj: &Map<String, Value>, cfg: &EurekaConfig) -> Result<Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PluginConfig, SourceConfig};
+    use crate::config::SourceConfig;
+    use crate::registry::test_util::{resp, service};
     use wasm_bindgen_test::wasm_bindgen_test;
 
     const FARGO: &str = include_str!("../../tests/fixtures/eureka/fargo_apps-sample-1-2.json");
 
     fn eureka(extra: &str) -> Eureka {
-        let c = PluginConfig::parse(
-            format!(r#"{{"services":[{{"name":"web","sources":[{{"eureka":{{"cluster":"eureka"{extra}}}}}]}}]}}"#).as_bytes(),
-        )
-        .unwrap();
-        match &c.services[0].sources[0] {
-            SourceConfig::Eureka(e) => Eureka::new(&c.services[0], e),
+        let svc = service("web", "eureka", "eureka", extra);
+        match &svc.sources[0] {
+            SourceConfig::Eureka(e) => Eureka::new(&svc, e),
             _ => unreachable!(),
         }
-    }
-
-    fn resp(status: u16, body: &str) -> HttpResponse<'_> {
-        HttpResponse { status, headers: &[], body: body.as_bytes() }
     }
 
     fn instances(step: Step) -> (Vec<Instance>, Vec<String>) {

@@ -291,7 +291,8 @@ fn parse_slices(raw: Vec<Value>, port_name: Option<&str>) -> (Vec<Instance>, Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PluginConfig, SourceConfig};
+    use crate::config::SourceConfig;
+    use crate::registry::test_util::{resp, service};
     use wasm_bindgen_test::wasm_bindgen_test;
 
     const LIST: &str = include_str!("../../tests/fixtures/kubernetes/endpointslicelist_v1.json");
@@ -299,19 +300,11 @@ mod tests {
     const FORBIDDEN: &str = include_str!("../../tests/fixtures/kubernetes/status_403_forbidden.json");
 
     fn k8s(extra: &str) -> Kubernetes {
-        let c = PluginConfig::parse(
-            format!(r#"{{"services":[{{"name":"example","sources":[{{"kubernetes":{{"cluster":"k8s"{extra}}}}}]}}]}}"#)
-                .as_bytes(),
-        )
-        .unwrap();
-        match &c.services[0].sources[0] {
-            SourceConfig::Kubernetes(k) => Kubernetes::new(&c.services[0], k),
+        let svc = service("example", "kubernetes", "k8s", extra);
+        match &svc.sources[0] {
+            SourceConfig::Kubernetes(k) => Kubernetes::new(&svc, k),
             _ => unreachable!(),
         }
-    }
-
-    fn resp(status: u16, body: &str) -> HttpResponse<'_> {
-        HttpResponse { status, headers: &[], body: body.as_bytes() }
     }
 
     fn instances(step: Step) -> (Vec<Instance>, Vec<String>) {

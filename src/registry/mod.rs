@@ -237,6 +237,24 @@ pub fn encode_component(s: &str) -> String {
     out
 }
 
+/// Helpers shared by the registry modules' tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::HttpResponse;
+    use crate::config::{PluginConfig, ServiceConfig};
+
+    /// Service `name` of a one-source configuration `{"<kind>":{"cluster":"<cluster>"<extra>}}`.
+    pub fn service(name: &str, kind: &str, cluster: &str, extra: &str) -> ServiceConfig {
+        let json = format!(r#"{{"services":[{{"name":"{name}","sources":[{{"{kind}":{{"cluster":"{cluster}"{extra}}}}}]}}]}}"#);
+        PluginConfig::parse(json.as_bytes()).unwrap().services.remove(0)
+    }
+
+    /// An answer without headers.
+    pub fn resp(status: u16, body: &str) -> HttpResponse<'_> {
+        HttpResponse { status, headers: &[], body: body.as_bytes() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -328,7 +328,8 @@ fn parse_hosts(raw: Vec<Value>) -> (Vec<Instance>, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PluginConfig, SourceConfig};
+    use crate::config::SourceConfig;
+    use crate::registry::test_util::{resp, service};
     use wasm_bindgen_test::wasm_bindgen_test;
 
     const V1_LIST: &str = include_str!("../../tests/fixtures/nacos/v1_instance_list.json");
@@ -337,18 +338,11 @@ mod tests {
     const LOGIN_TOKEN: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJuYWNvcyIsImV4cCI6MTYwNTYyOTE2Nn0.2TogGhhr11_vLEjqKko1HJHUJEmsPuCxkur-CfNojDo";
 
     fn nacos(extra: &str) -> Nacos {
-        let c = PluginConfig::parse(
-            format!(r#"{{"services":[{{"name":"web","sources":[{{"nacos":{{"cluster":"nacos"{extra}}}}}]}}]}}"#).as_bytes(),
-        )
-        .unwrap();
-        match &c.services[0].sources[0] {
-            SourceConfig::Nacos(n) => Nacos::new(&c.services[0], n),
+        let svc = service("web", "nacos", "nacos", extra);
+        match &svc.sources[0] {
+            SourceConfig::Nacos(n) => Nacos::new(&svc, n),
             _ => unreachable!(),
         }
-    }
-
-    fn resp(status: u16, body: &str) -> HttpResponse<'_> {
-        HttpResponse { status, headers: &[], body: body.as_bytes() }
     }
 
     fn instances(step: Step) -> (Vec<Instance>, Vec<String>, Vec<String>) {
