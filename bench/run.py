@@ -1246,29 +1246,12 @@ def tables(res):
                 out.append(f"| {k} | {v} | {'yes' if ok else 'no'} |")
     if "slow" in res:
         s = res["slow"]
-        out.append("")
-        out.append(f"Slow instance: 4 backends, one {s['slow_ms']} ms slower (share of requests it got).")
-        out.append("")
-        out.append("| configuration | req/s (median) | p50 ms | p99 ms | slow instance share | non-2xx | others' CPU % |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|")
-        for v in s["summary"].values():
-            out.append(f"| {v['label']} | {fmt(v['rps'], ',.0f')} | {fmt(v['p50_ms'], '.2f')} | {fmt(v['p99_ms'], '.2f')} | "
-                       f"{fmt(v.get('slow_share'), '.3f')} | {v['non2xx'] + v['errors']} | {fmt(v.get('others_cpu_pct'), '.0f')} |")
-        for pol, why in s.get("policies_not_accepted", {}).items():
-            out.append(f"\n`{pol}`: not measured — {why}")
-        slow_target_rows(out, s)
+        slow_scenario_rows(out, s, f"Slow instance: 4 backends, one {s['slow_ms']} ms slower (share of requests it got).",
+                           "slow instance share")
     if "degrade" in res:
         s = res["degrade"]
-        out.append("")
-        out.append(f"Degrading instance: 4 backends, one turns {s['slow_ms']} ms slower halfway through each "
-                   f"{s['duration_s']} s run (its share of the whole run).")
-        out.append("")
-        out.append("| configuration | req/s (median) | p50 ms | p99 ms | degrading instance share | non-2xx | others' CPU % |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|")
-        for v in s["summary"].values():
-            out.append(f"| {v['label']} | {fmt(v['rps'], ',.0f')} | {fmt(v['p50_ms'], '.2f')} | {fmt(v['p99_ms'], '.2f')} | "
-                       f"{fmt(v.get('slow_share'), '.3f')} | {v['non2xx'] + v['errors']} | {fmt(v.get('others_cpu_pct'), '.0f')} |")
-        slow_target_rows(out, s)
+        slow_scenario_rows(out, s, f"Degrading instance: 4 backends, one turns {s['slow_ms']} ms slower halfway through "
+                           f"each {s['duration_s']} s run (its share of the whole run).", "degrading instance share")
     if "floor" in res:
         out.append("")
         out.append("| configuration (100 backends) | req/s (median) | Envoy CPU µs/req | µs/req over the empty filter (median of rounds) | vs empty filter |")
@@ -1337,7 +1320,18 @@ def write_csv(path, res):
                 w.writerow([("" if row.get(c) is None else (round(row[c], 4) if isinstance(row.get(c), float) else row[c])) for c in cols])
 
 
-def slow_target_rows(out, s):
+def slow_scenario_rows(out, s, title, share_label):
+    """A slow-instance scenario: its table, the policies left out, #4's targets."""
+    out.append("")
+    out.append(title)
+    out.append("")
+    out.append(f"| configuration | req/s (median) | p50 ms | p99 ms | {share_label} | non-2xx | others' CPU % |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    for v in s["summary"].values():
+        out.append(f"| {v['label']} | {fmt(v['rps'], ',.0f')} | {fmt(v['p50_ms'], '.2f')} | {fmt(v['p99_ms'], '.2f')} | "
+                   f"{fmt(v.get('slow_share'), '.3f')} | {v['non2xx'] + v['errors']} | {fmt(v.get('others_cpu_pct'), '.0f')} |")
+    for pol, why in s.get("policies_not_accepted", {}).items():
+        out.append(f"\n`{pol}`: not measured — {why}")
     t = s.get("targets") or {}
     if t:
         out.append("")
