@@ -526,38 +526,17 @@ impl FakeConsul {
 
     /// Replace the instances of `svc`; bumps its index and wakes blocked queries.
     pub fn set_service(&self, svc: &str, instances: Vec<ConsulInstance>) {
-        let mut st = self.inner.lock();
-        st.raft_index += 1;
-        let idx = st.raft_index;
-        st.services.insert(
-            svc.to_string(),
-            Svc {
-                index: idx,
-                instances,
-            },
-        );
-        drop(st);
-        self.inner.cv.notify_all();
+        self.update_service(svc, |v| *v = instances);
     }
 
     /// Edit the instances of `svc` in place (bumps the index, wakes blocked queries).
     pub fn update_service(&self, svc: &str, f: impl FnOnce(&mut Vec<ConsulInstance>)) {
         let mut st = self.inner.lock();
-        let mut v = st
-            .services
-            .get(svc)
-            .map(|s| s.instances.clone())
-            .unwrap_or_default();
+        let mut v = st.services.get(svc).map(|s| s.instances.clone()).unwrap_or_default();
         f(&mut v);
         st.raft_index += 1;
-        let idx = st.raft_index;
-        st.services.insert(
-            svc.to_string(),
-            Svc {
-                index: idx,
-                instances: v,
-            },
-        );
+        let index = st.raft_index;
+        st.services.insert(svc.to_string(), Svc { index, instances: v });
         drop(st);
         self.inner.cv.notify_all();
     }
