@@ -14,7 +14,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 const LOG_CAP: usize = 100_000;
 
@@ -80,15 +80,7 @@ struct State {
     log: Vec<RequestRecord>,
 }
 
-struct Inner {
-    m: Mutex<State>,
-}
-
-impl Inner {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.m.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+type Inner = super::Locked<State>;
 
 pub struct FakeEureka {
     pub port: u16,
@@ -184,7 +176,7 @@ impl FakeEureka {
     }
 
     pub fn start_with_prefix(prefix: &str) -> FakeEureka {
-        let inner = Arc::new(Inner { m: Mutex::new(State { prefix: prefix.to_string(), ..Default::default() }) });
+        let inner = Arc::new(Inner::new(State { prefix: prefix.to_string(), ..Default::default() }));
         let i2 = inner.clone();
         let server = HttpServer::start(0, Arc::new(move |req| handle(&i2, req)))
             .unwrap_or_else(|e| panic!("fake eureka: cannot bind: {e}"));

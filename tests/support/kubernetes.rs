@@ -8,7 +8,7 @@
 use super::http::{HttpServer, Request, RequestRecord, Response};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 const LOG_CAP: usize = 100_000;
 const PREFIX: &str = "/apis/discovery.k8s.io/v1/namespaces/";
@@ -89,15 +89,7 @@ struct State {
     log: Vec<RequestRecord>,
 }
 
-struct Inner {
-    m: Mutex<State>,
-}
-
-impl Inner {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.m.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+type Inner = super::Locked<State>;
 
 pub struct FakeKubernetes {
     pub port: u16,
@@ -212,7 +204,7 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
 
 impl FakeKubernetes {
     pub fn start() -> FakeKubernetes {
-        let inner = Arc::new(Inner { m: Mutex::new(State { revision: 1000, ..Default::default() }) });
+        let inner = Arc::new(Inner::new(State { revision: 1000, ..Default::default() }));
         let i2 = inner.clone();
         let server = HttpServer::start(0, Arc::new(move |req| handle(&i2, req)))
             .unwrap_or_else(|e| panic!("fake kubernetes: cannot bind: {e}"));

@@ -25,7 +25,22 @@ pub use nacos::{FakeNacos, NacosInstance};
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// A registry stand-in's state behind a mutex that stays usable after a test thread
+/// panicked while holding it (the other tests keep their stand-ins).
+pub struct Locked<T>(Mutex<T>);
+
+impl<T> Locked<T> {
+    pub fn new(v: T) -> Locked<T> {
+        Locked(Mutex::new(v))
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// The repository root (this crate's manifest directory).
 pub fn repo_root() -> PathBuf {

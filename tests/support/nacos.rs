@@ -11,7 +11,7 @@ use super::http::{HttpServer, Request, RequestRecord, Response};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const LOG_CAP: usize = 100_000;
@@ -85,13 +85,13 @@ struct State {
 }
 
 struct Inner {
-    m: Mutex<State>,
+    m: super::Locked<State>,
     seq: AtomicU64,
 }
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.m.lock().unwrap_or_else(|p| p.into_inner())
+        self.m.lock()
     }
 }
 
@@ -230,7 +230,7 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
 
 impl FakeNacos {
     pub fn start() -> FakeNacos {
-        let inner = Arc::new(Inner { m: Mutex::new(State { token_ttl: Duration::from_secs(18_000), ..Default::default() }), seq: AtomicU64::new(1) });
+        let inner = Arc::new(Inner { m: super::Locked::new(State { token_ttl: Duration::from_secs(18_000), ..Default::default() }), seq: AtomicU64::new(1) });
         let i2 = inner.clone();
         let server = HttpServer::start(0, Arc::new(move |req| handle(&i2, req)))
             .unwrap_or_else(|e| panic!("fake nacos: cannot bind: {e}"));
