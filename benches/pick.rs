@@ -23,7 +23,9 @@ fn weights(n: usize) -> Vec<u32> {
 }
 
 fn hosts(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255)).collect()
+    (0..n)
+        .map(|i| format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255))
+        .collect()
 }
 
 fn pick(c: &mut Criterion) {
@@ -34,7 +36,9 @@ fn pick(c: &mut Criterion) {
         let mut rng = SplitMix64(1);
 
         let mut rr = RoundRobin::new(&w, &mut rng);
-        g.bench_with_input(BenchmarkId::new("round_robin", n), &n, |b, _| b.iter(|| black_box(rr.pick())));
+        g.bench_with_input(BenchmarkId::new("round_robin", n), &n, |b, _| {
+            b.iter(|| black_box(rr.pick()))
+        });
 
         let lr = LeastRequest::new(&w, 2);
         let load: Vec<i64> = (0..n).map(|_| rng.below(8) as i64).collect();
@@ -43,17 +47,31 @@ fn pick(c: &mut Criterion) {
         });
 
         let random = Random::new(&w);
-        g.bench_with_input(BenchmarkId::new("random", n), &n, |b, _| b.iter(|| black_box(random.pick(&mut rng))));
+        g.bench_with_input(BenchmarkId::new("random", n), &n, |b, _| {
+            b.iter(|| black_box(random.pick(&mut rng)))
+        });
 
-        let ring = RingHash::new(&keys, &w, ring_hash::DEFAULT_MIN_RING_SIZE, ring_hash::DEFAULT_MAX_RING_SIZE);
+        let ring = RingHash::new(
+            &keys,
+            &w,
+            ring_hash::DEFAULT_MIN_RING_SIZE,
+            ring_hash::DEFAULT_MAX_RING_SIZE,
+        );
         g.bench_with_input(BenchmarkId::new("ring_hash", n), &n, |b, _| {
             b.iter(|| black_box(ring.pick(rng.next_u64())))
         });
 
         let table = Maglev::new(&keys, &w, maglev::DEFAULT_TABLE_SIZE);
-        g.bench_with_input(BenchmarkId::new("maglev", n), &n, |b, _| b.iter(|| black_box(table.pick(rng.next_u64()))));
+        g.bench_with_input(BenchmarkId::new("maglev", n), &n, |b, _| {
+            b.iter(|| black_box(table.pick(rng.next_u64())))
+        });
 
-        let mut ewma = PeakEwma::new(&w, peak_ewma::DEFAULT_DECAY_MS, peak_ewma::DEFAULT_RTT_NS, 0);
+        let mut ewma = PeakEwma::new(
+            &w,
+            peak_ewma::DEFAULT_DECAY_MS,
+            peak_ewma::DEFAULT_RTT_NS,
+            0,
+        );
         for i in 0..n {
             ewma.observe(i, 1_000_000 + rng.below(9_000_000), rng.below(1_000));
         }
@@ -71,7 +89,11 @@ fn pick(c: &mut Criterion) {
         let total = 4 * n as u64;
         let per: Vec<u64> = (0..n).map(|i| bounded.capacity(i, total) / 2).collect();
         g.bench_with_input(BenchmarkId::new("ring_hash+bounded_load", n), &n, |b, _| {
-            b.iter(|| black_box(bounded.pick(ring.walk(rng.next_u64()), total, |i| per.get(i).copied().unwrap_or(0))))
+            b.iter(|| {
+                black_box(bounded.pick(ring.walk(rng.next_u64()), total, |i| {
+                    per.get(i).copied().unwrap_or(0)
+                }))
+            })
         });
     }
     g.finish();

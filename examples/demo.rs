@@ -17,7 +17,11 @@ fn split(envoy: &Envoy, n: usize) -> BTreeMap<String, u32> {
     let mut c = BTreeMap::new();
     for _ in 0..n {
         let (status, body, _) = envoy.get("/", &[]);
-        let k = if status == 200 { body } else { format!("HTTP {status}") };
+        let k = if status == 200 {
+            body
+        } else {
+            format!("HTTP {status}")
+        };
         *c.entry(k).or_insert(0) += 1;
     }
     c
@@ -27,7 +31,10 @@ fn print_split(title: &str, c: &BTreeMap<String, u32>, weights: &BTreeMap<&str, 
     let n: u32 = c.values().sum();
     let total_w: u32 = weights.values().sum();
     println!("\n{title}");
-    println!("  {:<8} {:>8} {:>8} {:>8}", "backend", "requests", "share", "weight");
+    println!(
+        "  {:<8} {:>8} {:>8} {:>8}",
+        "backend", "requests", "share", "weight"
+    );
     for (name, w) in weights {
         let got = c.get(*name).copied().unwrap_or(0);
         println!(
@@ -47,37 +54,76 @@ fn print_split(title: &str, c: &BTreeMap<String, u32>, weights: &BTreeMap<&str, 
 
 fn main() {
     let consul = FakeConsul::start_on(8500);
-    let backends: Vec<Backend> = ["web-1", "web-2", "web-3", "web-4"].iter().map(|n| Backend::start(n)).collect();
+    let backends: Vec<Backend> = ["web-1", "web-2", "web-3", "web-4"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     let reg = |b: &Backend, w: u32| ConsulInstance::new(&b.name, "127.0.0.1", b.port).weights(w, 1);
-    consul.set_service("web", vec![reg(&backends[0], 5), reg(&backends[1], 1), reg(&backends[2], 1)]);
+    consul.set_service(
+        "web",
+        vec![
+            reg(&backends[0], 5),
+            reg(&backends[1], 1),
+            reg(&backends[2], 1),
+        ],
+    );
     println!("registry: Consul API on 127.0.0.1:8500, service `web` = web-1 (weight 5), web-2 (1), web-3 (1)");
 
     let cfg = EnvoyConfig::from_file("envoy/consul.yaml");
     let envoy = Envoy::start(&cfg, 9901, 10000, 2);
-    println!("envoy:    envoy/consul.yaml, listener 127.0.0.1:10000, admin 127.0.0.1:9901, 2 workers");
+    println!(
+        "envoy:    envoy/consul.yaml, listener 127.0.0.1:10000, admin 127.0.0.1:9901, 2 workers"
+    );
     let ready = support::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
-        envoy.stat("wasmcustom.registry_lb.web.snapshot_version").unwrap_or(0) >= 1
+        envoy
+            .stat("wasmcustom.registry_lb.web.snapshot_version")
+            .unwrap_or(0)
+            >= 1
     });
-    assert!(ready, "registry-lb published no snapshot; Envoy log:\n{}", support::tail(&envoy.log(), 40));
+    assert!(
+        ready,
+        "registry-lb published no snapshot; Envoy log:\n{}",
+        support::tail(&envoy.log(), 40)
+    );
 
     let weights: BTreeMap<&str, u32> = [("web-1", 5), ("web-2", 1), ("web-3", 1)].into();
-    print_split("700 requests, smooth weighted round robin:", &split(&envoy, 700), &weights);
+    print_split(
+        "700 requests, smooth weighted round robin:",
+        &split(&envoy, 700),
+        &weights,
+    );
 
     println!("\nregistry change: web-4 registers (weight 1), web-1's health check turns critical");
     let t0 = Instant::now();
     consul.set_service(
         "web",
-        vec![reg(&backends[0], 5).status("critical"), reg(&backends[1], 1), reg(&backends[2], 1), reg(&backends[3], 1)],
+        vec![
+            reg(&backends[0], 5).status("critical"),
+            reg(&backends[1], 1),
+            reg(&backends[2], 1),
+            reg(&backends[3], 1),
+        ],
     );
     while t0.elapsed() < Duration::from_secs(5) && envoy.get("/", &[]).1 != "web-4" {}
-    println!("  first request to web-4 after {} ms (Consul blocking query)", t0.elapsed().as_millis());
+    println!(
+        "  first request to web-4 after {} ms (Consul blocking query)",
+        t0.elapsed().as_millis()
+    );
     let weights: BTreeMap<&str, u32> = [("web-2", 1), ("web-3", 1), ("web-4", 1)].into();
-    print_split("300 requests after the change:", &split(&envoy, 300), &weights);
+    print_split(
+        "300 requests after the change:",
+        &split(&envoy, 300),
+        &weights,
+    );
 
     // Workers add their pick counts to Envoy's stats on their next tick.
     std::thread::sleep(Duration::from_millis(150));
     println!("\nregistry-lb stats (curl -s 127.0.0.1:9901/stats | grep registry_lb):");
-    let mut stats: Vec<(String, i64)> = envoy.stats().into_iter().filter(|(k, _)| k.starts_with("wasmcustom.registry_lb")).collect();
+    let mut stats: Vec<(String, i64)> = envoy
+        .stats()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("wasmcustom.registry_lb"))
+        .collect();
     stats.sort();
     for (k, v) in stats {
         println!("  {k}: {v}");

@@ -21,7 +21,14 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn grows_then_caps_with_jitter_in_bounds() {
         let mut r = SplitMix64(1);
-        for (n, ceiling) in [(1, 500), (2, 1000), (3, 2000), (4, 4000), (7, 30_000), (60, 30_000)] {
+        for (n, ceiling) in [
+            (1, 500),
+            (2, 1000),
+            (3, 2000),
+            (4, 4000),
+            (7, 30_000),
+            (60, 30_000),
+        ] {
             for _ in 0..200 {
                 let d = delay_ms(n, 500, 30_000, &mut r);
                 assert!(d >= ceiling / 2 && d <= ceiling, "failures={n} delay={d}");
@@ -32,7 +39,8 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn jitter_spreads_retries() {
         let mut r = SplitMix64(9);
-        let v: std::collections::HashSet<u64> = (0..50).map(|_| delay_ms(3, 500, 30_000, &mut r)).collect();
+        let v: std::collections::HashSet<u64> =
+            (0..50).map(|_| delay_ms(3, 500, 30_000, &mut r)).collect();
         assert!(v.len() > 40);
     }
 }

@@ -223,7 +223,9 @@ impl HashOnConfig {
             HashOnConfig::Header(h) => HashOn::Header(h.to_ascii_lowercase()),
             HashOnConfig::Cookie(c) => HashOn::Cookie(c.clone()),
             HashOnConfig::SourceIp(_) => HashOn::SourceIp,
-            HashOnConfig::Path(strip_query) => HashOn::Path { strip_query: *strip_query },
+            HashOnConfig::Path(strip_query) => HashOn::Path {
+                strip_query: *strip_query,
+            },
         }
     }
 }
@@ -239,7 +241,10 @@ pub struct PeakEwmaConfig {
 
 impl Default for PeakEwmaConfig {
     fn default() -> Self {
-        PeakEwmaConfig { decay: Millis::from_secs(10), default_rtt: Millis(30) }
+        PeakEwmaConfig {
+            decay: Millis::from_secs(10),
+            default_rtt: Millis(30),
+        }
     }
 }
 
@@ -300,7 +305,10 @@ impl SubsetConfig {
             SubsetFallback::NoFallback => Fallback::NoFallback,
             SubsetFallback::AnyEndpoint => Fallback::AnyEndpoint,
             SubsetFallback::DefaultSubset => Fallback::DefaultSubset(
-                self.default_subset.as_deref().and_then(|d| crate::subset::parse_selector(d).ok()).unwrap_or_default(),
+                self.default_subset
+                    .as_deref()
+                    .and_then(|d| crate::subset::parse_selector(d).ok())
+                    .unwrap_or_default(),
             ),
         }
     }
@@ -711,19 +719,31 @@ impl PluginConfig {
             return err("tick".into(), "must be between 10ms and 10s");
         }
         if !valid_name(&self.metadata_namespace) {
-            return err("metadata_namespace".into(), "use letters, digits, '_', '-' and '.' only");
+            return err(
+                "metadata_namespace".into(),
+                "use letters, digits, '_', '-' and '.' only",
+            );
         }
         if !valid_header_name(&self.handoff_header) {
-            return err("handoff_header".into(), "must be a lowercase HTTP header name");
+            return err(
+                "handoff_header".into(),
+                "must be a lowercase HTTP header name",
+            );
         }
         let mut seen = HashSet::new();
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("services[{i}]");
             if !valid_name(&s.name) || s.name.contains('.') {
-                return err(format!("{at}.name"), "must be 1..64 characters of letters, digits, '_' and '-'");
+                return err(
+                    format!("{at}.name"),
+                    "must be 1..64 characters of letters, digits, '_' and '-'",
+                );
             }
             if !seen.insert(s.name.as_str()) {
-                return err(format!("{at}.name"), &format!("service `{}` is defined twice", s.name));
+                return err(
+                    format!("{at}.name"),
+                    &format!("service `{}` is defined twice", s.name),
+                );
             }
             if s.sources.is_empty() {
                 return err(format!("{at}.sources"), "at least one source is required");
@@ -731,63 +751,114 @@ impl PluginConfig {
             if s.panic_threshold > 100 {
                 return err(format!("{at}.panic_threshold"), "is a percentage (0-100)");
             }
-            if s.guard_max_drop_percent > 100 || s.guard_confirmations == 0 || s.guard_confirmations > 100 {
-                return err(format!("{at}.guard_max_drop_percent"), "must be 0-100, with guard_confirmations 1-100");
+            if s.guard_max_drop_percent > 100
+                || s.guard_confirmations == 0
+                || s.guard_confirmations > 100
+            {
+                return err(
+                    format!("{at}.guard_max_drop_percent"),
+                    "must be 0-100, with guard_confirmations 1-100",
+                );
             }
             if !(1..=8).contains(&s.override_host_count) {
-                return err(format!("{at}.override_host_count"), "must be between 1 and 8");
+                return err(
+                    format!("{at}.override_host_count"),
+                    "must be between 1 and 8",
+                );
             }
             if s.policy.is_hash() != s.hash_on.is_some() && s.hash_on.is_some() {
-                return err(format!("{at}.hash_on"), "is only used by ring_hash and maglev");
+                return err(
+                    format!("{at}.hash_on"),
+                    "is only used by ring_hash and maglev",
+                );
             }
             if let Some(HashOnConfig::Header(h)) = &s.hash_on {
                 if !valid_header_name(&h.to_ascii_lowercase()) {
-                    return err(format!("{at}.hash_on.header"), "must be an HTTP header name");
+                    return err(
+                        format!("{at}.hash_on.header"),
+                        "must be an HTTP header name",
+                    );
                 }
             }
             if let Some(c) = s.bounded_load_percent {
                 if !(100..=10_000).contains(&c) {
-                    return err(format!("{at}.bounded_load_percent"), "must be between 100 and 10000");
+                    return err(
+                        format!("{at}.bounded_load_percent"),
+                        "must be between 100 and 10000",
+                    );
                 }
                 if !s.policy.is_hash() {
-                    return err(format!("{at}.bounded_load_percent"), "is only used by ring_hash and maglev");
+                    return err(
+                        format!("{at}.bounded_load_percent"),
+                        "is only used by ring_hash and maglev",
+                    );
                 }
             }
             if let Some(groups) = &s.zone_priorities {
                 let mut seen_zone = HashSet::new();
                 if groups.is_empty() {
-                    return err(format!("{at}.zone_priorities"), "list at least one group of zones");
+                    return err(
+                        format!("{at}.zone_priorities"),
+                        "list at least one group of zones",
+                    );
                 }
                 for (g, zones) in groups.iter().enumerate() {
                     if zones.is_empty() {
-                        return err(format!("{at}.zone_priorities[{g}]"), "a group lists at least one zone");
+                        return err(
+                            format!("{at}.zone_priorities[{g}]"),
+                            "a group lists at least one zone",
+                        );
                     }
                     for z in zones {
                         if z.is_empty() || !printable(z) || !seen_zone.insert(z.as_str()) {
-                            return err(format!("{at}.zone_priorities[{g}]"), "zones are non-empty and listed once");
+                            return err(
+                                format!("{at}.zone_priorities[{g}]"),
+                                "zones are non-empty and listed once",
+                            );
                         }
                     }
                 }
                 if s.policy.is_hash() {
-                    return err(format!("{at}.zone_priorities"), "ring_hash and maglev ignore zones (a key keeps its instance)");
+                    return err(
+                        format!("{at}.zone_priorities"),
+                        "ring_hash and maglev ignore zones (a key keeps its instance)",
+                    );
                 }
             }
             if !(100..=1_000).contains(&s.overprovisioning_percent) {
-                return err(format!("{at}.overprovisioning_percent"), "must be between 100 and 1000");
+                return err(
+                    format!("{at}.overprovisioning_percent"),
+                    "must be between 100 and 1000",
+                );
             }
             if s.peak_ewma.decay.0 == 0 || s.peak_ewma.default_rtt.0 == 0 {
-                return err(format!("{at}.peak_ewma"), "decay and default_rtt must be greater than zero");
+                return err(
+                    format!("{at}.peak_ewma"),
+                    "decay and default_rtt must be greater than zero",
+                );
             }
             if let Some(ss) = &s.slow_start {
-                if ss.window.0 == 0 || !(ss.aggression.is_finite() && ss.aggression > 0.0) || ss.min_weight_percent > 100 {
-                    return err(format!("{at}.slow_start"), "window > 0, aggression > 0, min_weight_percent 0-100");
+                if ss.window.0 == 0
+                    || !(ss.aggression.is_finite() && ss.aggression > 0.0)
+                    || ss.min_weight_percent > 100
+                {
+                    return err(
+                        format!("{at}.slow_start"),
+                        "window > 0, aggression > 0, min_weight_percent 0-100",
+                    );
                 }
                 if !printable(&ss.registered_at_key) {
-                    return err(format!("{at}.slow_start.registered_at_key"), "must be printable");
+                    return err(
+                        format!("{at}.slow_start.registered_at_key"),
+                        "must be printable",
+                    );
                 }
             }
             if let Some(sub) = &s.subset {
-                for (field, v) in [("selector", &sub.selector), ("default_subset", &sub.default_subset)] {
+                for (field, v) in [
+                    ("selector", &sub.selector),
+                    ("default_subset", &sub.default_subset),
+                ] {
                     if let Some(text) = v {
                         if let Err(e) = crate::subset::parse_selector(text) {
                             return err(format!("{at}.subset.{field}"), &format!("{e:?}"));
@@ -795,43 +866,80 @@ impl PluginConfig {
                     }
                 }
                 if sub.fallback == SubsetFallback::DefaultSubset && sub.default_subset.is_none() {
-                    return err(format!("{at}.subset.default_subset"), "is required with fallback default_subset");
+                    return err(
+                        format!("{at}.subset.default_subset"),
+                        "is required with fallback default_subset",
+                    );
                 }
                 if let Some(h) = &sub.header {
                     if !valid_header_name(h) {
-                        return err(format!("{at}.subset.header"), "must be a lowercase HTTP header name");
+                        return err(
+                            format!("{at}.subset.header"),
+                            "must be a lowercase HTTP header name",
+                        );
                     }
                 }
             }
             if let Some(lr) = &s.load_report {
-                let bounds_ok = lr.min_multiplier > 0.0 && lr.max_multiplier >= lr.min_multiplier && lr.max_multiplier <= 1000.0;
+                let bounds_ok = lr.min_multiplier > 0.0
+                    && lr.max_multiplier >= lr.min_multiplier
+                    && lr.max_multiplier <= 1000.0;
                 if !(valid_header_name(&lr.header) && bounds_ok) {
-                    return err(format!("{at}.load_report"), "needs a lowercase header and 0 < min_multiplier <= max_multiplier <= 1000");
+                    return err(
+                        format!("{at}.load_report"),
+                        "needs a lowercase header and 0 < min_multiplier <= max_multiplier <= 1000",
+                    );
                 }
             }
             if let Some(hc) = &s.health_check {
                 if hc.cluster.is_empty() {
-                    return err(format!("{at}.health_check.cluster"), "must name an ORIGINAL_DST cluster with use_http_header");
+                    return err(
+                        format!("{at}.health_check.cluster"),
+                        "must name an ORIGINAL_DST cluster with use_http_header",
+                    );
                 }
-                if !hc.path.starts_with('/') || hc.path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return err(format!("{at}.health_check.path"), "must start with '/' and contain no spaces");
+                if !hc.path.starts_with('/')
+                    || hc.path.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return err(
+                        format!("{at}.health_check.path"),
+                        "must start with '/' and contain no spaces",
+                    );
                 }
                 if hc.interval.0 < 100 || hc.timeout.0 == 0 || hc.timeout > hc.interval {
-                    return err(format!("{at}.health_check.interval"), "interval must be >= 100ms and timeout in (0, interval]");
+                    return err(
+                        format!("{at}.health_check.interval"),
+                        "interval must be >= 100ms and timeout in (0, interval]",
+                    );
                 }
-                if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 || hc.max_in_flight == 0 {
-                    return err(format!("{at}.health_check"), "thresholds and max_in_flight must be at least 1");
+                if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 || hc.max_in_flight == 0
+                {
+                    return err(
+                        format!("{at}.health_check"),
+                        "thresholds and max_in_flight must be at least 1",
+                    );
                 }
                 if !valid_header_name(&hc.header) {
-                    return err(format!("{at}.health_check.header"), "must be a lowercase HTTP header name");
+                    return err(
+                        format!("{at}.health_check.header"),
+                        "must be a lowercase HTTP header name",
+                    );
                 }
             }
             let od = &s.outlier_detection;
             if od.max_ejection_percent > 100 {
-                return err(format!("{at}.outlier_detection.max_ejection_percent"), "is a percentage (0-100)");
+                return err(
+                    format!("{at}.outlier_detection.max_ejection_percent"),
+                    "is a percentage (0-100)",
+                );
             }
-            if od.consecutive_5xx > 0 && (od.base_ejection_time.0 == 0 || od.max_ejection_time < od.base_ejection_time) {
-                return err(format!("{at}.outlier_detection.base_ejection_time"), "must be > 0 and not above max_ejection_time");
+            if od.consecutive_5xx > 0
+                && (od.base_ejection_time.0 == 0 || od.max_ejection_time < od.base_ejection_time)
+            {
+                return err(
+                    format!("{at}.outlier_detection.base_ejection_time"),
+                    "must be > 0 and not above max_ejection_time",
+                );
             }
             if !(2..=16).contains(&s.choice_count) {
                 return err(format!("{at}.choice_count"), "must be between 2 and 16");
@@ -846,7 +954,10 @@ impl PluginConfig {
                 return err(format!("{at}.request_timeout"), "must be greater than zero");
             }
             if s.backoff_base.0 == 0 || s.backoff_max < s.backoff_base {
-                return err(format!("{at}.backoff_base"), "must be > 0 and not above backoff_max");
+                return err(
+                    format!("{at}.backoff_base"),
+                    "must be > 0 and not above backoff_max",
+                );
             }
             if s.max_response_bytes < 1024 {
                 return err(format!("{at}.max_response_bytes"), "must be at least 1024");
@@ -867,10 +978,16 @@ impl PluginConfig {
                             }
                         }
                         if c.auth_method.is_some() != c.bearer_token.is_some() {
-                            return err(format!("{at}.auth_method"), "auth_method and bearer_token go together");
+                            return err(
+                                format!("{at}.auth_method"),
+                                "auth_method and bearer_token go together",
+                            );
                         }
                         if c.auth_method.is_some() && c.token.is_some() {
-                            return err(format!("{at}.token"), "use either token or auth_method, not both");
+                            return err(
+                                format!("{at}.token"),
+                                "use either token or auth_method, not both",
+                            );
                         }
                     }
                     SourceConfig::Etcd(e) => {
@@ -878,22 +995,34 @@ impl PluginConfig {
                             return err(format!("{at}.cluster"), "must name an Envoy cluster");
                         }
                         if e.prefix.as_deref() == Some("") {
-                            return err(format!("{at}.prefix"), "must not be empty (it would select the whole keyspace)");
+                            return err(
+                                format!("{at}.prefix"),
+                                "must not be empty (it would select the whole keyspace)",
+                            );
                         }
                         if e.username.is_some() != e.password.is_some() {
-                            return err(format!("{at}.username"), "username and password go together");
+                            return err(
+                                format!("{at}.username"),
+                                "username and password go together",
+                            );
                         }
                     }
                     SourceConfig::Static(st) => {
                         if st.instances.is_empty() {
-                            return err(format!("{at}.instances"), "at least one instance is required");
+                            return err(
+                                format!("{at}.instances"),
+                                "at least one instance is required",
+                            );
                         }
                         for (k, inst) in st.instances.iter().enumerate() {
                             if let Err(e) = instance::socket_addr(&inst.address, inst.port) {
                                 return err(format!("{at}.instances[{k}]"), &e.to_string());
                             }
                             if inst.weight == 0 {
-                                return err(format!("{at}.instances[{k}].weight"), "must be at least 1");
+                                return err(
+                                    format!("{at}.instances[{k}].weight"),
+                                    "must be at least 1",
+                                );
                             }
                         }
                     }
@@ -907,7 +1036,10 @@ impl PluginConfig {
     }
 
     pub fn service(&self, name: &str) -> Option<(usize, &ServiceConfig)> {
-        self.services.iter().enumerate().find(|(_, s)| s.name == name)
+        self.services
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.name == name)
     }
 }
 
@@ -921,7 +1053,11 @@ impl StaticConfig {
                 let mut i = Instance::new(addr, s.weight);
                 i.state = State::Healthy;
                 i.zone = s.zone.clone();
-                i.metadata = s.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                i.metadata = s
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
                 Some(i)
             })
             .collect()
@@ -941,18 +1077,36 @@ fn validate_nacos(at: &str, n: &NacosConfig) -> Result<(), ConfigError> {
     if n.cluster.is_empty() {
         return field_err(at, "cluster", "must name an Envoy cluster");
     }
-    if n.service.as_deref().is_some_and(|s| s.is_empty() || !printable(s)) {
-        return field_err(at, "service", "must be a non-empty name without control characters");
+    if n.service
+        .as_deref()
+        .is_some_and(|s| s.is_empty() || !printable(s))
+    {
+        return field_err(
+            at,
+            "service",
+            "must be a non-empty name without control characters",
+        );
     }
     if n.group.is_empty() || !printable(&n.group) {
-        return field_err(at, "group", "must be a non-empty name without control characters");
+        return field_err(
+            at,
+            "group",
+            "must be a non-empty name without control characters",
+        );
     }
-    if n.namespace.as_deref().is_some_and(|s| s.is_empty() || !printable(s)) {
+    if n.namespace
+        .as_deref()
+        .is_some_and(|s| s.is_empty() || !printable(s))
+    {
         return field_err(at, "namespace", "must be a non-empty namespace id");
     }
     for (k, c) in n.clusters.iter().enumerate() {
         if c.is_empty() || c.contains(',') || !printable(c) {
-            return field_err(at, &format!("clusters[{k}]"), "must be a non-empty Nacos cluster name without ','");
+            return field_err(
+                at,
+                &format!("clusters[{k}]"),
+                "must be a non-empty Nacos cluster name without ','",
+            );
         }
     }
     if n.username.is_some() != n.password.is_some() {
@@ -970,12 +1124,20 @@ fn validate_eureka(at: &str, e: &EurekaConfig) -> Result<(), ConfigError> {
     }
     if let Some(app) = &e.app {
         if app.is_empty() || app.contains('/') || !printable(app) {
-            return field_err(at, "app", "must be a non-empty application name without '/'");
+            return field_err(
+                at,
+                "app",
+                "must be a non-empty application name without '/'",
+            );
         }
     }
     let p = &e.path_prefix;
     if !p.starts_with('/') || p.contains(['?', '#']) || !printable(p) {
-        return field_err(at, "path_prefix", "must be a path starting with '/' (e.g. \"/eureka\")");
+        return field_err(
+            at,
+            "path_prefix",
+            "must be a path starting with '/' (e.g. \"/eureka\")",
+        );
     }
     if e.username.is_some() != e.password.is_some() {
         return field_err(at, "username", "username and password go together");
@@ -983,7 +1145,11 @@ fn validate_eureka(at: &str, e: &EurekaConfig) -> Result<(), ConfigError> {
     if let Some(u) = &e.username {
         // RFC 7617: the user-id of Basic auth cannot contain ':'.
         if u.is_empty() || u.contains(':') || !printable(u) {
-            return field_err(at, "username", "must be non-empty, without ':' or control characters");
+            return field_err(
+                at,
+                "username",
+                "must be non-empty, without ':' or control characters",
+            );
         }
     }
     if e.password.as_deref().is_some_and(|p| !printable(p)) {
@@ -1001,21 +1167,34 @@ fn validate_eureka(at: &str, e: &EurekaConfig) -> Result<(), ConfigError> {
 /// RFC 1123 label, as Kubernetes requires of namespace and Service names.
 fn dns_label(s: &str) -> bool {
     (1..=63).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
 
-fn validate_kubernetes(at: &str, k: &KubernetesConfig, service_name: &str) -> Result<(), ConfigError> {
+fn validate_kubernetes(
+    at: &str,
+    k: &KubernetesConfig,
+    service_name: &str,
+) -> Result<(), ConfigError> {
     if k.cluster.is_empty() {
         return field_err(at, "cluster", "must name an Envoy cluster");
     }
     if !dns_label(&k.namespace) {
-        return field_err(at, "namespace", "must be a DNS label (lowercase letters, digits, '-')");
+        return field_err(
+            at,
+            "namespace",
+            "must be a DNS label (lowercase letters, digits, '-')",
+        );
     }
     match &k.service {
         Some(s) if !dns_label(s) => {
-            return field_err(at, "service", "must be a DNS label (lowercase letters, digits, '-')");
+            return field_err(
+                at,
+                "service",
+                "must be a DNS label (lowercase letters, digits, '-')",
+            );
         }
         None if !dns_label(service_name) => {
             return field_err(
@@ -1026,10 +1205,16 @@ fn validate_kubernetes(at: &str, k: &KubernetesConfig, service_name: &str) -> Re
         }
         _ => {}
     }
-    if k.port_name.as_deref().is_some_and(|p| p.is_empty() || !printable(p)) {
+    if k.port_name
+        .as_deref()
+        .is_some_and(|p| p.is_empty() || !printable(p))
+    {
         return field_err(at, "port_name", "must be a non-empty port name");
     }
-    if k.token.as_deref().is_some_and(|t| t.is_empty() || !printable(t)) {
+    if k.token
+        .as_deref()
+        .is_some_and(|t| t.is_empty() || !printable(t))
+    {
         return field_err(at, "token", "must be non-empty, without control characters");
     }
     Ok(())
@@ -1038,12 +1223,14 @@ fn validate_kubernetes(at: &str, k: &KubernetesConfig, service_name: &str) -> Re
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 fn valid_header_name(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -1088,16 +1275,38 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn zone_priorities_are_checked() {
-        let svc = |extra: &str| format!(r#"{{"services":[{{"name":"web",{extra}"sources":[{{"static":{{"instances":[{{"address":"10.0.0.1","port":80}}]}}}}]}}]}}"#);
-        let c = parse(&svc(r#""local_zone":"a","zone_priorities":[["a","b"],["c"]],"#)).unwrap();
-        assert_eq!(c.services[0].zone_priorities.as_ref().map(Vec::len), Some(2));
+        let svc = |extra: &str| {
+            format!(
+                r#"{{"services":[{{"name":"web",{extra}"sources":[{{"static":{{"instances":[{{"address":"10.0.0.1","port":80}}]}}}}]}}]}}"#
+            )
+        };
+        let c = parse(&svc(
+            r#""local_zone":"a","zone_priorities":[["a","b"],["c"]],"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            c.services[0].zone_priorities.as_ref().map(Vec::len),
+            Some(2)
+        );
         assert_eq!(c.services[0].overprovisioning_percent, 140);
         for (extra, want) in [
             (r#""zone_priorities":[],"#, "services[0].zone_priorities: "),
-            (r#""zone_priorities":[["a"],[]],"#, "services[0].zone_priorities[1]: "),
-            (r#""zone_priorities":[["a"],["b","a"]],"#, "services[0].zone_priorities[1]: zones are non-empty and listed once"),
-            (r#""policy":"maglev","zone_priorities":[["a"]],"#, "services[0].zone_priorities: ring_hash and maglev"),
-            (r#""overprovisioning_percent":99,"#, "services[0].overprovisioning_percent: "),
+            (
+                r#""zone_priorities":[["a"],[]],"#,
+                "services[0].zone_priorities[1]: ",
+            ),
+            (
+                r#""zone_priorities":[["a"],["b","a"]],"#,
+                "services[0].zone_priorities[1]: zones are non-empty and listed once",
+            ),
+            (
+                r#""policy":"maglev","zone_priorities":[["a"]],"#,
+                "services[0].zone_priorities: ring_hash and maglev",
+            ),
+            (
+                r#""overprovisioning_percent":99,"#,
+                "services[0].overprovisioning_percent: ",
+            ),
         ] {
             let e = parse(&svc(extra)).unwrap_err();
             assert!(e.0.starts_with(want), "{extra}: {}", e.0);
@@ -1106,14 +1315,25 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn errors_name_the_field() {
-        let e = parse(r#"{"services":[{"name":"web","sources":[{"consul":{"cluster":"c","wait":"soon"}}]}]}"#).unwrap_err();
-        assert!(e.0.starts_with("services[0].sources[0].consul.wait:"), "{}", e.0);
+        let e = parse(
+            r#"{"services":[{"name":"web","sources":[{"consul":{"cluster":"c","wait":"soon"}}]}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("services[0].sources[0].consul.wait:"),
+            "{}",
+            e.0
+        );
         let e = parse(r#"{"services":[{"name":"web","polcy":"x","sources":[]}]}"#).unwrap_err();
         assert!(e.0.contains("polcy"), "{}", e.0);
-        let e = parse(r#"{"services":[{"name":"web","policy":"fastest","sources":[]}]}"#).unwrap_err();
+        let e =
+            parse(r#"{"services":[{"name":"web","policy":"fastest","sources":[]}]}"#).unwrap_err();
         assert!(e.0.starts_with("services[0].policy:"), "{}", e.0);
         let e = parse(r#"{"services":[{"name":"web","sources":[{"static":{"instances":[{"address":"web.local","port":80}]}}]}]}"#).unwrap_err();
-        assert_eq!(e.0, "services[0].sources[0].static.instances[0]: address `web.local` is not an IP literal");
+        assert_eq!(
+            e.0,
+            "services[0].sources[0].static.instances[0]: address `web.local` is not an IP literal"
+        );
         let e = parse(r#"{"services":[]}"#).unwrap_err();
         assert_eq!(e.0, "services: at least one service is required");
         let e = parse("not json").unwrap_err();
@@ -1127,7 +1347,10 @@ mod tests {
         assert!(e.0.starts_with("services[0].name"), "{}", e.0);
         let e = parse(&base(r#"{"name":"web","sources":[]}"#)).unwrap_err();
         assert_eq!(e.0, "services[0].sources: at least one source is required");
-        let e = parse(&base(r#"{"name":"web","sources":[{"etcd":{"cluster":"e","username":"u"}}]}"#)).unwrap_err();
+        let e = parse(&base(
+            r#"{"name":"web","sources":[{"etcd":{"cluster":"e","username":"u"}}]}"#,
+        ))
+        .unwrap_err();
         assert!(e.0.contains("username and password"), "{}", e.0);
         let e = parse(&base(r#"{"name":"web","sources":[{"static":{"instances":[{"address":"1.2.3.4","port":0}]}}]}"#)).unwrap_err();
         assert!(e.0.contains("port 0"), "{}", e.0);
@@ -1136,26 +1359,45 @@ mod tests {
         assert!(e.0.contains("defined twice"), "{}", e.0);
         let e = parse(&format!(r#"{{"tick":"1ms","services":[{twice}]}}"#)).unwrap_err();
         assert!(e.0.starts_with("tick:"), "{}", e.0);
-        let e = parse(&format!(r#"{{"handoff_header":"X-Bad Header","services":[{twice}]}}"#)).unwrap_err();
+        let e = parse(&format!(
+            r#"{{"handoff_header":"X-Bad Header","services":[{twice}]}}"#
+        ))
+        .unwrap_err();
         assert!(e.0.starts_with("handoff_header:"), "{}", e.0);
     }
 
     fn one_source(src: &str) -> Result<PluginConfig, ConfigError> {
-        parse(&format!(r#"{{"services":[{{"name":"web","sources":[{src}]}}]}}"#))
+        parse(&format!(
+            r#"{{"services":[{{"name":"web","sources":[{src}]}}]}}"#
+        ))
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn nacos_source_defaults_and_options() {
         let c = one_source(r#"{"nacos":{"cluster":"nacos"}}"#).unwrap();
-        let SourceConfig::Nacos(n) = &c.services[0].sources[0] else { panic!() };
-        assert_eq!((n.group.as_str(), n.api, n.healthy_only, n.authority()), ("DEFAULT_GROUP", NacosApi::V1, false, "nacos"));
-        assert_eq!((n.service.as_deref(), n.namespace.as_deref(), n.clusters.len()), (None, None, 0));
+        let SourceConfig::Nacos(n) = &c.services[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (n.group.as_str(), n.api, n.healthy_only, n.authority()),
+            ("DEFAULT_GROUP", NacosApi::V1, false, "nacos")
+        );
+        assert_eq!(
+            (
+                n.service.as_deref(),
+                n.namespace.as_deref(),
+                n.clusters.len()
+            ),
+            (None, None, 0)
+        );
         let c = one_source(
             r#"{"nacos":{"cluster":"nacos","authority":"nacos.local","service":"svc","group":"G","namespace":"dev",
                 "clusters":["a","b"],"healthy_only":true,"api":"v2","username":"nacos","password":"pw"}}"#,
         )
         .unwrap();
-        let SourceConfig::Nacos(n) = &c.services[0].sources[0] else { panic!() };
+        let SourceConfig::Nacos(n) = &c.services[0].sources[0] else {
+            panic!()
+        };
         assert_eq!(n.api, NacosApi::V2);
         assert_eq!(n.clusters, ["a", "b"]);
         assert_eq!(c.services[0].sources[0].kind(), "nacos");
@@ -1164,13 +1406,34 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn nacos_errors_name_the_field() {
         for (src, want) in [
-            (r#"{"nacos":{"cluster":""}}"#, "services[0].sources[0].nacos.cluster: must name"),
-            (r#"{"nacos":{"cluster":"n","api":"v3"}}"#, "services[0].sources[0].nacos.api: unknown variant `v3`"),
-            (r#"{"nacos":{"cluster":"n","username":"u"}}"#, "services[0].sources[0].nacos.username: username and password go together"),
-            (r#"{"nacos":{"cluster":"n","clusters":["a,b"]}}"#, "services[0].sources[0].nacos.clusters[0]: "),
-            (r#"{"nacos":{"cluster":"n","group":""}}"#, "services[0].sources[0].nacos.group: "),
-            (r#"{"nacos":{"cluster":"n","namespace":""}}"#, "services[0].sources[0].nacos.namespace: "),
-            (r#"{"nacos":{"cluster":"n","healthy":true}}"#, "services[0].sources[0].nacos.healthy: unknown field `healthy`"),
+            (
+                r#"{"nacos":{"cluster":""}}"#,
+                "services[0].sources[0].nacos.cluster: must name",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","api":"v3"}}"#,
+                "services[0].sources[0].nacos.api: unknown variant `v3`",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","username":"u"}}"#,
+                "services[0].sources[0].nacos.username: username and password go together",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","clusters":["a,b"]}}"#,
+                "services[0].sources[0].nacos.clusters[0]: ",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","group":""}}"#,
+                "services[0].sources[0].nacos.group: ",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","namespace":""}}"#,
+                "services[0].sources[0].nacos.namespace: ",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","healthy":true}}"#,
+                "services[0].sources[0].nacos.healthy: unknown field `healthy`",
+            ),
         ] {
             let e = one_source(src).unwrap_err();
             assert!(e.0.starts_with(want), "{src}: {}", e.0);
@@ -1180,18 +1443,46 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn eureka_source_defaults_and_errors() {
         let c = one_source(r#"{"eureka":{"cluster":"eureka"}}"#).unwrap();
-        let SourceConfig::Eureka(e) = &c.services[0].sources[0] else { panic!() };
-        assert_eq!((e.path_prefix.as_str(), e.weight_key.as_str(), e.zone_key.as_str(), e.secure), ("/eureka", "weight", "zone", false));
+        let SourceConfig::Eureka(e) = &c.services[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                e.path_prefix.as_str(),
+                e.weight_key.as_str(),
+                e.zone_key.as_str(),
+                e.secure
+            ),
+            ("/eureka", "weight", "zone", false)
+        );
         assert_eq!(e.authority(), "eureka");
         one_source(r#"{"eureka":{"cluster":"e","app":"web-app","path_prefix":"/eureka/v2","username":"u","password":"p:w","secure":true}}"#)
             .unwrap();
         for (src, want) in [
-            (r#"{"eureka":{"cluster":"e","path_prefix":"eureka"}}"#, "services[0].sources[0].eureka.path_prefix: "),
-            (r#"{"eureka":{"cluster":"e","username":"a:b","password":"p"}}"#, "services[0].sources[0].eureka.username: "),
-            (r#"{"eureka":{"cluster":"e","password":"p"}}"#, "services[0].sources[0].eureka.username: username and password go together"),
-            (r#"{"eureka":{"cluster":"e","app":"a/b"}}"#, "services[0].sources[0].eureka.app: "),
-            (r#"{"eureka":{"cluster":"e","weight_key":""}}"#, "services[0].sources[0].eureka.weight_key: "),
-            (r#"{"eureka":{"cluster":"e","secure":"yes"}}"#, "services[0].sources[0].eureka.secure: invalid type"),
+            (
+                r#"{"eureka":{"cluster":"e","path_prefix":"eureka"}}"#,
+                "services[0].sources[0].eureka.path_prefix: ",
+            ),
+            (
+                r#"{"eureka":{"cluster":"e","username":"a:b","password":"p"}}"#,
+                "services[0].sources[0].eureka.username: ",
+            ),
+            (
+                r#"{"eureka":{"cluster":"e","password":"p"}}"#,
+                "services[0].sources[0].eureka.username: username and password go together",
+            ),
+            (
+                r#"{"eureka":{"cluster":"e","app":"a/b"}}"#,
+                "services[0].sources[0].eureka.app: ",
+            ),
+            (
+                r#"{"eureka":{"cluster":"e","weight_key":""}}"#,
+                "services[0].sources[0].eureka.weight_key: ",
+            ),
+            (
+                r#"{"eureka":{"cluster":"e","secure":"yes"}}"#,
+                "services[0].sources[0].eureka.secure: invalid type",
+            ),
         ] {
             let e = one_source(src).unwrap_err();
             assert!(e.0.starts_with(want), "{src}: {}", e.0);
@@ -1201,22 +1492,52 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn kubernetes_source_defaults_and_errors() {
         let c = one_source(r#"{"kubernetes":{"cluster":"k8s"}}"#).unwrap();
-        let SourceConfig::Kubernetes(k) = &c.services[0].sources[0] else { panic!() };
-        assert_eq!((k.namespace.as_str(), k.service.as_deref(), k.port_name.as_deref()), ("default", None, None));
+        let SourceConfig::Kubernetes(k) = &c.services[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                k.namespace.as_str(),
+                k.service.as_deref(),
+                k.port_name.as_deref()
+            ),
+            ("default", None, None)
+        );
         one_source(r#"{"kubernetes":{"cluster":"k8s","namespace":"prod","service":"web-v2","port_name":"http","token":"ey.x"}}"#).unwrap();
         for (src, want) in [
-            (r#"{"kubernetes":{"cluster":"k","namespace":"Prod"}}"#, "services[0].sources[0].kubernetes.namespace: "),
-            (r#"{"kubernetes":{"cluster":"k","service":"web_v2"}}"#, "services[0].sources[0].kubernetes.service: "),
-            (r#"{"kubernetes":{"cluster":"k","token":"a
-b"}}"#, "services[0].sources[0].kubernetes.token: "),
-            (r#"{"kubernetes":{"cluster":"k","port_name":""}}"#, "services[0].sources[0].kubernetes.port_name: "),
-            (r#"{"kubernetes":{"cluster":"k","labels":{}}}"#, "services[0].sources[0].kubernetes.labels: unknown field"),
+            (
+                r#"{"kubernetes":{"cluster":"k","namespace":"Prod"}}"#,
+                "services[0].sources[0].kubernetes.namespace: ",
+            ),
+            (
+                r#"{"kubernetes":{"cluster":"k","service":"web_v2"}}"#,
+                "services[0].sources[0].kubernetes.service: ",
+            ),
+            (
+                r#"{"kubernetes":{"cluster":"k","token":"a
+b"}}"#,
+                "services[0].sources[0].kubernetes.token: ",
+            ),
+            (
+                r#"{"kubernetes":{"cluster":"k","port_name":""}}"#,
+                "services[0].sources[0].kubernetes.port_name: ",
+            ),
+            (
+                r#"{"kubernetes":{"cluster":"k","labels":{}}}"#,
+                "services[0].sources[0].kubernetes.labels: unknown field",
+            ),
         ] {
             let e = one_source(src).unwrap_err();
             assert!(e.0.starts_with(want), "{src}: {}", e.0);
         }
         // The default Service name is the registry-lb service name, which must then fit.
-        let e = parse(r#"{"services":[{"name":"Web_1","sources":[{"kubernetes":{"cluster":"k"}}]}]}"#).unwrap_err();
-        assert!(e.0.starts_with("services[0].sources[0].kubernetes.service: required"), "{}", e.0);
+        let e =
+            parse(r#"{"services":[{"name":"Web_1","sources":[{"kubernetes":{"cluster":"k"}}]}]}"#)
+                .unwrap_err();
+        assert!(
+            e.0.starts_with("services[0].sources[0].kubernetes.service: required"),
+            "{}",
+            e.0
+        );
     }
 }

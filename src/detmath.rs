@@ -171,9 +171,24 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn same_bits_on_every_target() {
         // Pinned outputs: a libm-dependent implementation would drift here first.
-        assert_eq!(exp(-0.1).to_bits(), 0x3FEC_F46D_99D5_2B3A, "{:#x}", exp(-0.1).to_bits());
-        assert_eq!(ln(0.3).to_bits(), 0xBFF3_4378_FCBD_A721, "{:#x}", ln(0.3).to_bits());
-        assert_eq!(powf(0.37, 1.0 / 1.5).to_bits(), 0x3FE0_7E0F_6C6E_26EC, "{:#x}", powf(0.37, 1.0 / 1.5).to_bits());
+        assert_eq!(
+            exp(-0.1).to_bits(),
+            0x3FEC_F46D_99D5_2B3A,
+            "{:#x}",
+            exp(-0.1).to_bits()
+        );
+        assert_eq!(
+            ln(0.3).to_bits(),
+            0xBFF3_4378_FCBD_A721,
+            "{:#x}",
+            ln(0.3).to_bits()
+        );
+        assert_eq!(
+            powf(0.37, 1.0 / 1.5).to_bits(),
+            0x3FE0_7E0F_6C6E_26EC,
+            "{:#x}",
+            powf(0.37, 1.0 / 1.5).to_bits()
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -181,13 +196,19 @@ mod tests {
         let mut x = -50.0;
         while x < 50.0 {
             let (a, b) = (exp(x), x.exp());
-            assert!((a - b).abs() <= 8.0 * f64::EPSILON * b, "exp({x}) = {a}, libm {b}");
+            assert!(
+                (a - b).abs() <= 8.0 * f64::EPSILON * b,
+                "exp({x}) = {a}, libm {b}"
+            );
             x += 0.137;
         }
         let mut y = 1e-9;
         while y < 1e9 {
             let (a, b) = (ln(y), y.ln());
-            assert!((a - b).abs() <= 8.0 * f64::EPSILON * b.abs().max(1.0), "ln({y}) = {a}, libm {b}");
+            assert!(
+                (a - b).abs() <= 8.0 * f64::EPSILON * b.abs().max(1.0),
+                "ln({y}) = {a}, libm {b}"
+            );
             y *= 1.37;
         }
     }

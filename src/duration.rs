@@ -36,7 +36,9 @@ pub fn parse(text: &str) -> Result<Millis, String> {
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("`{text}` is not a duration (write e.g. \"250ms\" or \"5s\")"));
+        return Err(format!(
+            "`{text}` is not a duration (write e.g. \"250ms\" or \"5s\")"
+        ));
     }
     let value: f64 = num
         .parse()

@@ -86,10 +86,20 @@ pub struct RequestParts<'a> {
 pub fn key(on: &HashOn, req: &RequestParts<'_>) -> Key {
     let h = match on {
         HashOn::Header(_) => req.header.map(hash_bytes),
-        HashOn::Cookie(name) => req.cookie_header.and_then(|c| cookie_value(c, name)).map(|v| hash_bytes(v.as_bytes())),
-        HashOn::SourceIp => req.source_address.and_then(source_ip).map(|ip| hash_bytes(ip.to_string().as_bytes())),
+        HashOn::Cookie(name) => req
+            .cookie_header
+            .and_then(|c| cookie_value(c, name))
+            .map(|v| hash_bytes(v.as_bytes())),
+        HashOn::SourceIp => req
+            .source_address
+            .and_then(source_ip)
+            .map(|ip| hash_bytes(ip.to_string().as_bytes())),
         HashOn::Path { strip_query } => req.path.map(|p| {
-            let p = if *strip_query { p.split_once('?').map_or(p, |(a, _)| a) } else { p };
+            let p = if *strip_query {
+                p.split_once('?').map_or(p, |(a, _)| a)
+            } else {
+                p
+            };
             hash_bytes(p.as_bytes())
         }),
     };
@@ -108,12 +118,17 @@ pub fn hash_bytes(b: &[u8]) -> u64 {
 /// Value of cookie `name` in a `Cookie` header value; `None` when absent or empty.
 pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
     for pair in header.split(';') {
-        let Some((n, v)) = pair.split_once('=') else { continue };
+        let Some((n, v)) = pair.split_once('=') else {
+            continue;
+        };
         if n.trim() != name {
             continue;
         }
         let v = v.trim();
-        let v = v.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(v);
+        let v = v
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .unwrap_or(v);
         return if v.is_empty() { None } else { Some(v) };
     }
     None
@@ -125,7 +140,10 @@ pub fn source_ip(addr: &str) -> Option<IpAddr> {
     if let Ok(sa) = addr.parse::<SocketAddr>() {
         return Some(sa.ip());
     }
-    addr.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    addr.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -145,9 +163,17 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn header_hash_is_envoys_xxhash64() {
-        assert_eq!(key(&HashOn::Header("x-user".into()), &parts()), Key::Hash(xxh64(b"user-42", 0)));
+        assert_eq!(
+            key(&HashOn::Header("x-user".into()), &parts()),
+            Key::Hash(xxh64(b"user-42", 0))
+        );
         // Pinned value: xxHash64("user-42", 0) on every target.
-        assert_eq!(hash_bytes(b"user-42"), PINNED_USER_42, "{:#x}", hash_bytes(b"user-42"));
+        assert_eq!(
+            hash_bytes(b"user-42"),
+            PINNED_USER_42,
+            "{:#x}",
+            hash_bytes(b"user-42")
+        );
         assert_eq!(hash_bytes(b"abc"), 0x44BC_2CF5_AD77_0999);
     }
     const PINNED_USER_42: u64 = 0x397E_9D3A_76AF_7C81;
@@ -164,13 +190,24 @@ mod tests {
         assert_eq!(cookie_value(c, "Session"), None);
         assert_eq!(cookie_value("", "a"), None);
         assert_eq!(cookie_value("a=1; a=2", "a"), Some("1"));
-        assert_eq!(key(&HashOn::Cookie("session".into()), &parts()), Key::Hash(xxh64(b"abc123", 0)));
+        assert_eq!(
+            key(&HashOn::Cookie("session".into()), &parts()),
+            Key::Hash(xxh64(b"abc123", 0))
+        );
         assert_eq!(key(&HashOn::Cookie("nope".into()), &parts()), Key::Missing);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn source_ip_drops_the_port() {
-        let ip = |a: &'static str| key(&HashOn::SourceIp, &RequestParts { source_address: Some(a), ..Default::default() });
+        let ip = |a: &'static str| {
+            key(
+                &HashOn::SourceIp,
+                &RequestParts {
+                    source_address: Some(a),
+                    ..Default::default()
+                },
+            )
+        };
         assert_eq!(ip("192.168.1.7:53211"), Key::Hash(xxh64(b"192.168.1.7", 0)));
         assert_eq!(ip("192.168.1.7:1"), ip("192.168.1.7"));
         assert_eq!(ip("[2001:db8::1]:443"), Key::Hash(xxh64(b"2001:db8::1", 0)));
@@ -189,7 +226,12 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn missing_keys_fall_back_to_random() {
         let none = RequestParts::default();
-        for on in [HashOn::Header("x".into()), HashOn::Cookie("c".into()), HashOn::SourceIp, HashOn::Path { strip_query: true }] {
+        for on in [
+            HashOn::Header("x".into()),
+            HashOn::Cookie("c".into()),
+            HashOn::SourceIp,
+            HashOn::Path { strip_query: true },
+        ] {
             assert_eq!(key(&on, &none), Key::Missing);
         }
         let mut r = SplitMix64(0);
@@ -212,6 +254,9 @@ mod tests {
         other[59_999] = b'y';
         assert_eq!(hash_bytes(&big), hash_bytes(&other));
         // Exactly at the cap: plain xxHash64.
-        assert_eq!(hash_bytes(&big[..MAX_KEY_BYTES]), xxh64(&big[..MAX_KEY_BYTES], 0));
+        assert_eq!(
+            hash_bytes(&big[..MAX_KEY_BYTES]),
+            xxh64(&big[..MAX_KEY_BYTES], 0)
+        );
     }
 }

@@ -49,7 +49,11 @@ pub enum Transition {
 
 impl HealthChecker {
     pub fn new(s: Settings) -> HealthChecker {
-        HealthChecker { s, hosts: HashMap::new(), in_flight: 0 }
+        HealthChecker {
+            s,
+            hosts: HashMap::new(),
+            in_flight: 0,
+        }
     }
 
     /// Follows the snapshot: new instances are checked soon (spread over one
@@ -62,7 +66,15 @@ impl HealthChecker {
                 Some((old, h)) if &old == addr => (old, h),
                 _ => {
                     let offset = (u64::from(*slot) * 7919) % interval;
-                    (addr.clone(), Host { healthy: true, run: 0, next_due_ms: now_ms + offset, in_flight: false })
+                    (
+                        addr.clone(),
+                        Host {
+                            healthy: true,
+                            run: 0,
+                            next_due_ms: now_ms + offset,
+                            in_flight: false,
+                        },
+                    )
                 }
             };
             next.insert(*slot, entry);
@@ -74,14 +86,20 @@ impl HealthChecker {
     /// Checks to start now: (slot, call).
     pub fn due(&mut self, now_ms: u64) -> Vec<(u32, HttpRequest)> {
         let mut out = Vec::new();
-        let mut due: Vec<u32> =
-            self.hosts.iter().filter(|(_, (_, h))| !h.in_flight && h.next_due_ms <= now_ms).map(|(s, _)| *s).collect();
+        let mut due: Vec<u32> = self
+            .hosts
+            .iter()
+            .filter(|(_, (_, h))| !h.in_flight && h.next_due_ms <= now_ms)
+            .map(|(s, _)| *s)
+            .collect();
         due.sort_unstable();
         for slot in due {
             if self.in_flight >= self.s.max_in_flight {
                 break;
             }
-            let Some((addr, h)) = self.hosts.get_mut(&slot) else { continue };
+            let Some((addr, h)) = self.hosts.get_mut(&slot) else {
+                continue;
+            };
             h.in_flight = true;
             self.in_flight += 1;
             out.push((
@@ -114,17 +132,28 @@ impl HealthChecker {
             return None;
         }
         h.run += 1;
-        let needed = if h.healthy { self.s.unhealthy_threshold } else { self.s.healthy_threshold };
+        let needed = if h.healthy {
+            self.s.unhealthy_threshold
+        } else {
+            self.s.healthy_threshold
+        };
         if h.run < needed.max(1) {
             return None;
         }
         h.healthy = ok;
         h.run = 0;
-        Some(if ok { Transition::Up(slot) } else { Transition::Down(slot) })
+        Some(if ok {
+            Transition::Up(slot)
+        } else {
+            Transition::Down(slot)
+        })
     }
 
     pub fn unhealthy(&self) -> impl Iterator<Item = u32> + '_ {
-        self.hosts.iter().filter(|(_, (_, h))| !h.healthy).map(|(s, _)| *s)
+        self.hosts
+            .iter()
+            .filter(|(_, (_, h))| !h.healthy)
+            .map(|(s, _)| *s)
     }
 }
 
@@ -154,7 +183,13 @@ mod tests {
         let calls = c.due(1000);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].1.path, "/healthz");
-        assert_eq!(calls[0].1.headers, [("x-envoy-original-dst-host".to_string(), "10.0.0.1:80".to_string())]);
+        assert_eq!(
+            calls[0].1.headers,
+            [(
+                "x-envoy-original-dst-host".to_string(),
+                "10.0.0.1:80".to_string()
+            )]
+        );
         assert!(c.due(1000).is_empty(), "one check per host at a time");
     }
 
@@ -183,7 +218,9 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn concurrency_is_bounded_and_rounds_are_spread() {
         let mut c = checker(10);
-        let hosts: Vec<(u32, String)> = (0..1000).map(|i| (i, format!("10.0.{}.{}:80", i / 250, i % 250))).collect();
+        let hosts: Vec<(u32, String)> = (0..1000)
+            .map(|i| (i, format!("10.0.{}.{}:80", i / 250, i % 250)))
+            .collect();
         c.set_hosts(&hosts, 0);
         let first = c.due(0);
         assert!(first.len() <= 10);
@@ -203,7 +240,10 @@ mod tests {
         let calls = c.due(5000);
         c.on_result(1, 503, 5000);
         c.set_hosts(&[(1, "10.0.0.9:80".into())], 6000);
-        assert_eq!(c.hosts[&1].1.run, 0, "a new address in the slot starts fresh");
+        assert_eq!(
+            c.hosts[&1].1.run, 0,
+            "a new address in the slot starts fresh"
+        );
         c.set_hosts(&[], 7000);
         assert!(c.due(99_999).is_empty());
         assert_eq!(calls.len(), 1);

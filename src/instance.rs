@@ -81,7 +81,9 @@ pub enum AddrError {
 impl std::fmt::Display for AddrError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AddrError::NotAnIp(a) => write!(f, "address `{}` is not an IP literal", truncate(a, 64)),
+            AddrError::NotAnIp(a) => {
+                write!(f, "address `{}` is not an IP literal", truncate(a, 64))
+            }
             AddrError::BadPort(p) => write!(f, "port {p} is out of range 1..65535"),
             AddrError::Unspecified(a) => write!(f, "address `{a}` is unspecified"),
         }
@@ -123,27 +125,55 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn registration_times_in_ms_or_s() {
-        assert_eq!(parse_registered_at("1700000000123"), Some(1_700_000_000_123));
+        assert_eq!(
+            parse_registered_at("1700000000123"),
+            Some(1_700_000_000_123)
+        );
         assert_eq!(parse_registered_at(" 1700000000 "), Some(1_700_000_000_000));
-        for bad in ["", "0", "-5", "2024-01-01T00:00:00Z", "1.5e12", "99999999999999999999999"] {
+        for bad in [
+            "",
+            "0",
+            "-5",
+            "2024-01-01T00:00:00Z",
+            "1.5e12",
+            "99999999999999999999999",
+        ] {
             assert_eq!(parse_registered_at(bad), None, "{bad}");
         }
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn accepts_ipv4_and_ipv6() {
-        assert_eq!(socket_addr("10.0.0.1", 80).unwrap().to_string(), "10.0.0.1:80");
+        assert_eq!(
+            socket_addr("10.0.0.1", 80).unwrap().to_string(),
+            "10.0.0.1:80"
+        );
         assert_eq!(socket_addr("::1", 8080).unwrap().to_string(), "[::1]:8080");
-        assert_eq!(socket_addr("[fe80::1]", 1).unwrap().to_string(), "[fe80::1]:1");
+        assert_eq!(
+            socket_addr("[fe80::1]", 1).unwrap().to_string(),
+            "[fe80::1]:1"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn refuses_names_ports_and_unspecified() {
-        assert!(matches!(socket_addr("web.internal", 80), Err(AddrError::NotAnIp(_))));
-        assert!(matches!(socket_addr("10.0.0.1:80", 80), Err(AddrError::NotAnIp(_))));
+        assert!(matches!(
+            socket_addr("web.internal", 80),
+            Err(AddrError::NotAnIp(_))
+        ));
+        assert!(matches!(
+            socket_addr("10.0.0.1:80", 80),
+            Err(AddrError::NotAnIp(_))
+        ));
         assert_eq!(socket_addr("10.0.0.1", 0), Err(AddrError::BadPort(0)));
-        assert_eq!(socket_addr("10.0.0.1", 70000), Err(AddrError::BadPort(70000)));
-        assert!(matches!(socket_addr("0.0.0.0", 80), Err(AddrError::Unspecified(_))));
+        assert_eq!(
+            socket_addr("10.0.0.1", 70000),
+            Err(AddrError::BadPort(70000))
+        );
+        assert!(matches!(
+            socket_addr("0.0.0.0", 80),
+            Err(AddrError::Unspecified(_))
+        ));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

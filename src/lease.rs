@@ -23,7 +23,10 @@ impl Lease {
     pub fn decode(b: &[u8]) -> Option<Lease> {
         let s = std::str::from_utf8(b).ok()?;
         let (o, e) = s.split_once(':')?;
-        Some(Lease { owner: u64::from_str_radix(o, 16).ok()?, expires_ms: e.parse().ok()? })
+        Some(Lease {
+            owner: u64::from_str_radix(o, 16).ok()?,
+            expires_ms: e.parse().ok()?,
+        })
     }
 }
 
@@ -40,13 +43,24 @@ pub enum Decision {
 }
 
 pub fn decide(me: u64, read: Option<&[u8]>, now_ms: u64, ttl_ms: u64) -> Decision {
-    let Some(bytes) = read else { return Decision::Seed };
-    let mine = Lease { owner: me, expires_ms: now_ms + ttl_ms };
+    let Some(bytes) = read else {
+        return Decision::Seed;
+    };
+    let mine = Lease {
+        owner: me,
+        expires_ms: now_ms + ttl_ms,
+    };
     match Lease::decode(bytes) {
-        Some(l) if l.owner == me => Decision::Write { lease: mine, confirmed: true },
+        Some(l) if l.owner == me => Decision::Write {
+            lease: mine,
+            confirmed: true,
+        },
         Some(l) if l.expires_ms > now_ms => Decision::Follow,
         // Expired, empty (seeded) or unreadable: take it.
-        _ => Decision::Write { lease: mine, confirmed: false },
+        _ => Decision::Write {
+            lease: mine,
+            confirmed: false,
+        },
     }
 }
 
@@ -57,7 +71,10 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn codec_round_trip_and_garbage() {
-        let l = Lease { owner: 0xdead_beef, expires_ms: 1234 };
+        let l = Lease {
+            owner: 0xdead_beef,
+            expires_ms: 1234,
+        };
         assert_eq!(Lease::decode(&l.encode()), Some(l));
         assert_eq!(Lease::decode(b""), None);
         assert_eq!(Lease::decode(b"zz:1"), None);
@@ -69,12 +86,37 @@ mod tests {
         assert_eq!(decide(1, None, 0, 1000), Decision::Seed);
         // Seeded (empty): take it, unconfirmed.
         let d = decide(1, Some(b""), 10, 1000);
-        assert_eq!(d, Decision::Write { lease: Lease { owner: 1, expires_ms: 1010 }, confirmed: false });
-        let held = Lease { owner: 1, expires_ms: 1010 }.encode();
+        assert_eq!(
+            d,
+            Decision::Write {
+                lease: Lease {
+                    owner: 1,
+                    expires_ms: 1010
+                },
+                confirmed: false
+            }
+        );
+        let held = Lease {
+            owner: 1,
+            expires_ms: 1010,
+        }
+        .encode();
         // The owner confirms; others follow while it is live.
-        assert!(matches!(decide(1, Some(&held), 60, 1000), Decision::Write { confirmed: true, .. }));
+        assert!(matches!(
+            decide(1, Some(&held), 60, 1000),
+            Decision::Write {
+                confirmed: true,
+                ..
+            }
+        ));
         assert_eq!(decide(2, Some(&held), 60, 1000), Decision::Follow);
         // After expiry another root takes over.
-        assert!(matches!(decide(2, Some(&held), 1011, 1000), Decision::Write { confirmed: false, .. }));
+        assert!(matches!(
+            decide(2, Some(&held), 1011, 1000),
+            Decision::Write {
+                confirmed: false,
+                ..
+            }
+        ));
     }
 }

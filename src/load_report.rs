@@ -76,9 +76,15 @@ impl std::fmt::Display for ReportError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let t = |s: &str| crate::instance::truncate(s, 64);
         match self {
-            ReportError::TooLong(n) => write!(f, "load report is {n} bytes, more than {MAX_REPORT_BYTES}"),
-            ReportError::TooManyMetrics => write!(f, "load report has more than {MAX_METRICS} metrics"),
-            ReportError::UnsupportedFormat(p) => write!(f, "unsupported ORCA header format: {}", t(p)),
+            ReportError::TooLong(n) => {
+                write!(f, "load report is {n} bytes, more than {MAX_REPORT_BYTES}")
+            }
+            ReportError::TooManyMetrics => {
+                write!(f, "load report has more than {MAX_METRICS} metrics")
+            }
+            ReportError::UnsupportedFormat(p) => {
+                write!(f, "unsupported ORCA header format: {}", t(p))
+            }
             ReportError::Malformed(s) => write!(f, "malformed load metric `{}`", t(s)),
             ReportError::BadValue(s) => write!(f, "bad value for load metric `{}`", t(s)),
             ReportError::UnknownMetric(s) => write!(f, "unsupported metric name: {}", t(s)),
@@ -116,7 +122,10 @@ pub fn parse_orca(value: &str) -> Result<OrcaReport, ReportError> {
         let Some(cut) = item.find(['=', ':']) else {
             return Err(ReportError::Malformed(item.to_string()));
         };
-        let (name, raw) = (item.get(..cut).unwrap_or_default().trim(), item.get(cut + 1..).unwrap_or_default().trim());
+        let (name, raw) = (
+            item.get(..cut).unwrap_or_default().trim(),
+            item.get(cut + 1..).unwrap_or_default().trim(),
+        );
         if name.is_empty() || raw.is_empty() {
             return Err(ReportError::Malformed(item.to_string()));
         }
@@ -150,7 +159,9 @@ pub fn parse_utilization(value: &str) -> Result<f64, ReportError> {
         Some(p) => (p.trim_end(), 100.0),
         None => (v, 1.0),
     };
-    number(v).map(|x| x / scale).ok_or_else(|| ReportError::BadValue(value.to_string()))
+    number(v)
+        .map(|x| x / scale)
+        .ok_or_else(|| ReportError::BadValue(value.to_string()))
 }
 
 /// A finite, non-negative decimal number.
@@ -173,7 +184,13 @@ pub struct WeightConfig {
 
 impl Default for WeightConfig {
     fn default() -> Self {
-        WeightConfig { floor: 0.1, min_multiplier: 0.1, max_multiplier: 10.0, smoothing_ms: 10_000, expire_ms: 180_000 }
+        WeightConfig {
+            floor: 0.1,
+            min_multiplier: 0.1,
+            max_multiplier: 10.0,
+            smoothing_ms: 10_000,
+            expire_ms: 180_000,
+        }
     }
 }
 
@@ -193,7 +210,13 @@ pub struct UtilizationWeights {
 impl UtilizationWeights {
     /// For `n` endpoints. Bounds are sanitised: floor > 0, 0 < min ≤ max ≤ 1000.
     pub fn new(n: usize, cfg: WeightConfig) -> UtilizationWeights {
-        let ok = |x: f64, lo: f64, hi: f64, dflt: f64| if x.is_finite() { x.clamp(lo, hi) } else { dflt };
+        let ok = |x: f64, lo: f64, hi: f64, dflt: f64| {
+            if x.is_finite() {
+                x.clamp(lo, hi)
+            } else {
+                dflt
+            }
+        };
         let max_multiplier = ok(cfg.max_multiplier, 1e-6, 1000.0, 10.0);
         let cfg = WeightConfig {
             floor: ok(cfg.floor, 1e-6, 1e6, 0.1),
@@ -202,7 +225,10 @@ impl UtilizationWeights {
             smoothing_ms: cfg.smoothing_ms.max(1),
             expire_ms: cfg.expire_ms,
         };
-        UtilizationWeights { cfg, state: vec![None; n] }
+        UtilizationWeights {
+            cfg,
+            state: vec![None; n],
+        }
     }
 
     /// Makes room for endpoints `0..n` (existing state is kept).
@@ -218,7 +244,9 @@ impl UtilizationWeights {
             return;
         }
         let (tau, expire) = (self.cfg.smoothing_ms, self.cfg.expire_ms);
-        let Some(slot) = self.state.get_mut(i) else { return };
+        let Some(slot) = self.state.get_mut(i) else {
+            return;
+        };
         let next = match *slot {
             Some(s) if now_ms.saturating_sub(s.stamp_ms) <= expire => {
                 let dt = now_ms.saturating_sub(s.stamp_ms).max(1);
@@ -227,7 +255,10 @@ impl UtilizationWeights {
             }
             _ => utilization,
         };
-        *slot = Some(Smoothed { utilization: next, stamp_ms: now_ms.max(slot.map_or(0, |s| s.stamp_ms)) });
+        *slot = Some(Smoothed {
+            utilization: next,
+            stamp_ms: now_ms.max(slot.map_or(0, |s| s.stamp_ms)),
+        });
     }
 
     /// Smoothed utilization of `i`; `None` without a report younger than `expire_ms`.
@@ -239,16 +270,23 @@ impl UtilizationWeights {
     /// Weight multiplier of `i` in millionths; `None` without a fresh report.
     pub fn multiplier_ppm(&self, i: usize, now_ms: u64) -> Option<u32> {
         let u = self.utilization(i, now_ms)?;
-        let m = (1.0 / u.max(self.cfg.floor)).clamp(self.cfg.min_multiplier, self.cfg.max_multiplier);
+        let m =
+            (1.0 / u.max(self.cfg.floor)).clamp(self.cfg.min_multiplier, self.cfg.max_multiplier);
         Some((m * PPM) as u32)
     }
 
     /// Effective weights: `base[i]` × multiplier, endpoints without a fresh report
     /// taking the mean multiplier of those with one (1 when none has).
     pub fn weights(&self, base: &[u32], now_ms: u64) -> Vec<u32> {
-        let m: Vec<Option<u32>> = (0..base.len()).map(|i| self.multiplier_ppm(i, now_ms)).collect();
+        let m: Vec<Option<u32>> = (0..base.len())
+            .map(|i| self.multiplier_ppm(i, now_ms))
+            .collect();
         let reported: Vec<u64> = m.iter().flatten().map(|&x| u64::from(x)).collect();
-        let mean = if reported.is_empty() { PPM as u64 } else { reported.iter().sum::<u64>() / reported.len() as u64 };
+        let mean = if reported.is_empty() {
+            PPM as u64
+        } else {
+            reported.iter().sum::<u64>() / reported.len() as u64
+        };
         base.iter()
             .zip(&m)
             .map(|(&b, mi)| {
@@ -286,20 +324,50 @@ mod tests {
         use ReportError::*;
         assert_eq!(parse_orca("BIN abcd"), Err(UnsupportedFormat("BIN".into())));
         assert_eq!(parse_orca("JSON {}"), Err(UnsupportedFormat("JSON".into())));
-        assert_eq!(parse_orca("TEXT cpu_utilization"), Err(Malformed("cpu_utilization".into())));
-        assert_eq!(parse_orca("TEXT cpu_utilization="), Err(Malformed("cpu_utilization=".into())));
+        assert_eq!(
+            parse_orca("TEXT cpu_utilization"),
+            Err(Malformed("cpu_utilization".into()))
+        );
+        assert_eq!(
+            parse_orca("TEXT cpu_utilization="),
+            Err(Malformed("cpu_utilization=".into()))
+        );
         assert_eq!(parse_orca("TEXT =1"), Err(Malformed("=1".into())));
-        assert_eq!(parse_orca("TEXT cpu_utilization=abc"), Err(BadValue("cpu_utilization".into())));
-        assert_eq!(parse_orca("TEXT cpu_utilization=NaN"), Err(BadValue("cpu_utilization".into())));
-        assert_eq!(parse_orca("TEXT cpu_utilization=inf"), Err(BadValue("cpu_utilization".into())));
-        assert_eq!(parse_orca("TEXT cpu_utilization=-1"), Err(BadValue("cpu_utilization".into())));
+        assert_eq!(
+            parse_orca("TEXT cpu_utilization=abc"),
+            Err(BadValue("cpu_utilization".into()))
+        );
+        assert_eq!(
+            parse_orca("TEXT cpu_utilization=NaN"),
+            Err(BadValue("cpu_utilization".into()))
+        );
+        assert_eq!(
+            parse_orca("TEXT cpu_utilization=inf"),
+            Err(BadValue("cpu_utilization".into()))
+        );
+        assert_eq!(
+            parse_orca("TEXT cpu_utilization=-1"),
+            Err(BadValue("cpu_utilization".into()))
+        );
         assert_eq!(parse_orca("TEXT gpu=1"), Err(UnknownMetric("gpu".into())));
-        assert_eq!(parse_orca("TEXT named_metrics.=1"), Err(UnknownMetric("named_metrics.".into())));
-        assert_eq!(parse_orca("TEXT eps=1, eps=2"), Err(Duplicate("eps".into())));
+        assert_eq!(
+            parse_orca("TEXT named_metrics.=1"),
+            Err(UnknownMetric("named_metrics.".into()))
+        );
+        assert_eq!(
+            parse_orca("TEXT eps=1, eps=2"),
+            Err(Duplicate("eps".into()))
+        );
         let many: Vec<String> = (0..65).map(|i| format!("named_metrics.m{i}=1")).collect();
-        assert_eq!(parse_orca(&format!("TEXT {}", many.join(","))), Err(TooManyMetrics));
+        assert_eq!(
+            parse_orca(&format!("TEXT {}", many.join(","))),
+            Err(TooManyMetrics)
+        );
         assert!(matches!(parse_orca(&"x".repeat(5000)), Err(TooLong(5000))));
-        assert_eq!(UnknownMetric("gpu".into()).to_string(), "unsupported metric name: gpu");
+        assert_eq!(
+            UnknownMetric("gpu".into()).to_string(),
+            "unsupported metric name: gpu"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -318,15 +386,23 @@ mod tests {
         for (i, u) in [0.5, 0.25, 0.0, 2.0, 50.0].into_iter().enumerate() {
             w.observe(i, u, 1_000);
         }
-        let m: Vec<u32> = (0..5).map(|i| w.multiplier_ppm(i, 1_000).unwrap()).collect();
+        let m: Vec<u32> = (0..5)
+            .map(|i| w.multiplier_ppm(i, 1_000).unwrap())
+            .collect();
         // 1/0.5, 1/0.25, 1/floor(0.1), 1/2, 1/50 clamped to 0.1.
         assert_eq!(m, vec![2_000_000, 4_000_000, 10_000_000, 500_000, 100_000]);
-        assert_eq!(w.weights(&[10, 10, 10, 10, 10], 1_000), vec![20, 40, 100, 5, 1]);
+        assert_eq!(
+            w.weights(&[10, 10, 10, 10, 10], 1_000),
+            vec![20, 40, 100, 5, 1]
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn smoothing_follows_the_clock() {
-        let cfg = WeightConfig { smoothing_ms: 1_000, ..WeightConfig::default() };
+        let cfg = WeightConfig {
+            smoothing_ms: 1_000,
+            ..WeightConfig::default()
+        };
         let mut w = UtilizationWeights::new(1, cfg);
         w.observe(0, 0.8, 0);
         assert_eq!(w.utilization(0, 0), Some(0.8));
@@ -350,7 +426,7 @@ mod tests {
         assert_eq!(w.weights(&[4, 4, 4], 0), vec![4, 4, 4]);
         w.observe(0, 0.5, 0); // ×2
         w.observe(1, 0.25, 0); // ×4
-        // Endpoint 2 has no report: the mean multiplier, ×3.
+                               // Endpoint 2 has no report: the mean multiplier, ×3.
         assert_eq!(w.weights(&[4, 4, 4], 1_000), vec![8, 16, 12]);
         // After expiry (3 min) nothing counts; a new report starts afresh.
         assert_eq!(w.weights(&[4, 4, 4], 200_000), vec![4, 4, 4]);

@@ -75,12 +75,17 @@ pub fn classify(code: u64, flags: u64) -> Result_ {
 
 impl Outliers {
     pub fn is_out(&self, slot: u32) -> bool {
-        self.hc_down.contains(&slot) || matches!(self.slots.get(&slot), Some(s) if s.breaker != Breaker::HalfOpen)
+        self.hc_down.contains(&slot)
+            || matches!(self.slots.get(&slot), Some(s) if s.breaker != Breaker::HalfOpen)
     }
 
     /// Records an active health-check verdict; returns whether it changed anything.
     pub fn set_hc(&mut self, slot: u32, healthy: bool) -> bool {
-        let changed = if healthy { self.hc_down.remove(&slot) } else { self.hc_down.insert(slot) };
+        let changed = if healthy {
+            self.hc_down.remove(&slot)
+        } else {
+            self.hc_down.insert(slot)
+        };
         if changed {
             self.generation += 1;
         }
@@ -93,7 +98,14 @@ impl Outliers {
 
     /// Ejects `slot` after `consecutive` failures, if the policy and the cap allow.
     /// Returns whether the state changed.
-    pub fn eject(&mut self, slot: u32, consecutive: u32, known: usize, p: &Policy, now_ms: u64) -> bool {
+    pub fn eject(
+        &mut self,
+        slot: u32,
+        consecutive: u32,
+        known: usize,
+        p: &Policy,
+        now_ms: u64,
+    ) -> bool {
         if p.consecutive_5xx == 0 || consecutive < p.consecutive_5xx {
             return false;
         }
@@ -102,7 +114,11 @@ impl Outliers {
             Some(s) => s.times,
             None => 0,
         };
-        let out = self.slots.values().filter(|s| s.breaker != Breaker::HalfOpen).count();
+        let out = self
+            .slots
+            .values()
+            .filter(|s| s.breaker != Breaker::HalfOpen)
+            .count();
         let cap = (known as u64 * u64::from(p.max_ejection_percent) / 100).max(1) as usize;
         if out >= cap {
             return false;
@@ -113,8 +129,18 @@ impl Outliers {
 
     fn open(&mut self, slot: u32, times: u16, p: &Policy, now_ms: u64) {
         let times = times.saturating_add(1);
-        let span = p.base_ejection_ms.saturating_mul(u64::from(times)).min(p.max_ejection_ms.max(p.base_ejection_ms));
-        self.slots.insert(slot, SlotState { breaker: Breaker::Open, until_ms: now_ms + span, times });
+        let span = p
+            .base_ejection_ms
+            .saturating_mul(u64::from(times))
+            .min(p.max_ejection_ms.max(p.base_ejection_ms));
+        self.slots.insert(
+            slot,
+            SlotState {
+                breaker: Breaker::Open,
+                until_ms: now_ms + span,
+                times,
+            },
+        );
         self.generation += 1;
     }
 
@@ -155,7 +181,9 @@ impl Outliers {
 
     /// The trial request finished.
     pub fn end_trial(&mut self, slot: u32, result: Result_, p: &Policy, now_ms: u64) -> bool {
-        let Some(s) = self.slots.get(&slot).copied() else { return false };
+        let Some(s) = self.slots.get(&slot).copied() else {
+            return false;
+        };
         if s.breaker != Breaker::Trial {
             return false;
         }
@@ -218,14 +246,25 @@ impl Outliers {
             };
             let until_ms = u64::from_le_bytes(r.get(5..13)?.try_into().ok()?);
             let times = u16::from_le_bytes(r.get(13..15)?.try_into().ok()?);
-            slots.insert(slot, SlotState { breaker, until_ms, times });
+            slots.insert(
+                slot,
+                SlotState {
+                    breaker,
+                    until_ms,
+                    times,
+                },
+            );
         }
         let mut hc_down = BTreeSet::new();
         for k in 0..m {
             let at = end + 4 + k * 4;
             hc_down.insert(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?));
         }
-        Some(Outliers { generation, slots, hc_down })
+        Some(Outliers {
+            generation,
+            slots,
+            hc_down,
+        })
     }
 }
 
@@ -234,7 +273,12 @@ mod tests {
     use super::*;
     use wasm_bindgen_test::wasm_bindgen_test;
 
-    const P: Policy = Policy { consecutive_5xx: 5, base_ejection_ms: 30_000, max_ejection_ms: 300_000, max_ejection_percent: 10 };
+    const P: Policy = Policy {
+        consecutive_5xx: 5,
+        base_ejection_ms: 30_000,
+        max_ejection_ms: 300_000,
+        max_ejection_percent: 10,
+    };
 
     #[wasm_bindgen_test(unsupported = test)]
     fn classifies_codes_and_flags() {
@@ -270,7 +314,14 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn ejection_time_is_capped() {
         let mut o = Outliers::default();
-        o.slots.insert(1, SlotState { breaker: Breaker::Trial, until_ms: 0, times: 40 });
+        o.slots.insert(
+            1,
+            SlotState {
+                breaker: Breaker::Trial,
+                until_ms: 0,
+                times: 40,
+            },
+        );
         o.end_trial(1, Result_::Failure, &P, 0);
         assert_eq!(o.slots[&1].until_ms, 300_000);
     }
@@ -278,9 +329,15 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn max_ejection_percent_with_at_least_one() {
         let mut o = Outliers::default();
-        assert!(o.eject(0, 5, 4, &P, 0), "10 % of 4 rounds down, but one may always go");
+        assert!(
+            o.eject(0, 5, 4, &P, 0),
+            "10 % of 4 rounds down, but one may always go"
+        );
         assert!(!o.eject(1, 5, 4, &P, 0));
-        let all = Policy { max_ejection_percent: 100, ..P };
+        let all = Policy {
+            max_ejection_percent: 100,
+            ..P
+        };
         assert!(o.eject(1, 5, 4, &all, 0));
         assert!(o.eject(2, 5, 4, &all, 0));
         assert!(o.eject(3, 5, 4, &all, 0));
@@ -309,7 +366,10 @@ mod tests {
         for n in 0..b.len() {
             assert_eq!(Outliers::decode(&b[..n]), None);
         }
-        assert_eq!(Outliers::decode(&Outliers::default().encode()), Some(Outliers::default()));
+        assert_eq!(
+            Outliers::decode(&Outliers::default().encode()),
+            Some(Outliers::default())
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]

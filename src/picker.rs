@@ -161,7 +161,11 @@ impl Table {
             .iter()
             .filter(|e| e.instance.state != State::Draining)
             .map(|e| Candidate {
-                ep: Endpoint { host: e.instance.addr.to_string(), weight: e.instance.weight, slot: e.slot },
+                ep: Endpoint {
+                    host: e.instance.addr.to_string(),
+                    weight: e.instance.weight,
+                    slot: e.slot,
+                },
                 base_weight: e.instance.weight,
                 healthy: e.instance.state == State::Healthy,
                 zone: e.instance.zone.clone(),
@@ -193,7 +197,13 @@ impl Table {
 
     /// Recomputes the routable set and the policies. `weight(slot, registry weight)`
     /// gives the effective weight (slow start, load reports).
-    pub fn apply(&mut self, outliers: &Outliers, weight: &dyn Fn(u32, u32) -> u32, now_ms: u64, rng: &mut impl Rng) {
+    pub fn apply(
+        &mut self,
+        outliers: &Outliers,
+        weight: &dyn Fn(u32, u32) -> u32,
+        now_ms: u64,
+        rng: &mut impl Rng,
+    ) {
         for c in &mut self.candidates {
             c.ep.weight = weight(c.ep.slot, c.base_weight).max(1);
         }
@@ -201,16 +211,34 @@ impl Table {
             .filter(|&i| self.candidates[i].healthy && !outliers.is_out(self.candidates[i].ep.slot))
             .collect();
         let threshold = u64::from(self.options.panic_threshold.min(100));
-        self.panic =
-            !self.candidates.is_empty() && (routable.len() as u64) * 100 < threshold * self.candidates.len() as u64;
-        let chosen: Vec<usize> = if self.panic { (0..self.candidates.len()).collect() } else { routable };
+        self.panic = !self.candidates.is_empty()
+            && (routable.len() as u64) * 100 < threshold * self.candidates.len() as u64;
+        let chosen: Vec<usize> = if self.panic {
+            (0..self.candidates.len()).collect()
+        } else {
+            routable
+        };
         // Carry peak-EWMA state over by host.
-        let old_peak: HashMap<String, crate::balancer::peak_ewma::EndpointState> = match &self.peak {
-            Some(p) => self.endpoints.iter().enumerate().filter_map(|(i, e)| Some((e.host.clone(), p.state(i)?))).collect(),
+        let old_peak: HashMap<String, crate::balancer::peak_ewma::EndpointState> = match &self.peak
+        {
+            Some(p) => self
+                .endpoints
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| Some((e.host.clone(), p.state(i)?)))
+                .collect(),
             None => HashMap::new(),
         };
-        self.endpoints = chosen.iter().map(|&i| self.candidates[i].ep.clone()).collect();
-        self.slot_index = self.endpoints.iter().enumerate().map(|(i, e)| (e.slot, i)).collect();
+        self.endpoints = chosen
+            .iter()
+            .map(|&i| self.candidates[i].ep.clone())
+            .collect();
+        self.slot_index = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.slot, i))
+            .collect();
         self.zones.clear();
         self.endpoint_zone = chosen
             .iter()
@@ -229,7 +257,12 @@ impl Table {
         self.outlier_generation = outliers.generation;
         if self.options.policy == Policy::PeakEwma {
             let weights: Vec<u32> = self.endpoints.iter().map(|e| e.weight).collect();
-            let mut p = PeakEwma::new(&weights, self.options.peak_ewma_decay_ms, self.options.peak_ewma_default_rtt_ns, now_ms);
+            let mut p = PeakEwma::new(
+                &weights,
+                self.options.peak_ewma_decay_ms,
+                self.options.peak_ewma_default_rtt_ns,
+                now_ms,
+            );
             for (i, e) in self.endpoints.iter().enumerate() {
                 if let Some(s) = old_peak.get(&e.host) {
                     p.set_state(i, *s);
@@ -254,20 +287,36 @@ impl Table {
         if members.is_empty() {
             return None;
         }
-        let eps: Vec<&Endpoint> = members.iter().filter_map(|&i| self.endpoints.get(i)).collect();
+        let eps: Vec<&Endpoint> = members
+            .iter()
+            .filter_map(|&i| self.endpoints.get(i))
+            .collect();
         let weights: Vec<u32> = eps.iter().map(|e| e.weight).collect();
         let keys: Vec<&str> = eps.iter().map(|e| e.host.as_str()).collect();
-        let bounded = self.options.bounded_load_percent.map(|c| BoundedLoad::new(&weights, c));
+        let bounded = self
+            .options
+            .bounded_load_percent
+            .map(|c| BoundedLoad::new(&weights, c));
         let policy = match self.options.policy {
             Policy::RoundRobin => PolicyState::RoundRobin(RoundRobin::new(&weights, rng)),
-            Policy::LeastRequest => PolicyState::LeastRequest(LeastRequest::new(&weights, self.options.choice_count)),
+            Policy::LeastRequest => {
+                PolicyState::LeastRequest(LeastRequest::new(&weights, self.options.choice_count))
+            }
             Policy::Random => PolicyState::Random(Random::new(&weights)),
             Policy::PeakEwma => PolicyState::PeakEwma(WeightedSampler::new(&weights)),
             Policy::RingHash => PolicyState::RingHash(
-                RingHash::new(&keys, &weights, ring_hash::DEFAULT_MIN_RING_SIZE, ring_hash::DEFAULT_MAX_RING_SIZE),
+                RingHash::new(
+                    &keys,
+                    &weights,
+                    ring_hash::DEFAULT_MIN_RING_SIZE,
+                    ring_hash::DEFAULT_MAX_RING_SIZE,
+                ),
                 bounded,
             ),
-            Policy::Maglev => PolicyState::Maglev(Maglev::new(&keys, &weights, maglev::DEFAULT_TABLE_SIZE), bounded),
+            Policy::Maglev => PolicyState::Maglev(
+                Maglev::new(&keys, &weights, maglev::DEFAULT_TABLE_SIZE),
+                bounded,
+            ),
         };
         Some(Pool { members, policy })
     }
@@ -296,7 +345,10 @@ impl Table {
                 capacity[z] += u64::from(e.weight);
             }
         }
-        let local_idx = o.local_zone.as_ref().and_then(|l| zones.iter().position(|z| z == l));
+        let local_idx = o
+            .local_zone
+            .as_ref()
+            .and_then(|l| zones.iter().position(|z| z == l));
         let split = if o.zone_priorities.is_empty() {
             zone::zone_split(local_idx, &capacity, None)
         } else {
@@ -307,13 +359,28 @@ impl Table {
                 }
             }
             let last = o.zone_priorities.len();
-            let level: Vec<usize> =
-                zones.iter().map(|z| o.zone_priorities.iter().position(|g| g.iter().any(|x| x == z)).unwrap_or(last)).collect();
-            zone::failover_split(local_idx, &level, &capacity, &total, o.overprovisioning_percent)
+            let level: Vec<usize> = zones
+                .iter()
+                .map(|z| {
+                    o.zone_priorities
+                        .iter()
+                        .position(|g| g.iter().any(|x| x == z))
+                        .unwrap_or(last)
+                })
+                .collect();
+            zone::failover_split(
+                local_idx,
+                &level,
+                &capacity,
+                &total,
+                o.overprovisioning_percent,
+            )
         };
         let pools = (0..zones.len())
             .map(|z| {
-                let members: Vec<usize> = (0..self.endpoints.len()).filter(|&i| self.endpoint_zone.get(i) == Some(&z)).collect();
+                let members: Vec<usize> = (0..self.endpoints.len())
+                    .filter(|&i| self.endpoint_zone.get(i) == Some(&z))
+                    .collect();
                 self.pool(members, rng)
             })
             .collect();
@@ -329,22 +396,31 @@ impl Table {
                 .map(|c| c.metadata.as_slice())
                 .unwrap_or(&[])
         };
-        let hit: Vec<usize> = (0..self.endpoints.len()).filter(|&i| subset::matches(metadata(i), sel)).collect();
+        let hit: Vec<usize> = (0..self.endpoints.len())
+            .filter(|&i| subset::matches(metadata(i), sel))
+            .collect();
         if !hit.is_empty() {
             return Some(hit);
         }
         match &self.options.subset_fallback {
             Fallback::NoFallback => None,
-            Fallback::AnyEndpoint => Some((0..self.endpoints.len()).collect()).filter(|v: &Vec<usize>| !v.is_empty()),
+            Fallback::AnyEndpoint => {
+                Some((0..self.endpoints.len()).collect()).filter(|v: &Vec<usize>| !v.is_empty())
+            }
             Fallback::DefaultSubset(d) => {
-                let v: Vec<usize> = (0..self.endpoints.len()).filter(|&i| subset::matches(metadata(i), d)).collect();
+                let v: Vec<usize> = (0..self.endpoints.len())
+                    .filter(|&i| subset::matches(metadata(i), d))
+                    .collect();
                 Some(v).filter(|v| !v.is_empty())
             }
         }
     }
 
     /// Index (into `endpoints`) of the next pick.
-    pub fn pick_index<R: Rng, A: FnMut(u32) -> i64>(&mut self, req: &mut Request<'_, R, A>) -> Option<usize> {
+    pub fn pick_index<R: Rng, A: FnMut(u32) -> i64>(
+        &mut self,
+        req: &mut Request<'_, R, A>,
+    ) -> Option<usize> {
         let subset_key: Option<Pairs> = match req.subset {
             Some(s) if !s.is_empty() => Some(s.to_vec()),
             _ => self.options.subset.clone(),
@@ -384,7 +460,11 @@ impl Table {
         picked
     }
 
-    fn pick_in_mut<R: Rng, A: FnMut(u32) -> i64>(&self, pool: &mut Pool, req: &mut Request<'_, R, A>) -> Option<usize> {
+    fn pick_in_mut<R: Rng, A: FnMut(u32) -> i64>(
+        &self,
+        pool: &mut Pool,
+        req: &mut Request<'_, R, A>,
+    ) -> Option<usize> {
         let members = &pool.members;
         let eps = &self.endpoints;
         let slot_of = |k: usize| members.get(k).and_then(|&i| eps.get(i)).map(|e| e.slot);
@@ -392,7 +472,9 @@ impl Table {
             PolicyState::RoundRobin(rr) => rr.pick()?,
             PolicyState::LeastRequest(lr) => {
                 let active = &mut req.active;
-                lr.pick(req.rng, |k| slot_of(k).map(&mut *active).unwrap_or(i64::MAX))?
+                lr.pick(req.rng, |k| {
+                    slot_of(k).map(&mut *active).unwrap_or(i64::MAX)
+                })?
             }
             PolicyState::Random(r) => r.pick(req.rng)?,
             PolicyState::PeakEwma(sampler) => {
@@ -416,7 +498,9 @@ impl Table {
                 match bounded {
                     Some(bl) => {
                         let active = &mut req.active;
-                        bl.pick(ring.walk(h), req.total_active, |k| slot_of(k).map(&mut *active).unwrap_or(0).max(0) as u64)?
+                        bl.pick(ring.walk(h), req.total_active, |k| {
+                            slot_of(k).map(&mut *active).unwrap_or(0).max(0) as u64
+                        })?
                     }
                     None => ring.pick(h)?,
                 }
@@ -426,7 +510,9 @@ impl Table {
                 match bounded {
                     Some(bl) => {
                         let active = &mut req.active;
-                        bl.pick(table.walk(h), req.total_active, |k| slot_of(k).map(&mut *active).unwrap_or(0).max(0) as u64)?
+                        bl.pick(table.walk(h), req.total_active, |k| {
+                            slot_of(k).map(&mut *active).unwrap_or(0).max(0) as u64
+                        })?
                     }
                     None => table.pick(h)?,
                 }
@@ -436,14 +522,21 @@ impl Table {
     }
 
     /// Picks an endpoint.
-    pub fn pick<R: Rng, A: FnMut(u32) -> i64>(&mut self, req: &mut Request<'_, R, A>) -> Option<&Endpoint> {
+    pub fn pick<R: Rng, A: FnMut(u32) -> i64>(
+        &mut self,
+        req: &mut Request<'_, R, A>,
+    ) -> Option<&Endpoint> {
         let i = self.pick_index(req)?;
         self.endpoints.get(i)
     }
 
     /// Up to `n` distinct endpoints in the policy's order of preference: the first
     /// pick, then further picks (for retries that should go elsewhere).
-    pub fn ranked<R: Rng, A: FnMut(u32) -> i64>(&mut self, n: usize, req: &mut Request<'_, R, A>) -> Vec<usize> {
+    pub fn ranked<R: Rng, A: FnMut(u32) -> i64>(
+        &mut self,
+        n: usize,
+        req: &mut Request<'_, R, A>,
+    ) -> Vec<usize> {
         let mut out: Vec<usize> = Vec::with_capacity(n);
         let want = n.min(self.endpoints.len());
         let first_hash = req.hash;
@@ -453,7 +546,8 @@ impl Table {
             }
             // Hash policies: later entries come from re-hashing (different instances).
             if attempt > 0 {
-                req.hash = first_hash.map(|h| crate::hash_key::hash_bytes(&(h ^ attempt as u64).to_le_bytes()));
+                req.hash = first_hash
+                    .map(|h| crate::hash_key::hash_bytes(&(h ^ attempt as u64).to_le_bytes()));
             }
             match self.pick_index(req) {
                 Some(i) if !out.contains(&i) => out.push(i),
@@ -479,7 +573,9 @@ impl Table {
 
     /// `peak_ewma` bookkeeping: a request to `slot` starts.
     pub fn peak_start(&mut self, slot: u32) {
-        let Some(i) = self.index_of_slot(slot) else { return };
+        let Some(i) = self.index_of_slot(slot) else {
+            return;
+        };
         if let Some(p) = self.peak.as_mut() {
             p.start(i);
         }
@@ -487,7 +583,9 @@ impl Table {
 
     /// `peak_ewma` bookkeeping: a request to `slot` ended after `rtt_ns`.
     pub fn peak_end(&mut self, slot: u32, rtt_ns: Option<u64>, now_ms: u64) {
-        let Some(i) = self.index_of_slot(slot) else { return };
+        let Some(i) = self.index_of_slot(slot) else {
+            return;
+        };
         if let Some(p) = self.peak.as_mut() {
             p.end(i);
             if let Some(rtt) = rtt_ns {
@@ -499,7 +597,13 @@ impl Table {
     /// Every non-draining instance: (slot, `ip:port`, registration time in Unix ms
     /// or `None`).
     pub fn hosts_by_slot(&self) -> impl Iterator<Item = (u32, &str, Option<u64>)> + '_ {
-        self.candidates.iter().map(|c| (c.ep.slot, c.ep.host.as_str(), Some(c.registered_ms).filter(|&t| t > 0)))
+        self.candidates.iter().map(|c| {
+            (
+                c.ep.slot,
+                c.ep.host.as_str(),
+                Some(c.registered_ms).filter(|&t| t > 0),
+            )
+        })
     }
 }
 
@@ -516,12 +620,26 @@ mod tests {
         Options::new(policy)
     }
 
-    fn entry(ip: &str, w: u32, state: State, slot: u32, zone: &str, meta: &[(&str, &str)]) -> Entry {
+    fn entry(
+        ip: &str,
+        w: u32,
+        state: State,
+        slot: u32,
+        zone: &str,
+        meta: &[(&str, &str)],
+    ) -> Entry {
         let mut i = Instance::new(format!("{ip}:80").parse().unwrap(), w);
         i.state = state;
         i.zone = zone.into();
-        i.metadata = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Entry { instance: i, source: 0, slot }
+        i.metadata = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Entry {
+            instance: i,
+            source: 0,
+            slot,
+        }
     }
 
     fn snap() -> Snapshot {
@@ -537,8 +655,20 @@ mod tests {
         }
     }
 
-    fn pick_host(t: &mut Table, r: &mut SplitMix64, hash: Option<u64>, load: &dyn Fn(u32) -> i64) -> Option<String> {
-        let mut req = Request { rng: r, now_ms: 0, hash, subset: None, active: |s| load(s), total_active: 0 };
+    fn pick_host(
+        t: &mut Table,
+        r: &mut SplitMix64,
+        hash: Option<u64>,
+        load: &dyn Fn(u32) -> i64,
+    ) -> Option<String> {
+        let mut req = Request {
+            rng: r,
+            now_ms: 0,
+            hash,
+            subset: None,
+            active: |s| load(s),
+            total_active: 0,
+        };
         t.pick(&mut req).map(|e| e.host.clone())
     }
 
@@ -555,7 +685,8 @@ mod tests {
         assert!(!t.panic, "2 of 3 non-draining instances are healthy");
         let mut c = HashMap::new();
         for _ in 0..60 {
-            *c.entry(pick_host(&mut t, &mut r, None, &|_| 0).unwrap()).or_insert(0) += 1;
+            *c.entry(pick_host(&mut t, &mut r, None, &|_| 0).unwrap())
+                .or_insert(0) += 1;
         }
         assert_eq!(c["10.0.0.1:80"], 50);
         assert_eq!(c["10.0.0.4:80"], 10);
@@ -568,7 +699,10 @@ mod tests {
         // Slot 3 (10.0.0.4, weight 1) is busy: it loses every pair it is in, so it
         // is chosen only when both draws are it, (1/6)^2 of the time.
         let busy = (0..1000)
-            .filter(|_| pick_host(&mut t, &mut r, None, &|slot| if slot == 3 { 10 } else { 0 }).as_deref() == Some("10.0.0.4:80"))
+            .filter(|_| {
+                pick_host(&mut t, &mut r, None, &|slot| if slot == 3 { 10 } else { 0 }).as_deref()
+                    == Some("10.0.0.4:80")
+            })
             .count();
         assert!((10..60).contains(&busy), "{busy}");
     }
@@ -576,22 +710,56 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn empty_table_picks_nothing() {
         let mut r = SplitMix64(1);
-        for p in [Policy::LeastRequest, Policy::RoundRobin, Policy::Random, Policy::PeakEwma, Policy::RingHash, Policy::Maglev] {
+        for p in [
+            Policy::LeastRequest,
+            Policy::RoundRobin,
+            Policy::Random,
+            Policy::PeakEwma,
+            Policy::RingHash,
+            Policy::Maglev,
+        ] {
             let mut t = Table::build(&Snapshot::default(), opts(p), &mut r);
-            assert!(pick_host(&mut t, &mut r, Some(1), &|_| 0).is_none(), "{p:?}");
+            assert!(
+                pick_host(&mut t, &mut r, Some(1), &|_| 0).is_none(),
+                "{p:?}"
+            );
         }
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn ejected_instances_leave_and_half_open_ones_return() {
         let mut r = SplitMix64(1);
-        let mut t = Table::build(&snap(), Options { panic_threshold: 0, ..opts(Policy::RoundRobin) }, &mut r);
-        let mut o = Outliers { generation: 4, ..Default::default() };
-        o.slots.insert(0, SlotState { breaker: Breaker::Open, until_ms: 9, times: 1 });
+        let mut t = Table::build(
+            &snap(),
+            Options {
+                panic_threshold: 0,
+                ..opts(Policy::RoundRobin)
+            },
+            &mut r,
+        );
+        let mut o = Outliers {
+            generation: 4,
+            ..Default::default()
+        };
+        o.slots.insert(
+            0,
+            SlotState {
+                breaker: Breaker::Open,
+                until_ms: 9,
+                times: 1,
+            },
+        );
         t.apply(&o, &|_, w| w, 0, &mut r);
         assert_eq!(hosts(&t), ["10.0.0.4:80"]);
         assert_eq!(t.outlier_generation, 4);
-        o.slots.insert(0, SlotState { breaker: Breaker::HalfOpen, until_ms: 9, times: 1 });
+        o.slots.insert(
+            0,
+            SlotState {
+                breaker: Breaker::HalfOpen,
+                until_ms: 9,
+                times: 1,
+            },
+        );
         t.apply(&o, &|_, w| w, 0, &mut r);
         assert_eq!(hosts(&t), ["10.0.0.1:80", "10.0.0.4:80"]);
     }
@@ -601,7 +769,14 @@ mod tests {
         let mut r = SplitMix64(1);
         let mut t = Table::build(&snap(), opts(Policy::RoundRobin), &mut r);
         let mut o = Outliers::default();
-        o.slots.insert(0, SlotState { breaker: Breaker::Open, until_ms: 9, times: 1 });
+        o.slots.insert(
+            0,
+            SlotState {
+                breaker: Breaker::Open,
+                until_ms: 9,
+                times: 1,
+            },
+        );
         t.apply(&o, &|_, w| w, 0, &mut r);
         // 1 routable of 3 non-draining (33 % < 50 %): panic, the draining one stays out.
         assert!(t.panic);
@@ -613,7 +788,14 @@ mod tests {
         let mut r = SplitMix64(1);
         for p in [Policy::RoundRobin, Policy::RingHash, Policy::Maglev] {
             let mut t = Table::build(&snap(), opts(p), &mut r);
-            let mut req = Request { rng: &mut r, now_ms: 0, hash: Some(42), subset: None, active: |_| 0, total_active: 0 };
+            let mut req = Request {
+                rng: &mut r,
+                now_ms: 0,
+                hash: Some(42),
+                subset: None,
+                active: |_| 0,
+                total_active: 0,
+            };
             let ranked = t.ranked(3, &mut req);
             assert_eq!(ranked.len(), 2, "only two routable ({p:?})");
             assert_ne!(ranked[0], ranked[1]);
@@ -623,7 +805,9 @@ mod tests {
     fn fleet(n: u32) -> Snapshot {
         Snapshot {
             version: 1,
-            entries: (0..n).map(|i| entry(&format!("10.0.1.{i}"), 1, State::Healthy, i, "", &[])).collect(),
+            entries: (0..n)
+                .map(|i| entry(&format!("10.0.1.{i}"), 1, State::Healthy, i, "", &[]))
+                .collect(),
             ..Default::default()
         }
     }
@@ -638,8 +822,16 @@ mod tests {
             for key in 0..200u64 {
                 let h = crate::hash_key::hash_bytes(&key.to_le_bytes());
                 let x = pick_host(&mut a, &mut r1, Some(h), &|_| 0);
-                assert_eq!(x, pick_host(&mut a, &mut r1, Some(h), &|_| 0), "{p:?} key {key} not sticky");
-                assert_eq!(x, pick_host(&mut b, &mut r2, Some(h), &|_| 0), "{p:?} key {key}: builds disagree");
+                assert_eq!(
+                    x,
+                    pick_host(&mut a, &mut r1, Some(h), &|_| 0),
+                    "{p:?} key {key} not sticky"
+                );
+                assert_eq!(
+                    x,
+                    pick_host(&mut b, &mut r2, Some(h), &|_| 0),
+                    "{p:?} key {key}: builds disagree"
+                );
             }
         }
     }
@@ -647,7 +839,14 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn bounded_load_moves_keys_off_a_hot_instance() {
         let mut r = SplitMix64(1);
-        let mut t = Table::build(&fleet(4), Options { bounded_load_percent: Some(125), ..opts(Policy::RingHash) }, &mut r);
+        let mut t = Table::build(
+            &fleet(4),
+            Options {
+                bounded_load_percent: Some(125),
+                ..opts(Policy::RingHash)
+            },
+            &mut r,
+        );
         let h = 12345;
         let home = pick_host(&mut t, &mut r, Some(h), &|_| 0).unwrap();
         let home_slot = t.endpoints.iter().find(|e| e.host == home).unwrap().slot;
@@ -679,47 +878,99 @@ mod tests {
         let v1: Pairs = vec![("version".into(), "v1".into())];
         let mut t = Table::build(
             &s,
-            Options { subset: Some(v1.clone()), subset_fallback: Fallback::AnyEndpoint, ..opts(Policy::RoundRobin) },
+            Options {
+                subset: Some(v1.clone()),
+                subset_fallback: Fallback::AnyEndpoint,
+                ..opts(Policy::RoundRobin)
+            },
             &mut r,
         );
         for _ in 0..10 {
-            assert_eq!(pick_host(&mut t, &mut r, None, &|_| 0).as_deref(), Some("10.0.0.1:80"));
+            assert_eq!(
+                pick_host(&mut t, &mut r, None, &|_| 0).as_deref(),
+                Some("10.0.0.1:80")
+            );
         }
         let v2: Pairs = vec![("version".into(), "v2".into())];
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..10 {
-            let mut req = Request { rng: &mut r, now_ms: 0, hash: None, subset: Some(&v2), active: |_| 0, total_active: 0 };
+            let mut req = Request {
+                rng: &mut r,
+                now_ms: 0,
+                hash: None,
+                subset: Some(&v2),
+                active: |_| 0,
+                total_active: 0,
+            };
             seen.insert(t.pick(&mut req).unwrap().host.clone());
         }
-        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["10.0.0.2:80", "10.0.0.3:80"]);
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            ["10.0.0.2:80", "10.0.0.3:80"]
+        );
         // Unknown version: fallback to any endpoint; with no fallback, nothing.
         let v9: Pairs = vec![("version".into(), "v9".into())];
-        let mut req = Request { rng: &mut r, now_ms: 0, hash: None, subset: Some(&v9), active: |_| 0, total_active: 0 };
+        let mut req = Request {
+            rng: &mut r,
+            now_ms: 0,
+            hash: None,
+            subset: Some(&v9),
+            active: |_| 0,
+            total_active: 0,
+        };
         assert!(t.pick(&mut req).is_some());
-        let mut strict = Table::build(&s, Options { subset: Some(v9), ..opts(Policy::RoundRobin) }, &mut r);
+        let mut strict = Table::build(
+            &s,
+            Options {
+                subset: Some(v9),
+                ..opts(Policy::RoundRobin)
+            },
+            &mut r,
+        );
         assert!(pick_host(&mut strict, &mut r, None, &|_| 0).is_none());
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn zone_aware_keeps_traffic_local_and_spills_when_short() {
-        let zoned = |local_n: u32, remote_n: u32| Snapshot {
-            version: 1,
-            entries: (0..local_n)
-                .map(|i| entry(&format!("10.1.0.{i}"), 1, State::Healthy, i, "a", &[]))
-                .chain((0..remote_n).map(|i| entry(&format!("10.2.0.{i}"), 1, State::Healthy, 100 + i, "b", &[])))
-                .collect(),
-            ..Default::default()
-        };
+        let zoned =
+            |local_n: u32, remote_n: u32| Snapshot {
+                version: 1,
+                entries: (0..local_n)
+                    .map(|i| entry(&format!("10.1.0.{i}"), 1, State::Healthy, i, "a", &[]))
+                    .chain((0..remote_n).map(|i| {
+                        entry(&format!("10.2.0.{i}"), 1, State::Healthy, 100 + i, "b", &[])
+                    }))
+                    .collect(),
+                ..Default::default()
+            };
         let mut r = SplitMix64(5);
-        let o = Options { local_zone: Some("a".into()), ..opts(Policy::RoundRobin) };
+        let o = Options {
+            local_zone: Some("a".into()),
+            ..opts(Policy::RoundRobin)
+        };
         // Equal capacity: everything stays in zone a.
         let mut t = Table::build(&zoned(3, 3), o.clone(), &mut r);
-        let local = (0..600).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).unwrap().starts_with("10.1.")).count();
+        let local = (0..600)
+            .filter(|_| {
+                pick_host(&mut t, &mut r, None, &|_| 0)
+                    .unwrap()
+                    .starts_with("10.1.")
+            })
+            .count();
         assert_eq!(local, 600);
         // Zone a has 1 of 4 capacity units against half the demand: about half spills.
         let mut t = Table::build(&zoned(1, 3), o, &mut r);
-        let local = (0..4000).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).unwrap().starts_with("10.1.")).count();
-        assert!((1800..2200).contains(&local), "{local} of 4000 stayed local");
+        let local = (0..4000)
+            .filter(|_| {
+                pick_host(&mut t, &mut r, None, &|_| 0)
+                    .unwrap()
+                    .starts_with("10.1.")
+            })
+            .count();
+        assert!(
+            (1800..2200).contains(&local),
+            "{local} of 4000 stayed local"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -734,8 +985,19 @@ mod tests {
                 .flat_map(|(z, name)| {
                     let up = [up_a, up_b, 5][z];
                     (0..5u32).map(move |i| {
-                        let st = if i < up { State::Healthy } else { State::Unhealthy };
-                        entry(&format!("10.{z}.0.{i}"), 1, st, z as u32 * 10 + i, name, &[])
+                        let st = if i < up {
+                            State::Healthy
+                        } else {
+                            State::Unhealthy
+                        };
+                        entry(
+                            &format!("10.{z}.0.{i}"),
+                            1,
+                            st,
+                            z as u32 * 10 + i,
+                            name,
+                            &[],
+                        )
                     })
                 })
                 .collect(),
@@ -766,7 +1028,10 @@ mod tests {
         // 1 of 5 up in a and in b: group 0 health 1.4·2/10 = 28 %, c takes 72 %.
         let mut t = Table::build(&fleet(1, 1), o, &mut r);
         let n = count(&mut t, &mut r);
-        assert!((1000..1240).contains(&n[0]) && n[1] < 100 && (2760..3000).contains(&n[2]), "{n:?}");
+        assert!(
+            (1000..1240).contains(&n[0]) && n[1] < 100 && (2760..3000).contains(&n[2]),
+            "{n:?}"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -777,10 +1042,16 @@ mod tests {
         for now in 0..50u64 {
             for slot in 0..3u32 {
                 t.peak_start(slot);
-                t.peak_end(slot, Some(if slot == 0 { 200_000_000 } else { 5_000_000 }), now);
+                t.peak_end(
+                    slot,
+                    Some(if slot == 0 { 200_000_000 } else { 5_000_000 }),
+                    now,
+                );
             }
         }
-        let slow = (0..3000).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).as_deref() == Some("10.0.1.0:80")).count();
+        let slow = (0..3000)
+            .filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).as_deref() == Some("10.0.1.0:80"))
+            .count();
         // Two distinct candidates: the slow one never wins a pair while its estimate
         // is the highest (with replacement it would get ~1/9).
         assert_eq!(slow, 0, "{slow} of 3000 to the slow instance");
@@ -790,8 +1061,13 @@ mod tests {
             t.peak_start(1);
             t.peak_start(2);
         }
-        let slow = (0..300).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).as_deref() == Some("10.0.1.0:80")).count();
-        assert!(slow > 150, "{slow} of 300 to the slow instance once the others are loaded");
+        let slow = (0..300)
+            .filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).as_deref() == Some("10.0.1.0:80"))
+            .count();
+        assert!(
+            slow > 150,
+            "{slow} of 300 to the slow instance once the others are loaded"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -799,8 +1075,15 @@ mod tests {
         let mut r = SplitMix64(3);
         let mut t = Table::build(&fleet(2), opts(Policy::RoundRobin), &mut r);
         // Slot 1 ramps at a tenth of its weight (slow start).
-        t.apply(&Outliers::default(), &|slot, w| if slot == 1 { w } else { w * 10 }, 0, &mut r);
-        let one = (0..110).filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).as_deref() == Some("10.0.1.1:80")).count();
+        t.apply(
+            &Outliers::default(),
+            &|slot, w| if slot == 1 { w } else { w * 10 },
+            0,
+            &mut r,
+        );
+        let one = (0..110)
+            .filter(|_| pick_host(&mut t, &mut r, None, &|_| 0).as_deref() == Some("10.0.1.1:80"))
+            .count();
         assert_eq!(one, 10);
     }
 }

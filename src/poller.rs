@@ -73,7 +73,10 @@ pub enum Outcome {
     Unchanged,
     /// A new list was accepted; `rejected` entries were skipped; `warnings` are about
     /// the answer as a whole (logged and counted as `registry_warning`).
-    Updated { rejected: Vec<String>, warnings: Vec<String> },
+    Updated {
+        rejected: Vec<String>,
+        warnings: Vec<String>,
+    },
     /// An intermediate step (login, expired token); the real call follows at once.
     Again(&'static str),
     Failed(RegistryError),
@@ -108,7 +111,11 @@ impl ServicePoller {
             guard_confirmations: svc.guard_confirmations,
             held: None,
             guard_events: Vec::new(),
-            registered_at_key: svc.slow_start.as_ref().map(|s| s.registered_at_key.clone()).filter(|k| !k.is_empty()),
+            registered_at_key: svc
+                .slow_start
+                .as_ref()
+                .map(|s| s.registered_at_key.clone())
+                .filter(|k| !k.is_empty()),
         }
     }
 
@@ -168,19 +175,38 @@ impl ServicePoller {
     }
 
     /// The host could not even send the call (unknown cluster, ...).
-    pub fn dispatch_failed(&mut self, i: usize, now_ms: u64, rng: &mut impl Rng, why: String) -> Outcome {
+    pub fn dispatch_failed(
+        &mut self,
+        i: usize,
+        now_ms: u64,
+        rng: &mut impl Rng,
+        why: String,
+    ) -> Outcome {
         self.fail(i, now_ms, rng, RegistryError::Unreachable(why))
     }
 
-    pub fn on_response(&mut self, i: usize, resp: &HttpResponse, now_ms: u64, rng: &mut impl Rng) -> Outcome {
-        let Some(sp) = self.sources.get_mut(i) else { return Outcome::Unchanged };
+    pub fn on_response(
+        &mut self,
+        i: usize,
+        resp: &HttpResponse,
+        now_ms: u64,
+        rng: &mut impl Rng,
+    ) -> Outcome {
+        let Some(sp) = self.sources.get_mut(i) else {
+            return Outcome::Unchanged;
+        };
         let sent = sp.in_flight.take().map(|(s, _)| s).unwrap_or(now_ms);
         match sp.source.on_response(resp, self.max_response_bytes) {
             Ok(Step::Again(why)) => {
                 sp.again += 1;
                 if sp.again > MAX_AGAIN {
                     sp.again = 0;
-                    return self.fail(i, now_ms, rng, RegistryError::Auth("credentials refused repeatedly".into()));
+                    return self.fail(
+                        i,
+                        now_ms,
+                        rng,
+                        RegistryError::Auth("credentials refused repeatedly".into()),
+                    );
                 }
                 sp.next_due_ms = now_ms;
                 Outcome::Again(why)
@@ -191,7 +217,11 @@ impl ServicePoller {
                 sp.answered = true;
                 sp.last_ok_ms = now_ms;
                 let quick = now_ms.saturating_sub(sent) < 1000;
-                sp.next_due_ms = if sp.source.is_blocking() && !quick { now_ms } else { now_ms + self.refresh_ms };
+                sp.next_due_ms = if sp.source.is_blocking() && !quick {
+                    now_ms
+                } else {
+                    now_ms + self.refresh_ms
+                };
                 self.last_ok_ms = now_ms;
                 if self.held.is_some() {
                     // The registry still says the same: that confirms a held change.
@@ -199,12 +229,20 @@ impl ServicePoller {
                 }
                 Outcome::Unchanged
             }
-            Ok(Step::Instances { instances, rejected, warnings }) => {
+            Ok(Step::Instances {
+                instances,
+                rejected,
+                warnings,
+            }) => {
                 sp.again = 0;
                 sp.failures = 0;
                 sp.answered = true;
                 sp.last_ok_ms = now_ms;
-                sp.next_due_ms = if sp.source.is_blocking() { now_ms } else { now_ms + self.refresh_ms };
+                sp.next_due_ms = if sp.source.is_blocking() {
+                    now_ms
+                } else {
+                    now_ms + self.refresh_ms
+                };
                 sp.last_good = instances;
                 self.last_ok_ms = now_ms;
                 self.dirty = true;
@@ -219,7 +257,8 @@ impl ServicePoller {
             sp.in_flight = None;
             sp.failures = sp.failures.saturating_add(1);
             sp.failed_once = true;
-            sp.next_due_ms = now_ms + backoff::delay_ms(sp.failures, self.backoff_base_ms, self.backoff_max_ms, rng);
+            sp.next_due_ms = now_ms
+                + backoff::delay_ms(sp.failures, self.backoff_base_ms, self.backoff_max_ms, rng);
             // A first failure can release a snapshot held back waiting for this source.
             self.dirty = true;
         }
@@ -239,8 +278,14 @@ impl ServicePoller {
                 if seen.insert(inst.addr) {
                     let mut inst = inst.clone();
                     if let (0, Some(key)) = (inst.registered_ms, &self.registered_at_key) {
-                        let v = inst.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
-                        inst.registered_ms = v.and_then(crate::instance::parse_registered_at).unwrap_or(0);
+                        let v = inst
+                            .metadata
+                            .iter()
+                            .find(|(k, _)| k == key)
+                            .map(|(_, v)| v.as_str());
+                        inst.registered_ms = v
+                            .and_then(crate::instance::parse_registered_at)
+                            .unwrap_or(0);
                     }
                     out.push((inst, i as u8));
                 }
@@ -287,10 +332,19 @@ impl ServicePoller {
         if self.guard_max_drop_percent >= 100 {
             return false;
         }
-        let before = self.current.entries.iter().filter(|e| e.instance.state == State::Healthy).count() as u64;
-        let after = merged.iter().filter(|(i, _)| i.state == State::Healthy).count() as u64;
+        let before = self
+            .current
+            .entries
+            .iter()
+            .filter(|e| e.instance.state == State::Healthy)
+            .count() as u64;
+        let after = merged
+            .iter()
+            .filter(|(i, _)| i.state == State::Healthy)
+            .count() as u64;
         let dropped = before.saturating_sub(after);
-        let suspicious = before > 0 && (after == 0 || dropped * 100 > u64::from(self.guard_max_drop_percent) * before);
+        let suspicious = before > 0
+            && (after == 0 || dropped * 100 > u64::from(self.guard_max_drop_percent) * before);
         if !suspicious {
             self.held = None;
             return false;
@@ -336,7 +390,10 @@ impl ServicePoller {
             .iter()
             .map(|sp| {
                 let fresh = matches!(sp.source, Source::Static(_))
-                    || (sp.in_flight.is_some() && sp.source.is_blocking() && sp.failures == 0 && sp.answered);
+                    || (sp.in_flight.is_some()
+                        && sp.source.is_blocking()
+                        && sp.failures == 0
+                        && sp.answered);
                 if fresh {
                     0
                 } else {
@@ -349,10 +406,7 @@ impl ServicePoller {
 
     /// Number of sources (for metrics).
     pub fn source_kinds(&self) -> Vec<&'static str> {
-        self.sources
-            .iter()
-            .map(|s| s.source.kind())
-            .collect()
+        self.sources.iter().map(|s| s.source.kind()).collect()
     }
 }
 
@@ -365,7 +419,10 @@ mod tests {
 
     fn poller(sources: &str) -> ServicePoller {
         let c = PluginConfig::parse(
-            format!(r#"{{"services":[{{"name":"web","refresh_interval":"1s","sources":[{sources}]}}]}}"#).as_bytes(),
+            format!(
+                r#"{{"services":[{{"name":"web","refresh_interval":"1s","sources":[{sources}]}}]}}"#
+            )
+            .as_bytes(),
         )
         .unwrap();
         ServicePoller::new(&c.services[0])
@@ -380,7 +437,10 @@ mod tests {
     }
 
     fn consul_ok(index: &str) -> Vec<(String, String)> {
-        vec![("x-consul-index".into(), index.into()), ("server".into(), "consul".into())]
+        vec![
+            ("x-consul-index".into(), index.into()),
+            ("server".into(), "consul".into()),
+        ]
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -395,17 +455,31 @@ mod tests {
         };
         let times = |p: &mut ServicePoller| -> Vec<u64> {
             assert!(p.due(0).is_empty());
-            p.publication(0).unwrap().entries.iter().map(|e| e.instance.registered_ms).collect()
+            p.publication(0)
+                .unwrap()
+                .entries
+                .iter()
+                .map(|e| e.instance.registered_ms)
+                .collect()
         };
-        assert_eq!(times(&mut parse(r#""slow_start":{"window":"10s"},"#)), [1_700_000_000_000, 0, 0]);
+        assert_eq!(
+            times(&mut parse(r#""slow_start":{"window":"10s"},"#)),
+            [1_700_000_000_000, 0, 0]
+        );
         // Without slow start, or with the key turned off: not read.
         assert_eq!(times(&mut parse("")), [0, 0, 0]);
-        assert_eq!(times(&mut parse(r#""slow_start":{"window":"10s","registered_at_key":""},"#)), [0, 0, 0]);
+        assert_eq!(
+            times(&mut parse(
+                r#""slow_start":{"window":"10s","registered_at_key":""},"#
+            )),
+            [0, 0, 0]
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn static_source_publishes_once() {
-        let mut p = poller(r#"{"static":{"instances":[{"address":"10.0.0.1","port":80,"weight":2}]}}"#);
+        let mut p =
+            poller(r#"{"static":{"instances":[{"address":"10.0.0.1","port":80,"weight":2}]}}"#);
         assert!(p.due(0).is_empty());
         let s = p.publication(0).unwrap();
         assert_eq!(s.version, 1);
@@ -424,8 +498,23 @@ mod tests {
         assert!(p.due(10).is_empty(), "one call in flight at a time");
         let body = consul_body(&["10.0.0.1", "10.0.0.2"]);
         let h = consul_ok("5");
-        let out = p.on_response(0, &HttpResponse { status: 200, headers: &h, body: body.as_bytes() }, 20, &mut r);
-        assert_eq!(out, Outcome::Updated { rejected: vec![], warnings: vec![] });
+        let out = p.on_response(
+            0,
+            &HttpResponse {
+                status: 200,
+                headers: &h,
+                body: body.as_bytes(),
+            },
+            20,
+            &mut r,
+        );
+        assert_eq!(
+            out,
+            Outcome::Updated {
+                rejected: vec![],
+                warnings: vec![]
+            }
+        );
         let s = p.publication(20).unwrap();
         assert_eq!(s.tokens, ["5"]);
         p.published(s);
@@ -433,12 +522,30 @@ mod tests {
         let calls = p.due(20);
         assert!(calls[0].1.path.contains("index=5"));
         // Unchanged after a long wait: straight back to blocking, nothing published.
-        let out = p.on_response(0, &HttpResponse { status: 200, headers: &h, body: b"" }, 30_020, &mut r);
+        let out = p.on_response(
+            0,
+            &HttpResponse {
+                status: 200,
+                headers: &h,
+                body: b"",
+            },
+            30_020,
+            &mut r,
+        );
         assert_eq!(out, Outcome::Unchanged);
         assert!(p.publication(30_020).is_none());
         assert_eq!(p.due(30_020).len(), 1);
         // Unchanged at once (index ignored by the server): fall back to the interval.
-        p.on_response(0, &HttpResponse { status: 200, headers: &h, body: b"" }, 30_030, &mut r);
+        p.on_response(
+            0,
+            &HttpResponse {
+                status: 200,
+                headers: &h,
+                body: b"",
+            },
+            30_030,
+            &mut r,
+        );
         assert!(p.due(30_040).is_empty());
         assert_eq!(p.due(31_030).len(), 1);
     }
@@ -450,7 +557,16 @@ mod tests {
         p.due(0);
         let body = consul_body(&["10.0.0.1"]);
         let h = consul_ok("3");
-        p.on_response(0, &HttpResponse { status: 200, headers: &h, body: body.as_bytes() }, 0, &mut r);
+        p.on_response(
+            0,
+            &HttpResponse {
+                status: 200,
+                headers: &h,
+                body: body.as_bytes(),
+            },
+            0,
+            &mut r,
+        );
         let s = p.publication(0).unwrap();
         p.published(s);
         let mut now = 0;
@@ -460,9 +576,24 @@ mod tests {
             if k > 0 {
                 delays.push(next - now);
             }
-            let out = p.on_response(0, &HttpResponse { status: 500, headers: &h, body: b"boom" }, next, &mut r);
-            assert!(matches!(out, Outcome::Failed(RegistryError::Status(500, _))));
-            assert!(p.publication(next).is_none(), "a failure never publishes a change");
+            let out = p.on_response(
+                0,
+                &HttpResponse {
+                    status: 500,
+                    headers: &h,
+                    body: b"boom",
+                },
+                next,
+                &mut r,
+            );
+            assert!(matches!(
+                out,
+                Outcome::Failed(RegistryError::Status(500, _))
+            ));
+            assert!(
+                p.publication(next).is_none(),
+                "a failure never publishes a change"
+            );
             now = next;
         }
         assert!(delays.windows(2).all(|w| w[1] >= w[0] / 2), "{delays:?}");
@@ -481,13 +612,29 @@ mod tests {
         assert!(p.publication(0).is_none(), "consul has not answered yet");
         let body = consul_body(&["10.0.0.1", "10.0.0.2"]);
         let h = consul_ok("3");
-        p.on_response(0, &HttpResponse { status: 200, headers: &h, body: body.as_bytes() }, 5, &mut r);
+        p.on_response(
+            0,
+            &HttpResponse {
+                status: 200,
+                headers: &h,
+                body: body.as_bytes(),
+            },
+            5,
+            &mut r,
+        );
         let s = p.publication(5).unwrap();
-        let got: Vec<(String, u32, u8)> =
-            s.entries.iter().map(|e| (e.instance.addr.to_string(), e.instance.weight, e.source)).collect();
+        let got: Vec<(String, u32, u8)> = s
+            .entries
+            .iter()
+            .map(|e| (e.instance.addr.to_string(), e.instance.weight, e.source))
+            .collect();
         assert_eq!(
             got,
-            [("10.0.0.1:80".into(), 1, 0), ("10.0.0.2:80".into(), 1, 0), ("10.0.0.3:80".into(), 1, 1)]
+            [
+                ("10.0.0.1:80".into(), 1, 0),
+                ("10.0.0.2:80".into(), 1, 0),
+                ("10.0.0.3:80".into(), 1, 1)
+            ]
         );
     }
 
@@ -511,7 +658,16 @@ mod tests {
         a.due(0);
         let body = consul_body(&["10.0.0.1", "10.0.0.2"]);
         let h = consul_ok("77");
-        a.on_response(0, &HttpResponse { status: 200, headers: &h, body: body.as_bytes() }, 5, &mut r);
+        a.on_response(
+            0,
+            &HttpResponse {
+                status: 200,
+                headers: &h,
+                body: body.as_bytes(),
+            },
+            5,
+            &mut r,
+        );
         let s = a.publication(5).unwrap();
         let bytes = s.encode();
 
@@ -520,7 +676,16 @@ mod tests {
         let calls = b.due(100);
         assert!(calls[0].1.path.contains("index=77"), "{}", calls[0].1.path);
         // The same content again is not re-published.
-        b.on_response(0, &HttpResponse { status: 200, headers: &consul_ok("78"), body: body.as_bytes() }, 200, &mut r);
+        b.on_response(
+            0,
+            &HttpResponse {
+                status: 200,
+                headers: &consul_ok("78"),
+                body: body.as_bytes(),
+            },
+            200,
+            &mut r,
+        );
         assert!(b.publication(200).is_none());
     }
 
@@ -544,17 +709,51 @@ mod tests {
             if calls.is_empty() {
                 break;
             }
-            let body: &[u8] = if calls[0].1.path.ends_with("authenticate") { auth } else { expired };
+            let body: &[u8] = if calls[0].1.path.ends_with("authenticate") {
+                auth
+            } else {
+                expired
+            };
             let status = if body == auth { 200 } else { 401 };
-            outcomes.push(p.on_response(0, &HttpResponse { status, headers: &[], body }, t, &mut r));
+            outcomes.push(p.on_response(
+                0,
+                &HttpResponse {
+                    status,
+                    headers: &[],
+                    body,
+                },
+                t,
+                &mut r,
+            ));
         }
-        assert!(matches!(outcomes.last(), Some(Outcome::Failed(RegistryError::Auth(_)))), "{outcomes:?}");
+        assert!(
+            matches!(
+                outcomes.last(),
+                Some(Outcome::Failed(RegistryError::Auth(_)))
+            ),
+            "{outcomes:?}"
+        );
     }
 
-    fn consul_ok_body(ips: &[&str], index: &str, p: &mut ServicePoller, now: u64, r: &mut SplitMix64) -> Outcome {
+    fn consul_ok_body(
+        ips: &[&str],
+        index: &str,
+        p: &mut ServicePoller,
+        now: u64,
+        r: &mut SplitMix64,
+    ) -> Outcome {
         let body = consul_body(ips);
         let h = consul_ok(index);
-        p.on_response(0, &HttpResponse { status: 200, headers: &h, body: body.as_bytes() }, now, r)
+        p.on_response(
+            0,
+            &HttpResponse {
+                status: 200,
+                headers: &h,
+                body: body.as_bytes(),
+            },
+            now,
+            r,
+        )
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -562,7 +761,13 @@ mod tests {
         let mut p = poller(r#"{"consul":{"cluster":"consul"}}"#);
         let mut r = SplitMix64(4);
         p.due(0);
-        consul_ok_body(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], "5", &mut p, 0, &mut r);
+        consul_ok_body(
+            &["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"],
+            "5",
+            &mut p,
+            0,
+            &mut r,
+        );
         let s = p.publication(0).unwrap();
         p.published(s);
         // The registry suddenly answers [] (index moved): held, and the next read is
@@ -573,9 +778,19 @@ mod tests {
         assert_eq!(p.guard_events.len(), 1);
         assert_eq!(p.guard_events[0].0, "guard_held");
         let calls = p.due(10);
-        assert!(calls[0].1.path.ends_with("index=6&wait=1000ms"), "{}", calls[0].1.path);
+        assert!(
+            calls[0].1.path.ends_with("index=6&wait=1000ms"),
+            "{}",
+            calls[0].1.path
+        );
         // It recovers on the next read: nothing was ever published.
-        consul_ok_body(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], "7", &mut p, 1010, &mut r);
+        consul_ok_body(
+            &["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"],
+            "7",
+            &mut p,
+            1010,
+            &mut r,
+        );
         assert!(p.publication(1010).is_none(), "same content as published");
         assert_eq!(p.current.entries.len(), 4);
     }
@@ -585,20 +800,40 @@ mod tests {
         let mut p = poller(r#"{"consul":{"cluster":"consul","blocking":false}}"#);
         let mut r = SplitMix64(4);
         p.due(0);
-        consul_ok_body(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], "5", &mut p, 0, &mut r);
+        consul_ok_body(
+            &["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"],
+            "5",
+            &mut p,
+            0,
+            &mut r,
+        );
         let s = p.publication(0).unwrap();
         p.published(s);
         // One of four leaves (25 %): straight through.
         p.due(1000);
-        consul_ok_body(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], "6", &mut p, 1000, &mut r);
+        consul_ok_body(
+            &["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+            "6",
+            &mut p,
+            1000,
+            &mut r,
+        );
         let s = p.publication(1000).unwrap();
         assert_eq!(s.entries.len(), 3);
         p.published(s);
         // Two of three leave (67 %): published on the third identical answer.
         let mut published = None;
         for (k, t) in [2000u64, 3000, 4000].iter().enumerate() {
-            let calls = (*t..*t + 2000).find_map(|x| Some((x, p.due(x))).filter(|(_, c)| !c.is_empty())).unwrap();
-            consul_ok_body(&["10.0.0.1"], &format!("{}", 7 + k), &mut p, calls.0, &mut r);
+            let calls = (*t..*t + 2000)
+                .find_map(|x| Some((x, p.due(x))).filter(|(_, c)| !c.is_empty()))
+                .unwrap();
+            consul_ok_body(
+                &["10.0.0.1"],
+                &format!("{}", 7 + k),
+                &mut p,
+                calls.0,
+                &mut r,
+            );
             if let Some(s) = p.publication(calls.0) {
                 published = Some((k, s));
                 break;
@@ -621,7 +856,16 @@ mod tests {
         p.due(1000); // blocking query open: fresh however long it waits
         assert_eq!(p.age_ms(20_000), 0);
         let h = consul_ok("5");
-        p.on_response(0, &HttpResponse { status: 503, headers: &h, body: b"" }, 20_000, &mut r);
+        p.on_response(
+            0,
+            &HttpResponse {
+                status: 503,
+                headers: &h,
+                body: b"",
+            },
+            20_000,
+            &mut r,
+        );
         assert_eq!(p.age_ms(50_000), 49_000);
         let s = poller(r#"{"static":{"instances":[{"address":"10.0.0.1","port":80}]}}"#);
         assert_eq!(s.age_ms(99_999), 0);

@@ -45,8 +45,16 @@ pub struct SlowStart {
 impl SlowStart {
     /// `window_ms` 0 disables the ramp; `min_weight_percent` is clamped to 0..=100.
     pub fn new(window_ms: u64, aggression: f64, min_weight_percent: u32) -> SlowStart {
-        let aggression = if aggression.is_nan() || aggression <= 0.0 { 1.0 } else { aggression };
-        SlowStart { window_ms, aggression, min_weight_percent: min_weight_percent.min(100) }
+        let aggression = if aggression.is_nan() || aggression <= 0.0 {
+            1.0
+        } else {
+            aggression
+        };
+        SlowStart {
+            window_ms,
+            aggression,
+            min_weight_percent: min_weight_percent.min(100),
+        }
     }
 
     /// True while an instance of this age is below full weight.
@@ -62,7 +70,11 @@ impl SlowStart {
             return PPM as u32;
         }
         let t = age.max(1) as f64 / self.window_ms as f64;
-        let ramp = if self.aggression == 1.0 { t } else { detmath::powf(t, 1.0 / self.aggression) };
+        let ramp = if self.aggression == 1.0 {
+            t
+        } else {
+            detmath::powf(t, 1.0 / self.aggression)
+        };
         let floor = f64::from(self.min_weight_percent) / 100.0;
         let f = ramp.max(floor).clamp(0.0, 1.0);
         (f * PPM as f64) as u32
@@ -103,7 +115,10 @@ pub struct FirstSeenTracker<K> {
 
 impl<K: Hash + Eq + Clone> Default for FirstSeenTracker<K> {
     fn default() -> Self {
-        FirstSeenTracker { seen: HashMap::new(), started: false }
+        FirstSeenTracker {
+            seen: HashMap::new(),
+            started: false,
+        }
     }
 }
 
@@ -115,7 +130,11 @@ impl<K: Hash + Eq + Clone> FirstSeenTracker<K> {
     /// Records the current list: the first call marks everything [`FirstSeen::Initial`];
     /// later, new keys are stamped `now_ms` and keys no longer listed are forgotten.
     pub fn update(&mut self, keys: impl IntoIterator<Item = K>, now_ms: u64) {
-        let stamp = if self.started { FirstSeen::At(now_ms) } else { FirstSeen::Initial };
+        let stamp = if self.started {
+            FirstSeen::At(now_ms)
+        } else {
+            FirstSeen::Initial
+        };
         let mut next = HashMap::with_capacity(self.seen.len());
         for k in keys {
             let v = self.seen.get(&k).copied().unwrap_or(stamp);
@@ -165,23 +184,42 @@ mod tests {
         assert!(slow.factor_ppm(Some(5_000)).abs_diff(250_000) <= 1);
         assert!(slow.factor_ppm(Some(1_000)).abs_diff(10_000) <= 1);
         // The floor still applies: t² = 1% < 10%.
-        assert_eq!(SlowStart::new(10_000, 0.5, 10).factor_ppm(Some(1_000)), 100_000);
+        assert_eq!(
+            SlowStart::new(10_000, 0.5, 10).factor_ppm(Some(1_000)),
+            100_000
+        );
         // Bad aggression means 1; a zero window means no ramp.
-        assert_eq!(SlowStart::new(10_000, -3.0, 0).factor_ppm(Some(5_000)), 500_000);
-        assert_eq!(SlowStart::new(10_000, f64::NAN, 0).factor_ppm(Some(5_000)), 500_000);
+        assert_eq!(
+            SlowStart::new(10_000, -3.0, 0).factor_ppm(Some(5_000)),
+            500_000
+        );
+        assert_eq!(
+            SlowStart::new(10_000, f64::NAN, 0).factor_ppm(Some(5_000)),
+            500_000
+        );
         assert_eq!(SlowStart::new(0, 1.0, 10).factor_ppm(Some(0)), 1_000_000);
         // Pinned: the power is computed the same way on every target.
-        assert_eq!(SlowStart::new(60_000, 1.7, 5).factor_ppm(Some(12_345)), PINNED_PPM);
+        assert_eq!(
+            SlowStart::new(60_000, 1.7, 5).factor_ppm(Some(12_345)),
+            PINNED_PPM
+        );
     }
     const PINNED_PPM: u32 = 394_532;
 
     #[wasm_bindgen_test(unsupported = test)]
     fn registration_time_wins_over_first_seen() {
-        assert_eq!(age_ms(100_000, Some(95_000), FirstSeen::Initial), Some(5_000));
-        assert_eq!(age_ms(100_000, Some(95_000), FirstSeen::At(99_000)), Some(5_000));
+        assert_eq!(
+            age_ms(100_000, Some(95_000), FirstSeen::Initial),
+            Some(5_000)
+        );
+        assert_eq!(
+            age_ms(100_000, Some(95_000), FirstSeen::At(99_000)),
+            Some(5_000)
+        );
         assert_eq!(age_ms(100_000, None, FirstSeen::At(99_000)), Some(1_000));
         assert_eq!(age_ms(100_000, None, FirstSeen::Initial), None);
-        assert_eq!(age_ms(100_000, Some(200_000), FirstSeen::Initial), Some(0)); // skew
+        assert_eq!(age_ms(100_000, Some(200_000), FirstSeen::Initial), Some(0));
+        // skew
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -190,7 +228,9 @@ mod tests {
         // Proxy starts at t = 1,000,000 and sees a and b: both old, full weight.
         let mut t = FirstSeenTracker::new();
         t.update(["a", "b"], 1_000_000);
-        let w = |t: &FirstSeenTracker<&str>, k: &str, now: u64| s.weight(100, age_ms(now, None, t.get(&k).unwrap()));
+        let w = |t: &FirstSeenTracker<&str>, k: &str, now: u64| {
+            s.weight(100, age_ms(now, None, t.get(&k).unwrap()))
+        };
         assert_eq!(w(&t, "a", 1_000_000), 100);
         // c joins later and ramps with the clock.
         t.update(["a", "b", "c"], 1_010_000);

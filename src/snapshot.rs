@@ -71,13 +71,18 @@ pub fn content_hash<'a>(instances: impl Iterator<Item = &'a Instance>) -> u64 {
 /// Not handing a just-freed slot to a newcomer at once lets in-flight requests of the
 /// old owner drain from its gauge first.
 pub fn assign_slots(previous: &[Entry], instances: Vec<(Instance, u8)>) -> Vec<Entry> {
-    let old: HashMap<SocketAddr, u32> = previous.iter().map(|e| (e.instance.addr, e.slot)).collect();
+    let old: HashMap<SocketAddr, u32> =
+        previous.iter().map(|e| (e.instance.addr, e.slot)).collect();
     let mut taken: BTreeSet<u32> = BTreeSet::new();
     let mut out: Vec<Entry> = Vec::with_capacity(instances.len());
     let mut fresh = Vec::new();
     for (inst, source) in instances {
         match old.get(&inst.addr) {
-            Some(&slot) if taken.insert(slot) => out.push(Entry { instance: inst, source, slot }),
+            Some(&slot) if taken.insert(slot) => out.push(Entry {
+                instance: inst,
+                source,
+                slot,
+            }),
             _ => fresh.push((inst, source)),
         }
     }
@@ -99,7 +104,11 @@ pub fn assign_slots(previous: &[Entry], instances: Vec<(Instance, u8)>) -> Vec<E
             next_any
         };
         taken.insert(slot);
-        out.push(Entry { instance: inst, source, slot });
+        out.push(Entry {
+            instance: inst,
+            source,
+            slot,
+        });
     }
     out
 }
@@ -121,7 +130,11 @@ impl Snapshot {
         b.extend_from_slice(&self.hash.to_le_bytes());
         b.extend_from_slice(&self.published_ms.to_le_bytes());
         put_u16(&mut b, self.tokens.len() as u16);
-        for (t, a) in self.tokens.iter().zip(self.answered.iter().chain(std::iter::repeat(&false))) {
+        for (t, a) in self
+            .tokens
+            .iter()
+            .zip(self.answered.iter().chain(std::iter::repeat(&false)))
+        {
             put_str(&mut b, t);
             b.push(*a as u8);
         }
@@ -202,7 +215,14 @@ impl Snapshot {
                 metadata.push((k, v));
             }
             entries.push(Entry {
-                instance: Instance { addr: SocketAddr::new(ip, port), weight, state, zone, metadata, registered_ms },
+                instance: Instance {
+                    addr: SocketAddr::new(ip, port),
+                    weight,
+                    state,
+                    zone,
+                    metadata,
+                    registered_ms,
+                },
                 source,
                 slot,
             });
@@ -210,7 +230,14 @@ impl Snapshot {
         if r.at != bytes.len() {
             return Err(DecodeError("trailing bytes"));
         }
-        Ok(Snapshot { version, hash, published_ms, tokens, answered, entries })
+        Ok(Snapshot {
+            version,
+            hash,
+            published_ms,
+            tokens,
+            answered,
+            entries,
+        })
     }
 }
 
@@ -280,7 +307,10 @@ mod tests {
     fn sample() -> Snapshot {
         let mut a = inst("10.0.0.1", 80, 5);
         a.zone = "eu-1a".into();
-        a.metadata = vec![("version".into(), "v2".into()), ("tag:canary".into(), String::new())];
+        a.metadata = vec![
+            ("version".into(), "v2".into()),
+            ("tag:canary".into(), String::new()),
+        ];
         a.registered_ms = 1_699_999_000_000;
         let mut b = inst("::1", 8080, 1);
         b.state = State::Draining;
@@ -290,7 +320,18 @@ mod tests {
             published_ms: 1_700_000_000_123,
             tokens: vec!["42".into(), String::new()],
             answered: vec![true, false],
-            entries: vec![Entry { instance: a, source: 0, slot: 3 }, Entry { instance: b, source: 1, slot: 0 }],
+            entries: vec![
+                Entry {
+                    instance: a,
+                    source: 0,
+                    slot: 3,
+                },
+                Entry {
+                    instance: b,
+                    source: 1,
+                    slot: 0,
+                },
+            ],
         }
     }
 
@@ -326,23 +367,39 @@ mod tests {
     fn hash_ignores_order_but_not_content() {
         let a = inst("10.0.0.1", 80, 1);
         let b = inst("10.0.0.2", 80, 1);
-        assert_eq!(content_hash([&a, &b].into_iter()), content_hash([&b, &a].into_iter()));
+        assert_eq!(
+            content_hash([&a, &b].into_iter()),
+            content_hash([&b, &a].into_iter())
+        );
         let mut b2 = b.clone();
         b2.weight = 2;
-        assert_ne!(content_hash([&a, &b].into_iter()), content_hash([&a, &b2].into_iter()));
+        assert_ne!(
+            content_hash([&a, &b].into_iter()),
+            content_hash([&a, &b2].into_iter())
+        );
         let mut b3 = b.clone();
         b3.state = State::Unhealthy;
-        assert_ne!(content_hash([&a, &b].into_iter()), content_hash([&a, &b3].into_iter()));
+        assert_ne!(
+            content_hash([&a, &b].into_iter()),
+            content_hash([&a, &b3].into_iter())
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn slots_are_stable_and_not_reused_at_once() {
-        let list = |ips: &[&str]| ips.iter().map(|ip| (inst(ip, 80, 1), 0u8)).collect::<Vec<_>>();
+        let list = |ips: &[&str]| {
+            ips.iter()
+                .map(|ip| (inst(ip, 80, 1), 0u8))
+                .collect::<Vec<_>>()
+        };
         let first = assign_slots(&[], list(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
         assert_eq!(first.iter().map(|e| e.slot).collect::<Vec<_>>(), [0, 1, 2]);
         // .2 leaves, .4 arrives: .1 and .3 keep their slots, .4 does not get slot 1.
         let second = assign_slots(&first, list(&["10.0.0.1", "10.0.0.3", "10.0.0.4"]));
-        let slots: HashMap<String, u32> = second.iter().map(|e| (e.instance.addr.ip().to_string(), e.slot)).collect();
+        let slots: HashMap<String, u32> = second
+            .iter()
+            .map(|e| (e.instance.addr.ip().to_string(), e.slot))
+            .collect();
         assert_eq!(slots["10.0.0.1"], 0);
         assert_eq!(slots["10.0.0.3"], 2);
         assert_eq!(slots["10.0.0.4"], 3);
@@ -352,7 +409,11 @@ mod tests {
             let ip = format!("10.1.0.{round}");
             let next = list(&["10.0.0.1", "10.0.0.3", &ip]);
             prev = assign_slots(&prev, next);
-            assert!(prev.iter().all(|e| e.slot < 16), "round {round}: {:?}", prev.iter().map(|e| e.slot).collect::<Vec<_>>());
+            assert!(
+                prev.iter().all(|e| e.slot < 16),
+                "round {round}: {:?}",
+                prev.iter().map(|e| e.slot).collect::<Vec<_>>()
+            );
             let mut s: Vec<u32> = prev.iter().map(|e| e.slot).collect();
             s.sort();
             s.dedup();
@@ -364,12 +425,19 @@ mod tests {
     fn ten_thousand_instances_fit_in_a_megabyte() {
         let entries: Vec<Entry> = (0..10_000u32)
             .map(|i| Entry {
-                instance: inst(&format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255), 8080, 1 + i % 7),
+                instance: inst(
+                    &format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                    8080,
+                    1 + i % 7,
+                ),
                 source: 0,
                 slot: i,
             })
             .collect();
-        let s = Snapshot { entries, ..Default::default() };
+        let s = Snapshot {
+            entries,
+            ..Default::default()
+        };
         let bytes = s.encode();
         assert!(bytes.len() < 1_000_000, "{}", bytes.len());
         assert_eq!(Snapshot::decode(&bytes).unwrap().entries.len(), 10_000);

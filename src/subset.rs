@@ -53,11 +53,17 @@ pub enum SelectorError {
 impl std::fmt::Display for SelectorError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SelectorError::TooLong(n) => write!(f, "selector is {n} bytes, more than {MAX_SELECTOR_BYTES}"),
+            SelectorError::TooLong(n) => {
+                write!(f, "selector is {n} bytes, more than {MAX_SELECTOR_BYTES}")
+            }
             SelectorError::TooManyPairs => write!(f, "selector has more than {MAX_PAIRS} pairs"),
             SelectorError::EmptyKey => write!(f, "selector has an empty key"),
             SelectorError::DuplicateKey(k) => {
-                write!(f, "selector names key `{}` twice", crate::instance::truncate(k, 64))
+                write!(
+                    f,
+                    "selector names key `{}` twice",
+                    crate::instance::truncate(k, 64)
+                )
             }
         }
     }
@@ -93,7 +99,9 @@ pub fn parse_selector(text: &str) -> Result<Pairs, SelectorError> {
 
 /// True when `metadata` has every pair of `selector` (an empty selector matches all).
 pub fn matches(metadata: &[(String, String)], selector: &[(String, String)]) -> bool {
-    selector.iter().all(|(k, v)| metadata.iter().any(|(mk, mv)| mk == k && mv == v))
+    selector
+        .iter()
+        .all(|(k, v)| metadata.iter().any(|(mk, mv)| mk == k && mv == v))
 }
 
 /// Which instances a request goes to.
@@ -131,7 +139,11 @@ pub struct SubsetIndex {
 impl SubsetIndex {
     /// `metadata[i]` is instance i's pairs; `key_sets` the configured selectors' keys
     /// (empty: any selector, by scan).
-    pub fn build<'a>(metadata: impl IntoIterator<Item = &'a [(String, String)]>, key_sets: &[Vec<String>], fallback: &Fallback) -> SubsetIndex {
+    pub fn build<'a>(
+        metadata: impl IntoIterator<Item = &'a [(String, String)]>,
+        key_sets: &[Vec<String>],
+        fallback: &Fallback,
+    ) -> SubsetIndex {
         let metadata: Vec<&[(String, String)]> = metadata.into_iter().collect();
         let mut subsets: HashMap<Pairs, Vec<usize>> = HashMap::new();
         for keys in key_sets {
@@ -141,7 +153,11 @@ impl SubsetIndex {
             for (i, md) in metadata.iter().enumerate() {
                 let values: Option<Pairs> = keys
                     .iter()
-                    .map(|k| md.iter().find(|(mk, _)| mk == *k).map(|(_, v)| ((*k).clone(), v.clone())))
+                    .map(|k| {
+                        md.iter()
+                            .find(|(mk, _)| mk == *k)
+                            .map(|(_, v)| ((*k).clone(), v.clone()))
+                    })
                     .collect();
                 if let Some(pairs) = values {
                     subsets.entry(pairs).or_default().push(i);
@@ -151,11 +167,17 @@ impl SubsetIndex {
         let fallback = match fallback {
             Fallback::NoFallback => Vec::new(),
             Fallback::AnyEndpoint => (0..metadata.len()).collect(),
-            Fallback::DefaultSubset(pairs) => (0..metadata.len()).filter(|&i| metadata.get(i).is_some_and(|m| matches(m, pairs))).collect(),
+            Fallback::DefaultSubset(pairs) => (0..metadata.len())
+                .filter(|&i| metadata.get(i).is_some_and(|m| matches(m, pairs)))
+                .collect(),
         };
         let scan = key_sets.is_empty();
         SubsetIndex {
-            metadata: if scan { metadata.iter().map(|m| m.to_vec()).collect() } else { Vec::new() },
+            metadata: if scan {
+                metadata.iter().map(|m| m.to_vec()).collect()
+            } else {
+                Vec::new()
+            },
             scan,
             subsets,
             fallback,
@@ -167,7 +189,9 @@ impl SubsetIndex {
     pub fn select(&self, selector: Option<&[(String, String)]>) -> Selected<'_> {
         if let Some(sel) = selector.filter(|s| !s.is_empty()) {
             if self.scan {
-                let hit: Vec<usize> = (0..self.metadata.len()).filter(|&i| self.metadata.get(i).is_some_and(|m| matches(m, sel))).collect();
+                let hit: Vec<usize> = (0..self.metadata.len())
+                    .filter(|&i| self.metadata.get(i).is_some_and(|m| matches(m, sel)))
+                    .collect();
                 if !hit.is_empty() {
                     return Selected::Subset(Cow::Owned(hit));
                 }
@@ -194,7 +218,10 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test;
 
     fn p(pairs: &[(&str, &str)]) -> Pairs {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn fleet() -> Vec<Pairs> {
@@ -209,23 +236,44 @@ mod tests {
 
     fn index(key_sets: &[&[&str]], fallback: Fallback) -> SubsetIndex {
         let f = fleet();
-        let ks: Vec<Vec<String>> = key_sets.iter().map(|k| k.iter().map(|s| s.to_string()).collect()).collect();
+        let ks: Vec<Vec<String>> = key_sets
+            .iter()
+            .map(|k| k.iter().map(|s| s.to_string()).collect())
+            .collect();
         SubsetIndex::build(f.iter().map(|m| m.as_slice()), &ks, &fallback)
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn parses_selectors() {
-        assert_eq!(parse_selector("version=v2").unwrap(), p(&[("version", "v2")]));
-        assert_eq!(parse_selector(" version = v2 , stage=prod,").unwrap(), p(&[("stage", "prod"), ("version", "v2")]));
+        assert_eq!(
+            parse_selector("version=v2").unwrap(),
+            p(&[("version", "v2")])
+        );
+        assert_eq!(
+            parse_selector(" version = v2 , stage=prod,").unwrap(),
+            p(&[("stage", "prod"), ("version", "v2")])
+        );
         assert_eq!(parse_selector("tag:blue").unwrap(), p(&[("tag:blue", "")]));
         assert_eq!(parse_selector("k=a=b").unwrap(), p(&[("k", "a=b")]));
         assert_eq!(parse_selector("").unwrap(), p(&[]));
         assert_eq!(parse_selector("=v"), Err(SelectorError::EmptyKey));
-        assert_eq!(parse_selector("a=1,a=2"), Err(SelectorError::DuplicateKey("a".into())));
+        assert_eq!(
+            parse_selector("a=1,a=2"),
+            Err(SelectorError::DuplicateKey("a".into()))
+        );
         let many: Vec<String> = (0..17).map(|i| format!("k{i}=v")).collect();
-        assert_eq!(parse_selector(&many.join(",")), Err(SelectorError::TooManyPairs));
-        assert!(matches!(parse_selector(&"x".repeat(2000)), Err(SelectorError::TooLong(2000))));
-        assert_eq!(SelectorError::EmptyKey.to_string(), "selector has an empty key");
+        assert_eq!(
+            parse_selector(&many.join(",")),
+            Err(SelectorError::TooManyPairs)
+        );
+        assert!(matches!(
+            parse_selector(&"x".repeat(2000)),
+            Err(SelectorError::TooLong(2000))
+        ));
+        assert_eq!(
+            SelectorError::EmptyKey.to_string(),
+            "selector has an empty key"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -240,7 +288,11 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn precomputed_subsets() {
         let ix = index(&[&["version"], &["stage", "version"]], Fallback::NoFallback);
-        let sel = |s: &str| ix.select(Some(&parse_selector(s).unwrap())).endpoints().to_vec();
+        let sel = |s: &str| {
+            ix.select(Some(&parse_selector(s).unwrap()))
+                .endpoints()
+                .to_vec()
+        };
         assert_eq!(sel("version=v2"), vec![1, 2]);
         assert_eq!(sel("version=v1"), vec![0, 3]);
         assert_eq!(sel("version=v2,stage=prod"), vec![1]);
@@ -248,28 +300,49 @@ mod tests {
         let rev = p(&[("version", "v2"), ("stage", "canary")]);
         assert_eq!(ix.select(Some(&rev)).endpoints(), &[2]);
         // A key set that is not configured matches nothing (stage alone).
-        assert_eq!(ix.select(Some(&p(&[("stage", "prod")]))), Selected::NoEndpoint);
+        assert_eq!(
+            ix.select(Some(&p(&[("stage", "prod")]))),
+            Selected::NoEndpoint
+        );
         // Unknown value: no subset, and no fallback.
-        assert_eq!(ix.select(Some(&p(&[("version", "v9")]))), Selected::NoEndpoint);
-        assert!(matches!(ix.select(Some(&p(&[("version", "v2")]))), Selected::Subset(Cow::Borrowed(_))));
+        assert_eq!(
+            ix.select(Some(&p(&[("version", "v9")]))),
+            Selected::NoEndpoint
+        );
+        assert!(matches!(
+            ix.select(Some(&p(&[("version", "v2")]))),
+            Selected::Subset(Cow::Borrowed(_))
+        ));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn fallback_policies() {
         let none = p(&[("version", "v9")]);
         let any = index(&[&["version"]], Fallback::AnyEndpoint);
-        assert_eq!(any.select(Some(&none)), Selected::Fallback(&[0, 1, 2, 3, 4]));
+        assert_eq!(
+            any.select(Some(&none)),
+            Selected::Fallback(&[0, 1, 2, 3, 4])
+        );
         assert_eq!(any.select(None), Selected::Fallback(&[0, 1, 2, 3, 4]));
-        let def = index(&[&["version"]], Fallback::DefaultSubset(p(&[("version", "v1")])));
+        let def = index(
+            &[&["version"]],
+            Fallback::DefaultSubset(p(&[("version", "v1")])),
+        );
         assert_eq!(def.select(Some(&none)), Selected::Fallback(&[0, 3]));
         assert_eq!(def.select(Some(&[])), Selected::Fallback(&[0, 3]));
         // An empty default subset matches every instance.
         let all = index(&[&["version"]], Fallback::DefaultSubset(Vec::new()));
         assert_eq!(all.select(None).endpoints(), &[0, 1, 2, 3, 4]);
         // A default subset with no instance: none.
-        let empty = index(&[&["version"]], Fallback::DefaultSubset(p(&[("version", "v7")])));
+        let empty = index(
+            &[&["version"]],
+            Fallback::DefaultSubset(p(&[("version", "v7")])),
+        );
         assert_eq!(empty.select(None), Selected::NoEndpoint);
-        assert_eq!(index(&[&["version"]], Fallback::NoFallback).select(None), Selected::NoEndpoint);
+        assert_eq!(
+            index(&[&["version"]], Fallback::NoFallback).select(None),
+            Selected::NoEndpoint
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -279,6 +352,9 @@ mod tests {
         assert_eq!(got.endpoints(), &[0, 1]);
         assert!(matches!(got, Selected::Subset(Cow::Owned(_))));
         assert_eq!(ix.select(Some(&p(&[("tag:blue", "")]))).endpoints(), &[0]);
-        assert_eq!(ix.select(Some(&p(&[("stage", "dev")]))).endpoints(), &[0, 1, 2, 3, 4]);
+        assert_eq!(
+            ix.select(Some(&p(&[("stage", "dev")]))).endpoints(),
+            &[0, 1, 2, 3, 4]
+        );
     }
 }

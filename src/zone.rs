@@ -97,7 +97,9 @@ pub fn zone_split(local: Option<usize>, capacity: &[u64], demand: Option<&[u64]>
         _ => return proportional(capacity),
     };
     let dem: Vec<u128> = match demand {
-        Some(d) if d.len() == n && d.iter().any(|&x| x > 0) => d.iter().map(|&x| u128::from(x)).collect(),
+        Some(d) if d.len() == n && d.iter().any(|&x| x > 0) => {
+            d.iter().map(|&x| u128::from(x)).collect()
+        }
         _ => vec![1; n],
     };
     let d_total: u128 = dem.iter().sum();
@@ -114,13 +116,22 @@ pub fn zone_split(local: Option<usize>, capacity: &[u64], demand: Option<&[u64]>
     }
     let local_ppm = (u128::from(PPM) * cap_l * d_total / (dem_l * c_total)) as u32;
     // residual_z scaled by C·D: cap_z·D − dem_z·C.
-    let residual: Vec<u128> =
-        (0..n).map(|z| if z == local { 0 } else { (cap(z) * d_total).saturating_sub(dem_of(z) * c_total) }).collect();
+    let residual: Vec<u128> = (0..n)
+        .map(|z| {
+            if z == local {
+                0
+            } else {
+                (cap(z) * d_total).saturating_sub(dem_of(z) * c_total)
+            }
+        })
+        .collect();
     let spill = u128::from(PPM - local_ppm);
     let weights: Vec<u128> = if residual.iter().any(|&r| r > 0) {
         residual
     } else {
-        (0..n).map(|z| if z == local { 0 } else { cap(z) }).collect()
+        (0..n)
+            .map(|z| if z == local { 0 } else { cap(z) })
+            .collect()
     };
     let w_total: u128 = weights.iter().sum();
     for (z, p) in ppm.iter_mut().enumerate() {
@@ -176,7 +187,13 @@ pub fn priority_split(levels: &[(u64, u64)], overprovisioning_percent: u32) -> S
 /// share it by [`zone_split`] (with the local zone if it is in that level, else in
 /// proportion to capacity). A zone's share is the product, floored; the millionths
 /// lost go to the zone with the largest share.
-pub fn failover_split(local: Option<usize>, level: &[usize], capacity: &[u64], total: &[u64], overprovisioning_percent: u32) -> Split {
+pub fn failover_split(
+    local: Option<usize>,
+    level: &[usize],
+    capacity: &[u64],
+    total: &[u64],
+    overprovisioning_percent: u32,
+) -> Split {
     let n = capacity.len();
     let levels = level.iter().copied().max().map_or(0, |m| m + 1);
     let mut per_level = vec![(0u64, 0u64); levels];
@@ -195,7 +212,10 @@ pub fn failover_split(local: Option<usize>, level: &[usize], capacity: &[u64], t
             continue;
         }
         let zones: Vec<usize> = (0..n).filter(|&z| level.get(z) == Some(&l)).collect();
-        let caps: Vec<u64> = zones.iter().map(|&z| capacity.get(z).copied().unwrap_or(0)).collect();
+        let caps: Vec<u64> = zones
+            .iter()
+            .map(|&z| capacity.get(z).copied().unwrap_or(0))
+            .collect();
         let local_here = local.and_then(|lz| zones.iter().position(|&z| z == lz));
         let inner = zone_split(local_here, &caps, None);
         for (k, &z) in zones.iter().enumerate() {
@@ -225,7 +245,10 @@ fn fit32(values: &[u64]) -> Vec<u64> {
 fn proportional(weights: &[u64]) -> Split {
     let w: Vec<u128> = weights.iter().map(|&x| u128::from(x)).collect();
     let total: u128 = w.iter().sum();
-    let mut ppm: Vec<u32> = w.iter().map(|&x| (u128::from(PPM) * x).checked_div(total).unwrap_or(0) as u32).collect();
+    let mut ppm: Vec<u32> = w
+        .iter()
+        .map(|&x| (u128::from(PPM) * x).checked_div(total).unwrap_or(0) as u32)
+        .collect();
     if total > 0 {
         settle(&mut ppm, &w);
     }
@@ -259,14 +282,25 @@ mod tests {
     /// The doc comment's formula in floating point, as the reference.
     fn formula(local: usize, cap: &[f64], dem: &[f64]) -> Vec<f64> {
         let (c, d): (f64, f64) = (cap.iter().sum(), dem.iter().sum());
-        let (cs, ds): (Vec<f64>, Vec<f64>) = (cap.iter().map(|x| x / c).collect(), dem.iter().map(|x| x / d).collect());
+        let (cs, ds): (Vec<f64>, Vec<f64>) = (
+            cap.iter().map(|x| x / c).collect(),
+            dem.iter().map(|x| x / d).collect(),
+        );
         let mut out = vec![0.0; cap.len()];
         if cs[local] >= ds[local] {
             out[local] = 1.0;
             return out;
         }
         out[local] = cs[local] / ds[local];
-        let res: Vec<f64> = (0..cap.len()).map(|z| if z == local { 0.0 } else { (cs[z] - ds[z]).max(0.0) }).collect();
+        let res: Vec<f64> = (0..cap.len())
+            .map(|z| {
+                if z == local {
+                    0.0
+                } else {
+                    (cs[z] - ds[z]).max(0.0)
+                }
+            })
+            .collect();
         let r: f64 = res.iter().sum();
         for z in 0..cap.len() {
             if z != local {
@@ -279,10 +313,15 @@ mod tests {
     fn check(local: usize, cap: &[u64], dem: Option<&[u64]>) -> Vec<u32> {
         let s = zone_split(Some(local), cap, dem);
         let capf: Vec<f64> = cap.iter().map(|&x| x as f64).collect();
-        let demf: Vec<f64> = dem.map_or(vec![1.0; cap.len()], |d| d.iter().map(|&x| x as f64).collect());
+        let demf: Vec<f64> = dem.map_or(vec![1.0; cap.len()], |d| {
+            d.iter().map(|&x| x as f64).collect()
+        });
         let want = formula(local, &capf, &demf);
         for (z, (&got, want)) in s.shares_ppm().iter().zip(&want).enumerate() {
-            assert!((f64::from(got) - want * 1e6).abs() <= 3.0, "zone {z}: {got} vs {want}");
+            assert!(
+                (f64::from(got) - want * 1e6).abs() <= 3.0,
+                "zone {z}: {got} vs {want}"
+            );
         }
         assert_eq!(s.shares_ppm().iter().sum::<u32>(), PPM);
         s.shares_ppm().to_vec()
@@ -299,12 +338,18 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn spillover_follows_the_formula() {
         // a has 10% capacity for 1/3 of demand: keeps 30%, spills 70% evenly to b and c.
-        assert_eq!(check(0, &[10, 45, 45], None), vec![300_000, 350_000, 350_000]);
+        assert_eq!(
+            check(0, &[10, 45, 45], None),
+            vec![300_000, 350_000, 350_000]
+        );
         // a: 20% for 1/3 → 60% local; only b has spare capacity (50% > 33%), c has none.
         assert_eq!(check(0, &[20, 50, 30], None), vec![600_000, 400_000, 0]);
         // Uneven residuals: a 10%, b 50% (spare 16.7%), c 40% (spare 6.7%): 30% local,
         // 70% split 5:2 → 50% and 20%.
-        assert_eq!(check(0, &[10, 50, 40], None), vec![300_000, 500_000, 200_000]);
+        assert_eq!(
+            check(0, &[10, 50, 40], None),
+            vec![300_000, 500_000, 200_000]
+        );
         // Given demand: half the proxies in a, which has 25% of capacity: keep 50%.
         let s = check(0, &[25, 50, 25], Some(&[2, 1, 1]));
         assert_eq!(s[0], 500_000);
@@ -317,7 +362,11 @@ mod tests {
     fn failover_keeps_the_local_region_until_it_is_degraded() {
         // Region 0 = zones a, b (local a); region 1 = zones c, d; all healthy: a keeps all.
         let levels = [0, 0, 1, 1];
-        assert_eq!(failover_split(Some(0), &levels, &[10, 10, 10, 10], &[10, 10, 10, 10], 140).shares_ppm(), &[PPM, 0, 0, 0]);
+        assert_eq!(
+            failover_split(Some(0), &levels, &[10, 10, 10, 10], &[10, 10, 10, 10], 140)
+                .shares_ppm(),
+            &[PPM, 0, 0, 0]
+        );
         // a lost 8 of 10: region 0 health = 1.4·12/20 = 84 %, region 1 takes 16 %
         // (8 % per zone); inside region 0, a keeps (2/12)/(1/2) = 1/3 of 84 %, b the rest.
         assert_eq!(
@@ -330,11 +379,21 @@ mod tests {
             &[666_666, 333_334, 0, 0]
         );
         // Region 0 gone: region 1 in proportion to capacity.
-        assert_eq!(failover_split(Some(0), &levels, &[0, 0, 10, 30], &[10, 10, 10, 30], 140).shares_ppm(), &[0, 0, 250_000, 750_000]);
+        assert_eq!(
+            failover_split(Some(0), &levels, &[0, 0, 10, 30], &[10, 10, 10, 30], 140).shares_ppm(),
+            &[0, 0, 250_000, 750_000]
+        );
         // One level, no local zone: in proportion to capacity.
-        assert_eq!(failover_split(None, &[0, 0], &[1, 3], &[1, 3], 140).shares_ppm(), &[250_000, 750_000]);
+        assert_eq!(
+            failover_split(None, &[0, 0], &[1, 3], &[1, 3], 140).shares_ppm(),
+            &[250_000, 750_000]
+        );
         // Nothing healthy anywhere.
-        assert_eq!(failover_split(Some(0), &levels, &[0, 0, 0, 0], &[1, 1, 1, 1], 140).pick(&mut SplitMix64(1)), None);
+        assert_eq!(
+            failover_split(Some(0), &levels, &[0, 0, 0, 0], &[1, 1, 1, 1], 140)
+                .pick(&mut SplitMix64(1)),
+            None
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -342,17 +401,32 @@ mod tests {
         let s = zone_split(None, &[1, 3], None);
         assert_eq!(s.shares_ppm(), &[250_000, 750_000]);
         // Local zone without capacity.
-        assert_eq!(zone_split(Some(0), &[0, 1, 3], None).shares_ppm(), &[0, 250_000, 750_000]);
+        assert_eq!(
+            zone_split(Some(0), &[0, 1, 3], None).shares_ppm(),
+            &[0, 250_000, 750_000]
+        );
         // Only one zone has capacity.
         assert_eq!(zone_split(Some(1), &[0, 5], None).shares_ppm(), &[0, PPM]);
         // Nothing at all.
-        assert_eq!(zone_split(Some(0), &[0, 0], None).pick(&mut SplitMix64(1)), None);
+        assert_eq!(
+            zone_split(Some(0), &[0, 0], None).pick(&mut SplitMix64(1)),
+            None
+        );
         // Demand of the wrong length is ignored (equal demand).
-        assert_eq!(zone_split(Some(0), &[10, 45, 45], Some(&[1])).shares_ppm(), &[300_000, 350_000, 350_000]);
+        assert_eq!(
+            zone_split(Some(0), &[10, 45, 45], Some(&[1])).shares_ppm(),
+            &[300_000, 350_000, 350_000]
+        );
         // Huge inputs do not overflow: scaled to 32 bits, same shares.
         let big = [10 << 40, 45 << 40, 45 << 40];
-        assert_eq!(zone_split(Some(0), &big, Some(&[u64::MAX, u64::MAX, u64::MAX])).shares_ppm(), &[300_000, 350_000, 350_000]);
-        assert_eq!(priority_split(&[(u64::MAX / 2, u64::MAX)], u32::MAX).shares_ppm(), &[PPM]);
+        assert_eq!(
+            zone_split(Some(0), &big, Some(&[u64::MAX, u64::MAX, u64::MAX])).shares_ppm(),
+            &[300_000, 350_000, 350_000]
+        );
+        assert_eq!(
+            priority_split(&[(u64::MAX / 2, u64::MAX)], u32::MAX).shares_ppm(),
+            &[PPM]
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -374,7 +448,11 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn priority_failover_with_overprovisioning() {
-        let p = |levels: &[(u64, u64)]| priority_split(levels, DEFAULT_OVERPROVISIONING_PERCENT).shares_ppm().to_vec();
+        let p = |levels: &[(u64, u64)]| {
+            priority_split(levels, DEFAULT_OVERPROVISIONING_PERCENT)
+                .shares_ppm()
+                .to_vec()
+        };
         // All healthy: level 0 takes everything.
         assert_eq!(p(&[(10, 10), (10, 10)]), vec![PPM, 0]);
         // 80% healthy × 1.4 = 112% → still everything.
@@ -392,6 +470,9 @@ mod tests {
         // Total health above 100%: levels fill in order (46.7% + 46.7% + the rest).
         assert_eq!(p(&[(1, 3), (1, 3), (1, 3)]), vec![466_666, 466_666, 66_668]);
         // Rounding remainder goes to the first healthy level: 20% health each → 1/3.
-        assert_eq!(p(&[(0, 0), (1, 7), (1, 7), (1, 7)]), vec![0, 333_334, 333_333, 333_333]);
+        assert_eq!(
+            p(&[(0, 0), (1, 7), (1, 7), (1, 7)]),
+            vec![0, 333_334, 333_333, 333_333]
+        );
     }
 }

@@ -15,18 +15,41 @@ fn inst(b: &Backend) -> ConsulInstance {
 }
 
 fn start(consul: &FakeConsul, replace: &[(&str, &str)], concurrency: u32) -> Envoy {
-    lb::start("envoy/consul.yaml", &[(8500, consul.port)], replace, concurrency)
+    lb::start(
+        "envoy/consul.yaml",
+        &[(8500, consul.port)],
+        replace,
+        concurrency,
+    )
 }
 
 #[test]
 fn discovers_converges_fast_and_forgets_removed_instances() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "d"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     consul.set_service("web", b[..3].iter().map(inst).collect());
     let envoy = start(&consul, &[], 2);
     lb::wait_version(&envoy, "web", 1);
     let c = lb::tally(&envoy, 90);
-    assert_eq!((c.get("a"), c.get("b"), c.get("c")), (Some(&30), Some(&30), Some(&30)), "{c:?}\n{:?}\n{}", envoy.stats().into_iter().filter(|(k, _)| k.contains("registry_lb")).collect::<Vec<_>>(), envoy.log().lines().filter(|l| l.contains("registry-lb")).collect::<Vec<_>>().join("\n"));
+    assert_eq!(
+        (c.get("a"), c.get("b"), c.get("c")),
+        (Some(&30), Some(&30), Some(&30)),
+        "{c:?}\n{:?}\n{}",
+        envoy
+            .stats()
+            .into_iter()
+            .filter(|(k, _)| k.contains("registry_lb"))
+            .collect::<Vec<_>>(),
+        envoy
+            .log()
+            .lines()
+            .filter(|l| l.contains("registry-lb"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // A new instance: traffic reaches it as soon as the blocking query returns.
     let t0 = Instant::now();
@@ -39,7 +62,10 @@ fn discovers_converges_fast_and_forgets_removed_instances() {
         }
     }
     let added = first_d.expect("new instance never received traffic");
-    println!("convergence after adding an instance: {} ms", added.as_millis());
+    println!(
+        "convergence after adding an instance: {} ms",
+        added.as_millis()
+    );
     assert!(added < Duration::from_millis(200), "took {added:?}");
 
     // Removing one: record when it last answered.
@@ -51,13 +77,22 @@ fn discovers_converges_fast_and_forgets_removed_instances() {
             last_a = t0.elapsed();
         }
     }
-    println!("convergence after removing an instance: last request to it {} ms after the change", last_a.as_millis());
-    assert!(last_a < Duration::from_millis(200), "removed instance still served {last_a:?} after the change");
+    println!(
+        "convergence after removing an instance: last request to it {} ms after the change",
+        last_a.as_millis()
+    );
+    assert!(
+        last_a < Duration::from_millis(200),
+        "removed instance still served {last_a:?} after the change"
+    );
     let hits = b[0].hits();
     let c = lb::tally(&envoy, 300);
     assert_eq!(b[0].hits(), hits, "removed instance got traffic: {c:?}");
     assert_eq!(c.values().sum::<u32>(), 300);
-    assert!(c.keys().all(|k| ["b", "c", "d"].contains(&k.as_str())), "{c:?}");
+    assert!(
+        c.keys().all(|k| ["b", "c", "d"].contains(&k.as_str())),
+        "{c:?}"
+    );
 
     // While nothing changes, blocking queries cost no extra registry requests.
     let before = consul.requests();
@@ -71,7 +106,10 @@ fn discovers_converges_fast_and_forgets_removed_instances() {
 fn health_weights_tags_and_tokens_are_honoured() {
     let consul = FakeConsul::start();
     consul.set_token(Some("s3cret"));
-    let b: Vec<Backend> = ["a", "b", "c", "d", "e"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     consul.set_service(
         "web",
         vec![
@@ -80,7 +118,10 @@ fn health_weights_tags_and_tokens_are_honoured() {
             inst(&b[2]).tags(&["v1"]).weights(3, 1).status("warning"),
             inst(&b[3]).tags(&["v2"]),
             // Service.Address empty: Node.Address is used.
-            ConsulInstance::new("e", "", b[4].port).node_address("127.0.0.1").tags(&["v1"]).weights(0, 0),
+            ConsulInstance::new("e", "", b[4].port)
+                .node_address("127.0.0.1")
+                .tags(&["v1"])
+                .weights(0, 0),
         ],
     );
     let envoy = start(
@@ -97,7 +138,11 @@ fn health_weights_tags_and_tokens_are_honoured() {
     assert_eq!(c.get("a"), Some(&60), "{c:?}");
     assert_eq!(c.get("c"), Some(&20), "{c:?}");
     assert_eq!(c.len(), 2, "{c:?}");
-    assert_eq!(envoy.stat(&lb::stat("web.instances_known")), Some(3), "a, b (critical) and c");
+    assert_eq!(
+        envoy.stat(&lb::stat("web.instances_known")),
+        Some(3),
+        "a, b (critical) and c"
+    );
     assert_eq!(envoy.stat(&lb::stat("web.instances_healthy")), Some(2));
     let log = consul.request_log();
     let q = log.last().unwrap();
@@ -107,12 +152,21 @@ fn health_weights_tags_and_tokens_are_honoured() {
     // The token is revoked: auth failures are counted, the last good list stays.
     consul.set_token(Some("rotated"));
     assert!(
-        lb::wait_stat(&envoy, &lb::stat("web.refresh_failed_auth"), Duration::from_secs(10), |v| v >= 1),
+        lb::wait_stat(
+            &envoy,
+            &lb::stat("web.refresh_failed_auth"),
+            Duration::from_secs(10),
+            |v| v >= 1
+        ),
         "auth failure not counted"
     );
     assert!(envoy.wait_for_log("registry refused credentials: 403", Duration::from_secs(5)));
     let c = lb::tally(&envoy, 40);
-    assert_eq!((c.get("a"), c.get("c")), (Some(&30), Some(&10)), "last good list kept: {c:?}");
+    assert_eq!(
+        (c.get("a"), c.get("c")),
+        (Some(&30), Some(&10)),
+        "last good list kept: {c:?}"
+    );
 }
 
 #[test]
@@ -124,25 +178,42 @@ fn bad_answers_keep_the_last_good_list_and_no_instance_is_a_clear_503() {
     lb::wait_version(&envoy, "web", 1);
     assert_eq!(envoy.get("/", &[]).1, "a");
 
-    for (status, body, kind) in [(200, "{\"not\": \"a list\"", "malformed"), (500, "rpc error", "status")] {
+    for (status, body, kind) in [
+        (200, "{\"not\": \"a list\"", "malformed"),
+        (500, "rpc error", "status"),
+    ] {
         consul.set_error(Some((status, body)));
         let name = lb::stat(&format!("web.refresh_failed_{kind}"));
-        assert!(lb::wait_stat(&envoy, &name, Duration::from_secs(10), |v| v >= 1), "{kind} not counted");
+        assert!(
+            lb::wait_stat(&envoy, &name, Duration::from_secs(10), |v| v >= 1),
+            "{kind} not counted"
+        );
         let c = lb::tally(&envoy, 20);
         assert_eq!(c.get("a"), Some(&20), "{kind}: {c:?}");
         consul.set_error(None);
     }
-    assert!(envoy.log().contains("malformed registry answer"), "malformed answer logged");
+    assert!(
+        envoy.log().contains("malformed registry answer"),
+        "malformed answer logged"
+    );
 
     // A service with no instance at all: a local 503 naming the service.
     consul.set_service("web", vec![]);
-    assert!(lb::wait_stat(&envoy, &lb::stat("web.instances_known"), Duration::from_secs(10), |v| v == 0));
+    assert!(lb::wait_stat(
+        &envoy,
+        &lb::stat("web.instances_known"),
+        Duration::from_secs(10),
+        |v| v == 0
+    ));
     std::thread::sleep(Duration::from_millis(150));
     let t = Instant::now();
     let (status, body, _) = envoy.get("/", &[]);
     assert!(t.elapsed() < Duration::from_secs(1), "no hang");
     assert_eq!(status, 503);
-    assert_eq!(body, "registry-lb: no available instance for service `web`\n");
+    assert_eq!(
+        body,
+        "registry-lb: no available instance for service `web`\n"
+    );
     assert!(envoy.stat(&lb::stat("web.rq_no_instance")).unwrap_or(0) >= 1);
 }
 
@@ -155,7 +226,10 @@ fn one_registry_poll_per_interval_with_four_workers() {
         &consul,
         &[
             ("\"wait\": \"30s\"", "\"blocking\": false"),
-            ("\"policy\": \"round_robin\",", "\"policy\": \"round_robin\", \"refresh_interval\": \"500ms\","),
+            (
+                "\"policy\": \"round_robin\",",
+                "\"policy\": \"round_robin\", \"refresh_interval\": \"500ms\",",
+            ),
         ],
         4,
     );
@@ -187,9 +261,17 @@ fn requests_at_start_wait_for_the_first_snapshot_not_fail() {
     let envoy = start(&consul, &[], 2);
     let t = Instant::now();
     let c = lb::tally(&envoy, 5);
-    println!("5 requests right after start: {c:?} in {} ms", t.elapsed().as_millis());
+    println!(
+        "5 requests right after start: {c:?} in {} ms",
+        t.elapsed().as_millis()
+    );
     assert_eq!(c.get("a"), Some(&5), "{c:?}");
-    assert!(envoy.stat(&lb::stat("web.rq_waited_for_first_snapshot")).unwrap_or(0) >= 1);
+    assert!(
+        envoy
+            .stat(&lb::stat("web.rq_waited_for_first_snapshot"))
+            .unwrap_or(0)
+            >= 1
+    );
 
     // With a registry slower than initial_fetch_timeout, the wait ends in a clear 503.
     let slow = FakeConsul::start();
@@ -198,15 +280,30 @@ fn requests_at_start_wait_for_the_first_snapshot_not_fail() {
     let envoy = lb::start(
         "envoy/consul.yaml",
         &[(8500, slow.port)],
-        &[("\"policy\": \"round_robin\",", "\"policy\": \"round_robin\", \"initial_fetch_timeout\": \"300ms\",")],
+        &[(
+            "\"policy\": \"round_robin\",",
+            "\"policy\": \"round_robin\", \"initial_fetch_timeout\": \"300ms\",",
+        )],
         1,
     );
     let t = Instant::now();
     let (status, body, _) = envoy.get("/", &[]);
     let waited = t.elapsed();
-    println!("registry slower than initial_fetch_timeout (300 ms): {status} after {} ms", waited.as_millis());
-    assert_eq!((status, body.as_str()), (503, "registry-lb: no available instance for service `web`\n"));
-    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(2), "{waited:?}");
+    println!(
+        "registry slower than initial_fetch_timeout (300 ms): {status} after {} ms",
+        waited.as_millis()
+    );
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            503,
+            "registry-lb: no available instance for service `web`\n"
+        )
+    );
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
 }
 
 #[test]
@@ -239,6 +336,11 @@ fn acl_auth_method_login_is_renewed_when_the_token_expires() {
     );
     assert_eq!((c.get("a"), c.get("b")), (Some(&10), Some(&10)), "{c:?}");
     assert!(logins >= 2, "{logins} logins");
-    assert!(envoy.stat(&lb::stat("web.registry_token_expired")).unwrap_or(0) >= 1);
+    assert!(
+        envoy
+            .stat(&lb::stat("web.registry_token_expired"))
+            .unwrap_or(0)
+            >= 1
+    );
     assert_eq!(envoy.stat(&lb::stat("web.refresh_failed")).unwrap_or(0), 0);
 }

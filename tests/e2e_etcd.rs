@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use support::{lb, Backend, Envoy, Etcd};
 
 fn value(b: &Backend, weight: u32) -> String {
-    format!(r#"{{"address":"127.0.0.1","port":{},"weight":{weight},"zone":"z1","metadata":{{"version":"v1"}}}}"#, b.port)
+    format!(
+        r#"{{"address":"127.0.0.1","port":{},"weight":{weight},"zone":"z1","metadata":{{"version":"v1"}}}}"#,
+        b.port
+    )
 }
 
 fn start(etcd: &Etcd, replace: &[(&str, &str)]) -> Envoy {
@@ -50,7 +53,10 @@ fn discovers_follows_changes_and_skips_unchanged_revisions() {
         }
     }
     let seen = seen.expect("added instance never served");
-    println!("etcd: added instance served after {} ms (refresh_interval 1 s)", seen.as_millis());
+    println!(
+        "etcd: added instance served after {} ms (refresh_interval 1 s)",
+        seen.as_millis()
+    );
     assert!(seen < Duration::from_millis(1300), "{seen:?}");
 
     // Removed instance: nothing after the next refresh.
@@ -63,9 +69,20 @@ fn discovers_follows_changes_and_skips_unchanged_revisions() {
     assert_eq!((c.get("b"), c.get("c")), (Some(&50), Some(&50)), "{c:?}");
 
     // A bad value is skipped, counted and logged; the rest keeps working.
-    etcd.put("/services/web/bad", r#"{"address":"db.internal","port":80}"#);
-    assert!(lb::wait_stat(&envoy, &lb::stat("web.instances_rejected"), Duration::from_secs(5), |v| v >= 1));
-    assert!(envoy.wait_for_log("key `/services/web/bad`: address `db.internal` is not an IP literal", Duration::from_secs(3)));
+    etcd.put(
+        "/services/web/bad",
+        r#"{"address":"db.internal","port":80}"#,
+    );
+    assert!(lb::wait_stat(
+        &envoy,
+        &lb::stat("web.instances_rejected"),
+        Duration::from_secs(5),
+        |v| v >= 1
+    ));
+    assert!(envoy.wait_for_log(
+        "key `/services/web/bad`: address `db.internal` is not an IP literal",
+        Duration::from_secs(3)
+    ));
     let c = lb::tally(&envoy, 20);
     assert_eq!((c.get("b"), c.get("c")), (Some(&10), Some(&10)), "{c:?}");
 }
@@ -82,8 +99,14 @@ fn authenticates_and_renews_an_expired_token() {
     let envoy = start(
         &etcd,
         &[
-            (r#"{ "cluster": "etcd", "prefix": "/services/web/" }"#, creds),
-            ("\"refresh_interval\": \"1s\"", "\"refresh_interval\": \"3s\""),
+            (
+                r#"{ "cluster": "etcd", "prefix": "/services/web/" }"#,
+                creds,
+            ),
+            (
+                "\"refresh_interval\": \"1s\"",
+                "\"refresh_interval\": \"3s\"",
+            ),
         ],
     );
     lb::wait_version(&envoy, "web", 1);
@@ -94,17 +117,43 @@ fn authenticates_and_renews_an_expired_token() {
     assert_eq!((c.get("a"), c.get("b")), (Some(&10), Some(&10)), "{c:?}");
     let logins = envoy.stat(&lb::stat("web.registry_login")).unwrap_or(0);
     println!("etcd logins so far: {logins}");
-    assert!(logins >= 2, "the expired token was renewed by logging in again ({logins} logins)");
-    assert_eq!(envoy.stat(&lb::stat("web.refresh_failed")).unwrap_or(0), 0, "no refresh failed");
+    assert!(
+        logins >= 2,
+        "the expired token was renewed by logging in again ({logins} logins)"
+    );
+    assert_eq!(
+        envoy.stat(&lb::stat("web.refresh_failed")).unwrap_or(0),
+        0,
+        "no refresh failed"
+    );
 
     // Wrong password: an auth failure of its own, distinct from "registry down".
     let wrong = start(
         &etcd,
-        &[(r#"{ "cluster": "etcd", "prefix": "/services/web/" }"#, &creds.replace("\"pw\"", "\"nope\""))],
+        &[(
+            r#"{ "cluster": "etcd", "prefix": "/services/web/" }"#,
+            &creds.replace("\"pw\"", "\"nope\""),
+        )],
     );
-    assert!(lb::wait_stat(&wrong, &lb::stat("web.refresh_failed_auth"), Duration::from_secs(10), |v| v >= 1));
-    assert_eq!(wrong.stat(&lb::stat("web.refresh_failed_unreachable")).unwrap_or(0), 0);
+    assert!(lb::wait_stat(
+        &wrong,
+        &lb::stat("web.refresh_failed_auth"),
+        Duration::from_secs(10),
+        |v| v >= 1
+    ));
+    assert_eq!(
+        wrong
+            .stat(&lb::stat("web.refresh_failed_unreachable"))
+            .unwrap_or(0),
+        0
+    );
     assert!(wrong.wait_for_log("login as `registry-lb` failed", Duration::from_secs(3)));
     let (status, body, _) = wrong.get("/", &[]);
-    assert_eq!((status, body.as_str()), (503, "registry-lb: no available instance for service `web`\n"));
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            503,
+            "registry-lb: no available instance for service `web`\n"
+        )
+    );
 }

@@ -39,7 +39,8 @@ impl Load {
                 std::thread::spawn(move || {
                     let agent = support::agent(Duration::from_secs(5));
                     while !stop.load(Ordering::Relaxed) && start.elapsed() < max {
-                        let (status, body, _) = support::http_request(&agent, "GET", &url, &[], None);
+                        let (status, body, _) =
+                            support::http_request(&agent, "GET", &url, &[], None);
                         let mut s = samples.lock().unwrap();
                         if s.len() >= 200_000 {
                             break;
@@ -49,7 +50,12 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, samples, handles, start }
+        Load {
+            stop,
+            samples,
+            handles,
+            start,
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -87,7 +93,12 @@ const OUTLIER: &str = "\"policy\": \"round_robin\", \"outlier_detection\": { \"c
 fn start_consul_envoy(consul: &FakeConsul, extra: &[(&str, &str)], concurrency: u32) -> Envoy {
     let mut replace = vec![("\"policy\": \"round_robin\",", OUTLIER)];
     replace.extend_from_slice(extra);
-    let envoy = lb::start("envoy/consul.yaml", &[(8500, consul.port)], &replace, concurrency);
+    let envoy = lb::start(
+        "envoy/consul.yaml",
+        &[(8500, consul.port)],
+        &replace,
+        concurrency,
+    );
     lb::wait_version(&envoy, "web", 1);
     envoy
 }
@@ -95,15 +106,28 @@ fn start_consul_envoy(consul: &FakeConsul, extra: &[(&str, &str)], concurrency: 
 #[test]
 fn killed_backend_is_ejected_after_a_few_failures_original_dst() {
     let consul = FakeConsul::start();
-    let mut b: Vec<Backend> = ["a", "b", "c", "d"].iter().map(|n| Backend::start(n)).collect();
+    let mut b: Vec<Backend> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     consul.set_service("web", b.iter().map(inst).collect());
     // Ejected for 10 s: the whole test runs inside the first ejection (a half-open
     // trial after it would cost one more request per ejection period).
-    let envoy = start_consul_envoy(&consul, &[("\"base_ejection_time\": \"2s\"", "\"base_ejection_time\": \"10s\"")], 2);
+    let envoy = start_consul_envoy(
+        &consul,
+        &[(
+            "\"base_ejection_time\": \"2s\"",
+            "\"base_ejection_time\": \"10s\"",
+        )],
+        2,
+    );
     let (samples, killed_at) = kill_under_load(&envoy, &mut b[3]);
     let f = failures(&samples);
     let last = f.last().map(|x| x.0).unwrap_or(killed_at);
-    let after = samples.iter().filter(|x| x.0 > killed_at && x.2 == "d").count();
+    let after = samples
+        .iter()
+        .filter(|x| x.0 > killed_at && x.2 == "d")
+        .count();
     println!(
         "ORIGINAL_DST, backend killed under load: {} requests, {} failed (all within {} ms of the kill), {} answered by the dead backend after the kill; ejections: {:?}",
         samples.len(),
@@ -113,22 +137,40 @@ fn killed_backend_is_ejected_after_a_few_failures_original_dst() {
         envoy.stat(&lb::stat("web.outlier_ejections"))
     );
     assert!(!f.is_empty(), "the kill was not noticed at all?");
-    assert!(f.len() <= 8, "{} failures before ejection: {:?}", f.len(), f);
-    assert!(f.iter().all(|x| x.0 >= killed_at), "failures before the kill");
-    assert!(last - killed_at < 1000, "failures went on for {} ms", last - killed_at);
+    assert!(
+        f.len() <= 8,
+        "{} failures before ejection: {:?}",
+        f.len(),
+        f
+    );
+    assert!(
+        f.iter().all(|x| x.0 >= killed_at),
+        "failures before the kill"
+    );
+    assert!(
+        last - killed_at < 1000,
+        "failures went on for {} ms",
+        last - killed_at
+    );
     assert_eq!(envoy.stat(&lb::stat("web.outlier_ejections")), Some(1));
     assert_eq!(envoy.stat(&lb::stat("web.instances_ejected")), Some(1));
     // Afterwards: every request succeeds.
     let c = lb::tally(&envoy, 60);
     assert_eq!(c.values().sum::<u32>(), 60);
-    assert!(!c.contains_key("d") && c.keys().all(|k| ["a", "b", "c"].contains(&k.as_str())), "{c:?}");
+    assert!(
+        !c.contains_key("d") && c.keys().all(|k| ["a", "b", "c"].contains(&k.as_str())),
+        "{c:?}"
+    );
 }
 
 /// `override_host`: the filter hands a ranked list; retries go to the next entry.
 #[test]
 fn killed_backend_with_override_host_and_retries_costs_at_most_three_failures() {
     let consul = FakeConsul::start();
-    let mut b: Vec<Backend> = ["a", "b", "c", "d"].iter().map(|n| Backend::start(n)).collect();
+    let mut b: Vec<Backend> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     consul.set_service("web", b.iter().map(inst).collect());
     let endpoints: String = b
         .iter()
@@ -183,15 +225,26 @@ fn killed_backend_with_override_host_and_retries_costs_at_most_three_failures() 
         envoy.stat(&lb::stat("web.outlier_ejections"))
     );
     assert!(f.len() <= 3, "{} failures: {:?}", f.len(), f);
-    let retries = envoy.stat("cluster.web_hosts.upstream_rq_retry").unwrap_or(0);
+    let retries = envoy
+        .stat("cluster.web_hosts.upstream_rq_retry")
+        .unwrap_or(0);
     assert!(retries >= 1, "retries did the work");
     // Failed first attempts count against their host: it is ejected, and no
     // longer costs a retry.
     assert_eq!(envoy.stat(&lb::stat("web.outlier_ejections")), Some(1));
     let c = lb::tally(&envoy, 100);
     assert_eq!(c.values().sum::<u32>(), 100);
-    assert_eq!(envoy.stat("cluster.web_hosts.upstream_rq_retry").unwrap_or(0), retries, "{c:?}");
-    assert!(samples.iter().filter(|x| x.0 > killed_at + 500).all(|x| x.2 != "d"));
+    assert_eq!(
+        envoy
+            .stat("cluster.web_hosts.upstream_rq_retry")
+            .unwrap_or(0),
+        retries,
+        "{c:?}"
+    );
+    assert!(samples
+        .iter()
+        .filter(|x| x.0 > killed_at + 500)
+        .all(|x| x.2 != "d"));
     // A client cannot supply its own list.
     let (status, body, _) = envoy.get("/", &[("x-lb-host", &b[3].addr())]);
     assert_eq!(status, 200, "{body}");
@@ -200,7 +253,12 @@ fn killed_backend_with_override_host_and_retries_costs_at_most_three_failures() 
 
 #[test]
 fn registry_down_for_a_minute_costs_no_request() {
-    let outage = Duration::from_secs(std::env::var("REGISTRY_OUTAGE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60));
+    let outage = Duration::from_secs(
+        std::env::var("REGISTRY_OUTAGE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60),
+    );
     let mut consul = FakeConsul::start();
     let port = consul.port;
     let b: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::start(n)).collect();
@@ -214,7 +272,12 @@ fn registry_down_for_a_minute_costs_no_request() {
     let failed_refreshes = envoy.stat(&lb::stat("web.refresh_failed")).unwrap_or(0);
     let consul = FakeConsul::start_on(port);
     consul.set_service("web", b.iter().map(inst).collect());
-    let recovered = lb::wait_stat(&envoy, &lb::stat("web.snapshot_age_ms"), Duration::from_secs(40), |v| v < 2000);
+    let recovered = lb::wait_stat(
+        &envoy,
+        &lb::stat("web.snapshot_age_ms"),
+        Duration::from_secs(40),
+        |v| v < 2000,
+    );
     let samples = load.finish();
     let f = failures(&samples);
     println!(
@@ -223,18 +286,36 @@ fn registry_down_for_a_minute_costs_no_request() {
         samples.len(),
         f.len()
     );
-    assert!(f.is_empty(), "{} failed requests: {:?}", f.len(), &f[..f.len().min(5)]);
-    assert!(age as u64 >= outage.as_millis() as u64 - 6000, "snapshot age {age} ms did not rise with the outage");
+    assert!(
+        f.is_empty(),
+        "{} failed requests: {:?}",
+        f.len(),
+        &f[..f.len().min(5)]
+    );
+    assert!(
+        age as u64 >= outage.as_millis() as u64 - 6000,
+        "snapshot age {age} ms did not rise with the outage"
+    );
     assert!(failed_refreshes >= 3, "backoff still retries");
-    assert!(recovered, "age never came back down after the registry returned");
+    assert!(
+        recovered,
+        "age never came back down after the registry returned"
+    );
 }
 
 #[test]
 fn registry_answering_empty_or_a_quarter_for_one_refresh_costs_no_request() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "d"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     consul.set_service("web", b.iter().map(inst).collect());
-    let envoy = start_consul_envoy(&consul, &[("\"wait\": \"30s\"", "\"wait\": \"30s\", \"blocking\": true")], 2);
+    let envoy = start_consul_envoy(
+        &consul,
+        &[("\"wait\": \"30s\"", "\"wait\": \"30s\", \"blocking\": true")],
+        2,
+    );
     let load = Load::start(&envoy, 2, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));
     for (label, list) in [("[]", vec![]), ("a quarter", vec![inst(&b[0])])] {
@@ -248,21 +329,40 @@ fn registry_answering_empty_or_a_quarter_for_one_refresh_costs_no_request() {
     let f = failures(&samples);
     let held = envoy.stat(&lb::stat("web.guard_held")).unwrap_or(0);
     let served: std::collections::HashSet<&str> = samples.iter().map(|x| x.2.as_str()).collect();
-    println!("{} requests, {} failed; guard held {held} refresh(es); version {:?}", samples.len(), f.len(), envoy.stat(&lb::stat("web.snapshot_version")));
+    println!(
+        "{} requests, {} failed; guard held {held} refresh(es); version {:?}",
+        samples.len(),
+        f.len(),
+        envoy.stat(&lb::stat("web.snapshot_version"))
+    );
     assert!(f.is_empty(), "{:?}", &f[..f.len().min(5)]);
     assert!(held >= 2, "both sudden drops were held back");
-    assert_eq!(envoy.stat(&lb::stat("web.snapshot_version")), Some(1), "nothing was published");
-    assert_eq!(served.len(), 4, "all four kept receiving traffic: {served:?}");
+    assert_eq!(
+        envoy.stat(&lb::stat("web.snapshot_version")),
+        Some(1),
+        "nothing was published"
+    );
+    assert_eq!(
+        served.len(),
+        4,
+        "all four kept receiving traffic: {served:?}"
+    );
 }
 
 #[test]
 fn all_backends_failing_engages_panic_mode_then_recovers() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "d"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     consul.set_service("web", b.iter().map(inst).collect());
     let envoy = start_consul_envoy(
         &consul,
-        &[("\"max_ejection_percent\": 50", "\"max_ejection_percent\": 100")],
+        &[(
+            "\"max_ejection_percent\": 50",
+            "\"max_ejection_percent\": 100",
+        )],
         2,
     );
     let load = Load::start(&envoy, 2, Duration::from_secs(15));
@@ -270,18 +370,35 @@ fn all_backends_failing_engages_panic_mode_then_recovers() {
     for x in &b {
         x.set_status(503);
     }
-    let panicked = lb::wait_stat(&envoy, &lb::stat("web.rq_panic"), Duration::from_secs(5), |v| v > 0);
+    let panicked = lb::wait_stat(
+        &envoy,
+        &lb::stat("web.rq_panic"),
+        Duration::from_secs(5),
+        |v| v > 0,
+    );
     std::thread::sleep(Duration::from_millis(500));
     for x in &b {
         x.set_status(200);
     }
     let t0 = load.now_ms();
     // Ejections last 2 s; then one trial each closes the breakers.
-    let closed = lb::wait_stat(&envoy, &lb::stat("web.instances_ejected"), Duration::from_secs(10), |v| v == 0);
+    let closed = lb::wait_stat(
+        &envoy,
+        &lb::stat("web.instances_ejected"),
+        Duration::from_secs(10),
+        |v| v == 0,
+    );
     std::thread::sleep(Duration::from_millis(4000));
     let samples = load.finish();
-    let late_failures = samples.iter().filter(|x| x.0 > t0 + 200 && x.1 != 200).count();
-    let ok_after: std::collections::HashSet<&str> = samples.iter().filter(|x| x.0 > t0 + 3000 && x.1 == 200).map(|x| x.2.as_str()).collect();
+    let late_failures = samples
+        .iter()
+        .filter(|x| x.0 > t0 + 200 && x.1 != 200)
+        .count();
+    let ok_after: std::collections::HashSet<&str> = samples
+        .iter()
+        .filter(|x| x.0 > t0 + 3000 && x.1 == 200)
+        .map(|x| x.2.as_str())
+        .collect();
     println!(
         "all backends 503: panic mode {panicked} (rq_panic {:?}, ejections {:?}); after recovery: {late_failures} failures, breakers closed {closed}, serving {ok_after:?}",
         envoy.stat(&lb::stat("web.rq_panic")),
@@ -290,25 +407,39 @@ fn all_backends_failing_engages_panic_mode_then_recovers() {
     assert!(panicked, "panic mode never engaged");
     assert!(closed, "ejections never ended");
     assert_eq!(ok_after.len(), 4, "all four back in rotation: {ok_after:?}");
-    assert_eq!(late_failures, 0, "panic mode keeps serving from all instances, so recovered backends answer at once");
+    assert_eq!(
+        late_failures, 0,
+        "panic mode keeps serving from all instances, so recovered backends answer at once"
+    );
 }
 
 #[test]
 fn a_backend_that_comes_back_gets_traffic_within_one_ejection_period() {
     let consul = FakeConsul::start();
-    let mut b: Vec<Backend> = ["a", "b", "c", "d"].iter().map(|n| Backend::start(n)).collect();
+    let mut b: Vec<Backend> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     consul.set_service("web", b.iter().map(inst).collect());
     let envoy = start_consul_envoy(&consul, &[], 2);
     let load = Load::start(&envoy, 2, Duration::from_secs(12));
     std::thread::sleep(Duration::from_millis(500));
     let port = b[3].port;
     b[3].stop();
-    assert!(lb::wait_stat(&envoy, &lb::stat("web.instances_ejected"), Duration::from_secs(5), |v| v == 1));
+    assert!(lb::wait_stat(
+        &envoy,
+        &lb::stat("web.instances_ejected"),
+        Duration::from_secs(5),
+        |v| v == 1
+    ));
     let ejected_at = load.now_ms();
     b[3] = Backend::start_on("d", port);
     std::thread::sleep(Duration::from_millis(4000));
     let samples = load.finish();
-    let back = samples.iter().find(|x| x.0 > ejected_at && x.2 == "d").map(|x| x.0 - ejected_at);
+    let back = samples
+        .iter()
+        .find(|x| x.0 > ejected_at && x.2 == "d")
+        .map(|x| x.0 - ejected_at);
     let f = failures(&samples);
     println!(
         "backend back after ejection (base_ejection_time 2 s): first request to it {back:?} ms after the ejection; {} failures in all; trials ok {:?}",
@@ -340,17 +471,35 @@ fn active_health_checks_take_a_failing_instance_out_and_back() {
     lb::wait_version(&envoy, "web", 1);
     let t0 = Instant::now();
     b[1].set_status(503);
-    let down = lb::wait_stat(&envoy, &lb::stat("web.instances_hc_failed"), Duration::from_secs(5), |v| v == 1);
+    let down = lb::wait_stat(
+        &envoy,
+        &lb::stat("web.instances_hc_failed"),
+        Duration::from_secs(5),
+        |v| v == 1,
+    );
     let down_after = t0.elapsed();
     std::thread::sleep(Duration::from_millis(150));
     let c = lb::tally(&envoy, 60);
-    let checks = b[1].requests().iter().filter(|r| r.0.starts_with("/healthz")).count();
+    let checks = b[1]
+        .requests()
+        .iter()
+        .filter(|r| r.0.starts_with("/healthz"))
+        .count();
     println!("active health check: failing instance out after {} ms; then {c:?}; {checks} checks reached it", down_after.as_millis());
     assert!(down, "health checks never marked b down");
-    assert_eq!((c.get("a"), c.get("c"), c.get("b")), (Some(&30), Some(&30), None), "{c:?}");
+    assert_eq!(
+        (c.get("a"), c.get("c"), c.get("b")),
+        (Some(&30), Some(&30), None),
+        "{c:?}"
+    );
     assert!(checks >= 2);
     b[1].set_status(200);
-    assert!(lb::wait_stat(&envoy, &lb::stat("web.instances_hc_failed"), Duration::from_secs(5), |v| v == 0));
+    assert!(lb::wait_stat(
+        &envoy,
+        &lb::stat("web.instances_hc_failed"),
+        Duration::from_secs(5),
+        |v| v == 0
+    ));
     std::thread::sleep(Duration::from_millis(150));
     let c = lb::tally(&envoy, 60);
     assert_eq!(c.get("b"), Some(&20), "back in rotation: {c:?}");

@@ -29,7 +29,13 @@ fn start(consul: &FakeConsul, policy: &str, concurrency: u32) -> Envoy {
 /// Each request on a new connection, so the kernel spreads them over the workers.
 fn fresh_get(envoy: &Envoy, headers: &[(&str, &str)]) -> (u16, String) {
     let agent = support::agent(Duration::from_secs(5));
-    let (s, b, _) = support::http_request(&agent, "GET", &format!("http://127.0.0.1:{}/", envoy.listener_port), headers, None);
+    let (s, b, _) = support::http_request(
+        &agent,
+        "GET",
+        &format!("http://127.0.0.1:{}/", envoy.listener_port),
+        headers,
+        None,
+    );
     (s, b)
 }
 
@@ -55,7 +61,10 @@ fn mapping(envoy: &Envoy, users: usize, repeats: usize) -> HashMap<String, Strin
 fn hashed_keys_stick_across_workers_and_restarts() {
     for policy in ["ring_hash", "maglev"] {
         let consul = FakeConsul::start();
-        let b: Vec<Backend> = ["a", "b", "c", "d"].iter().map(|n| Backend::start(n)).collect();
+        let b: Vec<Backend> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| Backend::start(n))
+            .collect();
         consul.set_service("web", b.iter().map(inst).collect());
         let cfg = format!("\"policy\": \"{policy}\", \"hash_on\": {{ \"header\": \"x-user\" }},");
         let envoy = start(&consul, &cfg, 2);
@@ -66,10 +75,18 @@ fn hashed_keys_stick_across_workers_and_restarts() {
         let second = mapping(&envoy, 40, 2);
         println!("{policy}: 40 keys × 4 requests on new connections, 2 workers, then a restart: {} backends used, all keys stayed", spread.len());
         assert_eq!(first, second, "{policy}: keys moved across the restart");
-        assert!(spread.len() >= 3, "{policy}: keys spread over the backends: {spread:?}");
+        assert!(
+            spread.len() >= 3,
+            "{policy}: keys spread over the backends: {spread:?}"
+        );
         // A request without the key still gets an instance (random).
         assert_eq!(fresh_get(&envoy, &[]).0, 200);
-        assert!(envoy.stat(&lb::stat("web.rq_hash_key_missing")).unwrap_or(0) >= 1);
+        assert!(
+            envoy
+                .stat(&lb::stat("web.rq_hash_key_missing"))
+                .unwrap_or(0)
+                >= 1
+        );
     }
 }
 
@@ -95,7 +112,9 @@ fn peak_ewma_steers_away_from_a_slow_instance() {
             *c.entry(k).or_insert(0) += v;
         }
     }
-    println!("peak_ewma, a is 100 ms slower, after a warm-up: {c:?} (round robin would give it 100)");
+    println!(
+        "peak_ewma, a is 100 ms slower, after a warm-up: {c:?} (round robin would give it 100)"
+    );
     assert_eq!(c.values().sum::<u32>(), 300);
     let a = c.get("a").copied().unwrap_or(0);
     // Round robin would give it 100. Two distinct candidates: it wins a pair only
@@ -107,10 +126,17 @@ fn peak_ewma_steers_away_from_a_slow_instance() {
 #[test]
 fn subsets_by_header_and_by_config() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["v1-a", "v1-b", "v2-a"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = ["v1-a", "v1-b", "v2-a"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     consul.set_service(
         "web",
-        vec![inst(&b[0]).meta("version", "v1"), inst(&b[1]).meta("version", "v1"), inst(&b[2]).meta("version", "v2")],
+        vec![
+            inst(&b[0]).meta("version", "v1"),
+            inst(&b[1]).meta("version", "v1"),
+            inst(&b[2]).meta("version", "v2"),
+        ],
     );
     let envoy = start(
         &consul,
@@ -118,7 +144,11 @@ fn subsets_by_header_and_by_config() {
         1,
     );
     let c = lb::tally(&envoy, 20);
-    assert_eq!((c.get("v1-a"), c.get("v1-b")), (Some(&10), Some(&10)), "config selector: {c:?}");
+    assert_eq!(
+        (c.get("v1-a"), c.get("v1-b")),
+        (Some(&10), Some(&10)),
+        "config selector: {c:?}"
+    );
     for _ in 0..10 {
         let (s, body, _) = envoy.get("/", &[("x-subset", "version=v2")]);
         assert_eq!((s, body.as_str()), (200, "v2-a"));
@@ -129,13 +159,21 @@ fn subsets_by_header_and_by_config() {
     // Garbage in the header is counted and ignored.
     let (s, _, _) = envoy.get("/", &[("x-subset", "=v2")]);
     assert_eq!(s, 200);
-    assert!(envoy.stat(&lb::stat("web.subset_header_invalid")).unwrap_or(0) >= 1);
+    assert!(
+        envoy
+            .stat(&lb::stat("web.subset_header_invalid"))
+            .unwrap_or(0)
+            >= 1
+    );
 }
 
 #[test]
 fn slow_start_ramps_a_new_instance() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "new"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = ["a", "b", "c", "new"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     consul.set_service("web", b[..3].iter().map(inst).collect());
     let envoy = start(
         &consul,
@@ -144,14 +182,21 @@ fn slow_start_ramps_a_new_instance() {
     );
     // Instances in the first list are not ramped.
     let c = lb::tally(&envoy, 30);
-    assert_eq!((c.get("a"), c.get("b"), c.get("c")), (Some(&10), Some(&10), Some(&10)), "{c:?}");
+    assert_eq!(
+        (c.get("a"), c.get("b"), c.get("c")),
+        (Some(&10), Some(&10), Some(&10)),
+        "{c:?}"
+    );
     consul.set_service("web", b.iter().map(inst).collect());
     lb::wait_version(&envoy, "web", 2);
     let t0 = Instant::now();
     let early = lb::tally(&envoy, 300);
-    std::thread::sleep(Duration::from_secs(6).saturating_sub(t0.elapsed()) + Duration::from_millis(1200));
+    std::thread::sleep(
+        Duration::from_secs(6).saturating_sub(t0.elapsed()) + Duration::from_millis(1200),
+    );
     let late = lb::tally(&envoy, 400);
-    let share = |c: &HashMap<String, u32>, n: u32| f64::from(*c.get("new").unwrap_or(&0)) / f64::from(n);
+    let share =
+        |c: &HashMap<String, u32>, n: u32| f64::from(*c.get("new").unwrap_or(&0)) / f64::from(n);
     println!(
         "slow start (6 s window): new instance share {:.3} right after joining, {:.3} after the window (full share 0.25)",
         share(&early, 300),
@@ -163,15 +208,31 @@ fn slow_start_ramps_a_new_instance() {
 
 #[test]
 fn slow_start_follows_the_registration_time() {
-    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "fresh", "old"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = ["a", "b", "fresh", "old"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     // `fresh` registered just now (milliseconds), in the very first list the proxy sees.
-    let first = vec![inst(&b[0]), inst(&b[1]), inst(&b[2]).meta("registered_at", &(now_s * 1000).to_string())];
+    let first = vec![
+        inst(&b[0]),
+        inst(&b[1]),
+        inst(&b[2]).meta("registered_at", &(now_s * 1000).to_string()),
+    ];
     consul.set_service("web", first.clone());
-    let envoy = start(&consul, "\"policy\": \"round_robin\", \"slow_start\": { \"window\": \"60s\" },", 1);
+    let envoy = start(
+        &consul,
+        "\"policy\": \"round_robin\", \"slow_start\": { \"window\": \"60s\" },",
+        1,
+    );
     let c = lb::tally(&envoy, 300);
-    let share = |c: &HashMap<String, u32>, k: &str, n: u32| f64::from(*c.get(k).unwrap_or(&0)) / f64::from(n);
+    let share = |c: &HashMap<String, u32>, k: &str, n: u32| {
+        f64::from(*c.get(k).unwrap_or(&0)) / f64::from(n)
+    };
     println!("registered just now, in the first list: {c:?}");
     // Ramping (10 % of its weight) although the proxy just started: ~5 %, not a third.
     assert!(share(&c, "fresh", 300) < 0.12, "{c:?}");
@@ -188,11 +249,21 @@ fn slow_start_follows_the_registration_time() {
 #[test]
 fn zone_priorities_fail_over_when_the_first_group_is_degraded() {
     let consul = FakeConsul::start();
-    let a: Vec<Backend> = ["a1", "a2", "a3", "a4"].iter().map(|n| Backend::start(n)).collect();
+    let a: Vec<Backend> = ["a1", "a2", "a3", "a4"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     let b: Vec<Backend> = ["b1", "b2"].iter().map(|n| Backend::start(n)).collect();
     // Zone a (local, first group): 1 of 4 passing. Zone b (second group): both passing.
-    let mut list: Vec<ConsulInstance> =
-        a.iter().enumerate().map(|(i, x)| inst(x).meta("zone", "a").status(if i == 0 { "passing" } else { "critical" })).collect();
+    let mut list: Vec<ConsulInstance> = a
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            inst(x)
+                .meta("zone", "a")
+                .status(if i == 0 { "passing" } else { "critical" })
+        })
+        .collect();
     list.extend(b.iter().map(|x| inst(x).meta("zone", "b")));
     consul.set_service("web", list);
     let envoy = start(
@@ -202,15 +273,27 @@ fn zone_priorities_fail_over_when_the_first_group_is_degraded() {
     );
     // Group a's health: 1.4 × 1/4 = 35 % of the traffic, the rest fails over to b.
     let c = lb::tally(&envoy, 400);
-    let (a1, bs) = (c.get("a1").copied().unwrap_or(0), c.get("b1").copied().unwrap_or(0) + c.get("b2").copied().unwrap_or(0));
+    let (a1, bs) = (
+        c.get("a1").copied().unwrap_or(0),
+        c.get("b1").copied().unwrap_or(0) + c.get("b2").copied().unwrap_or(0),
+    );
     println!("zone a with 1 of 4 instances up: {c:?} (a1 expected ~35 %)");
     assert_eq!(a1 + bs, 400, "{c:?}");
     assert!((100..=180).contains(&a1), "{c:?}");
     // Zone a recovers: it takes everything again.
-    consul.update_service("web", |v| v.iter_mut().for_each(|i| i.status = "passing".into()));
+    consul.update_service("web", |v| {
+        v.iter_mut().for_each(|i| i.status = "passing".into())
+    });
     lb::wait_version(&envoy, "web", 2);
     std::thread::sleep(Duration::from_millis(200));
     let c = lb::tally(&envoy, 200);
     println!("zone a healthy again: {c:?}");
-    assert_eq!(c.keys().filter(|k| k.starts_with('a')).map(|k| c[k]).sum::<u32>(), 200, "{c:?}");
+    assert_eq!(
+        c.keys()
+            .filter(|k| k.starts_with('a'))
+            .map(|k| c[k])
+            .sum::<u32>(),
+        200,
+        "{c:?}"
+    );
 }

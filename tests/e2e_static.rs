@@ -11,7 +11,11 @@ use std::time::Duration;
 use support::{lb, Backend, Envoy, EnvoyConfig};
 
 fn three_backends() -> Vec<Backend> {
-    vec![Backend::start("a"), Backend::start("b"), Backend::start("c")]
+    vec![
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c"),
+    ]
 }
 
 /// envoy/static.yaml with its instances 8081..8083 moved to the given backends.
@@ -25,7 +29,10 @@ fn static_ports(b: &[Backend]) -> Vec<(String, String)> {
 
 fn start_static(b: &[Backend], extra: &[(&str, &str)], concurrency: u32) -> Envoy {
     let ports = static_ports(b);
-    let mut replace: Vec<(&str, &str)> = ports.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let mut replace: Vec<(&str, &str)> = ports
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     replace.extend_from_slice(extra);
     lb::start("envoy/static.yaml", &[], &replace, concurrency)
 }
@@ -44,17 +51,43 @@ fn weighted_split_matches_weights_within_two_percent() {
     println!("weights 5:1:1 over {n} requests: {c:?}");
     for (k, want) in [("a", 5.0 / 7.0), ("b", 1.0 / 7.0), ("c", 1.0 / 7.0)] {
         let got = share(&c, k, n);
-        println!("  {k}: {:.4} (want {:.4}, error {:+.4})", got, want, got - want);
-        assert!((got - want).abs() <= 0.02, "backend {k}: share {got:.4}, want {want:.4}: {c:?}");
+        println!(
+            "  {k}: {:.4} (want {:.4}, error {:+.4})",
+            got,
+            want,
+            got - want
+        );
+        assert!(
+            (got - want).abs() <= 0.02,
+            "backend {k}: share {got:.4}, want {want:.4}: {c:?}"
+        );
     }
     assert_eq!(c.len(), 3, "only the three backends answer: {c:?}");
     // Picks are counted per instance in Envoy's stats (added on the workers' next tick).
     let picks = || -> i64 {
-        b.iter().map(|x| envoy.stat(&lb::stat(&format!("web.instance.127_0_0_1_{}.picks", x.port))).unwrap_or(0)).sum()
+        b.iter()
+            .map(|x| {
+                envoy
+                    .stat(&lb::stat(&format!(
+                        "web.instance.127_0_0_1_{}.picks",
+                        x.port
+                    )))
+                    .unwrap_or(0)
+            })
+            .sum()
     };
-    assert!(support::wait_until(Duration::from_secs(2), Duration::from_millis(20), || picks() == n as i64), "picks {}", picks());
+    assert!(
+        support::wait_until(Duration::from_secs(2), Duration::from_millis(20), || picks(
+        ) == n
+            as i64),
+        "picks {}",
+        picks()
+    );
     let prom = envoy.prometheus();
-    assert!(prom.contains("registry_lb_web_instances_healthy"), "metrics are exported to Prometheus");
+    assert!(
+        prom.contains("registry_lb_web_instances_healthy"),
+        "metrics are exported to Prometheus"
+    );
 }
 
 #[test]
@@ -108,7 +141,10 @@ fn header_handoff_strips_client_values() {
             assert_eq!(v, Some(x.addr().as_str()), "backend {} saw {v:?}", x.name);
         }
     }
-    assert_eq!(envoy.stat(&lb::stat("client_handoff_header_removed")), Some(70));
+    assert_eq!(
+        envoy.stat(&lb::stat("client_handoff_header_removed")),
+        Some(70)
+    );
 }
 
 #[test]
@@ -118,7 +154,10 @@ fn least_request_steers_away_from_a_slow_instance() {
     let envoy = Arc::new(start_static(
         &b,
         &[
-            ("\"policy\": \"round_robin\"", "\"policy\": \"least_request\""),
+            (
+                "\"policy\": \"round_robin\"",
+                "\"policy\": \"least_request\"",
+            ),
             ("\"weight\": 5", "\"weight\": 1"),
         ],
         2,
@@ -142,22 +181,43 @@ fn least_request_steers_away_from_a_slow_instance() {
     assert_eq!(a + bb + cc, 320, "every request answered: {c:?}");
     // Round robin would give it one third (about 107), half of what the other two get
     // together. With two choices it is picked only when both draws are it (1/9, about 36).
-    assert!(a * 4 < bb + cc, "slow instance got {a}, others {bb} and {cc}");
+    assert!(
+        a * 4 < bb + cc,
+        "slow instance got {a}, others {bb} and {cc}"
+    );
 }
 
 #[test]
 fn bad_plugin_configuration_is_rejected_with_the_field_named() {
     let cases = [
-        ("\"policy\": \"round_robin\"", "\"policy\": \"fastest\"", "services[0].policy: unknown variant `fastest`"),
-        ("\"port\": 8082", "\"port\": 0", "services[0].sources[0].static.instances[1]: port 0 is out of range"),
-        ("\"name\": \"web\"", "\"name\": \"web\", \"colour\": \"blue\"", "services[0].colour: unknown field `colour`"),
+        (
+            "\"policy\": \"round_robin\"",
+            "\"policy\": \"fastest\"",
+            "services[0].policy: unknown variant `fastest`",
+        ),
+        (
+            "\"port\": 8082",
+            "\"port\": 0",
+            "services[0].sources[0].static.instances[1]: port 0 is out of range",
+        ),
+        (
+            "\"name\": \"web\"",
+            "\"name\": \"web\", \"colour\": \"blue\"",
+            "services[0].colour: unknown field `colour`",
+        ),
     ];
     for (from, to, message) in cases {
         let cfg = EnvoyConfig::from_file("envoy/static.yaml").replace(from, to);
-        let cfg = cfg.port(10000, support::free_port()).port(9901, support::free_port());
+        let cfg = cfg
+            .port(10000, support::free_port())
+            .port(9901, support::free_port());
         let (failed, log) = Envoy::start_expect_failure(&cfg, 1);
         assert!(failed, "Envoy accepted a bad configuration ({to})");
-        assert!(log.contains(message), "log does not name the problem `{message}`:\n{}", support::tail(&log, 30));
+        assert!(
+            log.contains(message),
+            "log does not name the problem `{message}`:\n{}",
+            support::tail(&log, 30)
+        );
     }
 }
 
@@ -187,11 +247,24 @@ fn requests_without_a_service_pass_through_untouched() {
         "  clusters:\n  - name: plain\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: plain\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {} }}\n",
         other.port
     );
-    let envoy = start_static(&b, &[("              - name: web\n", route), ("  clusters:\n", &cluster)], 1);
+    let envoy = start_static(
+        &b,
+        &[
+            ("              - name: web\n", route),
+            ("  clusters:\n", &cluster),
+        ],
+        1,
+    );
     lb::wait_version(&envoy, "web", 1);
     let (status, body, _) = envoy.get("/plain/x", &[]);
     assert_eq!((status, body.as_str()), (200, "plain"));
-    assert_eq!(envoy.stat(&lb::stat(&format!("web.instance.127_0_0_1_{}.picks", b[0].port))), None);
+    assert_eq!(
+        envoy.stat(&lb::stat(&format!(
+            "web.instance.127_0_0_1_{}.picks",
+            b[0].port
+        ))),
+        None
+    );
 }
 
 #[test]
@@ -210,8 +283,16 @@ fn compose_config_differs_from_consul_yaml_only_in_addresses() {
     for (x, y) in a.iter().zip(&b) {
         if x != y {
             differing += 1;
-            let norm = |s: &str| s.replace("127.0.0.1", "ADDR").replace("0.0.0.0", "ADDR").replace("consul,", "ADDR,");
-            assert_eq!(norm(x), norm(y), "lines differ beyond addresses:\n  {x}\n  {y}");
+            let norm = |s: &str| {
+                s.replace("127.0.0.1", "ADDR")
+                    .replace("0.0.0.0", "ADDR")
+                    .replace("consul,", "ADDR,")
+            };
+            assert_eq!(
+                norm(x),
+                norm(y),
+                "lines differ beyond addresses:\n  {x}\n  {y}"
+            );
         }
     }
     assert_eq!(differing, 3, "listener, admin and Consul addresses");

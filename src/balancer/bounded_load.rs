@@ -43,7 +43,11 @@ impl BoundedLoad {
     pub fn new(weights: &[u32], balance_factor_percent: u32) -> BoundedLoad {
         let weights: Vec<u32> = weights.iter().map(|&w| w.max(1)).collect();
         let total_weight = weights.iter().map(|&w| u64::from(w)).sum();
-        BoundedLoad { weights, total_weight, balance_factor_percent: balance_factor_percent.clamp(100, 10_000) }
+        BoundedLoad {
+            weights,
+            total_weight,
+            balance_factor_percent: balance_factor_percent.clamp(100, 10_000),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -56,8 +60,11 @@ impl BoundedLoad {
 
     /// cap_i for a new request when `total_load` are already in flight.
     pub fn capacity(&self, i: usize, total_load: u64) -> u64 {
-        let Some(&w) = self.weights.get(i) else { return 0 };
-        let num = u128::from(self.balance_factor_percent) * (u128::from(total_load) + 1) * u128::from(w);
+        let Some(&w) = self.weights.get(i) else {
+            return 0;
+        };
+        let num =
+            u128::from(self.balance_factor_percent) * (u128::from(total_load) + 1) * u128::from(w);
         let den = 100 * u128::from(self.total_weight.max(1));
         u64::try_from(num.div_ceil(den)).unwrap_or(u64::MAX).max(1)
     }
@@ -65,7 +72,12 @@ impl BoundedLoad {
     /// The first endpoint of `walk` below its cap. `total_load` is the requests in
     /// flight over all endpoints (without this one), `load(i)` endpoint i's. Walk
     /// items out of range are skipped.
-    pub fn pick(&self, walk: impl IntoIterator<Item = usize>, total_load: u64, mut load: impl FnMut(usize) -> u64) -> Option<usize> {
+    pub fn pick(
+        &self,
+        walk: impl IntoIterator<Item = usize>,
+        total_load: u64,
+        mut load: impl FnMut(usize) -> u64,
+    ) -> Option<usize> {
         let n = self.weights.len();
         if n == 0 {
             return None;
@@ -150,14 +162,21 @@ mod tests {
         let mut total = 0u64;
         for _ in 0..5_000 {
             // 70% of requests carry one hot key, the rest 20 warm keys.
-            let key = if rng.below(10) < 7 { 0 } else { 1 + rng.below(20) };
+            let key = if rng.below(10) < 7 {
+                0
+            } else {
+                1 + rng.below(20)
+            };
             let h = xxh64(&key.to_le_bytes(), 0);
             let i = pick(h, &b, total, &load);
             assert!(load[i] < b.capacity(i, total), "picked a full endpoint");
             load[i] += 1;
             total += 1;
             let cap_now = b.capacity(0, total - 1);
-            assert!(load.iter().all(|&l| l <= cap_now), "over cap {cap_now}: {load:?}");
+            assert!(
+                load.iter().all(|&l| l <= cap_now),
+                "over cap {cap_now}: {load:?}"
+            );
         }
         let max = *load.iter().max().unwrap();
         assert!(max <= (5_000u64 * 125 / 100).div_ceil(n as u64), "{load:?}");
@@ -167,14 +186,20 @@ mod tests {
     fn ring_walk_keeps_every_endpoint_under_the_cap_with_skewed_keys() {
         let n = 8;
         let ring = RingHash::new(&hosts(n), &vec![1; n], 1024, 1 << 20);
-        skewed_run(|h, b, total, load| b.pick(ring.walk(h), total, |i| load[i]).unwrap(), n);
+        skewed_run(
+            |h, b, total, load| b.pick(ring.walk(h), total, |i| load[i]).unwrap(),
+            n,
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn maglev_walk_keeps_every_endpoint_under_the_cap_with_skewed_keys() {
         let n = 8;
         let m = Maglev::new(&hosts(n), &vec![1; n], 65_537);
-        skewed_run(|h, b, total, load| b.pick(m.walk(h), total, |i| load[i]).unwrap(), n);
+        skewed_run(
+            |h, b, total, load| b.pick(m.walk(h), total, |i| load[i]).unwrap(),
+            n,
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -203,7 +228,11 @@ mod tests {
                 let j = rng.below(inflight.len() as u64) as usize;
                 load[inflight.swap_remove(j)] -= 1;
             }
-            let key = if rng.below(2) == 0 { 42 } else { rng.below(1000) };
+            let key = if rng.below(2) == 0 {
+                42
+            } else {
+                rng.below(1000)
+            };
             let h = xxh64(&key.to_le_bytes(), 0);
             let total = inflight.len() as u64;
             let i = b.pick(m.walk(h), total, |i| load[i]).unwrap();

@@ -130,7 +130,9 @@ mod tests {
         let load = [50i64, 0, 0];
         let count = |choices: u32, r: &mut SplitMix64| {
             let lr = LeastRequest::new(&[1, 1, 1], choices);
-            (0..9000).filter(|_| lr.pick(r, |i| load[i]) == Some(0)).count()
+            (0..9000)
+                .filter(|_| lr.pick(r, |i| load[i]) == Some(0))
+                .count()
         };
         let two = count(2, &mut r);
         let three = count(3, &mut r);

@@ -79,10 +79,13 @@ impl Maglev {
         const EMPTY: u32 = u32::MAX;
         let mut table = vec![EMPTY; m as usize];
         // (round, position in sorted order): every host's first turn is in round 1.
-        let mut turns: BinaryHeap<Reverse<(u64, usize)>> = (0..build.len()).map(|s| Reverse((1, s))).collect();
+        let mut turns: BinaryHeap<Reverse<(u64, usize)>> =
+            (0..build.len()).map(|s| Reverse((1, s))).collect();
         let mut filled: u64 = 0;
         while filled < m {
-            let Some(Reverse((_, s))) = turns.pop() else { break };
+            let Some(Reverse((_, s))) = turns.pop() else {
+                break;
+            };
             let Some(b) = build.get_mut(s) else { break };
             // The permutation (pos + k·skip) mod m visits every slot once: m is prime.
             let mut probes = 0;
@@ -250,8 +253,16 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn independent_builds_agree() {
-        let a = Maglev::new(&hosts(100), &(1..=100).collect::<Vec<u32>>(), DEFAULT_TABLE_SIZE);
-        let b = Maglev::new(&hosts(100), &(1..=100).collect::<Vec<u32>>(), DEFAULT_TABLE_SIZE);
+        let a = Maglev::new(
+            &hosts(100),
+            &(1..=100).collect::<Vec<u32>>(),
+            DEFAULT_TABLE_SIZE,
+        );
+        let b = Maglev::new(
+            &hosts(100),
+            &(1..=100).collect::<Vec<u32>>(),
+            DEFAULT_TABLE_SIZE,
+        );
         assert_eq!(a, b);
     }
 
@@ -261,7 +272,12 @@ mod tests {
         let all = hosts(n);
         let before = Maglev::new(&all, &vec![1; n], DEFAULT_TABLE_SIZE);
         let gone = 6;
-        let rest: Vec<String> = all.iter().enumerate().filter(|(i, _)| *i != gone).map(|(_, h)| h.clone()).collect();
+        let rest: Vec<String> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != gone)
+            .map(|(_, h)| h.clone())
+            .collect();
         let after = Maglev::new(&rest, &vec![1; n - 1], DEFAULT_TABLE_SIZE);
         let keys = 10_000;
         let mut moved = 0;
@@ -287,7 +303,10 @@ mod tests {
         for &i in &w {
             seen[i] = true;
         }
-        assert!(seen.iter().all(|&s| s), "the walk reaches every host: {w:?}");
+        assert!(
+            seen.iter().all(|&s| s),
+            "the walk reaches every host: {w:?}"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -17,7 +17,11 @@ pub use round_robin::RoundRobin;
 /// Greatest common divisor of all weights (1 for an empty list).
 pub(crate) fn gcd_all(weights: &[u32]) -> u32 {
     fn gcd(a: u32, b: u32) -> u32 {
-        if b == 0 { a } else { gcd(b, a % b) }
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
     }
     weights.iter().fold(0, |g, &w| gcd(g, w)).max(1)
 }
@@ -29,7 +33,9 @@ pub(crate) mod fixtures {
 
     /// `n` distinct `ip:port` keys.
     pub fn hosts(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250 + 1)).collect()
+        (0..n)
+            .map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250 + 1))
+            .collect()
     }
 
     /// The hash of request key `user-<k>`.

@@ -62,7 +62,12 @@ impl PeakEwma {
     /// `decay_ms` is τ (raised to at least 1 ms); every endpoint starts at
     /// `default_rtt_ns`, stamped `now_ms`.
     pub fn new(weights: &[u32], decay_ms: u64, default_rtt_ns: u64, now_ms: u64) -> PeakEwma {
-        let fresh = EndpointState { ewma_ns: default_rtt_ns as f64, stamp_ms: now_ms, pending: 0, sampled: false };
+        let fresh = EndpointState {
+            ewma_ns: default_rtt_ns as f64,
+            stamp_ms: now_ms,
+            pending: 0,
+            sampled: false,
+        };
         PeakEwma {
             sampler: WeightedSampler::new(weights),
             weights: weights.iter().map(|&w| w.max(1)).collect(),
@@ -108,7 +113,9 @@ impl PeakEwma {
     /// A response from `i` took `rtt_ns`.
     pub fn observe(&mut self, i: usize, rtt_ns: u64, now_ms: u64) {
         let decay_ms = self.decay_ms;
-        let Some(s) = self.state.get_mut(i) else { return };
+        let Some(s) = self.state.get_mut(i) else {
+            return;
+        };
         let rtt = rtt_ns as f64;
         if rtt > s.ewma_ns || !s.sampled {
             s.ewma_ns = rtt;
@@ -145,12 +152,17 @@ impl PeakEwma {
     /// The cheaper per unit of weight of endpoints `a` and `b`
     /// (`cost_a·w_b < cost_b·w_a`); exact ties are broken at random.
     pub fn cheaper(&self, a: usize, b: usize, rng: &mut impl Rng, now_ms: u64) -> usize {
-        let (Some(sa), Some(sb)) = (self.state.get(a), self.state.get(b)) else { return a };
+        let (Some(sa), Some(sb)) = (self.state.get(a), self.state.get(b)) else {
+            return a;
+        };
         let w = |i: usize| f64::from(self.weights.get(i).copied().unwrap_or(1));
         // Both estimates decay by exp(−elapsed/τ); the common factor
         // exp(−min elapsed/τ) cancels, so at most one exp per pick, of the
         // difference — none when the older estimate is already the cheaper one.
-        let (ea, eb) = (now_ms.saturating_sub(sa.stamp_ms), now_ms.saturating_sub(sb.stamp_ms));
+        let (ea, eb) = (
+            now_ms.saturating_sub(sa.stamp_ms),
+            now_ms.saturating_sub(sb.stamp_ms),
+        );
         let mut ca = sa.ewma_ns * (f64::from(sa.pending) + 1.0) * w(b);
         let mut cb = sb.ewma_ns * (f64::from(sb.pending) + 1.0) * w(a);
         if ea > eb && ca >= cb {
@@ -199,7 +211,11 @@ mod tests {
         assert!(9.0 * MS as f64 <= c && c < 10.0 * MS as f64, "{c}");
         let c = p.cost(0, 200);
         assert!(8.0 * MS as f64 <= c && c < 9.0 * MS as f64, "{c}");
-        assert!(near(p.cost(0, 1_000), 10.0 * MS as f64 / std::f64::consts::E, 1e-12));
+        assert!(near(
+            p.cost(0, 1_000),
+            10.0 * MS as f64 / std::f64::consts::E,
+            1e-12
+        ));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -211,7 +227,11 @@ mod tests {
         // τ·ln 2 later, a 10 ms sample: halfway, 30 ms.
         let half_life = (1_000.0 * std::f64::consts::LN_2).round() as u64;
         p.observe(0, 10 * MS, 10 + half_life);
-        assert!(near(p.state(0).unwrap().ewma_ns, 30.0 * MS as f64, 1e-3), "{:?}", p.state(0));
+        assert!(
+            near(p.state(0).unwrap().ewma_ns, 30.0 * MS as f64, 1e-3),
+            "{:?}",
+            p.state(0)
+        );
         // Immediately after, another low sample does not move it (Δt = 0).
         p.observe(0, MS, 10 + half_life);
         assert!(near(p.state(0).unwrap().ewma_ns, 30.0 * MS as f64, 1e-3));
@@ -277,7 +297,13 @@ mod tests {
 
     /// Discrete-time simulation: one request per ms from `from` to `to`, each
     /// taking `latency(i, t)` ms; `seen(t, i)` is told every pick.
-    fn run(p: &mut PeakEwma, seed: u64, to: u64, latency: impl Fn(usize, u64) -> u64, mut seen: impl FnMut(u64, usize)) {
+    fn run(
+        p: &mut PeakEwma,
+        seed: u64,
+        to: u64,
+        latency: impl Fn(usize, u64) -> u64,
+        mut seen: impl FnMut(u64, usize),
+    ) {
         let mut rng = SplitMix64(seed);
         let mut finishing: Vec<Vec<(usize, u64)>> = vec![Vec::new(); 1024];
         for t in 0..to {
@@ -306,7 +332,10 @@ mod tests {
             }
         });
         // While 40x slower, endpoint 0 gets a small fraction of the traffic.
-        assert!(early[0] * 10 < early[1] && early[0] * 10 < early[2], "{early:?}");
+        assert!(
+            early[0] * 10 < early[1] && early[0] * 10 < early[2],
+            "{early:?}"
+        );
         // After recovery its estimate decays back and it gets its third again.
         let total: u32 = late.iter().sum();
         assert!(late.iter().all(|&c| c * 4 > total), "{late:?}");
@@ -318,17 +347,27 @@ mod tests {
         let mut p = PeakEwma::new(&[1, 1, 1], 2_000, 30 * MS, 0);
         p.observe(0, 5 * MS, 0);
         p.observe(1, 5 * MS, 0);
-        assert_eq!(p.estimate_ns(0, 0), 5.0 * MS as f64, "the first sample replaces the default");
+        assert_eq!(
+            p.estimate_ns(0, 0),
+            5.0 * MS as f64,
+            "the first sample replaces the default"
+        );
         let mut first = None;
         let mut late = [0u32; 3];
-        run(&mut p, 21, 20_000, |_, _| 5, |t, i| {
-            if i == 2 && first.is_none() {
-                first = Some(t);
-            }
-            if t >= 15_000 {
-                late[i] += 1;
-            }
-        });
+        run(
+            &mut p,
+            21,
+            20_000,
+            |_, _| 5,
+            |t, i| {
+                if i == 2 && first.is_none() {
+                    first = Some(t);
+                }
+                if t >= 15_000 {
+                    late[i] += 1;
+                }
+            },
+        );
         // Not flooded: at first it is the most expensive and gets nothing. Not
         // starved: its default decays below the warm ones' cost (5 ms × pending)
         // within about τ·ln(30/15) ≈ 1.4 s, and from its first answer it is a peer.

@@ -23,7 +23,11 @@ impl Random {
     pub fn new(weights: &[u32]) -> Random {
         let n = weights.len();
         let uniform = weights.windows(2).all(|w| w.first() == w.last());
-        let sampler = if uniform { None } else { Some(WeightedSampler::new(weights)) };
+        let sampler = if uniform {
+            None
+        } else {
+            Some(WeightedSampler::new(weights))
+        };
         Random { n, sampler }
     }
 

@@ -51,20 +51,31 @@ impl RingHash {
     /// Builds the ring. `keys[i]` is host i's hash key (its `ip:port` text),
     /// `weights[i]` its weight (0 counts as 1); extra keys or weights are ignored.
     /// Sizes are clamped to `1..=RING_SIZE_LIMIT` and `min ≤ max`.
-    pub fn new<K: AsRef<[u8]>>(keys: &[K], weights: &[u32], min_ring_size: u64, max_ring_size: u64) -> RingHash {
+    pub fn new<K: AsRef<[u8]>>(
+        keys: &[K],
+        weights: &[u32],
+        min_ring_size: u64,
+        max_ring_size: u64,
+    ) -> RingHash {
         let n = keys.len().min(weights.len());
         if n == 0 {
             return RingHash::default();
         }
         let max_ring = max_ring_size.clamp(1, RING_SIZE_LIMIT);
         let min_ring = min_ring_size.clamp(1, max_ring);
-        let w: Vec<u128> = weights.iter().take(n).map(|&x| u128::from(x.max(1))).collect();
+        let w: Vec<u128> = weights
+            .iter()
+            .take(n)
+            .map(|&x| u128::from(x.max(1)))
+            .collect();
         let total: u128 = w.iter().sum();
         let w_min = w.iter().copied().min().unwrap_or(1);
         // Envoy: scale = min(ceil(w_min/Σw · min_ring) / (w_min/Σw), max_ring), here
         // with the lightest host's count rounded up to a power of two (see above).
         // As a rational num/den: uncapped, per_min·Σw / w_min; capped, max_ring.
-        let per_min = (w_min * u128::from(min_ring)).div_ceil(total).next_power_of_two();
+        let per_min = (w_min * u128::from(min_ring))
+            .div_ceil(total)
+            .next_power_of_two();
         let (num, den) = if per_min * total > u128::from(max_ring) * w_min {
             (u128::from(max_ring), total)
         } else {
@@ -95,7 +106,11 @@ impl RingHash {
         // Ties (64-bit collisions) are ordered by host index so every build agrees.
         entries.sort_unstable();
         let (hashes, owners) = entries.into_iter().unzip();
-        RingHash { hashes, owners, hosts: n }
+        RingHash {
+            hashes,
+            owners,
+            hosts: n,
+        }
     }
 
     /// Number of hosts the ring was built for.
@@ -229,7 +244,12 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn pinned_key_to_host_mappings() {
         // Pinned: integer-only build and xxHash64, so native and wasm must agree.
-        let r = RingHash::new(&hosts(10), &[1; 10], DEFAULT_MIN_RING_SIZE, DEFAULT_MAX_RING_SIZE);
+        let r = RingHash::new(
+            &hosts(10),
+            &[1; 10],
+            DEFAULT_MIN_RING_SIZE,
+            DEFAULT_MAX_RING_SIZE,
+        );
         let got: Vec<usize> = (0..12).map(|k| r.pick(key_hash(k)).unwrap()).collect();
         assert_eq!(got, PINNED);
         assert_eq!(r.hashes[0], PINNED_FIRST_HASH, "{:#x}", r.hashes[0]);
@@ -251,10 +271,25 @@ mod tests {
     fn removing_one_of_n_moves_about_one_nth_of_keys() {
         let n = 10;
         let all = hosts(n);
-        let before = RingHash::new(&all, &vec![1; n], DEFAULT_MIN_RING_SIZE, DEFAULT_MAX_RING_SIZE);
+        let before = RingHash::new(
+            &all,
+            &vec![1; n],
+            DEFAULT_MIN_RING_SIZE,
+            DEFAULT_MAX_RING_SIZE,
+        );
         let gone = 3;
-        let rest: Vec<String> = all.iter().enumerate().filter(|(i, _)| *i != gone).map(|(_, h)| h.clone()).collect();
-        let after = RingHash::new(&rest, &vec![1; n - 1], DEFAULT_MIN_RING_SIZE, DEFAULT_MAX_RING_SIZE);
+        let rest: Vec<String> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != gone)
+            .map(|(_, h)| h.clone())
+            .collect();
+        let after = RingHash::new(
+            &rest,
+            &vec![1; n - 1],
+            DEFAULT_MIN_RING_SIZE,
+            DEFAULT_MAX_RING_SIZE,
+        );
         let keys = 10_000;
         let mut moved = 0;
         let mut owned_by_gone = 0;

@@ -21,11 +21,20 @@ use std::collections::BinaryHeap;
 pub enum RoundRobin {
     Empty,
     /// Equal weights: index cursor over `n`.
-    Plain { n: usize, next: usize },
+    Plain {
+        n: usize,
+        next: usize,
+    },
     /// Precomputed smooth WRR cycle.
-    Cycle { order: Vec<u32>, next: usize },
+    Cycle {
+        order: Vec<u32>,
+        next: usize,
+    },
     /// Earliest deadline first: (deadline, index) with deadline advancing by Σw/w.
-    Edf { heap: BinaryHeap<Reverse<(u128, u32)>>, step: Vec<u128> },
+    Edf {
+        heap: BinaryHeap<Reverse<(u128, u32)>>,
+        step: Vec<u128>,
+    },
 }
 
 const MAX_PRECOMPUTE_STEPS: u64 = 4 << 20;
@@ -40,7 +49,10 @@ impl RoundRobin {
         let w: Vec<u64> = weights.iter().map(|&x| u64::from(x.max(1) / g)).collect();
         let total: u64 = w.iter().sum();
         if w.iter().all(|&x| x == w[0]) {
-            return RoundRobin::Plain { n, next: rng.below(n as u64) as usize };
+            return RoundRobin::Plain {
+                n,
+                next: rng.below(n as u64) as usize,
+            };
         }
         if (n as u64).saturating_mul(total) <= MAX_PRECOMPUTE_STEPS {
             let order = smooth_cycle(&w);
@@ -50,8 +62,15 @@ impl RoundRobin {
         // Deadlines in units of 1/(Σw) so every step is an integer: step_i = Σw·L/w_i
         // with L = lcm-free scaling by 2^20 keeps rounding error negligible.
         let scale: u128 = 1 << 20;
-        let step: Vec<u128> = w.iter().map(|&x| (u128::from(total) * scale) / u128::from(x)).collect();
-        let heap = step.iter().enumerate().map(|(i, s)| Reverse((*s / 2 + i as u128, i as u32))).collect();
+        let step: Vec<u128> = w
+            .iter()
+            .map(|&x| (u128::from(total) * scale) / u128::from(x))
+            .collect();
+        let heap = step
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Reverse((*s / 2 + i as u128, i as u32)))
+            .collect();
         let mut rr = RoundRobin::Edf { heap, step };
         for _ in 0..rng.below(n as u64) {
             rr.pick();
@@ -119,7 +138,9 @@ mod tests {
     }
 
     fn names(rr: &mut RoundRobin, k: usize) -> String {
-        (0..k).map(|_| (b'a' + rr.pick().unwrap() as u8) as char).collect()
+        (0..k)
+            .map(|_| (b'a' + rr.pick().unwrap() as u8) as char)
+            .collect()
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -165,7 +186,11 @@ mod tests {
             c[rr.pick().unwrap()] += 1;
         }
         for (i, &w) in weights.iter().enumerate() {
-            assert!((c[i] as i64 - 2 * w as i64).abs() <= 1, "instance {i}: weight {w}, picks {}", c[i]);
+            assert!(
+                (c[i] as i64 - 2 * w as i64).abs() <= 1,
+                "instance {i}: weight {w}, picks {}",
+                c[i]
+            );
         }
     }
 }

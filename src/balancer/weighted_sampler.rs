@@ -34,7 +34,11 @@ impl WeightedSampler {
                 small.push(l);
             }
         }
-        WeightedSampler { threshold, alias, total: total.max(1) }
+        WeightedSampler {
+            threshold,
+            alias,
+            total: total.max(1),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -97,7 +101,13 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn table_is_exactly_proportional() {
-        for weights in [vec![5u32, 1, 1], vec![1, 2, 3, 4, 5, 6, 7], vec![100_000, 1], vec![7], vec![3, 3, 3]] {
+        for weights in [
+            vec![5u32, 1, 1],
+            vec![1, 2, 3, 4, 5, 6, 7],
+            vec![100_000, 1],
+            vec![7],
+            vec![3, 3, 3],
+        ] {
             let ws = WeightedSampler::new(&weights);
             let n = weights.len() as u64;
             let mass = exact(&ws);

@@ -1,12 +1,12 @@
 //! Per-request context: find the route's service, pick an instance, hand it to
 //! Envoy, and account for the request until it ends.
 
-use super::now_ms;
 use super::metrics::gauge_add;
+use super::now_ms;
 use super::worker::{local_reply, shown, Reply, RequestKey, RouteTarget, Routed, Worker};
+use crate::config::Handoff;
 use crate::config::{Policy, ServiceConfig};
 use crate::hash_key::{self, HashOn, RequestParts};
-use crate::config::Handoff;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
@@ -22,7 +22,11 @@ pub struct Http {
 
 impl Http {
     pub fn new(id: u32, worker: Rc<RefCell<Worker>>) -> Http {
-        Http { id, worker, routed: None }
+        Http {
+            id,
+            worker,
+            routed: None,
+        }
     }
 }
 
@@ -57,9 +61,15 @@ fn route_target(w: &Worker, namespace: &str) -> RouteTarget {
 
 /// The service named by the route: `filter_metadata.<namespace>.service`.
 fn route_service(namespace: &str) -> Option<String> {
-    let v = hostcalls::get_property(vec!["xds", "route_metadata", "filter_metadata", namespace, "service"])
-        .ok()
-        .flatten()?;
+    let v = hostcalls::get_property(vec![
+        "xds",
+        "route_metadata",
+        "filter_metadata",
+        namespace,
+        "service",
+    ])
+    .ok()
+    .flatten()?;
     String::from_utf8(v).ok().filter(|s| !s.is_empty())
 }
 
@@ -68,7 +78,11 @@ fn route_service(namespace: &str) -> Option<String> {
 fn request_key(svc: &ServiceConfig, w: &mut Worker) -> RequestKey {
     let mut key = RequestKey::default();
     if svc.policy.is_hash() {
-        let on = svc.hash_on.as_ref().map(|h| h.to_hash_on()).unwrap_or(HashOn::SourceIp);
+        let on = svc
+            .hash_on
+            .as_ref()
+            .map(|h| h.to_hash_on())
+            .unwrap_or(HashOn::SourceIp);
         let header_bytes;
         let cookie;
         let source;
@@ -76,19 +90,28 @@ fn request_key(svc: &ServiceConfig, w: &mut Worker) -> RequestKey {
         let mut parts = RequestParts::default();
         match &on {
             HashOn::Header(name) => {
-                header_bytes = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten();
+                header_bytes = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+                    .ok()
+                    .flatten();
                 parts.header = header_bytes.as_deref();
             }
             HashOn::Cookie(_) => {
-                cookie = hostcalls::get_map_value(MapType::HttpRequestHeaders, "cookie").ok().flatten();
+                cookie = hostcalls::get_map_value(MapType::HttpRequestHeaders, "cookie")
+                    .ok()
+                    .flatten();
                 parts.cookie_header = cookie.as_deref();
             }
             HashOn::SourceIp => {
-                source = hostcalls::get_property(vec!["source", "address"]).ok().flatten().and_then(|b| String::from_utf8(b).ok());
+                source = hostcalls::get_property(vec!["source", "address"])
+                    .ok()
+                    .flatten()
+                    .and_then(|b| String::from_utf8(b).ok());
                 parts.source_address = source.as_deref();
             }
             HashOn::Path { .. } => {
-                path = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":path").ok().flatten();
+                path = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":path")
+                    .ok()
+                    .flatten();
                 parts.path = path.as_deref();
             }
         }
@@ -101,7 +124,9 @@ fn request_key(svc: &ServiceConfig, w: &mut Worker) -> RequestKey {
         if let Ok(Some(v)) = hostcalls::get_map_value(MapType::HttpRequestHeaders, header) {
             match crate::subset::parse_selector(&v) {
                 Ok(sel) => key.subset = Some(sel),
-                Err(_) => w.metrics.inc(&format!("{}.subset_header_invalid", svc.name)),
+                Err(_) => w
+                    .metrics
+                    .inc(&format!("{}.subset_header_invalid", svc.name)),
             }
         }
     }
@@ -128,8 +153,14 @@ impl HttpContext for Http {
         let cfg = w.cfg.clone();
         if cfg.handoff != Handoff::FilterState {
             // A client-sent hand-off header must never reach the cluster.
-            if let Ok(Some(_)) = hostcalls::get_map_value(MapType::HttpRequestHeaders, &cfg.handoff_header) {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &cfg.handoff_header, None);
+            if let Ok(Some(_)) =
+                hostcalls::get_map_value(MapType::HttpRequestHeaders, &cfg.handoff_header)
+            {
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    &cfg.handoff_header,
+                    None,
+                );
                 w.metrics.inc("client_handoff_header_removed");
             }
         }
@@ -138,9 +169,19 @@ impl HttpContext for Http {
             RouteTarget::Service(i) => i,
             RouteTarget::Unknown(service) => {
                 w.metrics.inc("unknown_service");
-                log::warn!("registry-lb: a route names service `{}`, which is not configured", shown(&service));
+                log::warn!(
+                    "registry-lb: a route names service `{}`, which is not configured",
+                    shown(&service)
+                );
                 drop(w);
-                local_reply(503, "registry_lb_unknown_service", &format!("registry-lb: service `{}` is not configured\n", shown(&service)));
+                local_reply(
+                    503,
+                    "registry_lb_unknown_service",
+                    &format!(
+                        "registry-lb: service `{}` is not configured\n",
+                        shown(&service)
+                    ),
+                );
                 return Action::Pause;
             }
         };
@@ -152,7 +193,10 @@ impl HttpContext for Http {
             if w.unknown(si) {
                 let deadline = now_ms() + cfg.services[si].initial_fetch_timeout.0;
                 w.waiting.push((self.id, si, deadline));
-                w.metrics.inc(&format!("{}.rq_waited_for_first_snapshot", cfg.services[si].name));
+                w.metrics.inc(&format!(
+                    "{}.rq_waited_for_first_snapshot",
+                    cfg.services[si].name
+                ));
                 return Action::Pause;
             }
         }
@@ -171,7 +215,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(r) = &self.routed else { return Action::Continue };
+        let Some(r) = &self.routed else {
+            return Action::Continue;
+        };
         let (si, slot) = (r.service, r.slot);
         let mut w = self.worker.borrow_mut();
         let header = match w.cfg.services.get(si).and_then(|s| s.load_report.as_ref()) {
@@ -187,11 +233,18 @@ impl HttpContext for Http {
     fn on_log(&mut self) {
         let mut w = self.worker.borrow_mut();
         w.forget(self.id);
-        let Some(routed) = self.routed.take().or_else(|| w.deferred.remove(&self.id)) else { return };
+        let Some(routed) = self.routed.take().or_else(|| w.deferred.remove(&self.id)) else {
+            return;
+        };
         for id in [routed.gauge, routed.total_gauge].into_iter().flatten() {
             gauge_add(id, -1);
         }
-        if w.cfg.services.get(routed.service).map(|s| s.policy == Policy::PeakEwma).unwrap_or(false) {
+        if w.cfg
+            .services
+            .get(routed.service)
+            .map(|s| s.policy == Policy::PeakEwma)
+            .unwrap_or(false)
+        {
             let rtt = match int_property(&["response", "backend_latency"]) {
                 0 => int_property(&["request", "duration"]),
                 v => v,
@@ -201,10 +254,19 @@ impl HttpContext for Http {
                 t.peak_end(routed.slot, (rtt > 0).then_some(rtt), now);
             }
         }
-        if w.cfg.services.get(routed.service).map(|s| s.outlier_detection.consecutive_5xx > 0).unwrap_or(false) {
+        if w.cfg
+            .services
+            .get(routed.service)
+            .map(|s| s.outlier_detection.consecutive_5xx > 0)
+            .unwrap_or(false)
+        {
             let code = int_property(&["response", "code"]);
             // Host-failure flags come with no response or a 5xx: read them only then.
-            let flags = if code == 0 || code >= 500 || !routed.fallbacks.is_empty() { int_property(&["response", "flags"]) } else { 0 };
+            let flags = if code == 0 || code >= 500 || !routed.fallbacks.is_empty() {
+                int_property(&["response", "flags"])
+            } else {
+                0
+            };
             if routed.fallbacks.is_empty() {
                 w.finished(routed, code, flags);
             } else {

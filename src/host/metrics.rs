@@ -63,7 +63,10 @@ impl Metrics {
         } else {
             let used = self.instance_names.entry(service.to_string()).or_insert(0);
             if *used >= cap {
-                self.id(MetricType::Counter, &format!("{service}.instance.overflow.picks"))
+                self.id(
+                    MetricType::Counter,
+                    &format!("{service}.instance.overflow.picks"),
+                )
             } else {
                 *used += 1;
                 self.id(MetricType::Counter, &name)
@@ -98,5 +101,9 @@ pub fn gauge_get(id: u32) -> i64 {
 
 /// `10.0.0.1:8080` → `10_0_0_1_8080` (dots and colons would split Envoy stat names).
 pub fn stat_safe(host: &str) -> String {
-    host.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect::<String>().trim_matches('_').to_string()
+    host.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect::<String>()
+        .trim_matches('_')
+        .to_string()
 }

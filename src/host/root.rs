@@ -7,10 +7,10 @@ use super::metrics::Metrics;
 use super::worker::{Keys, Worker};
 use super::{now_ms, shared};
 use crate::config::PluginConfig;
+use crate::health_check::{HealthChecker, Transition};
 use crate::lease::{self, Decision, Lease};
 use crate::poller::{Outcome, ServicePoller};
 use crate::registry::HttpResponse;
-use crate::health_check::{HealthChecker, Transition};
 use crate::snapshot::Snapshot;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -43,7 +43,14 @@ impl Root {
         // Entropy from the host (WASI random_get behind RandomState) and the clock.
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(now_ms());
-        Root { me: h.finish() | 1, worker: None, pollers: None, calls: HashMap::new(), checkers: Vec::new(), lease_ttl_ms: 0 }
+        Root {
+            me: h.finish() | 1,
+            worker: None,
+            pollers: None,
+            calls: HashMap::new(),
+            checkers: Vec::new(),
+            lease_ttl_ms: 0,
+        }
     }
 
     fn configure(&mut self, bytes: &[u8]) -> Result<(), String> {
@@ -53,9 +60,21 @@ impl Root {
         let ns = format!("registry_lb.{:016x}", h.finish());
         let keys = Keys {
             lease: format!("{ns}.lease"),
-            snapshot: cfg.services.iter().map(|s| format!("{ns}.{}.snapshot", s.name)).collect(),
-            version: cfg.services.iter().map(|s| format!("{ns}.{}.version", s.name)).collect(),
-            outliers: cfg.services.iter().map(|s| format!("{ns}.{}.outliers", s.name)).collect(),
+            snapshot: cfg
+                .services
+                .iter()
+                .map(|s| format!("{ns}.{}.snapshot", s.name))
+                .collect(),
+            version: cfg
+                .services
+                .iter()
+                .map(|s| format!("{ns}.{}.version", s.name))
+                .collect(),
+            outliers: cfg
+                .services
+                .iter()
+                .map(|s| format!("{ns}.{}.outliers", s.name))
+                .collect(),
         };
         self.lease_ttl_ms = (cfg.tick.0 * 20).max(1000);
         self.worker = Some(Rc::new(RefCell::new(Worker::new(cfg, keys, self.me))));
@@ -64,7 +83,9 @@ impl Root {
 
     /// Lease contention; returns whether this root polls this tick.
     fn lead(&mut self, now: u64) -> bool {
-        let Some(worker) = &self.worker else { return false };
+        let Some(worker) = &self.worker else {
+            return false;
+        };
         let key = worker.borrow().keys.lease.clone();
         let (value, cas) = shared::get(&key);
         let read = match (&value, cas) {
@@ -76,7 +97,10 @@ impl Root {
             Decision::Seed => {
                 // The key is absent, so this write ignores CAS: claim the lease but
                 // act only after seeing it still ours on the next tick.
-                let mine = Lease { owner: self.me, expires_ms: now + self.lease_ttl_ms };
+                let mine = Lease {
+                    owner: self.me,
+                    expires_ms: now + self.lease_ttl_ms,
+                };
                 let _ = shared::set(&key, &mine.encode(), None);
                 false
             }
@@ -102,7 +126,10 @@ impl Root {
             }
             pollers.push(p);
         }
-        log::info!("registry-lb: this worker now polls the registries for {} service(s)", pollers.len());
+        log::info!(
+            "registry-lb: this worker now polls the registries for {} service(s)",
+            pollers.len()
+        );
         let now = now_ms();
         self.checkers = w
             .cfg
@@ -131,7 +158,10 @@ impl Root {
                         self.calls.insert(token, Call::Health { service: si, slot });
                     }
                     Err(e) => {
-                        log::error!("registry-lb: health check via cluster `{}` cannot be sent: {e:?}", req.cluster);
+                        log::error!(
+                            "registry-lb: health check via cluster `{}` cannot be sent: {e:?}",
+                            req.cluster
+                        );
                         c.on_result(slot, 0, now);
                     }
                 }
@@ -140,8 +170,12 @@ impl Root {
     }
 
     fn on_health_result(&mut self, si: usize, slot: u32, status: u16, now: u64) {
-        let Some(Some(c)) = self.checkers.get_mut(si) else { return };
-        let Some(t) = c.on_result(slot, status, now) else { return };
+        let Some(Some(c)) = self.checkers.get_mut(si) else {
+            return;
+        };
+        let Some(t) = c.on_result(slot, status, now) else {
+            return;
+        };
         let Some(worker) = &self.worker else { return };
         let mut w = worker.borrow_mut();
         let name = w.cfg.services[si].name.clone();
@@ -152,18 +186,27 @@ impl Root {
         w.update_outliers(si, |o| o.set_hc(slot, healthy));
         w.metrics.inc(&format!("{name}.health_check_{what}"));
         let unhealthy = c.unhealthy().count();
-        w.metrics.gauge_set(&format!("{name}.instances_hc_failed"), unhealthy as u64);
+        w.metrics
+            .gauge_set(&format!("{name}.instances_hc_failed"), unhealthy as u64);
         log::warn!("registry-lb: service {name}: slot {slot} active health check {what} (last status {status})");
     }
 
     fn poll(&mut self, now: u64) {
-        let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else { return };
+        let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else {
+            return;
+        };
         let mut w = worker.borrow_mut();
         for (si, p) in pollers.iter_mut().enumerate() {
             for (src, req) in p.due(now) {
                 match dispatch(&req) {
                     Ok(token) => {
-                        self.calls.insert(token, Call::Registry { service: si, source: src });
+                        self.calls.insert(
+                            token,
+                            Call::Registry {
+                                service: si,
+                                source: src,
+                            },
+                        );
                     }
                     Err(e) => {
                         let name = w.cfg.services[si].name.clone();
@@ -178,13 +221,16 @@ impl Root {
 
     /// Publishes what the pollers have ready; returns whether anything was written.
     fn publish(&mut self, now: u64) {
-        let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else { return };
+        let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else {
+            return;
+        };
         let mut guard = worker.borrow_mut();
         let w = &mut *guard;
         let (snapshot_keys, version_keys) = (w.keys.snapshot.clone(), w.keys.version.clone());
         for (i, p) in pollers.iter_mut().enumerate() {
             let name = w.cfg.services[i].name.clone();
-            w.metrics.gauge_set(&format!("{name}.snapshot_age_ms"), p.age_ms(now));
+            w.metrics
+                .gauge_set(&format!("{name}.snapshot_age_ms"), p.age_ms(now));
             let publication = p.publication(now);
             for (event, message) in p.guard_events.drain(..) {
                 w.metrics.inc(&format!("{name}.{event}"));
@@ -205,11 +251,21 @@ impl Root {
                 continue;
             }
             let _ = shared::set(&version_keys[i], &snap.version.to_le_bytes(), None);
-            let healthy = snap.entries.iter().filter(|e| e.instance.state == crate::instance::State::Healthy).count();
-            w.metrics.gauge_set(&format!("{name}.instances_known"), snap.entries.len() as u64);
-            w.metrics.gauge_set(&format!("{name}.instances_healthy"), healthy as u64);
-            w.metrics.gauge_set(&format!("{name}.snapshot_bytes"), bytes.len() as u64);
-            w.metrics.gauge_set(&format!("{name}.snapshot_version"), snap.version);
+            let healthy = snap
+                .entries
+                .iter()
+                .filter(|e| e.instance.state == crate::instance::State::Healthy)
+                .count();
+            w.metrics.gauge_set(
+                &format!("{name}.instances_known"),
+                snap.entries.len() as u64,
+            );
+            w.metrics
+                .gauge_set(&format!("{name}.instances_healthy"), healthy as u64);
+            w.metrics
+                .gauge_set(&format!("{name}.snapshot_bytes"), bytes.len() as u64);
+            w.metrics
+                .gauge_set(&format!("{name}.snapshot_version"), snap.version);
             w.metrics.inc(&format!("{name}.snapshot_published"));
             log::info!(
                 "registry-lb: service {name}: published snapshot version {} with {} instance(s), {healthy} healthy ({} bytes)",
@@ -217,12 +273,15 @@ impl Root {
                 snap.entries.len(),
                 bytes.len()
             );
-            let live: std::collections::HashSet<u32> = snap.entries.iter().map(|e| e.slot).collect();
+            let live: std::collections::HashSet<u32> =
+                snap.entries.iter().map(|e| e.slot).collect();
             if let Some(Some(c)) = self.checkers.get_mut(i) {
                 c.set_hosts(&check_targets(&snap), now);
             }
             p.published(snap);
-            if w.cfg.services[i].outlier_detection.consecutive_5xx > 0 || w.cfg.services[i].health_check.is_some() {
+            if w.cfg.services[i].outlier_detection.consecutive_5xx > 0
+                || w.cfg.services[i].health_check.is_some()
+            {
                 w.update_outliers(i, |o| o.retain(|slot| live.contains(&slot)));
             }
         }
@@ -245,10 +304,24 @@ impl Root {
 
 /// Sends a call to an Envoy cluster; returns its token.
 fn dispatch(req: &crate::registry::HttpRequest) -> Result<u32, proxy_wasm::types::Status> {
-    let mut headers: Vec<(&str, &str)> = vec![(":method", req.method), (":path", &req.path), (":authority", &req.authority)];
+    let mut headers: Vec<(&str, &str)> = vec![
+        (":method", req.method),
+        (":path", &req.path),
+        (":authority", &req.authority),
+    ];
     headers.extend(req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    let body = if req.body.is_empty() { None } else { Some(req.body.as_slice()) };
-    hostcalls::dispatch_http_call(&req.cluster, headers, body, vec![], Duration::from_millis(req.timeout_ms))
+    let body = if req.body.is_empty() {
+        None
+    } else {
+        Some(req.body.as_slice())
+    };
+    hostcalls::dispatch_http_call(
+        &req.cluster,
+        headers,
+        body,
+        vec![],
+        Duration::from_millis(req.timeout_ms),
+    )
 }
 
 /// Instances to health-check: every non-draining one, by slot.
@@ -268,15 +341,25 @@ fn report(m: &mut Metrics, service: &str, source: usize, out: &Outcome) {
         Outcome::Updated { rejected, warnings } => {
             m.inc(&format!("{service}.refresh_ok"));
             if !warnings.is_empty() {
-                m.add(&format!("{service}.registry_warning"), warnings.len() as i64);
+                m.add(
+                    &format!("{service}.registry_warning"),
+                    warnings.len() as i64,
+                );
                 for w in warnings {
-                    log::warn!("registry-lb: service {service}: source {source}: registry warning: {w}");
+                    log::warn!(
+                        "registry-lb: service {service}: source {source}: registry warning: {w}"
+                    );
                 }
             }
             if !rejected.is_empty() {
-                m.add(&format!("{service}.instances_rejected"), rejected.len() as i64);
+                m.add(
+                    &format!("{service}.instances_rejected"),
+                    rejected.len() as i64,
+                );
                 for r in rejected.iter().take(5) {
-                    log::warn!("registry-lb: service {service}: source {source}: instance skipped: {r}");
+                    log::warn!(
+                        "registry-lb: service {service}: source {source}: instance skipped: {r}"
+                    );
                 }
                 if rejected.len() > 5 {
                     log::warn!("registry-lb: service {service}: source {source}: {} more instance(s) skipped", rejected.len() - 5);
@@ -292,14 +375,29 @@ fn report(m: &mut Metrics, service: &str, source: usize, out: &Outcome) {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        let Some(call) = self.calls.remove(&token) else { return };
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some(call) = self.calls.remove(&token) else {
+            return;
+        };
         let now = now_ms();
         // No headers means a reset or an oversized body: reading the header map then
         // would fail, so it is not read (status 0).
-        let headers: Vec<(String, String)> =
-            if num_headers == 0 { Vec::new() } else { hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default() };
-        let status = headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse::<u16>().ok()).unwrap_or(0);
+        let headers: Vec<(String, String)> = if num_headers == 0 {
+            Vec::new()
+        } else {
+            hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default()
+        };
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse::<u16>().ok())
+            .unwrap_or(0);
         let (si, src) = match call {
             Call::Registry { service, source } => (service, source),
             Call::Health { service, slot } => {
@@ -307,23 +405,47 @@ impl Context for Root {
                 return;
             }
         };
-        let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else { return };
+        let (Some(pollers), Some(worker)) = (&mut self.pollers, &self.worker) else {
+            return;
+        };
         let Some(p) = pollers.get_mut(si) else { return };
         let mut w = worker.borrow_mut();
         let max = w.cfg.services[si].max_response_bytes;
         let body: Vec<u8> = if body_size == 0 || body_size > max {
             Vec::new()
         } else {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default()
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
         };
         let name = w.cfg.services[si].name.clone();
         let out = if num_headers == 0 {
-            p.dispatch_failed(src, now, &mut w.rng, "call reset or answer over 32 MiB".into())
+            p.dispatch_failed(
+                src,
+                now,
+                &mut w.rng,
+                "call reset or answer over 32 MiB".into(),
+            )
         } else if body_size > max {
-            p.dispatch_failed(src, now, &mut w.rng, format!("answer of {body_size} bytes is over max_response_bytes"))
+            p.dispatch_failed(
+                src,
+                now,
+                &mut w.rng,
+                format!("answer of {body_size} bytes is over max_response_bytes"),
+            )
         } else {
             let mut rng = w.rng.clone();
-            let out = p.on_response(src, &HttpResponse { status, headers: &headers, body: &body }, now, &mut rng);
+            let out = p.on_response(
+                src,
+                &HttpResponse {
+                    status,
+                    headers: &headers,
+                    body: &body,
+                },
+                now,
+                &mut rng,
+            );
             w.rng = rng;
             out
         };
@@ -339,13 +461,20 @@ impl RootContext for Root {
         let bytes = if size == 0 {
             Vec::new()
         } else {
-            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size).ok().flatten().unwrap_or_default()
+            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
         };
         if let Err(e) = self.configure(&bytes) {
             log::error!("registry-lb: {e}");
             return false;
         }
-        let tick = self.worker.as_ref().map(|w| w.borrow().cfg.tick.0).unwrap_or(50);
+        let tick = self
+            .worker
+            .as_ref()
+            .map(|w| w.borrow().cfg.tick.0)
+            .unwrap_or(50);
         if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(tick)) {
             log::error!("registry-lb: cannot start the timer: {e:?}");
             return false;

@@ -5,14 +5,14 @@ use super::handoff;
 use super::metrics::{gauge_add, gauge_get, Metrics};
 use super::shared;
 use crate::config::{Handoff, PluginConfig, Policy, ServiceConfig};
-use crate::load_report::{self, UtilizationWeights, WeightConfig};
-use crate::slow_start::{self, FirstSeen, FirstSeenTracker, SlowStart};
-use crate::subset::{self, Fallback};
 use crate::instance::truncate;
+use crate::load_report::{self, UtilizationWeights, WeightConfig};
 use crate::outlier::{self, Outliers};
 use crate::picker::{Options, Request, Table};
 use crate::rng::SplitMix64;
+use crate::slow_start::{self, FirstSeen, FirstSeenTracker, SlowStart};
 use crate::snapshot::Snapshot;
+use crate::subset::{self, Fallback};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 use std::collections::HashMap;
@@ -178,7 +178,10 @@ fn cfg_weights(services: &[ServiceConfig]) -> Vec<Weights> {
         .iter()
         .map(|s| Weights {
             first_seen: FirstSeenTracker::new(),
-            slow: s.slow_start.as_ref().map(|ss| SlowStart::new(ss.window.0, ss.aggression, ss.min_weight_percent)),
+            slow: s
+                .slow_start
+                .as_ref()
+                .map(|ss| SlowStart::new(ss.window.0, ss.aggression, ss.min_weight_percent)),
             load: s.load_report.as_ref().map(|lr| {
                 UtilizationWeights::new(
                     0,
@@ -205,8 +208,16 @@ pub fn options(svc: &ServiceConfig) -> Options {
         local_zone: svc.local_zone.clone(),
         zone_priorities: svc.zone_priorities.clone().unwrap_or_default(),
         overprovisioning_percent: svc.overprovisioning_percent,
-        subset: svc.subset.as_ref().and_then(|s| s.selector.as_deref()).and_then(|t| subset::parse_selector(t).ok()),
-        subset_fallback: svc.subset.as_ref().map(|s| s.fallback()).unwrap_or(Fallback::NoFallback),
+        subset: svc
+            .subset
+            .as_ref()
+            .and_then(|s| s.selector.as_deref())
+            .and_then(|t| subset::parse_selector(t).ok()),
+        subset_fallback: svc
+            .subset
+            .as_ref()
+            .map(|s| s.fallback())
+            .unwrap_or(Fallback::NoFallback),
         peak_ewma_decay_ms: svc.peak_ewma.decay.0,
         peak_ewma_default_rtt_ns: svc.peak_ewma.default_rtt.0.saturating_mul(1_000_000),
     }
@@ -237,22 +248,42 @@ impl Worker {
 
     /// Rebuilds the table of service `i` if a newer snapshot was published.
     pub fn refresh(&mut self, i: usize) {
-        let Some(vkey) = self.keys.version.get(i) else { return };
-        let Some(v) = shared::get_u64(vkey) else { return };
-        let have = self.tables.get(i).and_then(|t| t.as_ref()).map(|t| t.version).unwrap_or(0);
+        let Some(vkey) = self.keys.version.get(i) else {
+            return;
+        };
+        let Some(v) = shared::get_u64(vkey) else {
+            return;
+        };
+        let have = self
+            .tables
+            .get(i)
+            .and_then(|t| t.as_ref())
+            .map(|t| t.version)
+            .unwrap_or(0);
         if v <= have {
             return;
         }
-        let (Some(bytes), _) = shared::get(&self.keys.snapshot[i]) else { return };
+        let (Some(bytes), _) = shared::get(&self.keys.snapshot[i]) else {
+            return;
+        };
         let cfg = self.cfg.clone();
         let svc = &cfg.services[i];
         match Snapshot::decode(&bytes) {
             Ok(snap) => {
                 let table = Table::build(&snap, options(svc), &mut self.rng);
                 if let Some(w) = self.weights.get_mut(i) {
-                    w.first_seen.update(snap.entries.iter().map(|e| e.instance.addr.to_string()), super::now_ms());
+                    w.first_seen.update(
+                        snap.entries.iter().map(|e| e.instance.addr.to_string()),
+                        super::now_ms(),
+                    );
                     if let Some(l) = w.load.as_mut() {
-                        l.resize(snap.entries.iter().map(|e| e.slot as usize + 1).max().unwrap_or(0));
+                        l.resize(
+                            snap.entries
+                                .iter()
+                                .map(|e| e.slot as usize + 1)
+                                .max()
+                                .unwrap_or(0),
+                        );
                     }
                 }
                 self.tables[i] = Some(table);
@@ -264,7 +295,9 @@ impl Worker {
                     }
                 }
                 self.reapply(i, super::now_ms());
-                let Some(Some(table)) = self.tables.get_mut(i) else { return };
+                let Some(Some(table)) = self.tables.get_mut(i) else {
+                    return;
+                };
                 let table = &*table;
                 log::debug!(
                     "registry-lb: service {}: worker table at version {} with {} routable of {} instance(s)",
@@ -311,11 +344,19 @@ impl Worker {
 
     /// Whether service `si` has shared ejection state (passive or active health).
     fn outliers_on(&self, si: usize) -> bool {
-        self.cfg.services.get(si).map(|s| s.outlier_detection.consecutive_5xx > 0 || s.health_check.is_some()).unwrap_or(false)
+        self.cfg
+            .services
+            .get(si)
+            .map(|s| s.outlier_detection.consecutive_5xx > 0 || s.health_check.is_some())
+            .unwrap_or(false)
     }
 
     fn passive_on(&self, si: usize) -> bool {
-        self.cfg.services.get(si).map(|s| s.outlier_detection.consecutive_5xx > 0).unwrap_or(false)
+        self.cfg
+            .services
+            .get(si)
+            .map(|s| s.outlier_detection.consecutive_5xx > 0)
+            .unwrap_or(false)
     }
 
     /// Id of the service gauge `<service>.<what>`, defined once per VM.
@@ -345,9 +386,15 @@ impl Worker {
         if !self.outliers_on(si) {
             return;
         }
-        let Some(id) = self.gauge_cached(si, ServiceGauge::OutlierGeneration) else { return };
+        let Some(id) = self.gauge_cached(si, ServiceGauge::OutlierGeneration) else {
+            return;
+        };
         let g = gauge_get(id) as u64;
-        let have = self.tables.get(si).and_then(|t| t.as_ref()).map(|t| t.outlier_generation);
+        let have = self
+            .tables
+            .get(si)
+            .and_then(|t| t.as_ref())
+            .map(|t| t.outlier_generation);
         if have == Some(g) && self.outliers[si].generation == g {
             return;
         }
@@ -362,16 +409,25 @@ impl Worker {
 
     /// Recomputes routable set and effective weights of service `si`'s table.
     pub fn reapply(&mut self, si: usize, now: u64) {
-        let Some(Some(mut table)) = self.tables.get_mut(si).map(Option::take) else { return };
+        let Some(Some(mut table)) = self.tables.get_mut(si).map(Option::take) else {
+            return;
+        };
         let factors: HashMap<u32, u64> = match self.weights.get(si) {
             Some(w) if w.slow.is_some() || w.load.is_some() => table
                 .hosts_by_slot()
                 .map(|(slot, host, registered)| {
                     let slow = w.slow.as_ref().map_or(1_000_000u64, |ss| {
-                        let seen = w.first_seen.get(&host.to_string()).unwrap_or(FirstSeen::Initial);
+                        let seen = w
+                            .first_seen
+                            .get(&host.to_string())
+                            .unwrap_or(FirstSeen::Initial);
                         u64::from(ss.factor_ppm(slow_start::age_ms(now, registered, seen)))
                     });
-                    let load = w.load.as_ref().and_then(|l| l.multiplier_ppm(slot as usize, now)).map_or(1_000_000u64, u64::from);
+                    let load = w
+                        .load
+                        .as_ref()
+                        .and_then(|l| l.multiplier_ppm(slot as usize, now))
+                        .map_or(1_000_000u64, u64::from);
                     (slot, slow * load / 1_000_000)
                 })
                 .collect(),
@@ -381,7 +437,9 @@ impl Worker {
         // weight-1 instance is 100 against 1000, not rounded up to 1 against 1.
         let weight = |slot: u32, w: u32| -> u32 {
             match factors.get(&slot) {
-                Some(f) => u32::try_from(u64::from(w) * f / 1_000).unwrap_or(u32::MAX).max(1),
+                Some(f) => u32::try_from(u64::from(w) * f / 1_000)
+                    .unwrap_or(u32::MAX)
+                    .max(1),
                 None => w,
             }
         };
@@ -416,7 +474,12 @@ impl Worker {
             Err(_) => load_report::parse_utilization(value).ok(),
         };
         let Some(u) = util else {
-            let name = self.cfg.services.get(si).map(|s| s.name.clone()).unwrap_or_default();
+            let name = self
+                .cfg
+                .services
+                .get(si)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
             self.metrics.inc(&format!("{name}.load_report_invalid"));
             return;
         };
@@ -427,19 +490,34 @@ impl Worker {
 
     /// Changes the shared ejection state of service `si` with compare-and-swap.
     /// `change` returns whether it changed anything. Returns whether it was stored.
-    pub fn update_outliers(&mut self, si: usize, mut change: impl FnMut(&mut Outliers) -> bool) -> bool {
-        let Some(key) = self.keys.outliers.get(si).cloned() else { return false };
+    pub fn update_outliers(
+        &mut self,
+        si: usize,
+        mut change: impl FnMut(&mut Outliers) -> bool,
+    ) -> bool {
+        let Some(key) = self.keys.outliers.get(si).cloned() else {
+            return false;
+        };
         for _ in 0..8 {
             let (bytes, cas) = shared::get(&key);
-            let mut o = bytes.as_deref().and_then(Outliers::decode).unwrap_or_default();
+            let mut o = bytes
+                .as_deref()
+                .and_then(Outliers::decode)
+                .unwrap_or_default();
             if !change(&mut o) {
                 return false;
             }
             if shared::set(&key, &o.encode(), cas).is_ok() {
                 let name = self.cfg.services[si].name.clone();
-                self.metrics.gauge_set(&format!("{name}.outlier_generation"), o.generation);
-                let out = o.slots.values().filter(|s| s.breaker != outlier::Breaker::HalfOpen).count();
-                self.metrics.gauge_set(&format!("{name}.instances_ejected"), out as u64);
+                self.metrics
+                    .gauge_set(&format!("{name}.outlier_generation"), o.generation);
+                let out = o
+                    .slots
+                    .values()
+                    .filter(|s| s.breaker != outlier::Breaker::HalfOpen)
+                    .count();
+                self.metrics
+                    .gauge_set(&format!("{name}.instances_ejected"), out as u64);
                 self.outliers[si] = o;
                 self.sync_outliers(si);
                 return true;
@@ -455,13 +533,27 @@ impl Worker {
     pub fn finished_attempts(&mut self, r: Routed, attempts: u64, code: u64, flags: u64) {
         let mut last = r.clone();
         if attempts > 1 {
-            let tried: Vec<u32> = std::iter::once(r.slot).chain(r.fallbacks.iter().copied()).collect();
+            let tried: Vec<u32> = std::iter::once(r.slot)
+                .chain(r.fallbacks.iter().copied())
+                .collect();
             let n = (attempts as usize).min(tried.len());
             for (k, slot) in tried.iter().take(n - 1).enumerate() {
-                let failed = Routed { slot: *slot, trial: r.trial && k == 0, gauge: None, fallbacks: Vec::new(), ..r };
+                let failed = Routed {
+                    slot: *slot,
+                    trial: r.trial && k == 0,
+                    gauge: None,
+                    fallbacks: Vec::new(),
+                    ..r
+                };
                 self.finished(failed, 503, 32);
             }
-            last = Routed { slot: tried[n - 1], trial: false, gauge: None, fallbacks: Vec::new(), ..r };
+            last = Routed {
+                slot: tried[n - 1],
+                trial: false,
+                gauge: None,
+                fallbacks: Vec::new(),
+                ..r
+            };
         }
         self.finished(last, code, flags);
     }
@@ -472,7 +564,9 @@ impl Worker {
             return;
         }
         let cfg = self.cfg.clone();
-        let Some(svc) = cfg.services.get(r.service) else { return };
+        let Some(svc) = cfg.services.get(r.service) else {
+            return;
+        };
         let policy = svc.outlier_detection.policy();
         let result = outlier::classify(code, flags);
         let name = &svc.name;
@@ -481,16 +575,25 @@ impl Worker {
             let now = super::now_ms();
             if self.update_outliers(r.service, |o| o.end_trial(r.slot, result, &policy, now)) {
                 let ok = result == outlier::Result_::Success;
-                self.metrics.inc(&format!("{name}.outlier_trial_{}", if ok { "ok" } else { "failed" }));
+                self.metrics.inc(&format!(
+                    "{name}.outlier_trial_{}",
+                    if ok { "ok" } else { "failed" }
+                ));
                 log::info!(
                     "registry-lb: service {name}: slot {} trial request {}",
                     r.slot,
-                    if ok { "succeeded: back in rotation" } else { "failed: ejected again" }
+                    if ok {
+                        "succeeded: back in rotation"
+                    } else {
+                        "failed: ejected again"
+                    }
                 );
             }
             return;
         }
-        let Some(counter) = self.slot_gauge(r.service, r.slot, SlotGauge::Consecutive5xx) else { return };
+        let Some(counter) = self.slot_gauge(r.service, r.slot, SlotGauge::Consecutive5xx) else {
+            return;
+        };
         if result == outlier::Result_::Success {
             let _ = hostcalls::record_metric(counter, 0);
             return;
@@ -500,12 +603,21 @@ impl Worker {
         if n < policy.consecutive_5xx {
             return;
         }
-        let known = self.tables.get(r.service).and_then(|t| t.as_ref()).map(|t| t.known).unwrap_or(1);
+        let known = self
+            .tables
+            .get(r.service)
+            .and_then(|t| t.as_ref())
+            .map(|t| t.known)
+            .unwrap_or(1);
         let now = super::now_ms();
         if self.update_outliers(r.service, |o| o.eject(r.slot, n, known, &policy, now)) {
             let _ = hostcalls::record_metric(counter, 0);
             self.metrics.inc(&format!("{name}.outlier_ejections"));
-            let until = self.outliers[r.service].slots.get(&r.slot).map(|s| s.until_ms.saturating_sub(now)).unwrap_or(0);
+            let until = self.outliers[r.service]
+                .slots
+                .get(&r.slot)
+                .map(|s| s.until_ms.saturating_sub(now))
+                .unwrap_or(0);
             log::warn!("registry-lb: service {name}: ejecting slot {} for {until} ms after {n} consecutive failures", r.slot);
         }
     }
@@ -521,7 +633,11 @@ impl Worker {
         if let Some(id) = *self.slot_cache(si, slot)?.gauge(what) {
             return id;
         }
-        let name = format!("{}.slot_{slot}.{}", self.cfg.services.get(si)?.name, what.name());
+        let name = format!(
+            "{}.slot_{slot}.{}",
+            self.cfg.services.get(si)?.name,
+            what.name()
+        );
         let id = self.metrics.gauge_id(&name);
         *self.slot_cache(si, slot)?.gauge(what) = Some(id);
         id
@@ -531,11 +647,16 @@ impl Worker {
     /// Envoy. Returns what to remember until the request ends.
     pub fn route(&mut self, si: usize, now: u64, key: &RequestKey) -> Result<Routed, Reply> {
         let cfg = self.cfg.clone();
-        let Some(svc) = cfg.services.get(si) else { return Err(Reply("registry_lb_unknown_service", String::new())) };
+        let Some(svc) = cfg.services.get(si) else {
+            return Err(Reply("registry_lb_unknown_service", String::new()));
+        };
         let name = &svc.name;
         if self.stale.get(si).copied().unwrap_or(false) {
             self.metrics.inc(&format!("{name}.rq_stale"));
-            return Err(Reply("registry_lb_stale", format!("registry-lb: registry data for service `{name}` is too old\n")));
+            return Err(Reply(
+                "registry_lb_stale",
+                format!("registry-lb: registry data for service `{name}` is too old\n"),
+            ));
         }
         // Other workers' ejections: their generation gauge is read at most once per
         // millisecond per service (this worker's own apply at once).
@@ -546,22 +667,53 @@ impl Worker {
             }
         }
         let shared_load = svc.policy == Policy::LeastRequest || svc.bounded_load_percent.is_some();
-        let total_gauge = if svc.bounded_load_percent.is_some() { self.gauge_cached(si, ServiceGauge::RqActive) } else { None };
+        let total_gauge = if svc.bounded_load_percent.is_some() {
+            self.gauge_cached(si, ServiceGauge::RqActive)
+        } else {
+            None
+        };
         let total_active = total_gauge.map(gauge_get).unwrap_or(0).max(0) as u64;
-        let want = if cfg.handoff == Handoff::OverrideHost { svc.override_host_count as usize } else { 1 };
+        let want = if cfg.handoff == Handoff::OverrideHost {
+            svc.override_host_count as usize
+        } else {
+            1
+        };
         // The chosen slot, the further ranked ones (override_host only: no
         // allocation otherwise), and whether it is a half-open trial.
         let mut chosen: Option<(u32, Vec<u32>, bool)> = None;
         for _attempt in 0..3 {
             // Take the table out so the gauge lookup can borrow the rest of `self`.
-            let Some(mut table) = self.tables.get_mut(si).and_then(Option::take) else { break };
+            let Some(mut table) = self.tables.get_mut(si).and_then(Option::take) else {
+                break;
+            };
             let mut rng = self.rng.clone();
-            let load = |slot: u32| if shared_load { self.slot_gauge(si, slot, SlotGauge::RqActive).map(gauge_get).unwrap_or(0) } else { 0 };
-            let mut req = Request { rng: &mut rng, now_ms: now, hash: key.hash, subset: key.subset.as_deref(), active: load, total_active };
+            let load = |slot: u32| {
+                if shared_load {
+                    self.slot_gauge(si, slot, SlotGauge::RqActive)
+                        .map(gauge_get)
+                        .unwrap_or(0)
+                } else {
+                    0
+                }
+            };
+            let mut req = Request {
+                rng: &mut rng,
+                now_ms: now,
+                hash: key.hash,
+                subset: key.subset.as_deref(),
+                active: load,
+                total_active,
+            };
             let picked: Option<(u32, Vec<u32>)> = if want > 1 {
-                let ranked: Vec<u32> =
-                    table.ranked(want, &mut req).into_iter().filter_map(|i| table.endpoints.get(i)).map(|e| e.slot).collect();
-                ranked.split_first().map(|(first, rest)| (*first, rest.to_vec()))
+                let ranked: Vec<u32> = table
+                    .ranked(want, &mut req)
+                    .into_iter()
+                    .filter_map(|i| table.endpoints.get(i))
+                    .map(|e| e.slot)
+                    .collect();
+                ranked
+                    .split_first()
+                    .map(|(first, rest)| (*first, rest.to_vec()))
             } else {
                 table.pick(&mut req).map(|e| (e.slot, Vec::new()))
             };
@@ -588,7 +740,10 @@ impl Worker {
         }
         let Some((slot, fallbacks, trial)) = chosen else {
             self.metrics.inc(&format!("{name}.rq_no_instance"));
-            return Err(Reply("registry_lb_no_instance", format!("registry-lb: no available instance for service `{name}`\n")));
+            return Err(Reply(
+                "registry_lb_no_instance",
+                format!("registry-lb: no available instance for service `{name}`\n"),
+            ));
         };
         let handed = match cfg.handoff {
             Handoff::FilterState | Handoff::Header => match self.handoff_payload(si, slot) {
@@ -599,7 +754,10 @@ impl Worker {
                 None => Err(Status::NotFound),
             },
             Handoff::OverrideHost => {
-                let list: Vec<&str> = std::iter::once(slot).chain(fallbacks.iter().copied()).filter_map(|s| self.host_of(si, s)).collect();
+                let list: Vec<&str> = std::iter::once(slot)
+                    .chain(fallbacks.iter().copied())
+                    .filter_map(|s| self.host_of(si, s))
+                    .collect();
                 handoff::set_header(&cfg.handoff_header, &list.join(","))
             }
         };
@@ -607,9 +765,16 @@ impl Worker {
             self.metrics.inc(&format!("{name}.handoff_failed"));
             let host = self.host_of(si, slot).unwrap_or("?");
             log::error!("registry-lb: service {name}: cannot hand {host} to Envoy: {e:?}");
-            return Err(Reply("registry_lb_handoff_failed", format!("registry-lb: cannot route to service `{name}`\n")));
+            return Err(Reply(
+                "registry_lb_handoff_failed",
+                format!("registry-lb: cannot route to service `{name}`\n"),
+            ));
         }
-        let gauge = if shared_load { self.slot_gauge(si, slot, SlotGauge::RqActive) } else { None };
+        let gauge = if shared_load {
+            self.slot_gauge(si, slot, SlotGauge::RqActive)
+        } else {
+            None
+        };
         for id in [gauge, total_gauge].into_iter().flatten() {
             gauge_add(id, 1);
         }
@@ -619,13 +784,22 @@ impl Worker {
             }
         }
         self.count_pick(si, slot, cfg.max_instance_stats);
-        Ok(Routed { service: si, slot, gauge, trial, fallbacks, total_gauge })
+        Ok(Routed {
+            service: si,
+            slot,
+            gauge,
+            trial,
+            fallbacks,
+            total_gauge,
+        })
     }
 
     /// `ip:port` of the routable instance in `slot` of service `si`.
     fn host_of(&self, si: usize, slot: u32) -> Option<&str> {
         let t = self.tables.get(si)?.as_ref()?;
-        t.index_of_slot(slot).and_then(|i| t.endpoints.get(i)).map(|e| e.host.as_str())
+        t.index_of_slot(slot)
+            .and_then(|i| t.endpoints.get(i))
+            .map(|e| e.host.as_str())
     }
 
     /// The bytes that hand `slot`'s instance to Envoy (filter-state arguments or
@@ -648,7 +822,10 @@ impl Worker {
             self.metrics.count_pick(id);
             return;
         }
-        let (Some(name), Some(host)) = (self.cfg.services.get(si).map(|s| s.name.clone()), self.host_of(si, slot).map(str::to_string)) else {
+        let (Some(name), Some(host)) = (
+            self.cfg.services.get(si).map(|s| s.name.clone()),
+            self.host_of(si, slot).map(str::to_string),
+        ) else {
             return;
         };
         if let Some(id) = self.metrics.pick(&name, &host, cap) {

@@ -14,7 +14,9 @@
 //! /v1/acl/login` with a bearer token yields a token (`SecretID`) that may expire;
 //! when Consul refuses it (403 "ACL not found"), the source logs in again at once.
 
-use super::{encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step};
+use super::{
+    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step,
+};
 use crate::config::{ConsulConfig, ServiceConfig};
 use crate::instance::{self, Instance, State};
 use serde::Deserialize;
@@ -123,7 +125,11 @@ impl Consul {
     }
 
     pub fn request(&mut self) -> HttpRequest {
-        if let (Some(method), Some(bearer), None) = (&self.cfg.auth_method, &self.cfg.bearer_token, &self.login_token) {
+        if let (Some(method), Some(bearer), None) = (
+            &self.cfg.auth_method,
+            &self.cfg.bearer_token,
+            &self.login_token,
+        ) {
             self.logging_in = true;
             let body = serde_json::json!({ "AuthMethod": method, "BearerToken": bearer });
             return HttpRequest {
@@ -150,7 +156,11 @@ impl Consul {
         }
         let mut timeout_ms = self.request_timeout_ms;
         if self.cfg.blocking && self.index > 0 {
-            let wait = self.next_wait_ms.take().unwrap_or(self.cfg.wait.0).min(self.cfg.wait.0);
+            let wait = self
+                .next_wait_ms
+                .take()
+                .unwrap_or(self.cfg.wait.0)
+                .min(self.cfg.wait.0);
             q.push(format!("index={}", self.index));
             q.push(format!("wait={wait}ms"));
             // Consul adds up to wait/16 of jitter to the wait.
@@ -182,7 +192,11 @@ impl Consul {
         if self.logging_in {
             self.logging_in = false;
             if resp.status != 200 {
-                return Err(RegistryError::Auth(format!("ACL login failed: {} {}", resp.status, excerpt(resp.body))));
+                return Err(RegistryError::Auth(format!(
+                    "ACL login failed: {} {}",
+                    resp.status,
+                    excerpt(resp.body)
+                )));
             }
             #[derive(Deserialize)]
             struct Login {
@@ -201,12 +215,25 @@ impl Consul {
                 self.login_token = None;
                 return Ok(Step::Again("token_expired"));
             }
-            401 | 403 => return Err(RegistryError::Auth(format!("{} {}", resp.status, excerpt(resp.body)))),
+            401 | 403 => {
+                return Err(RegistryError::Auth(format!(
+                    "{} {}",
+                    resp.status,
+                    excerpt(resp.body)
+                )))
+            }
             s => return Err(RegistryError::Status(s, excerpt(resp.body))),
         }
-        let index = match resp.header("x-consul-index").map(|v| v.trim().parse::<u64>()) {
+        let index = match resp
+            .header("x-consul-index")
+            .map(|v| v.trim().parse::<u64>())
+        {
             Some(Ok(i)) => i,
-            Some(Err(_)) => return Err(RegistryError::Malformed("X-Consul-Index is not a number".into())),
+            Some(Err(_)) => {
+                return Err(RegistryError::Malformed(
+                    "X-Consul-Index is not a number".into(),
+                ))
+            }
             None => 0,
         };
         if index != 0 && index == self.index {
@@ -216,7 +243,11 @@ impl Consul {
         // "Reset the index if it goes backwards" (Consul blocking-query docs); an
         // index of 0 must never be used to block either.
         self.index = if index < self.index { 0 } else { index };
-        Ok(Step::Instances { instances, rejected, warnings: Vec::new() })
+        Ok(Step::Instances {
+            instances,
+            rejected,
+            warnings: Vec::new(),
+        })
     }
 }
 
@@ -227,18 +258,26 @@ pub fn parse(body: &[u8]) -> Result<(Vec<Instance>, Vec<String>), RegistryError>
     let mut out = Vec::with_capacity(entries.len());
     let mut rejected = Vec::new();
     for e in entries {
-        let ip = if e.service.address.is_empty() { &e.node.address } else { &e.service.address };
+        let ip = if e.service.address.is_empty() {
+            &e.node.address
+        } else {
+            &e.service.address
+        };
         let addr = match instance::socket_addr(ip, e.service.port) {
             Ok(a) => a,
             Err(err) => {
-                rejected.push(format!("service id `{}`: {err}", instance::truncate(&e.service.id, 64)));
+                rejected.push(format!(
+                    "service id `{}`: {err}",
+                    instance::truncate(&e.service.id, 64)
+                ));
                 continue;
             }
         };
         let mut state = State::Healthy;
         let mut warning = false;
         for c in &e.checks {
-            let maintenance = c.check_id == "_node_maintenance" || c.check_id.starts_with("_service_maintenance:");
+            let maintenance = c.check_id == "_node_maintenance"
+                || c.check_id.starts_with("_service_maintenance:");
             match c.status.as_ref() {
                 "critical" | "maintenance" if maintenance => state = State::Draining,
                 "critical" if state == State::Healthy => state = State::Unhealthy,
@@ -246,7 +285,12 @@ pub fn parse(body: &[u8]) -> Result<(Vec<Instance>, Vec<String>), RegistryError>
                 _ => {}
             }
         }
-        let w = e.service.weights.as_ref().map(|w| if warning { w.warning } else { w.passing }).unwrap_or(1);
+        let w = e
+            .service
+            .weights
+            .as_ref()
+            .map(|w| if warning { w.warning } else { w.passing })
+            .unwrap_or(1);
         if w <= 0 {
             continue;
         }
@@ -277,7 +321,8 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test;
 
     const REDIS: &str = include_str!("../../tests/fixtures/consul/health_service_redis.json");
-    const MODERN: &str = include_str!("../../tests/fixtures/consul/health_service_modern_shape.json");
+    const MODERN: &str =
+        include_str!("../../tests/fixtures/consul/health_service_modern_shape.json");
 
     fn consul(extra: &str) -> Consul {
         let svc = service("web", "consul", "consul", extra);
@@ -304,8 +349,12 @@ mod tests {
         assert_eq!(list[0].addr.to_string(), "10.1.10.12:8000");
         assert_eq!(list[0].weight, 10);
         assert_eq!(list[0].state, State::Healthy);
-        assert!(list[0].metadata.contains(&("tag:primary".into(), String::new())));
-        assert!(list[0].metadata.contains(&("redis_version".into(), "4.0".into())));
+        assert!(list[0]
+            .metadata
+            .contains(&("tag:primary".into(), String::new())));
+        assert!(list[0]
+            .metadata
+            .contains(&("redis_version".into(), "4.0".into())));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -328,7 +377,10 @@ mod tests {
         ]"#;
         let (list, rejected) = parse(body.as_bytes()).unwrap();
         let addrs: Vec<String> = list.iter().map(|i| i.addr.to_string()).collect();
-        assert_eq!(addrs, ["10.0.0.1:80", "10.0.1.2:80", "10.0.1.3:80", "10.0.1.7:80"]);
+        assert_eq!(
+            addrs,
+            ["10.0.0.1:80", "10.0.1.2:80", "10.0.1.3:80", "10.0.1.7:80"]
+        );
         assert_eq!(list[1].state, State::Unhealthy);
         assert_eq!(list[2].state, State::Draining);
         assert_eq!(list[3].zone, "z1");
@@ -340,7 +392,10 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn malformed_bodies_are_errors_not_panics() {
         for body in ["", "{", "{}", "[{\"Node\":1}]", "null", "[1,2]"] {
-            assert!(matches!(parse(body.as_bytes()), Err(RegistryError::Malformed(_))), "{body}");
+            assert!(
+                matches!(parse(body.as_bytes()), Err(RegistryError::Malformed(_))),
+                "{body}"
+            );
         }
     }
 
@@ -349,23 +404,45 @@ mod tests {
         let mut c = consul(r#","token":"s3cret","datacenter":"dc 1","tag":"v1","wait":"10s""#);
         let r = c.request();
         assert_eq!(r.path, "/v1/health/service/web?dc=dc%201&tag=v1");
-        assert!(r.headers.contains(&("x-consul-token".into(), "s3cret".into())));
+        assert!(r
+            .headers
+            .contains(&("x-consul-token".into(), "s3cret".into())));
         assert_eq!(r.timeout_ms, 5000);
 
         let h = hdrs("42");
-        let step = c.on_response(&HttpResponse { status: 200, headers: &h, body: REDIS.as_bytes() }).unwrap();
+        let step = c
+            .on_response(&HttpResponse {
+                status: 200,
+                headers: &h,
+                body: REDIS.as_bytes(),
+            })
+            .unwrap();
         assert!(matches!(step, Step::Instances { ref instances, .. } if instances.len() == 1));
         let r = c.request();
-        assert_eq!(r.path, "/v1/health/service/web?dc=dc%201&tag=v1&index=42&wait=10000ms");
+        assert_eq!(
+            r.path,
+            "/v1/health/service/web?dc=dc%201&tag=v1&index=42&wait=10000ms"
+        );
         assert_eq!(r.timeout_ms, 5000 + 10_000 + 625);
 
         // Same index: the body is not even looked at.
-        let step = c.on_response(&HttpResponse { status: 200, headers: &h, body: b"garbage" }).unwrap();
+        let step = c
+            .on_response(&HttpResponse {
+                status: 200,
+                headers: &h,
+                body: b"garbage",
+            })
+            .unwrap();
         assert_eq!(step, Step::Unchanged);
 
         // Index went backwards: reset, so the next query does not block.
         let h = hdrs("7");
-        c.on_response(&HttpResponse { status: 200, headers: &h, body: b"[]" }).unwrap();
+        c.on_response(&HttpResponse {
+            status: 200,
+            headers: &h,
+            body: b"[]",
+        })
+        .unwrap();
         assert!(!c.request().path.contains("index="));
     }
 
@@ -373,15 +450,42 @@ mod tests {
     fn error_statuses() {
         let mut c = consul("");
         let h = hdrs("1");
-        let e = c.on_response(&HttpResponse { status: 403, headers: &h, body: b"ACL not found" }).unwrap_err();
+        let e = c
+            .on_response(&HttpResponse {
+                status: 403,
+                headers: &h,
+                body: b"ACL not found",
+            })
+            .unwrap_err();
         assert_eq!(e, RegistryError::Auth("403 ACL not found".into()));
-        let e = c.on_response(&HttpResponse { status: 500, headers: &h, body: b"No path to datacenter" }).unwrap_err();
+        let e = c
+            .on_response(&HttpResponse {
+                status: 500,
+                headers: &h,
+                body: b"No path to datacenter",
+            })
+            .unwrap_err();
         assert_eq!(e.kind(), "status");
-        let envoy = vec![(":status".into(), "504".into()), ("content-length".into(), "24".into())];
-        let e = c.on_response(&HttpResponse { status: 504, headers: &envoy, body: b"upstream request timeout" }).unwrap_err();
+        let envoy = vec![
+            (":status".into(), "504".into()),
+            ("content-length".into(), "24".into()),
+        ];
+        let e = c
+            .on_response(&HttpResponse {
+                status: 504,
+                headers: &envoy,
+                body: b"upstream request timeout",
+            })
+            .unwrap_err();
         assert_eq!(e.kind(), "unreachable");
         let bad = hdrs("x1");
-        let e = c.on_response(&HttpResponse { status: 200, headers: &bad, body: b"[]" }).unwrap_err();
+        let e = c
+            .on_response(&HttpResponse {
+                status: 200,
+                headers: &bad,
+                body: b"[]",
+            })
+            .unwrap_err();
         assert_eq!(e.kind(), "malformed");
         assert_eq!(c.index, 0, "a failed answer leaves the index alone");
     }
@@ -390,7 +494,12 @@ mod tests {
     fn passing_only_and_non_blocking() {
         let mut c = consul(r#","passing_only":true,"blocking":false"#);
         let h = hdrs("5");
-        c.on_response(&HttpResponse { status: 200, headers: &h, body: b"[]" }).unwrap();
+        c.on_response(&HttpResponse {
+            status: 200,
+            headers: &h,
+            body: b"[]",
+        })
+        .unwrap();
         assert_eq!(c.request().path, "/v1/health/service/web?passing=1");
     }
 
@@ -400,18 +509,41 @@ mod tests {
         let r = c.request();
         assert_eq!((r.method, r.path.as_str()), ("POST", "/v1/acl/login"));
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-        assert_eq!(body, serde_json::json!({"AuthMethod": "kubernetes", "BearerToken": "jwt-1"}));
+        assert_eq!(
+            body,
+            serde_json::json!({"AuthMethod": "kubernetes", "BearerToken": "jwt-1"})
+        );
         let login = br#"{"AccessorID":"a","SecretID":"s-1","ExpirationTTL":"1h0m0s"}"#;
         let h = hdrs("1");
-        assert_eq!(c.on_response(&HttpResponse { status: 200, headers: &h, body: login }).unwrap(), Step::Again("login"));
+        assert_eq!(
+            c.on_response(&HttpResponse {
+                status: 200,
+                headers: &h,
+                body: login
+            })
+            .unwrap(),
+            Step::Again("login")
+        );
         let r = c.request();
         assert!(r.path.starts_with("/v1/health/service/web"));
         assert!(r.headers.contains(&("x-consul-token".into(), "s-1".into())));
         // Expired: 403, log in again at once.
-        let step = c.on_response(&HttpResponse { status: 403, headers: &h, body: b"ACL not found" }).unwrap();
+        let step = c
+            .on_response(&HttpResponse {
+                status: 403,
+                headers: &h,
+                body: b"ACL not found",
+            })
+            .unwrap();
         assert_eq!(step, Step::Again("token_expired"));
         assert_eq!(c.request().path, "/v1/acl/login");
-        let e = c.on_response(&HttpResponse { status: 403, headers: &h, body: b"Permission denied" }).unwrap_err();
+        let e = c
+            .on_response(&HttpResponse {
+                status: 403,
+                headers: &h,
+                body: b"Permission denied",
+            })
+            .unwrap_err();
         assert_eq!(e.kind(), "auth");
         assert!(e.to_string().contains("ACL login failed: 403"), "{e}");
     }

@@ -73,7 +73,10 @@ struct AuthAnswer {
 impl Etcd {
     pub fn new(svc: &ServiceConfig, cfg: &EtcdConfig) -> Etcd {
         Etcd {
-            prefix: cfg.prefix.clone().unwrap_or_else(|| format!("/services/{}/", svc.name)),
+            prefix: cfg
+                .prefix
+                .clone()
+                .unwrap_or_else(|| format!("/services/{}/", svc.name)),
             cfg: cfg.clone(),
             request_timeout_ms: svc.request_timeout.0,
             token: None,
@@ -125,7 +128,11 @@ impl Etcd {
                     self.token = Some(a.token);
                     Ok(Step::Again("login"))
                 }
-                s => Err(RegistryError::Auth(format!("login as `{}` failed: {s} {}", self.cfg.username.as_deref().unwrap_or(""), excerpt(resp.body)))),
+                s => Err(RegistryError::Auth(format!(
+                    "login as `{}` failed: {s} {}",
+                    self.cfg.username.as_deref().unwrap_or(""),
+                    excerpt(resp.body)
+                ))),
             },
             Pending::Range => match resp.status {
                 200 => self.on_range(resp.body),
@@ -134,10 +141,17 @@ impl Etcd {
                     self.token = None;
                     Ok(Step::Again("token_expired"))
                 }
-                401 | 403 => Err(RegistryError::Auth(format!("{} {}", resp.status, excerpt(resp.body)))),
+                401 | 403 => Err(RegistryError::Auth(format!(
+                    "{} {}",
+                    resp.status,
+                    excerpt(resp.body)
+                ))),
                 // etcd answers 400 "user name is empty" (code 3) when auth is on and no token is sent.
                 400 if String::from_utf8_lossy(resp.body).contains("user name is empty") => {
-                    Err(RegistryError::Auth(format!("etcd requires authentication: {}", excerpt(resp.body))))
+                    Err(RegistryError::Auth(format!(
+                        "etcd requires authentication: {}",
+                        excerpt(resp.body)
+                    )))
                 }
                 s => Err(RegistryError::Status(s, excerpt(resp.body))),
             },
@@ -162,7 +176,11 @@ impl Etcd {
         };
         let (instances, rejected) = parse_kvs(&kvs);
         self.revision = revision;
-        Ok(Step::Instances { instances, rejected, warnings: Vec::new() })
+        Ok(Step::Instances {
+            instances,
+            rejected,
+            warnings: Vec::new(),
+        })
     }
 }
 
@@ -202,13 +220,22 @@ pub fn parse_value(value: &[u8]) -> Result<Option<Instance>, String> {
         let port: i64 = port.parse().map_err(|_| "`Addr` port is not a number")?;
         instance::socket_addr(ip, port).map_err(|e| e.to_string())?
     } else {
-        let ip = obj.get("address").and_then(Value::as_str).ok_or("no `address` string")?;
-        let port = obj.get("port").and_then(Value::as_i64).ok_or("no integer `port`")?;
+        let ip = obj
+            .get("address")
+            .and_then(Value::as_str)
+            .ok_or("no `address` string")?;
+        let port = obj
+            .get("port")
+            .and_then(Value::as_i64)
+            .ok_or("no integer `port`")?;
         instance::socket_addr(ip, port).map_err(|e| e.to_string())?
     };
     let weight = match obj.get("weight") {
         None | Some(Value::Null) => 1,
-        Some(w) => w.as_i64().filter(|w| *w >= 0).ok_or("`weight` is not a non-negative integer")?,
+        Some(w) => w
+            .as_i64()
+            .filter(|w| *w >= 0)
+            .ok_or("`weight` is not a non-negative integer")?,
     };
     if weight == 0 {
         return Ok(None);
@@ -218,7 +245,12 @@ pub fn parse_value(value: &[u8]) -> Result<Option<Instance>, String> {
         None | Some("healthy") => State::Healthy,
         Some("unhealthy") => State::Unhealthy,
         Some("draining") => State::Draining,
-        Some(other) => return Err(format!("unknown `state` `{}`", instance::truncate(other, 32))),
+        Some(other) => {
+            return Err(format!(
+                "unknown `state` `{}`",
+                instance::truncate(other, 32)
+            ))
+        }
     };
     let mut meta: Vec<(String, String)> = Vec::new();
     if let Some(m) = obj.get("metadata").and_then(Value::as_object) {
@@ -236,7 +268,11 @@ pub fn parse_value(value: &[u8]) -> Result<Option<Instance>, String> {
         .get("zone")
         .and_then(Value::as_str)
         .map(str::to_string)
-        .or_else(|| meta.iter().find(|(k, _)| k == "zone").map(|(_, v)| v.clone()))
+        .or_else(|| {
+            meta.iter()
+                .find(|(k, _)| k == "zone")
+                .map(|(_, v)| v.clone())
+        })
         .unwrap_or_default();
     inst.metadata = meta;
     Ok(Some(inst))
@@ -264,10 +300,13 @@ mod tests {
 
     const RANGE: &str = include_str!("../../tests/fixtures/etcd/03_range_prefix.body.json");
     const EMPTY: &str = include_str!("../../tests/fixtures/etcd/04_range_empty.body.json");
-    const GRPC_NAMING: &str = include_str!("../../tests/fixtures/etcd/05_range_grpc_naming.body.json");
+    const GRPC_NAMING: &str =
+        include_str!("../../tests/fixtures/etcd/05_range_grpc_naming.body.json");
     const AUTH: &str = include_str!("../../tests/fixtures/etcd/09_auth_authenticate.body.json");
-    const WRONG_PASSWORD: &str = include_str!("../../tests/fixtures/etcd/10_auth_authenticate_wrong_password.body.json");
-    const INVALID_TOKEN: &str = include_str!("../../tests/fixtures/etcd/12_range_invalid_token.body.json");
+    const WRONG_PASSWORD: &str =
+        include_str!("../../tests/fixtures/etcd/10_auth_authenticate_wrong_password.body.json");
+    const INVALID_TOKEN: &str =
+        include_str!("../../tests/fixtures/etcd/12_range_invalid_token.body.json");
     const NO_TOKEN: &str = include_str!("../../tests/fixtures/etcd/11_range_no_token.body.json");
 
     fn etcd(extra: &str) -> Etcd {
@@ -299,13 +338,25 @@ mod tests {
         let mut e = etcd("");
         e.request();
         let step = e.on_response(&ok(RANGE)).unwrap();
-        let Step::Instances { instances, rejected, .. } = step else { panic!("{step:?}") };
+        let Step::Instances {
+            instances,
+            rejected,
+            ..
+        } = step
+        else {
+            panic!("{step:?}")
+        };
         assert!(rejected.is_empty());
-        let got: Vec<(String, u32, String)> =
-            instances.iter().map(|i| (i.addr.to_string(), i.weight, i.zone.clone())).collect();
+        let got: Vec<(String, u32, String)> = instances
+            .iter()
+            .map(|i| (i.addr.to_string(), i.weight, i.zone.clone()))
+            .collect();
         assert_eq!(
             got,
-            [("10.0.0.11:8080".to_string(), 10, "a".to_string()), ("10.0.0.12:8080".to_string(), 5, "b".to_string())]
+            [
+                ("10.0.0.11:8080".to_string(), 10, "a".to_string()),
+                ("10.0.0.12:8080".to_string(), 5, "b".to_string())
+            ]
         );
         assert_eq!(e.revision, 4);
         e.request();
@@ -316,7 +367,14 @@ mod tests {
     fn empty_range_has_no_kvs_field() {
         let mut e = etcd("");
         e.request();
-        assert_eq!(e.on_response(&ok(EMPTY)).unwrap(), Step::Instances { instances: vec![], rejected: vec![], warnings: vec![] });
+        assert_eq!(
+            e.on_response(&ok(EMPTY)).unwrap(),
+            Step::Instances {
+                instances: vec![],
+                rejected: vec![],
+                warnings: vec![]
+            }
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -324,10 +382,19 @@ mod tests {
         // The captured value is {"Addr":"1.2.3.4","Metadata":"..."}: no port, so refused.
         let mut e = etcd(r#","prefix":"my-service/""#);
         e.request();
-        let Step::Instances { instances, rejected, .. } = e.on_response(&ok(GRPC_NAMING)).unwrap() else { panic!() };
+        let Step::Instances {
+            instances,
+            rejected,
+            ..
+        } = e.on_response(&ok(GRPC_NAMING)).unwrap()
+        else {
+            panic!()
+        };
         assert!(instances.is_empty());
         assert_eq!(rejected, ["key `my-service/1.2.3.4`: `Addr` has no port"]);
-        let with_port = parse_value(br#"{"Op":0,"Addr":"1.2.3.4:50051","Metadata":"x"}"#).unwrap().unwrap();
+        let with_port = parse_value(br#"{"Op":0,"Addr":"1.2.3.4:50051","Metadata":"x"}"#)
+            .unwrap()
+            .unwrap();
         assert_eq!(with_port.addr.to_string(), "1.2.3.4:50051");
     }
 
@@ -339,35 +406,73 @@ mod tests {
         assert_eq!(e.on_response(&ok(AUTH)).unwrap(), Step::Again("login"));
         let r = e.request();
         assert_eq!(r.path, "/v3/kv/range");
-        assert!(r.headers.contains(&("authorization".into(), "HFabdZrvwCdCuQjn.15".into())));
-        let expired = HttpResponse { status: 401, headers: &[], body: INVALID_TOKEN.as_bytes() };
-        assert_eq!(e.on_response(&expired).unwrap(), Step::Again("token_expired"));
+        assert!(r
+            .headers
+            .contains(&("authorization".into(), "HFabdZrvwCdCuQjn.15".into())));
+        let expired = HttpResponse {
+            status: 401,
+            headers: &[],
+            body: INVALID_TOKEN.as_bytes(),
+        };
+        assert_eq!(
+            e.on_response(&expired).unwrap(),
+            Step::Again("token_expired")
+        );
         assert_eq!(e.request().path, "/v3/auth/authenticate");
-        let wrong = HttpResponse { status: 400, headers: &[], body: WRONG_PASSWORD.as_bytes() };
+        let wrong = HttpResponse {
+            status: 400,
+            headers: &[],
+            body: WRONG_PASSWORD.as_bytes(),
+        };
         let err = e.on_response(&wrong).unwrap_err();
         assert_eq!(err.kind(), "auth");
-        assert!(err.to_string().contains("login as `root` failed: 400"), "{err}");
+        assert!(
+            err.to_string().contains("login as `root` failed: 400"),
+            "{err}"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn auth_required_without_credentials_is_an_auth_error() {
         let mut e = etcd("");
         e.request();
-        let r = HttpResponse { status: 400, headers: &[], body: NO_TOKEN.as_bytes() };
+        let r = HttpResponse {
+            status: 400,
+            headers: &[],
+            body: NO_TOKEN.as_bytes(),
+        };
         assert_eq!(e.on_response(&r).unwrap_err().kind(), "auth");
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn bad_values_are_rejected_one_by_one() {
-        let kv = |k: &str, v: &str| Kv { key: B64.encode(k), value: B64.encode(v) };
+        let kv = |k: &str, v: &str| Kv {
+            key: B64.encode(k),
+            value: B64.encode(v),
+        };
         let kvs = vec![
-            kv("/services/web/a", r#"{"address":"10.0.0.1","port":80,"state":"draining","metadata":{"v":2}}"#),
-            kv("/services/web/b", r#"{"address":"web-b.internal","port":80}"#),
+            kv(
+                "/services/web/a",
+                r#"{"address":"10.0.0.1","port":80,"state":"draining","metadata":{"v":2}}"#,
+            ),
+            kv(
+                "/services/web/b",
+                r#"{"address":"web-b.internal","port":80}"#,
+            ),
             kv("/services/web/c", r#"not json"#),
-            kv("/services/web/d", r#"{"address":"10.0.0.4","port":80,"weight":0}"#),
+            kv(
+                "/services/web/d",
+                r#"{"address":"10.0.0.4","port":80,"weight":0}"#,
+            ),
             kv("/services/web/e", r#"{"address":"10.0.0.5","port":99999}"#),
-            kv("/services/web/f", r#"{"address":"10.0.0.6","port":80,"weight":-1}"#),
-            Kv { key: B64.encode("/services/web/g"), value: "%%%".into() },
+            kv(
+                "/services/web/f",
+                r#"{"address":"10.0.0.6","port":80,"weight":-1}"#,
+            ),
+            Kv {
+                key: B64.encode("/services/web/g"),
+                value: "%%%".into(),
+            },
         ];
         let (list, rejected) = parse_kvs(&kvs);
         assert_eq!(list.len(), 1);
@@ -379,10 +484,20 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn malformed_range_bodies() {
-        for body in ["", "[]", "{\"kvs\":[]}", "{\"header\":{\"revision\":\"x\"}}", "{\"header\":{\"revision\":\"9\"},\"kvs\":{}}"] {
+        for body in [
+            "",
+            "[]",
+            "{\"kvs\":[]}",
+            "{\"header\":{\"revision\":\"x\"}}",
+            "{\"header\":{\"revision\":\"9\"},\"kvs\":{}}",
+        ] {
             let mut e = etcd("");
             e.request();
-            assert_eq!(e.on_response(&ok(body)).unwrap_err().kind(), "malformed", "{body}");
+            assert_eq!(
+                e.on_response(&ok(body)).unwrap_err().kind(),
+                "malformed",
+                "{body}"
+            );
             assert_eq!(e.revision, 0);
         }
     }

@@ -19,7 +19,9 @@
 //! counts instances per status (`UP_3_`), so it misses a changed address; the parsed
 //! list is hashed instead and an equal hash is `Unchanged`.
 
-use super::{encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step};
+use super::{
+    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step,
+};
 use crate::config::{EurekaConfig, ServiceConfig};
 use crate::instance::{self, Instance, State};
 use crate::snapshot;
@@ -45,7 +47,11 @@ impl Eureka {
             _ => None,
         };
         Eureka {
-            app: cfg.app.clone().unwrap_or_else(|| svc.name.clone()).to_ascii_uppercase(),
+            app: cfg
+                .app
+                .clone()
+                .unwrap_or_else(|| svc.name.clone())
+                .to_ascii_uppercase(),
             cfg: cfg.clone(),
             request_timeout_ms: svc.request_timeout.0,
             authorization,
@@ -76,11 +82,20 @@ impl Eureka {
         }
         match resp.status {
             200 => {}
-            401 | 403 => return Err(RegistryError::Auth(format!("{} {}", resp.status, excerpt(resp.body)))),
+            401 | 403 => {
+                return Err(RegistryError::Auth(format!(
+                    "{} {}",
+                    resp.status,
+                    excerpt(resp.body)
+                )))
+            }
             404 => {
                 return Err(RegistryError::Status(
                     404,
-                    format!("eureka knows no application `{}` (none registered, or all instances gone)", instance::truncate(&self.app, 64)),
+                    format!(
+                        "eureka knows no application `{}` (none registered, or all instances gone)",
+                        instance::truncate(&self.app, 64)
+                    ),
                 ))
             }
             s => return Err(RegistryError::Status(s, excerpt(resp.body))),
@@ -91,7 +106,11 @@ impl Eureka {
             return Ok(Step::Unchanged);
         }
         self.last_hash = hash;
-        Ok(Step::Instances { instances, rejected, warnings: Vec::new() })
+        Ok(Step::Instances {
+            instances,
+            rejected,
+            warnings: Vec::new(),
+        })
     }
 
     pub fn token(&self) -> String {
@@ -109,19 +128,32 @@ fn malformed(msg: impl Into<String>) -> RegistryError {
 
 /// Parses `{"application":{…}}` (or a whole-registry `{"applications":{…}}`, taking
 /// the application named `app`).
-pub fn parse(body: &[u8], app: &str, cfg: &EurekaConfig) -> Result<(Vec<Instance>, Vec<String>), RegistryError> {
+pub fn parse(
+    body: &[u8],
+    app: &str,
+    cfg: &EurekaConfig,
+) -> Result<(Vec<Instance>, Vec<String>), RegistryError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
     let application = if let Some(a) = v.get("application") {
-        Some(a.as_object().ok_or_else(|| malformed("`application` is not an object"))?)
+        Some(
+            a.as_object()
+                .ok_or_else(|| malformed("`application` is not an object"))?,
+        )
     } else if let Some(apps) = v.get("applications") {
         let list = apps.get("application").map(one_or_many).unwrap_or_default();
         list.into_iter().filter_map(Value::as_object).find(|a| {
-            a.get("name").and_then(Value::as_str).is_some_and(|n| n.eq_ignore_ascii_case(app))
+            a.get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| n.eq_ignore_ascii_case(app))
         })
     } else {
-        return Err(malformed("no `application` object (was the answer XML? `Accept: application/json` is sent)"));
+        return Err(malformed(
+            "no `application` object (was the answer XML? `Accept: application/json` is sent)",
+        ));
     };
-    let Some(application) = application else { return Ok((Vec::new(), Vec::new())) };
+    let Some(application) = application else {
+        return Ok((Vec::new(), Vec::new()));
+    };
     let raw = match application.get("instance") {
         None | Some(Value::Null) => Vec::new(),
         Some(i @ (Value::Array(_) | Value::Object(_))) => one_or_many(i),
@@ -135,7 +167,9 @@ pub fn parse(body: &[u8], app: &str, cfg: &EurekaConfig) -> Result<(Vec<Instance
             continue;
         };
         let name = instance::truncate(
-            str_field(obj, "instanceId").or_else(|| str_field(obj, "hostName")).unwrap_or("?"),
+            str_field(obj, "instanceId")
+                .or_else(|| str_field(obj, "hostName"))
+                .unwrap_or("?"),
             96,
         );
         match parse_instance(obj, cfg) {
@@ -160,18 +194,26 @@ fn str_field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 }
 
 /// `Ok(None)` for a weight of 0.
-fn parse_instance(obj: &Map<String, Value>, cfg: &EurekaConfig) -> Result<Option<Instance>, String> {
+fn parse_instance(
+    obj: &Map<String, Value>,
+    cfg: &EurekaConfig,
+) -> Result<Option<Instance>, String> {
     let is_ip = |s: &&str| instance::socket_addr(s, 1).is_ok();
     let ip = match (str_field(obj, "ipAddr"), str_field(obj, "hostName")) {
         (Some(ip), _) if is_ip(&ip) => ip,
         (_, Some(host)) if is_ip(&host) => host,
         (Some(ip), _) if !ip.trim().is_empty() => {
-            return Err(format!("`ipAddr` `{}` is not an IP literal, nor is `hostName`", instance::truncate(ip, 64)))
+            return Err(format!(
+                "`ipAddr` `{}` is not an IP literal, nor is `hostName`",
+                instance::truncate(ip, 64)
+            ))
         }
         _ => return Err("no `ipAddr`, and `hostName` is not an IP literal".into()),
     };
     let port_key = if cfg.secure { "securePort" } else { "port" };
-    let port = obj.get(port_key).ok_or_else(|| format!("no `{port_key}`"))?;
+    let port = obj
+        .get(port_key)
+        .ok_or_else(|| format!("no `{port_key}`"))?;
     let (number, enabled) = match port {
         // `{"$": 8080, "@enabled": "true"}`; `$` is a string in older servers.
         Value::Object(p) => (p.get("$"), p.get("@enabled")),
@@ -212,10 +254,13 @@ fn parse_instance(obj: &Map<String, Value>, cfg: &EurekaConfig) -> Result<Option
     let lookup = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
     let weight = match lookup(&cfg.weight_key) {
         None => 1,
-        Some(w) => w
-            .trim()
-            .parse::<u32>()
-            .map_err(|_| format!("metadata `{}` = `{}` is not a non-negative integer", cfg.weight_key, instance::truncate(w, 32)))?,
+        Some(w) => w.trim().parse::<u32>().map_err(|_| {
+            format!(
+                "metadata `{}` = `{}` is not a non-negative integer",
+                cfg.weight_key,
+                instance::truncate(w, 32)
+            )
+        })?,
     };
     if weight == 0 {
         return Ok(None);
@@ -239,8 +284,15 @@ fn parse_instance(obj: &Map<String, Value>, cfg: &EurekaConfig) -> Result<Option
     inst.metadata = meta;
     // When it came up (else registered): slow start ramps from there.
     let lease = obj.get("leaseInfo");
-    let stamp = |k: &str| lease.and_then(|l| l.get(k)).and_then(Value::as_u64).filter(|&t| t > 0);
-    inst.registered_ms = stamp("serviceUpTimestamp").or_else(|| stamp("registrationTimestamp")).unwrap_or(0);
+    let stamp = |k: &str| {
+        lease
+            .and_then(|l| l.get(k))
+            .and_then(Value::as_u64)
+            .filter(|&t| t > 0)
+    };
+    inst.registered_ms = stamp("serviceUpTimestamp")
+        .or_else(|| stamp("registrationTimestamp"))
+        .unwrap_or(0);
     Ok(Some(inst))
 }
 
@@ -263,7 +315,11 @@ mod tests {
 
     fn instances(step: Step) -> (Vec<Instance>, Vec<String>) {
         match step {
-            Step::Instances { instances, rejected, warnings } => {
+            Step::Instances {
+                instances,
+                rejected,
+                warnings,
+            } => {
                 assert!(warnings.is_empty());
                 (instances, rejected)
             }
@@ -288,13 +344,22 @@ mod tests {
         let e = eureka("");
         let r = e.request();
         assert_eq!((r.method, r.path.as_str()), ("GET", "/eureka/apps/WEB"));
-        assert!(r.headers.contains(&("accept".into(), "application/json".into())));
+        assert!(r
+            .headers
+            .contains(&("accept".into(), "application/json".into())));
         assert!(!r.headers.iter().any(|(k, _)| k == "authorization"));
-        let e = eureka(r#","app":"testeng.lsm","path_prefix":"/eureka/v2/","username":"user","password":"pa:ss""#);
+        let e = eureka(
+            r#","app":"testeng.lsm","path_prefix":"/eureka/v2/","username":"user","password":"pa:ss""#,
+        );
         let r = e.request();
         assert_eq!(r.path, "/eureka/v2/apps/TESTENG.LSM");
         // base64("user:pa:ss")
-        assert!(r.headers.contains(&("authorization".into(), "Basic dXNlcjpwYTpzcw==".into())), "{:?}", r.headers);
+        assert!(
+            r.headers
+                .contains(&("authorization".into(), "Basic dXNlcjpwYTpzcw==".into())),
+            "{:?}",
+            r.headers
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -303,19 +368,36 @@ mod tests {
         let mut e = eureka(r#","app":"testeng.lsm""#);
         let (list, rejected) = instances(e.on_response(&resp(200, FARGO)).unwrap());
         assert!(rejected.is_empty(), "{rejected:?}");
-        let got: Vec<(String, u32, State)> = list.iter().map(|i| (i.addr.to_string(), i.weight, i.state)).collect();
+        let got: Vec<(String, u32, State)> = list
+            .iter()
+            .map(|i| (i.addr.to_string(), i.weight, i.state))
+            .collect();
         assert_eq!(
             got,
-            [("192.168.191.150:7100".to_string(), 1, State::Healthy), ("192.168.191.235:7100".to_string(), 1, State::Healthy)]
+            [
+                ("192.168.191.150:7100".to_string(), 1, State::Healthy),
+                ("192.168.191.235:7100".to_string(), 1, State::Healthy)
+            ]
         );
-        assert!(list[0].metadata.contains(&("base-uri".into(), "https://qa16gs.qa.somecompany.com:7100".into())));
+        assert!(list[0].metadata.contains(&(
+            "base-uri".into(),
+            "https://qa16gs.qa.somecompany.com:7100".into()
+        )));
         // leaseInfo.serviceUpTimestamp: slow start ramps from it.
-        assert_eq!((list[0].registered_ms, list[1].registered_ms), (1_402_357_291_394, 1_402_096_233_497));
+        assert_eq!(
+            (list[0].registered_ms, list[1].registered_ms),
+            (1_402_357_291_394, 1_402_096_233_497)
+        );
         // The same list again: unchanged.
         assert_eq!(e.on_response(&resp(200, FARGO)).unwrap(), Step::Unchanged);
         // Another app in a whole-registry answer: empty.
         let mut other = eureka(r#","app":"nope""#);
-        assert_eq!(instances(other.on_response(&resp(200, FARGO)).unwrap()).0.len(), 0);
+        assert_eq!(
+            instances(other.on_response(&resp(200, FARGO)).unwrap())
+                .0
+                .len(),
+            0
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -323,31 +405,69 @@ mod tests {
         let empty = r#"{"@class":"java.util.Collections$EmptyMap"}"#;
         let body = format!(
             r#"{{"application":{{"name":"WEB","instance":[{},{},{},{},{},{},{},{}]}}}}"#,
-            modern("a", "10.0.0.1", 8080, "UP", r#"{"weight":"5","zone":"z1","version":"v1"}"#),
+            modern(
+                "a",
+                "10.0.0.1",
+                8080,
+                "UP",
+                r#"{"weight":"5","zone":"z1","version":"v1"}"#
+            ),
             modern("b", "10.0.0.2", 8080, "OUT_OF_SERVICE", empty),
             modern("c", "10.0.0.3", 8080, "DOWN", empty),
             modern("d", "10.0.0.4", 8080, "STARTING", empty),
             modern("e", "10.0.0.5", 8080, "UNKNOWN", r#"{"weight":"0"}"#),
             modern("f", "web-f.internal", 8080, "UP", empty),
             modern("g", "10.0.0.7", 8080, "UP", r#"{"weight":"heavy"}"#),
-            modern("h", "10.0.0.8", 8080, "UP", empty).replace(r#""port":{"$":8080,"@enabled":"true"}"#, r#""port":{"$":8080,"@enabled":"false"}"#),
+            modern("h", "10.0.0.8", 8080, "UP", empty).replace(
+                r#""port":{"$":8080,"@enabled":"true"}"#,
+                r#""port":{"$":8080,"@enabled":"false"}"#
+            ),
         );
         let mut e = eureka("");
         let (list, rejected) = instances(e.on_response(&resp(200, &body)).unwrap());
-        let got: Vec<(String, u32, State, String)> =
-            list.iter().map(|i| (i.addr.to_string(), i.weight, i.state, i.zone.clone())).collect();
+        let got: Vec<(String, u32, State, String)> = list
+            .iter()
+            .map(|i| (i.addr.to_string(), i.weight, i.state, i.zone.clone()))
+            .collect();
         assert_eq!(
             got,
             [
-                ("10.0.0.1:8080".to_string(), 5, State::Healthy, "z1".to_string()),
-                ("10.0.0.2:8080".to_string(), 1, State::Draining, String::new()),
-                ("10.0.0.3:8080".to_string(), 1, State::Unhealthy, String::new()),
-                ("10.0.0.4:8080".to_string(), 1, State::Unhealthy, String::new()),
+                (
+                    "10.0.0.1:8080".to_string(),
+                    5,
+                    State::Healthy,
+                    "z1".to_string()
+                ),
+                (
+                    "10.0.0.2:8080".to_string(),
+                    1,
+                    State::Draining,
+                    String::new()
+                ),
+                (
+                    "10.0.0.3:8080".to_string(),
+                    1,
+                    State::Unhealthy,
+                    String::new()
+                ),
+                (
+                    "10.0.0.4:8080".to_string(),
+                    1,
+                    State::Unhealthy,
+                    String::new()
+                ),
             ]
         );
-        assert_eq!(list[1].metadata, vec![], "the EmptyMap placeholder is not metadata");
+        assert_eq!(
+            list[1].metadata,
+            vec![],
+            "the EmptyMap placeholder is not metadata"
+        );
         assert_eq!(rejected.len(), 3, "{rejected:?}");
-        assert!(rejected[0].starts_with("instance `f`: `ipAddr` `web-f.internal` is not an IP literal"), "{rejected:?}");
+        assert!(
+            rejected[0].starts_with("instance `f`: `ipAddr` `web-f.internal` is not an IP literal"),
+            "{rejected:?}"
+        );
         assert!(rejected[1].contains("`weight` = `heavy`"), "{rejected:?}");
         assert!(rejected[2].contains("`port` is disabled"), "{rejected:?}");
     }
@@ -370,17 +490,31 @@ mod tests {
         let named = body.replace(r#""hostName":"10.1.1.1""#, r#""hostName":"web-1.local""#);
         let (list, rejected) = instances(eureka("").on_response(&resp(200, &named)).unwrap());
         assert!(list.is_empty());
-        assert!(rejected[0].contains("`hostName` is not an IP literal"), "{rejected:?}");
+        assert!(
+            rejected[0].contains("`hostName` is not an IP literal"),
+            "{rejected:?}"
+        );
         // No instance at all.
         let none = r#"{"application":{"name":"WEB","instance":[]}}"#;
-        assert_eq!(instances(eureka("").on_response(&resp(200, none)).unwrap()).0.len(), 0);
+        assert_eq!(
+            instances(eureka("").on_response(&resp(200, none)).unwrap())
+                .0
+                .len(),
+            0
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn custom_metadata_keys() {
         let body = format!(
             r#"{{"application":{{"name":"WEB","instance":[{}]}}}}"#,
-            modern("a", "10.0.0.1", 8080, "UP", r#"{"lb.weight":"7","weight":"1","az":"b"}"#)
+            modern(
+                "a",
+                "10.0.0.1",
+                8080,
+                "UP",
+                r#"{"lb.weight":"7","weight":"1","az":"b"}"#
+            )
         );
         let mut e = eureka(r#","weight_key":"lb.weight","zone_key":"az""#);
         let (list, _) = instances(e.on_response(&resp(200, &body)).unwrap());
@@ -392,18 +526,44 @@ mod tests {
         let mut e = eureka("");
         let err = e.on_response(&resp(404, "")).unwrap_err();
         assert_eq!(err.kind(), "status");
-        assert!(err.to_string().contains("eureka knows no application `WEB`"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("eureka knows no application `WEB`"),
+            "{err}"
+        );
         assert_eq!(e.on_response(&resp(403, "")).unwrap_err().kind(), "auth");
-        assert_eq!(e.on_response(&resp(401, "Unauthorized")).unwrap_err().kind(), "auth");
-        assert_eq!(e.on_response(&resp(500, "boom")).unwrap_err(), RegistryError::Status(500, "boom".into()));
+        assert_eq!(
+            e.on_response(&resp(401, "Unauthorized"))
+                .unwrap_err()
+                .kind(),
+            "auth"
+        );
+        assert_eq!(
+            e.on_response(&resp(500, "boom")).unwrap_err(),
+            RegistryError::Status(500, "boom".into())
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn malformed_bodies_are_errors_not_panics() {
         let xml = r#"<application><name>WEB</name><instance></instance></application>"#;
-        for body in ["", "{", "[]", "null", "{}", xml, r#"{"application":[]}"#, r#"{"application":{"instance":5}}"#, r#"{"application":"WEB"}"#] {
+        for body in [
+            "",
+            "{",
+            "[]",
+            "null",
+            "{}",
+            xml,
+            r#"{"application":[]}"#,
+            r#"{"application":{"instance":5}}"#,
+            r#"{"application":"WEB"}"#,
+        ] {
             let mut e = eureka("");
-            assert_eq!(e.on_response(&resp(200, body)).unwrap_err().kind(), "malformed", "{body}");
+            assert_eq!(
+                e.on_response(&resp(200, body)).unwrap_err().kind(),
+                "malformed",
+                "{body}"
+            );
             assert_eq!(e.last_hash, 0);
         }
         // Instances of the wrong shape are skipped one by one.

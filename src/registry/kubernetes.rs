@@ -13,7 +13,9 @@
 //! once, in its best state. 401/403 answers are `Status` objects: their `message`
 //! is put in the auth error. FQDN slices are refused per address (IP literals only).
 
-use super::{encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step};
+use super::{
+    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step,
+};
 use crate::config::{KubernetesConfig, ServiceConfig};
 use crate::instance::{self, Instance, State};
 use serde::Deserialize;
@@ -148,7 +150,11 @@ impl Kubernetes {
         }
         match resp.status {
             200 => self.on_list(resp.body),
-            401 | 403 => Err(RegistryError::Auth(format!("{} {}", resp.status, status_message(resp.body)))),
+            401 | 403 => Err(RegistryError::Auth(format!(
+                "{} {}",
+                resp.status,
+                status_message(resp.body)
+            ))),
             s => Err(RegistryError::Status(s, status_message(resp.body))),
         }
     }
@@ -164,18 +170,26 @@ impl Kubernetes {
                 )));
             }
         }
-        let items = head
-            .items
-            .ok_or_else(|| RegistryError::Malformed("kubernetes endpointslice list without `items`".into()))?;
-        let rv = head.metadata.and_then(|m| m.resource_version).unwrap_or_default();
+        let items = head.items.ok_or_else(|| {
+            RegistryError::Malformed("kubernetes endpointslice list without `items`".into())
+        })?;
+        let rv = head
+            .metadata
+            .and_then(|m| m.resource_version)
+            .unwrap_or_default();
         if !rv.is_empty() && rv == self.resource_version {
             return Ok(Step::Unchanged);
         }
-        let raw: Vec<Value> = serde_json::from_str(items.get())
-            .map_err(|e| RegistryError::Malformed(format!("kubernetes endpointslice `items`: {e}")))?;
+        let raw: Vec<Value> = serde_json::from_str(items.get()).map_err(|e| {
+            RegistryError::Malformed(format!("kubernetes endpointslice `items`: {e}"))
+        })?;
         let (instances, rejected) = parse_slices(raw, self.cfg.port_name.as_deref());
         self.resource_version = rv;
-        Ok(Step::Instances { instances, rejected, warnings: Vec::new() })
+        Ok(Step::Instances {
+            instances,
+            rejected,
+            warnings: Vec::new(),
+        })
     }
 }
 
@@ -207,7 +221,10 @@ fn parse_slices(raw: Vec<Value>, port_name: Option<&str>) -> (Vec<Instance>, Vec
                 continue;
             }
         };
-        let name = slice.metadata.and_then(|m| m.name).unwrap_or_else(|| format!("#{k}"));
+        let name = slice
+            .metadata
+            .and_then(|m| m.name)
+            .unwrap_or_else(|| format!("#{k}"));
         let name = instance::truncate(&name, 96);
         let endpoints = slice.endpoints.unwrap_or_default();
         if endpoints.is_empty() {
@@ -226,7 +243,10 @@ fn parse_slices(raw: Vec<Value>, port_name: Option<&str>) -> (Vec<Instance>, Vec
                     Some(n) => format!("no port named `{}`", instance::truncate(n, 64)),
                     None => "no TCP port".to_string(),
                 };
-                rejected.push(format!("endpointslice `{name}`: {what}; its {} endpoint(s) skipped", endpoints.len()));
+                rejected.push(format!(
+                    "endpointslice `{name}`: {what}; its {} endpoint(s) skipped",
+                    endpoints.len()
+                ));
                 continue;
             }
         };
@@ -253,7 +273,11 @@ fn parse_slices(raw: Vec<Value>, port_name: Option<&str>) -> (Vec<Instance>, Vec
             if let Some(n) = &ep.node_name {
                 meta.push(("node".into(), n.clone()));
             }
-            if let Some(TargetRef { kind: Some(kind), name: Some(n) }) = &ep.target_ref {
+            if let Some(TargetRef {
+                kind: Some(kind),
+                name: Some(n),
+            }) = &ep.target_ref
+            {
                 if kind == "Pod" {
                     meta.push(("pod".into(), n.clone()));
                 }
@@ -296,8 +320,10 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test;
 
     const LIST: &str = include_str!("../../tests/fixtures/kubernetes/endpointslicelist_v1.json");
-    const DOCS: &str = include_str!("../../tests/fixtures/kubernetes/endpointslice_docs_example.json");
-    const FORBIDDEN: &str = include_str!("../../tests/fixtures/kubernetes/status_403_forbidden.json");
+    const DOCS: &str =
+        include_str!("../../tests/fixtures/kubernetes/endpointslice_docs_example.json");
+    const FORBIDDEN: &str =
+        include_str!("../../tests/fixtures/kubernetes/status_403_forbidden.json");
 
     fn k8s(extra: &str) -> Kubernetes {
         let svc = service("example", "kubernetes", "k8s", extra);
@@ -309,7 +335,11 @@ mod tests {
 
     fn instances(step: Step) -> (Vec<Instance>, Vec<String>) {
         match step {
-            Step::Instances { instances, rejected, .. } => (instances, rejected),
+            Step::Instances {
+                instances,
+                rejected,
+                ..
+            } => (instances, rejected),
             other => panic!("expected instances, got {other:?}"),
         }
     }
@@ -335,10 +365,14 @@ mod tests {
             r.path,
             "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io/service-name%3Dexample"
         );
-        assert!(r.headers.contains(&("authorization".into(), "Bearer ey.abc".into())));
+        assert!(r
+            .headers
+            .contains(&("authorization".into(), "Bearer ey.abc".into())));
         let k = k8s(r#","namespace":"prod","service":"web-v2""#);
         let r = k.request();
-        assert!(r.path.starts_with("/apis/discovery.k8s.io/v1/namespaces/prod/endpointslices?"));
+        assert!(r
+            .path
+            .starts_with("/apis/discovery.k8s.io/v1/namespaces/prod/endpointslices?"));
         assert!(r.path.ends_with("service-name%3Dweb-v2"));
         assert!(!r.headers.iter().any(|(h, _)| h == "authorization"));
     }
@@ -348,12 +382,23 @@ mod tests {
         let mut k = k8s("");
         let (list, rejected) = instances(k.on_response(&resp(200, LIST)).unwrap());
         assert!(rejected.is_empty(), "{rejected:?}");
-        let got: Vec<(String, State, String)> = list.iter().map(|i| (i.addr.to_string(), i.state, i.zone.clone())).collect();
+        let got: Vec<(String, State, String)> = list
+            .iter()
+            .map(|i| (i.addr.to_string(), i.state, i.zone.clone()))
+            .collect();
         assert_eq!(
             got,
             [
-                ("10.1.2.3:80".to_string(), State::Healthy, "us-west2-a".to_string()),
-                ("10.1.2.4:80".to_string(), State::Draining, "us-west2-b".to_string()),
+                (
+                    "10.1.2.3:80".to_string(),
+                    State::Healthy,
+                    "us-west2-a".to_string()
+                ),
+                (
+                    "10.1.2.4:80".to_string(),
+                    State::Draining,
+                    "us-west2-b".to_string()
+                ),
             ]
         );
         assert_eq!(
@@ -368,7 +413,10 @@ mod tests {
         // Same resourceVersion: not even parsed.
         assert_eq!(k.on_response(&resp(200, LIST)).unwrap(), Step::Unchanged);
         let moved = LIST.replace("\"123456\"", "\"123457\"");
-        assert!(matches!(k.on_response(&resp(200, &moved)).unwrap(), Step::Instances { .. }));
+        assert!(matches!(
+            k.on_response(&resp(200, &moved)).unwrap(),
+            Step::Instances { .. }
+        ));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -376,7 +424,14 @@ mod tests {
         let mut k = k8s(r#","port_name":"http""#);
         let (list, _) = instances(k.on_response(&resp(200, DOCS)).unwrap());
         assert_eq!(list.len(), 1);
-        assert_eq!((list[0].addr.to_string(), list[0].state, list[0].zone.as_str()), ("10.1.2.3:80".to_string(), State::Healthy, "us-west2-a"));
+        assert_eq!(
+            (
+                list[0].addr.to_string(),
+                list[0].state,
+                list[0].zone.as_str()
+            ),
+            ("10.1.2.3:80".to_string(), State::Healthy, "us-west2-a")
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -399,12 +454,17 @@ mod tests {
                 {"addresses":["10.0.0.2"],"conditions":{"ready":true}},
                 {"addresses":["db.example.com"],"conditions":{"ready":true}}]"#,
         );
-        let no_port = slice("example-c", r#"[{"name":"grpc","port":9000}]"#, r#"[{"addresses":["10.0.0.9"]}]"#);
+        let no_port = slice(
+            "example-c",
+            r#"[{"name":"grpc","port":9000}]"#,
+            r#"[{"addresses":["10.0.0.9"]}]"#,
+        );
         let empty = slice("example-d", "null", "null");
         let body = list("7", &[a, b, no_port, empty]);
         let mut k = k8s(r#","port_name":"http""#);
         let (list, rejected) = instances(k.on_response(&resp(200, &body)).unwrap());
-        let got: Vec<(String, State)> = list.iter().map(|i| (i.addr.to_string(), i.state)).collect();
+        let got: Vec<(String, State)> =
+            list.iter().map(|i| (i.addr.to_string(), i.state)).collect();
         assert_eq!(
             got,
             [
@@ -417,8 +477,14 @@ mod tests {
             ]
         );
         assert_eq!(rejected.len(), 2, "{rejected:?}");
-        assert!(rejected[0].contains("`db.example.com` is not an IP literal"), "{rejected:?}");
-        assert_eq!(rejected[1], "endpointslice `example-c`: no port named `http`; its 1 endpoint(s) skipped");
+        assert!(
+            rejected[0].contains("`db.example.com` is not an IP literal"),
+            "{rejected:?}"
+        );
+        assert_eq!(
+            rejected[1],
+            "endpointslice `example-c`: no port named `http`; its 1 endpoint(s) skipped"
+        );
         // Without port_name: the first TCP port.
         let udp_first = slice(
             "example-e",
@@ -446,24 +512,59 @@ mod tests {
         let unauthorized = r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"Unauthorized","reason":"Unauthorized","code":401}"#;
         let e = k.on_response(&resp(401, unauthorized)).unwrap_err();
         assert_eq!(e, RegistryError::Auth("401 Unauthorized".into()));
-        let e = k.on_response(&resp(404, r#"{"kind":"Status","message":"namespaces \"nope\" not found"}"#)).unwrap_err();
-        assert_eq!(e, RegistryError::Status(404, "namespaces \"nope\" not found".into()));
-        assert_eq!(k.on_response(&resp(500, "<html>")).unwrap_err(), RegistryError::Status(500, "<html>".into()));
+        let e = k
+            .on_response(&resp(
+                404,
+                r#"{"kind":"Status","message":"namespaces \"nope\" not found"}"#,
+            ))
+            .unwrap_err();
+        assert_eq!(
+            e,
+            RegistryError::Status(404, "namespaces \"nope\" not found".into())
+        );
+        assert_eq!(
+            k.on_response(&resp(500, "<html>")).unwrap_err(),
+            RegistryError::Status(500, "<html>".into())
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn malformed_bodies_are_errors_not_panics() {
-        for body in ["", "{", "[]", "null", "{}", r#"{"kind":"Status","items":[]}"#, r#"{"metadata":{"resourceVersion":"1"},"items":{}}"#, r#"{"metadata":{"resourceVersion":5},"items":[]}"#] {
+        for body in [
+            "",
+            "{",
+            "[]",
+            "null",
+            "{}",
+            r#"{"kind":"Status","items":[]}"#,
+            r#"{"metadata":{"resourceVersion":"1"},"items":{}}"#,
+            r#"{"metadata":{"resourceVersion":5},"items":[]}"#,
+        ] {
             let mut k = k8s("");
-            assert_eq!(k.on_response(&resp(200, body)).unwrap_err().kind(), "malformed", "{body}");
+            assert_eq!(
+                k.on_response(&resp(200, body)).unwrap_err().kind(),
+                "malformed",
+                "{body}"
+            );
             assert_eq!(k.resource_version, "");
         }
         // Slices of the wrong shape are skipped one by one.
         let mut k = k8s("");
-        let (list, rejected) = instances(k.on_response(&resp(200, r#"{"metadata":{"resourceVersion":"3"},"items":[5,{"endpoints":7}]}"#)).unwrap());
+        let (list, rejected) = instances(
+            k.on_response(&resp(
+                200,
+                r#"{"metadata":{"resourceVersion":"3"},"items":[5,{"endpoints":7}]}"#,
+            ))
+            .unwrap(),
+        );
         assert!(list.is_empty());
         assert_eq!(rejected.len(), 2);
-        let e = k.on_response(&resp(200, r#"{"metadata":{"resourceVersion":"4"},"items":null}"#)).unwrap_err();
+        let e = k
+            .on_response(&resp(
+                200,
+                r#"{"metadata":{"resourceVersion":"4"},"items":null}"#,
+            ))
+            .unwrap_err();
         assert_eq!(e.kind(), "malformed");
         assert_eq!(k.resource_version, "3");
     }

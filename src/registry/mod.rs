@@ -48,7 +48,11 @@ pub enum Step {
     /// A fresh list. `rejected` lists entries that were skipped, with the reason;
     /// `warnings` are things about the whole answer worth an operator's attention
     /// (e.g. Nacos' protect threshold): the list is used, the host logs and counts them.
-    Instances { instances: Vec<Instance>, rejected: Vec<String>, warnings: Vec<String> },
+    Instances {
+        instances: Vec<Instance>,
+        rejected: Vec<String>,
+        warnings: Vec<String>,
+    },
     /// Intermediate step done: make the next call now. The reason names it for
     /// metrics: `login` (a token was obtained), `token_expired` (it was refused).
     Again(&'static str),
@@ -89,7 +93,9 @@ impl std::fmt::Display for RegistryError {
             RegistryError::Auth(m) => write!(f, "registry refused credentials: {m}"),
             RegistryError::Status(s, m) => write!(f, "registry answered {s}: {m}"),
             RegistryError::Malformed(m) => write!(f, "malformed registry answer: {m}"),
-            RegistryError::TooLarge(n) => write!(f, "registry answer of {n} bytes is over max_response_bytes"),
+            RegistryError::TooLarge(n) => {
+                write!(f, "registry answer of {n} bytes is over max_response_bytes")
+            }
         }
     }
 }
@@ -111,7 +117,10 @@ pub fn envoy_local_failure(resp: &HttpResponse) -> Option<RegistryError> {
 /// Short, printable excerpt of an error body for logs.
 pub fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
-    let one_line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     crate::instance::truncate(one_line.trim(), 160)
 }
 
@@ -151,14 +160,22 @@ impl Source {
         }
     }
 
-    pub fn on_response(&mut self, resp: &HttpResponse, max_bytes: usize) -> Result<Step, RegistryError> {
+    pub fn on_response(
+        &mut self,
+        resp: &HttpResponse,
+        max_bytes: usize,
+    ) -> Result<Step, RegistryError> {
         if resp.body.len() > max_bytes {
             return Err(RegistryError::TooLarge(resp.body.len()));
         }
         match self {
             Source::Consul(c) => c.on_response(resp),
             Source::Etcd(e) => e.on_response(resp),
-            Source::Static(list) => Ok(Step::Instances { instances: list.clone(), rejected: vec![], warnings: vec![] }),
+            Source::Static(list) => Ok(Step::Instances {
+                instances: list.clone(),
+                rejected: vec![],
+                warnings: vec![],
+            }),
             Source::Nacos(n) => n.on_response(resp),
             Source::Eureka(e) => e.on_response(resp),
             Source::Kubernetes(k) => k.on_response(resp),
@@ -245,13 +262,22 @@ pub(crate) mod test_util {
 
     /// Service `name` of a one-source configuration `{"<kind>":{"cluster":"<cluster>"<extra>}}`.
     pub fn service(name: &str, kind: &str, cluster: &str, extra: &str) -> ServiceConfig {
-        let json = format!(r#"{{"services":[{{"name":"{name}","sources":[{{"{kind}":{{"cluster":"{cluster}"{extra}}}}}]}}]}}"#);
-        PluginConfig::parse(json.as_bytes()).unwrap().services.remove(0)
+        let json = format!(
+            r#"{{"services":[{{"name":"{name}","sources":[{{"{kind}":{{"cluster":"{cluster}"{extra}}}}}]}}]}}"#
+        );
+        PluginConfig::parse(json.as_bytes())
+            .unwrap()
+            .services
+            .remove(0)
     }
 
     /// An answer without headers.
     pub fn resp(status: u16, body: &str) -> HttpResponse<'_> {
-        HttpResponse { status, headers: &[], body: body.as_bytes() }
+        HttpResponse {
+            status,
+            headers: &[],
+            body: body.as_bytes(),
+        }
     }
 }
 
@@ -273,9 +299,20 @@ mod tests {
             ("content-type".to_string(), "text/plain".to_string()),
             (":status".to_string(), "503".to_string()),
         ];
-        let r = HttpResponse { status: 503, headers: &h, body: b"upstream connect error" };
-        assert!(matches!(envoy_local_failure(&r), Some(RegistryError::Unreachable(_))));
-        let r = HttpResponse { status: 200, headers: &h, body: b"" };
+        let r = HttpResponse {
+            status: 503,
+            headers: &h,
+            body: b"upstream connect error",
+        };
+        assert!(matches!(
+            envoy_local_failure(&r),
+            Some(RegistryError::Unreachable(_))
+        ));
+        let r = HttpResponse {
+            status: 200,
+            headers: &h,
+            body: b"",
+        };
         assert_eq!(envoy_local_failure(&r), None);
     }
 

@@ -20,7 +20,10 @@
 //! carries a warning, and such answers are never short-cut as unchanged so that each
 //! one is logged and counted while it lasts.
 
-use super::{encode_component, envoy_local_failure, excerpt, fnv64, HttpRequest, HttpResponse, RegistryError, Step};
+use super::{
+    encode_component, envoy_local_failure, excerpt, fnv64, HttpRequest, HttpResponse,
+    RegistryError, Step,
+};
 use crate::config::{NacosApi, NacosConfig, ServiceConfig};
 use crate::instance::{self, Instance, State};
 use serde::Deserialize;
@@ -130,17 +133,34 @@ impl Nacos {
         };
         let (method, path, headers, body) = match self.credentials() {
             Some((user, pass)) if renew => {
-                let body = format!("username={}&password={}", encode_component(user), encode_component(pass));
+                let body = format!(
+                    "username={}&password={}",
+                    encode_component(user),
+                    encode_component(pass)
+                );
                 self.pending = Pending::Login { sent_ms: now_ms };
                 let headers = vec![
-                    ("content-type".to_string(), "application/x-www-form-urlencoded".to_string()),
+                    (
+                        "content-type".to_string(),
+                        "application/x-www-form-urlencoded".to_string(),
+                    ),
                     ("accept".to_string(), "application/json".to_string()),
                 ];
-                ("POST", "/nacos/v1/auth/login".to_string(), headers, body.into_bytes())
+                (
+                    "POST",
+                    "/nacos/v1/auth/login".to_string(),
+                    headers,
+                    body.into_bytes(),
+                )
             }
             _ => {
                 self.pending = Pending::List;
-                ("GET", self.list_path(), vec![("accept".to_string(), "application/json".to_string())], Vec::new())
+                (
+                    "GET",
+                    self.list_path(),
+                    vec![("accept".to_string(), "application/json".to_string())],
+                    Vec::new(),
+                )
             }
         };
         HttpRequest {
@@ -167,7 +187,10 @@ impl Nacos {
             q.push(format!("namespaceId={}", encode_component(ns)));
         }
         if !self.cfg.clusters.is_empty() {
-            q.push(format!("{clusters_param}={}", encode_component(&self.cfg.clusters.join(","))));
+            q.push(format!(
+                "{clusters_param}={}",
+                encode_component(&self.cfg.clusters.join(","))
+            ));
         }
         q.push(format!("healthyOnly={}", self.cfg.healthy_only));
         if let Some(t) = &self.token {
@@ -197,8 +220,16 @@ impl Nacos {
                 }
                 401 | 403 => {
                     let had_token = self.token.take().is_some();
-                    let why = if had_token { "refused a token it just issued" } else { "requires authentication" };
-                    Err(RegistryError::Auth(format!("nacos {why}: {} {}", resp.status, excerpt(resp.body))))
+                    let why = if had_token {
+                        "refused a token it just issued"
+                    } else {
+                        "requires authentication"
+                    };
+                    Err(RegistryError::Auth(format!(
+                        "nacos {why}: {} {}",
+                        resp.status,
+                        excerpt(resp.body)
+                    )))
                 }
                 s => Err(RegistryError::Status(s, excerpt(resp.body))),
             },
@@ -209,14 +240,23 @@ impl Nacos {
         let user = self.cfg.username.as_deref().unwrap_or("");
         if resp.status != 200 {
             self.token = None;
-            return Err(RegistryError::Auth(format!("login as `{user}` failed: {} {}", resp.status, excerpt(resp.body))));
+            return Err(RegistryError::Auth(format!(
+                "login as `{user}` failed: {} {}",
+                resp.status,
+                excerpt(resp.body)
+            )));
         }
         let a: LoginAnswer = serde_json::from_slice(resp.body)
             .map_err(|e| RegistryError::Malformed(format!("nacos login answer: {e}")))?;
         if a.access_token.is_empty() {
-            return Err(RegistryError::Auth(format!("login as `{user}` gave an empty accessToken")));
+            return Err(RegistryError::Auth(format!(
+                "login as `{user}` gave an empty accessToken"
+            )));
         }
-        let ttl_ms = a.token_ttl.unwrap_or(DEFAULT_TOKEN_TTL_S).saturating_mul(1000);
+        let ttl_ms = a
+            .token_ttl
+            .unwrap_or(DEFAULT_TOKEN_TTL_S)
+            .saturating_mul(1000);
         self.token = Some(Token {
             value: a.access_token,
             renew_at_ms: sent_ms.saturating_add(ttl_ms - ttl_ms / 10),
@@ -226,22 +266,28 @@ impl Nacos {
     }
 
     fn on_list(&mut self, body: &[u8]) -> Result<Step, RegistryError> {
-        let malformed = |e: serde_json::Error| RegistryError::Malformed(format!("nacos instance list: {e}"));
+        let malformed =
+            |e: serde_json::Error| RegistryError::Malformed(format!("nacos instance list: {e}"));
         let info: ServiceInfo = match self.cfg.api {
             NacosApi::V1 => serde_json::from_slice(body).map_err(malformed)?,
             NacosApi::V2 => {
                 let w: V2Answer = serde_json::from_slice(body).map_err(malformed)?;
                 if w.code != 0 {
                     let msg = instance::truncate(w.message.as_deref().unwrap_or(""), 160);
-                    return Err(RegistryError::Status(200, format!("nacos code {}: {msg}", w.code)));
+                    return Err(RegistryError::Status(
+                        200,
+                        format!("nacos code {}: {msg}", w.code),
+                    ));
                 }
-                let data = w.data.ok_or_else(|| RegistryError::Malformed("nacos v2 answer without `data`".into()))?;
+                let data = w.data.ok_or_else(|| {
+                    RegistryError::Malformed("nacos v2 answer without `data`".into())
+                })?;
                 serde_json::from_str(data.get()).map_err(malformed)?
             }
         };
-        let hosts = info
-            .hosts
-            .ok_or_else(|| RegistryError::Malformed("nacos instance list without `hosts`".into()))?;
+        let hosts = info.hosts.ok_or_else(|| {
+            RegistryError::Malformed("nacos instance list without `hosts`".into())
+        })?;
         let hash = fnv64(hosts.get().as_bytes());
         if hash == self.last_hash && !info.reach_protection_threshold {
             return Ok(Step::Unchanged);
@@ -257,7 +303,11 @@ impl Nacos {
             ));
         }
         self.last_hash = hash;
-        Ok(Step::Instances { instances, rejected, warnings })
+        Ok(Step::Instances {
+            instances,
+            rejected,
+            warnings,
+        })
     }
 
     pub fn token(&self) -> String {
@@ -289,7 +339,11 @@ fn parse_hosts(raw: Vec<Value>) -> (Vec<Instance>, Vec<String>) {
             }
         };
         if !h.weight.is_finite() || h.weight < 0.0 {
-            rejected.push(format!("instance `{}`: weight {} is not a non-negative number", name(), h.weight));
+            rejected.push(format!(
+                "instance `{}`: weight {} is not a non-negative number",
+                name(),
+                h.weight
+            ));
             continue;
         }
         // Nacos weights are floats (default 1.0, range 0..10000): keep two decimals.
@@ -297,7 +351,11 @@ fn parse_hosts(raw: Vec<Value>) -> (Vec<Instance>, Vec<String>) {
         if h.weight == 0.0 {
             continue;
         }
-        let weight = if scaled >= f64::from(u32::MAX) { u32::MAX } else { (scaled as u32).max(1) };
+        let weight = if scaled >= f64::from(u32::MAX) {
+            u32::MAX
+        } else {
+            (scaled as u32).max(1)
+        };
         let mut inst = Instance::new(addr, weight);
         inst.state = if !h.enabled {
             State::Draining
@@ -347,7 +405,11 @@ mod tests {
 
     fn instances(step: Step) -> (Vec<Instance>, Vec<String>, Vec<String>) {
         match step {
-            Step::Instances { instances, rejected, warnings } => (instances, rejected, warnings),
+            Step::Instances {
+                instances,
+                rejected,
+                warnings,
+            } => (instances, rejected, warnings),
             other => panic!("expected instances, got {other:?}"),
         }
     }
@@ -363,9 +425,17 @@ mod tests {
     fn list_request_carries_every_parameter() {
         let mut n = nacos("");
         let r = n.request(0);
-        assert_eq!((r.method, r.cluster.as_str(), r.authority.as_str()), ("GET", "nacos", "nacos"));
-        assert_eq!(r.path, "/nacos/v1/ns/instance/list?serviceName=web&groupName=DEFAULT_GROUP&healthyOnly=false");
-        let mut n = nacos(r#","service":"nacos.test.1","group":"my group","namespace":"dev","clusters":["a","b"],"healthy_only":true"#);
+        assert_eq!(
+            (r.method, r.cluster.as_str(), r.authority.as_str()),
+            ("GET", "nacos", "nacos")
+        );
+        assert_eq!(
+            r.path,
+            "/nacos/v1/ns/instance/list?serviceName=web&groupName=DEFAULT_GROUP&healthyOnly=false"
+        );
+        let mut n = nacos(
+            r#","service":"nacos.test.1","group":"my group","namespace":"dev","clusters":["a","b"],"healthy_only":true"#,
+        );
         assert_eq!(
             n.request(0).path,
             "/nacos/v1/ns/instance/list?serviceName=nacos.test.1&groupName=my%20group&namespaceId=dev&clusters=a%2Cb&healthyOnly=true"
@@ -399,14 +469,20 @@ mod tests {
         let (list, _, _) = instances(n.on_response(&resp(200, V2_LIST)).unwrap());
         assert_eq!(list[0].addr.to_string(), "127.0.0.1:8080");
         assert_eq!((list[0].weight, list[0].state), (100, State::Healthy));
-        assert_eq!(list[0].metadata, vec![("value".to_string(), "1".to_string())]);
+        assert_eq!(
+            list[0].metadata,
+            vec![("value".to_string(), "1".to_string())]
+        );
         // Only lastRefTime moved: the hosts hash is the same.
         let later = V2_LIST.replace("1662554390814", "1662554399999");
         n.request(10);
         assert_eq!(n.on_response(&resp(200, &later)).unwrap(), Step::Unchanged);
         // A v1 body read as v2 is malformed, not a panic.
         n.request(20);
-        assert_eq!(n.on_response(&resp(200, V1_LIST)).unwrap_err().kind(), "malformed");
+        assert_eq!(
+            n.on_response(&resp(200, V1_LIST)).unwrap_err().kind(),
+            "malformed"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -415,7 +491,13 @@ mod tests {
         n.request(0);
         let body = r#"{"code":20004,"message":"service not found: public@@DEFAULT_GROUP@@web","data":null}"#;
         let e = n.on_response(&resp(200, body)).unwrap_err();
-        assert_eq!(e, RegistryError::Status(200, "nacos code 20004: service not found: public@@DEFAULT_GROUP@@web".into()));
+        assert_eq!(
+            e,
+            RegistryError::Status(
+                200,
+                "nacos code 20004: service not found: public@@DEFAULT_GROUP@@web".into()
+            )
+        );
         n.request(0);
         let e = n.on_response(&resp(500, body)).unwrap_err();
         assert_eq!(e.kind(), "status");
@@ -435,22 +517,42 @@ mod tests {
           {"ip":"10.0.0.9","port":0}"#;
         let mut n = nacos("");
         n.request(0);
-        let (list, rejected, _) = instances(n.on_response(&resp(200, &list(hosts, false))).unwrap());
-        let got: Vec<(String, u32, State)> = list.iter().map(|i| (i.addr.to_string(), i.weight, i.state)).collect();
+        let (list, rejected, _) =
+            instances(n.on_response(&resp(200, &list(hosts, false))).unwrap());
+        let got: Vec<(String, u32, State)> = list
+            .iter()
+            .map(|i| (i.addr.to_string(), i.weight, i.state))
+            .collect();
         assert_eq!(
             got,
             [
                 ("10.0.0.1:80".to_string(), 50, State::Healthy),
                 ("10.0.0.2:80".to_string(), 300, State::Draining),
                 ("10.0.0.7:81".to_string(), 1, State::Healthy),
-                ("10.0.0.8:82".to_string(), instance::MAX_WEIGHT, State::Healthy),
+                (
+                    "10.0.0.8:82".to_string(),
+                    instance::MAX_WEIGHT,
+                    State::Healthy
+                ),
             ]
         );
         assert_eq!(list[0].zone, "z1");
-        assert_eq!(list[0].metadata, vec![("n".to_string(), "2".to_string()), ("v".to_string(), "1".to_string())]);
+        assert_eq!(
+            list[0].metadata,
+            vec![
+                ("n".to_string(), "2".to_string()),
+                ("v".to_string(), "1".to_string())
+            ]
+        );
         assert_eq!(rejected.len(), 4, "{rejected:?}");
-        assert!(rejected[0].starts_with("instance `d`: address `web-d.internal` is not an IP literal"), "{rejected:?}");
-        assert!(rejected[1].starts_with("host #4: invalid type"), "{rejected:?}");
+        assert!(
+            rejected[0].starts_with("instance `d`: address `web-d.internal` is not an IP literal"),
+            "{rejected:?}"
+        );
+        assert!(
+            rejected[1].starts_with("host #4: invalid type"),
+            "{rejected:?}"
+        );
         assert!(rejected[2].contains("weight -2"), "{rejected:?}");
         assert!(rejected[3].contains("port 0"), "{rejected:?}");
     }
@@ -462,14 +564,21 @@ mod tests {
         let mut n = nacos("");
         for t in 0..2 {
             n.request(t);
-            let (list, _, warnings) = instances(n.on_response(&resp(200, &list(hosts, true))).unwrap());
+            let (list, _, warnings) =
+                instances(n.on_response(&resp(200, &list(hosts, true))).unwrap());
             assert_eq!(list.len(), 2);
             assert_eq!(warnings.len(), 1);
-            assert!(warnings[0].contains("reachProtectionThreshold"), "{warnings:?}");
+            assert!(
+                warnings[0].contains("reachProtectionThreshold"),
+                "{warnings:?}"
+            );
         }
         // Back to normal with the very same hosts: nothing new, no warning.
         n.request(2);
-        assert_eq!(n.on_response(&resp(200, &list(hosts, false))).unwrap(), Step::Unchanged);
+        assert_eq!(
+            n.on_response(&resp(200, &list(hosts, false))).unwrap(),
+            Step::Unchanged
+        );
         // Protection reached again: reported although the hosts did not change.
         n.request(3);
         let (_, _, warnings) = instances(n.on_response(&resp(200, &list(hosts, true))).unwrap());
@@ -480,14 +589,30 @@ mod tests {
     fn login_renews_before_the_ttl_and_on_403() {
         let mut n = nacos(r#","username":"nacos","password":"p&ss =w%rd""#);
         let r = n.request(1_000);
-        assert_eq!((r.method, r.path.as_str()), ("POST", "/nacos/v1/auth/login"));
-        assert_eq!(String::from_utf8(r.body).unwrap(), "username=nacos&password=p%26ss%20%3Dw%25rd");
-        assert!(r.headers.contains(&("content-type".into(), "application/x-www-form-urlencoded".into())));
-        assert_eq!(n.on_response(&resp(200, LOGIN)).unwrap(), Step::Again("login"));
+        assert_eq!(
+            (r.method, r.path.as_str()),
+            ("POST", "/nacos/v1/auth/login")
+        );
+        assert_eq!(
+            String::from_utf8(r.body).unwrap(),
+            "username=nacos&password=p%26ss%20%3Dw%25rd"
+        );
+        assert!(r.headers.contains(&(
+            "content-type".into(),
+            "application/x-www-form-urlencoded".into()
+        )));
+        assert_eq!(
+            n.on_response(&resp(200, LOGIN)).unwrap(),
+            Step::Again("login")
+        );
 
         let r = n.request(1_010);
         assert_eq!(r.method, "GET");
-        assert!(r.path.ends_with(&format!("&accessToken={LOGIN_TOKEN}")), "{}", r.path);
+        assert!(
+            r.path.ends_with(&format!("&accessToken={LOGIN_TOKEN}")),
+            "{}",
+            r.path
+        );
         instances(n.on_response(&resp(200, V1_LIST)).unwrap());
 
         // tokenTtl 18000 s: still good at 90 % minus a millisecond, renewed at 90 %.
@@ -496,10 +621,17 @@ mod tests {
         assert_eq!(n.on_response(&resp(200, V1_LIST)).unwrap(), Step::Unchanged);
         assert_eq!(n.request(renew_at).path, "/nacos/v1/auth/login");
         let short = r#"{"accessToken":"t2","tokenTtl":10,"globalAdmin":false}"#;
-        assert_eq!(n.on_response(&resp(200, short)).unwrap(), Step::Again("login"));
+        assert_eq!(
+            n.on_response(&resp(200, short)).unwrap(),
+            Step::Again("login")
+        );
         assert!(n.request(renew_at + 1).path.ends_with("&accessToken=t2"));
         assert_eq!(n.on_response(&resp(200, V1_LIST)).unwrap(), Step::Unchanged);
-        assert_eq!(n.request(renew_at + 9_000).path, "/nacos/v1/auth/login", "10 s TTL renewed after 9 s");
+        assert_eq!(
+            n.request(renew_at + 9_000).path,
+            "/nacos/v1/auth/login",
+            "10 s TTL renewed after 9 s"
+        );
         n.on_response(&resp(200, short)).unwrap();
         n.request(renew_at + 9_001);
         n.on_response(&resp(200, V1_LIST)).unwrap();
@@ -507,14 +639,20 @@ mod tests {
         // A token that worked, then 403 (e.g. the server restarted with a new secret):
         // log in again at once.
         n.request(renew_at + 9_002);
-        assert_eq!(n.on_response(&resp(403, "token expired!")).unwrap(), Step::Again("token_expired"));
+        assert_eq!(
+            n.on_response(&resp(403, "token expired!")).unwrap(),
+            Step::Again("token_expired")
+        );
         assert_eq!(n.request(renew_at + 9_003).path, "/nacos/v1/auth/login");
         n.on_response(&resp(200, short)).unwrap();
         // A fresh token refused at once is an auth failure, not a loop.
         n.request(renew_at + 9_004);
         let e = n.on_response(&resp(403, "token invalid!")).unwrap_err();
         assert_eq!(e.kind(), "auth");
-        assert!(e.to_string().contains("refused a token it just issued"), "{e}");
+        assert!(
+            e.to_string().contains("refused a token it just issued"),
+            "{e}"
+        );
         assert_eq!(n.request(renew_at + 9_005).path, "/nacos/v1/auth/login");
     }
 
@@ -523,29 +661,69 @@ mod tests {
         let mut n = nacos(r#","username":"nacos","password":"wrong""#);
         n.request(0);
         let e = n.on_response(&resp(403, "unknown user!")).unwrap_err();
-        assert_eq!(e, RegistryError::Auth("login as `nacos` failed: 403 unknown user!".into()));
+        assert_eq!(
+            e,
+            RegistryError::Auth("login as `nacos` failed: 403 unknown user!".into())
+        );
         n.request(0);
-        assert_eq!(n.on_response(&resp(200, "<html>")).unwrap_err().kind(), "malformed");
+        assert_eq!(
+            n.on_response(&resp(200, "<html>")).unwrap_err().kind(),
+            "malformed"
+        );
         n.request(0);
-        assert_eq!(n.on_response(&resp(200, r#"{"accessToken":"","tokenTtl":5}"#)).unwrap_err().kind(), "auth");
+        assert_eq!(
+            n.on_response(&resp(200, r#"{"accessToken":"","tokenTtl":5}"#))
+                .unwrap_err()
+                .kind(),
+            "auth"
+        );
         // Without credentials, a 403 is an auth failure.
         let mut n = nacos("");
         n.request(0);
-        assert_eq!(n.on_response(&resp(403, "user not found!")).unwrap_err().kind(), "auth");
+        assert_eq!(
+            n.on_response(&resp(403, "user not found!"))
+                .unwrap_err()
+                .kind(),
+            "auth"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn malformed_bodies_are_errors_not_panics() {
-        for body in ["", "{", "[]", "null", "{}", r#"{"hosts":null}"#, r#"{"hosts":{}}"#, r#"{"hosts":"x"}"#, r#"{"hosts":[],"reachProtectionThreshold":"no"}"#] {
+        for body in [
+            "",
+            "{",
+            "[]",
+            "null",
+            "{}",
+            r#"{"hosts":null}"#,
+            r#"{"hosts":{}}"#,
+            r#"{"hosts":"x"}"#,
+            r#"{"hosts":[],"reachProtectionThreshold":"no"}"#,
+        ] {
             let mut n = nacos("");
             n.request(0);
-            assert_eq!(n.on_response(&resp(200, body)).unwrap_err().kind(), "malformed", "{body}");
+            assert_eq!(
+                n.on_response(&resp(200, body)).unwrap_err().kind(),
+                "malformed",
+                "{body}"
+            );
             assert_eq!(n.last_hash, 0);
         }
-        for body in ["", "{}", r#"{"code":0}"#, r#"{"code":0,"data":{"hosts":5}}"#, r#"{"code":"0","data":{}}"#] {
+        for body in [
+            "",
+            "{}",
+            r#"{"code":0}"#,
+            r#"{"code":0,"data":{"hosts":5}}"#,
+            r#"{"code":"0","data":{}}"#,
+        ] {
             let mut n = nacos(r#","api":"v2""#);
             n.request(0);
-            assert_eq!(n.on_response(&resp(200, body)).unwrap_err().kind(), "malformed", "v2 {body}");
+            assert_eq!(
+                n.on_response(&resp(200, body)).unwrap_err().kind(),
+                "malformed",
+                "v2 {body}"
+            );
         }
     }
 

@@ -289,7 +289,9 @@ fn acl_login(inner: &Inner, req: &Request) -> Response {
     let Some((method, bearer, ttl)) = st.auth_method.clone() else {
         return Response::text(403, "Permission denied");
     };
-    if body["AuthMethod"] != serde_json::json!(method) || body["BearerToken"] != serde_json::json!(bearer) {
+    if body["AuthMethod"] != serde_json::json!(method)
+        || body["BearerToken"] != serde_json::json!(bearer)
+    {
         return Response::text(403, "Permission denied");
     }
     let secret = format!("login-{}", st.logins.len() + 1);
@@ -339,7 +341,11 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
     if login_required {
         let got = req.header("X-Consul-Token").unwrap_or("").to_string();
         let now = Instant::now();
-        let valid = inner.lock().logins.iter().any(|(t, exp)| *t == got && *exp > now);
+        let valid = inner
+            .lock()
+            .logins
+            .iter()
+            .any(|(t, exp)| *t == got && *exp > now);
         if !valid {
             return Some(Response::text(403, "ACL not found"));
         }
@@ -532,11 +538,21 @@ impl FakeConsul {
     /// Edit the instances of `svc` in place (bumps the index, wakes blocked queries).
     pub fn update_service(&self, svc: &str, f: impl FnOnce(&mut Vec<ConsulInstance>)) {
         let mut st = self.inner.lock();
-        let mut v = st.services.get(svc).map(|s| s.instances.clone()).unwrap_or_default();
+        let mut v = st
+            .services
+            .get(svc)
+            .map(|s| s.instances.clone())
+            .unwrap_or_default();
         f(&mut v);
         st.raft_index += 1;
         let index = st.raft_index;
-        st.services.insert(svc.to_string(), Svc { index, instances: v });
+        st.services.insert(
+            svc.to_string(),
+            Svc {
+                index,
+                instances: v,
+            },
+        );
         drop(st);
         self.inner.cv.notify_all();
     }

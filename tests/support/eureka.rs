@@ -96,7 +96,12 @@ fn instance_json(app: &str, i: &EurekaInstance, shape: Shape) -> Value {
     let metadata = if i.metadata.is_empty() {
         json!({"@class": "java.util.Collections$EmptyMap"})
     } else {
-        Value::Object(i.metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<Map<_, _>>())
+        Value::Object(
+            i.metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect::<Map<_, _>>(),
+        )
     };
     json!({
         "instanceId": i.id,
@@ -132,11 +137,15 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
     st.requests += 1;
     if let Some(want) = &st.basic {
         if req.header("authorization") != Some(want.as_str()) {
-            return Some(Response::new(401, "").header("WWW-Authenticate", "Basic realm=\"Realm\""));
+            return Some(
+                Response::new(401, "").header("WWW-Authenticate", "Basic realm=\"Realm\""),
+            );
         }
     }
     let apps_path = format!("{}/apps/", st.prefix);
-    let Some(app) = req.path.strip_prefix(&apps_path) else { return Some(Response::new(404, "")) };
+    let Some(app) = req.path.strip_prefix(&apps_path) else {
+        return Some(Response::new(404, ""));
+    };
     if req.method != "GET" {
         return Some(Response::new(405, ""));
     }
@@ -148,7 +157,9 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
     };
     let shape = st.shape.unwrap_or(Shape::Modern);
     drop(st);
-    let json_wanted = req.header("accept").is_some_and(|a| a.to_ascii_lowercase().contains("json"));
+    let json_wanted = req
+        .header("accept")
+        .is_some_and(|a| a.to_ascii_lowercase().contains("json"));
     if !json_wanted {
         let mut xml = format!("<application>\n  <name>{app}</name>\n");
         for i in &instances {
@@ -160,7 +171,10 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
         xml.push_str("</application>");
         return Some(Response::new(200, xml).header("Content-Type", "application/xml"));
     }
-    let list: Vec<Value> = instances.iter().map(|i| instance_json(&app, i, shape)).collect();
+    let list: Vec<Value> = instances
+        .iter()
+        .map(|i| instance_json(&app, i, shape))
+        .collect();
     let instance = match (shape, list.len()) {
         (Shape::Old, 1) => list.into_iter().next().unwrap_or(Value::Null),
         _ => Value::Array(list),
@@ -176,16 +190,26 @@ impl FakeEureka {
     }
 
     pub fn start_with_prefix(prefix: &str) -> FakeEureka {
-        let inner = Arc::new(Inner::new(State { prefix: prefix.to_string(), ..Default::default() }));
+        let inner = Arc::new(Inner::new(State {
+            prefix: prefix.to_string(),
+            ..Default::default()
+        }));
         let i2 = inner.clone();
         let server = HttpServer::start(0, Arc::new(move |req| handle(&i2, req)))
             .unwrap_or_else(|e| panic!("fake eureka: cannot bind: {e}"));
-        FakeEureka { port: server.port, inner, server }
+        FakeEureka {
+            port: server.port,
+            inner,
+            server,
+        }
     }
 
     /// Require HTTP basic auth with these credentials.
     pub fn set_basic_auth(&self, user: &str, password: &str) {
-        self.inner.lock().basic = Some(format!("Basic {}", B64.encode(format!("{user}:{password}"))));
+        self.inner.lock().basic = Some(format!(
+            "Basic {}",
+            B64.encode(format!("{user}:{password}"))
+        ));
     }
 
     pub fn set_shape(&self, shape: Shape) {

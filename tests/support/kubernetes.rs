@@ -70,10 +70,17 @@ pub struct K8sSlice {
 impl K8sSlice {
     /// One TCP port named `http`.
     pub fn new(name: &str, port: u16, endpoints: Vec<K8sEndpoint>) -> Self {
-        K8sSlice { name: name.to_string(), ports: vec![("http".into(), port, "TCP".into())], endpoints }
+        K8sSlice {
+            name: name.to_string(),
+            ports: vec![("http".into(), port, "TCP".into())],
+            endpoints,
+        }
     }
     pub fn ports(mut self, ports: &[(&str, u16)]) -> Self {
-        self.ports = ports.iter().map(|(n, p)| (n.to_string(), *p, "TCP".to_string())).collect();
+        self.ports = ports
+            .iter()
+            .map(|(n, p)| (n.to_string(), *p, "TCP".to_string()))
+            .collect();
         self
     }
 }
@@ -126,8 +133,11 @@ fn slice_json(ns: &str, svc: &str, s: &K8sSlice, rv: u64) -> Value {
             v
         })
         .collect();
-    let ports: Vec<Value> =
-        s.ports.iter().map(|(n, p, proto)| json!({"name": n, "protocol": proto, "port": p})).collect();
+    let ports: Vec<Value> = s
+        .ports
+        .iter()
+        .map(|(n, p, proto)| json!({"name": n, "protocol": proto, "port": p}))
+        .collect();
     json!({
         "metadata": {
             "name": s.name,
@@ -156,22 +166,44 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
         st.log.push((req.target.clone(), req.headers.clone()));
     }
     st.requests += 1;
-    let token = req.header("authorization").and_then(|a| a.strip_prefix("Bearer ")).map(str::trim);
+    let token = req
+        .header("authorization")
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .map(str::trim);
     let Some(token) = token.filter(|t| st.tokens.contains(*t) || st.forbidden.contains(*t)) else {
         return Some(status(401, "Unauthorized", "Unauthorized", json!(null)));
     };
-    let Some(ns) = req.path.strip_prefix(PREFIX).and_then(|rest| rest.strip_suffix("/endpointslices")) else {
-        return Some(status(404, "NotFound", "the server could not find the requested resource", json!({})));
+    let Some(ns) = req
+        .path
+        .strip_prefix(PREFIX)
+        .and_then(|rest| rest.strip_suffix("/endpointslices"))
+    else {
+        return Some(status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+            json!({}),
+        ));
     };
     let ns = ns.to_string();
     if st.forbidden.contains(token) {
         let msg = format!(
             "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:{ns}:default\" cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" in the namespace \"{ns}\""
         );
-        return Some(status(403, "Forbidden", &msg, json!({"group": "discovery.k8s.io", "kind": "endpointslices"})));
+        return Some(status(
+            403,
+            "Forbidden",
+            &msg,
+            json!({"group": "discovery.k8s.io", "kind": "endpointslices"}),
+        ));
     }
     if req.method != "GET" {
-        return Some(status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource", json!({})));
+        return Some(status(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+            json!({}),
+        ));
     }
     let selector = req
         .query_params()
@@ -184,7 +216,14 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
     } else {
         match selector.split_once('=') {
             Some(("kubernetes.io/service-name", v)) => Some(v.trim_start_matches('=').to_string()),
-            _ => return Some(status(400, "BadRequest", &format!("unable to parse requirement: {selector}"), json!({}))),
+            _ => {
+                return Some(status(
+                    400,
+                    "BadRequest",
+                    &format!("unable to parse requirement: {selector}"),
+                    json!({}),
+                ))
+            }
         }
     };
     let items: Vec<Value> = st
@@ -199,16 +238,26 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
         "metadata": {"resourceVersion": st.revision.to_string()},
         "items": items
     });
-    Some(Response::json(200, &body.to_string()).header("Audit-Id", "00000000-0000-0000-0000-000000000000"))
+    Some(
+        Response::json(200, &body.to_string())
+            .header("Audit-Id", "00000000-0000-0000-0000-000000000000"),
+    )
 }
 
 impl FakeKubernetes {
     pub fn start() -> FakeKubernetes {
-        let inner = Arc::new(Inner::new(State { revision: 1000, ..Default::default() }));
+        let inner = Arc::new(Inner::new(State {
+            revision: 1000,
+            ..Default::default()
+        }));
         let i2 = inner.clone();
         let server = HttpServer::start(0, Arc::new(move |req| handle(&i2, req)))
             .unwrap_or_else(|e| panic!("fake kubernetes: cannot bind: {e}"));
-        FakeKubernetes { port: server.port, inner, server }
+        FakeKubernetes {
+            port: server.port,
+            inner,
+            server,
+        }
     }
 
     /// A bearer token allowed to list endpointslices.
@@ -226,7 +275,10 @@ impl FakeKubernetes {
         let mut st = self.inner.lock();
         st.revision += 1;
         let rv = st.revision;
-        st.services.insert((ns.to_string(), svc.to_string()), slices.into_iter().map(|s| (s, rv)).collect());
+        st.services.insert(
+            (ns.to_string(), svc.to_string()),
+            slices.into_iter().map(|s| (s, rv)).collect(),
+        );
     }
 
     /// Something else in the cluster changed: the list's resourceVersion moves.

@@ -7,7 +7,12 @@ use std::time::Duration;
 
 /// Loads `envoy/<file>`, moves listener 10000 and admin 9901 to free ports, applies
 /// the given port moves and text replacements, and starts Envoy.
-pub fn start(file: &str, ports: &[(u16, u16)], replace: &[(&str, &str)], concurrency: u32) -> Envoy {
+pub fn start(
+    file: &str,
+    ports: &[(u16, u16)],
+    replace: &[(&str, &str)],
+    concurrency: u32,
+) -> Envoy {
     let cfg = config(file, ports, replace);
     start_cfg(cfg, concurrency)
 }
@@ -35,7 +40,11 @@ pub fn tally(envoy: &Envoy, n: usize) -> HashMap<String, u32> {
     let mut c = HashMap::new();
     for _ in 0..n {
         let (status, body, _) = envoy.get("/", &[]);
-        let key = if status == 200 { body } else { format!("<{status} {}>", body.trim()) };
+        let key = if status == 200 {
+            body
+        } else {
+            format!("<{status} {}>", body.trim())
+        };
         *c.entry(key).or_insert(0) += 1;
     }
     c
@@ -43,7 +52,9 @@ pub fn tally(envoy: &Envoy, n: usize) -> HashMap<String, u32> {
 
 /// Waits until stat `name` satisfies `pred`.
 pub fn wait_stat(envoy: &Envoy, name: &str, timeout: Duration, pred: impl Fn(i64) -> bool) -> bool {
-    wait_until(timeout, Duration::from_millis(20), || envoy.stat(name).map(&pred).unwrap_or(false))
+    wait_until(timeout, Duration::from_millis(20), || {
+        envoy.stat(name).map(&pred).unwrap_or(false)
+    })
 }
 
 /// Full name of a registry-lb stat.
@@ -54,9 +65,18 @@ pub fn stat(name: &str) -> String {
 /// Waits until the snapshot of `service` reached `version` (published and visible).
 pub fn wait_version(envoy: &Envoy, service: &str, version: i64) {
     assert!(
-        wait_stat(envoy, &stat(&format!("{service}.snapshot_version")), Duration::from_secs(15), |v| v >= version),
+        wait_stat(
+            envoy,
+            &stat(&format!("{service}.snapshot_version")),
+            Duration::from_secs(15),
+            |v| v >= version
+        ),
         "snapshot version {version} of {service} never published; stats: {:?}",
-        envoy.stats().into_iter().filter(|(k, _)| k.contains("registry_lb")).collect::<Vec<_>>()
+        envoy
+            .stats()
+            .into_iter()
+            .filter(|(k, _)| k.contains("registry_lb"))
+            .collect::<Vec<_>>()
     );
     // Workers pick a new snapshot up on their next tick (50 ms in the shipped configs).
     std::thread::sleep(Duration::from_millis(120));

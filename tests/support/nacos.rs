@@ -102,11 +102,18 @@ pub struct FakeNacos {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn host_json(svc_key: &str, i: &NacosInstance, healthy: bool) -> Value {
-    let meta: Map<String, Value> = i.metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    let meta: Map<String, Value> = i
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
     json!({
         "instanceId": format!("{}#{}#{}#{}", i.ip, i.port, i.cluster, svc_key),
         "ip": i.ip,
@@ -133,8 +140,9 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
     match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/nacos/v1/auth/login") => {
             // Nacos reads the form body (and query parameters).
-            let mut form: HashMap<String, String> =
-                url::form_urlencoded::parse(&req.body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+            let mut form: HashMap<String, String> = url::form_urlencoded::parse(&req.body)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
             for (k, v) in req.query_params() {
                 form.entry(k).or_insert(v.unwrap_or_default());
             }
@@ -146,20 +154,33 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
                 return Some(Response::text(403, "unknown user!"));
             }
             st.logins += 1;
-            let token = format!("fake-nacos-token-{}-{}", inner.seq.fetch_add(1, Ordering::SeqCst), now_ms());
+            let token = format!(
+                "fake-nacos-token-{}-{}",
+                inner.seq.fetch_add(1, Ordering::SeqCst),
+                now_ms()
+            );
             let ttl = st.token_ttl;
             st.tokens.insert(token.clone(), Instant::now() + ttl);
-            let body = json!({"accessToken": token, "tokenTtl": ttl.as_secs(), "globalAdmin": true});
+            let body =
+                json!({"accessToken": token, "tokenTtl": ttl.as_secs(), "globalAdmin": true});
             Some(Response::json(200, &body.to_string()))
         }
         ("GET", "/nacos/v1/ns/instance/list") | ("GET", "/nacos/v2/ns/instance/list") => {
             let v2 = req.path.starts_with("/nacos/v2/");
             st.list_requests += 1;
             let params = req.query_params();
-            let param = |k: &str| params.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone());
+            let param = |k: &str| {
+                params
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .and_then(|(_, v)| v.clone())
+            };
             if st.credentials.is_some() {
-                let token = param("accessToken").or_else(|| req.header("accessToken").map(str::to_string));
-                let Some(token) = token else { return Some(Response::text(403, "user not found!")) };
+                let token =
+                    param("accessToken").or_else(|| req.header("accessToken").map(str::to_string));
+                let Some(token) = token else {
+                    return Some(Response::text(403, "user not found!"));
+                };
                 match st.tokens.get(&token) {
                     None => return Some(Response::text(403, "token invalid!")),
                     Some(exp) if *exp <= Instant::now() => {
@@ -174,13 +195,20 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
             }
             let Some(service) = param("serviceName").filter(|s| !s.is_empty()) else {
                 return Some(if v2 {
-                    Response::json(400, r#"{"code":10000,"message":"Required parameter 'serviceName' type String is not present","data":null}"#)
+                    Response::json(
+                        400,
+                        r#"{"code":10000,"message":"Required parameter 'serviceName' type String is not present","data":null}"#,
+                    )
                 } else {
                     Response::text(400, "Param 'serviceName' is required.")
                 });
             };
-            let group = param("groupName").filter(|s| !s.is_empty()).unwrap_or_else(|| "DEFAULT_GROUP".into());
-            let ns = param("namespaceId").filter(|s| !s.is_empty()).unwrap_or_else(|| "public".into());
+            let group = param("groupName")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "DEFAULT_GROUP".into());
+            let ns = param("namespaceId")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "public".into());
             let clusters_param = if v2 { "clusterName" } else { "clusters" };
             let clusters: Vec<String> = param(clusters_param)
                 .unwrap_or_default()
@@ -196,8 +224,10 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
                 .map(|s| (s.instances.clone(), s.protect_threshold))
                 .unwrap_or_default();
             drop(st);
-            let selected: Vec<&NacosInstance> =
-                instances.iter().filter(|i| clusters.is_empty() || clusters.contains(&i.cluster)).collect();
+            let selected: Vec<&NacosInstance> = instances
+                .iter()
+                .filter(|i| clusters.is_empty() || clusters.contains(&i.cluster))
+                .collect();
             let total = selected.len();
             let healthy_count = selected.iter().filter(|i| i.healthy).count();
             // ServiceUtil.selectInstancesWithHealthyProtection: at or below the threshold,
@@ -221,7 +251,11 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
                 "reachProtectionThreshold": reach,
                 "valid": true
             });
-            let body = if v2 { json!({"code": 0, "message": "success", "data": data}) } else { data };
+            let body = if v2 {
+                json!({"code": 0, "message": "success", "data": data})
+            } else {
+                data
+            };
             Some(Response::json(200, &body.to_string()))
         }
         _ => Some(Response::text(404, "Not Found")),
@@ -230,11 +264,21 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
 
 impl FakeNacos {
     pub fn start() -> FakeNacos {
-        let inner = Arc::new(Inner { m: super::Locked::new(State { token_ttl: Duration::from_secs(18_000), ..Default::default() }), seq: AtomicU64::new(1) });
+        let inner = Arc::new(Inner {
+            m: super::Locked::new(State {
+                token_ttl: Duration::from_secs(18_000),
+                ..Default::default()
+            }),
+            seq: AtomicU64::new(1),
+        });
         let i2 = inner.clone();
         let server = HttpServer::start(0, Arc::new(move |req| handle(&i2, req)))
             .unwrap_or_else(|e| panic!("fake nacos: cannot bind: {e}"));
-        FakeNacos { port: server.port, inner, server }
+        FakeNacos {
+            port: server.port,
+            inner,
+            server,
+        }
     }
 
     /// Turn auth on (`nacos.core.auth.enabled=true`) with one user, and a token TTL.
@@ -254,9 +298,22 @@ impl FakeNacos {
         self.set_service_in("public", "DEFAULT_GROUP", service, instances);
     }
 
-    pub fn set_service_in(&self, namespace: &str, group: &str, service: &str, instances: Vec<NacosInstance>) {
+    pub fn set_service_in(
+        &self,
+        namespace: &str,
+        group: &str,
+        service: &str,
+        instances: Vec<NacosInstance>,
+    ) {
         let mut st = self.inner.lock();
-        let svc = st.services.entry((namespace.to_string(), group.to_string(), service.to_string())).or_default();
+        let svc = st
+            .services
+            .entry((
+                namespace.to_string(),
+                group.to_string(),
+                service.to_string(),
+            ))
+            .or_default();
         svc.instances = instances;
     }
 
@@ -264,7 +321,11 @@ impl FakeNacos {
     pub fn set_protect_threshold(&self, service: &str, threshold: f64) {
         let mut st = self.inner.lock();
         st.services
-            .entry(("public".to_string(), "DEFAULT_GROUP".to_string(), service.to_string()))
+            .entry((
+                "public".to_string(),
+                "DEFAULT_GROUP".to_string(),
+                service.to_string(),
+            ))
             .or_default()
             .protect_threshold = threshold;
     }

@@ -10,16 +10,19 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::cell::Cell;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
 fn parse(arg: &str) -> Result<(SocketAddr, u64), String> {
     let (addr, delay) = match arg.split_once('=') {
-        Some((a, d)) => (a, d.parse::<u64>().map_err(|e| format!("{arg}: delay: {e}"))?),
+        Some((a, d)) => (
+            a,
+            d.parse::<u64>().map_err(|e| format!("{arg}: delay: {e}"))?,
+        ),
         None => (arg, 0),
     };
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{arg}: address: {e}"))?;
@@ -34,13 +37,19 @@ fn control(req: &Request<hyper::body::Incoming>) -> Option<u64> {
     if req.uri().path() != "/__delay" {
         return None;
     }
-    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix("ms=")).and_then(|v| v.parse().ok())
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ms="))
+        .and_then(|v| v.parse().ok())
 }
 
 async fn serve(listener: TcpListener, delay_ms: u64) {
     let delay = Rc::new(Cell::new(delay_ms));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let delay = Rc::clone(&delay);
         tokio::task::spawn_local(async move {
@@ -49,7 +58,9 @@ async fn serve(listener: TcpListener, delay_ms: u64) {
                 async move {
                     if let Some(ms) = control(&req) {
                         delay.set(ms);
-                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("delay {ms} ms\n")))));
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                            format!("delay {ms} ms\n"),
+                        ))));
                     }
                     let d = delay.get();
                     if d > 0 {
@@ -58,7 +69,10 @@ async fn serve(listener: TcpListener, delay_ms: u64) {
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
                 }
             });
-            let _ = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc).await;
+            let _ = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
@@ -66,7 +80,9 @@ async fn serve(listener: TcpListener, delay_ms: u64) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
-        eprintln!("usage: bench-backend ADDR[=DELAY_MS]…   e.g. 127.0.0.1:18001 127.0.0.1:18002=50");
+        eprintln!(
+            "usage: bench-backend ADDR[=DELAY_MS]…   e.g. 127.0.0.1:18001 127.0.0.1:18002=50"
+        );
         std::process::exit(2);
     }
     let mut specs = Vec::new();
@@ -79,8 +95,14 @@ fn main() {
             }
         }
     }
-    let max_secs = std::env::var("BENCH_BACKEND_MAX_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(3600u64);
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let max_secs = std::env::var("BENCH_BACKEND_MAX_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3600u64);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bench-backend: {e}");

@@ -71,7 +71,10 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
-        let cfg = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size).ok().flatten().unwrap_or_default();
+        let cfg = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         let cfg = String::from_utf8_lossy(&cfg).to_string();
         let mut it = cfg.split_whitespace();
         let op = match it.next().unwrap_or("none") {
@@ -91,7 +94,11 @@ impl RootContext for Root {
         let count = it.next().and_then(|c| c.parse().ok()).unwrap_or(1u32);
         let mut p = self.probe.borrow_mut();
         p.op = op;
-        p.count = if op == Op::FilterState { count.min(1) } else { count };
+        p.count = if op == Op::FilterState {
+            count.min(1)
+        } else {
+            count
+        };
         p.gauge = hostcalls::define_metric(MetricType::Gauge, "probe.gauge").unwrap_or(0);
         if op == Op::Mimic {
             let port: u32 = it.next().and_then(|c| c.parse().ok()).unwrap_or(20000);
@@ -105,21 +112,41 @@ impl RootContext for Root {
             }
             let header = p.header;
             for k in 0..count {
-                let a = hostcalls::define_metric(MetricType::Gauge, &format!("probe.slot_{k}.rq_active")).unwrap_or(0);
-                let c = hostcalls::define_metric(MetricType::Gauge, &format!("probe.slot_{k}.consecutive_5xx")).unwrap_or(0);
+                let a = hostcalls::define_metric(
+                    MetricType::Gauge,
+                    &format!("probe.slot_{k}.rq_active"),
+                )
+                .unwrap_or(0);
+                let c = hostcalls::define_metric(
+                    MetricType::Gauge,
+                    &format!("probe.slot_{k}.consecutive_5xx"),
+                )
+                .unwrap_or(0);
                 let host = format!("127.0.0.1:{}", port + k);
-                p.hosts.push((if header { host.into_bytes() } else { filter_state_args(&host) }, a, c));
+                p.hosts.push((
+                    if header {
+                        host.into_bytes()
+                    } else {
+                        filter_state_args(&host)
+                    },
+                    a,
+                    c,
+                ));
             }
             p.count = 1;
         }
         for i in 0..256u32 {
-            p.names.insert(format!("web.instance.127_0_0_1_{}.picks", 20000 + i), i);
+            p.names
+                .insert(format!("web.instance.127_0_0_1_{}.picks", 20000 + i), i);
         }
         true
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { probe: self.probe.clone(), slot: 0 }))
+        Some(Box::new(Http {
+            probe: self.probe.clone(),
+            slot: 0,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -157,19 +184,30 @@ impl HttpContext for Http {
             let k = p.next % n;
             p.next = p.next.wrapping_add(1);
             self.slot = k;
-            std::hint::black_box(hostcalls::get_property(vec!["xds", "route_name"]).ok().flatten());
+            std::hint::black_box(
+                hostcalls::get_property(vec!["xds", "route_name"])
+                    .ok()
+                    .flatten(),
+            );
             std::hint::black_box(hostcalls::get_metric(p.gauge).unwrap_or(0));
             std::hint::black_box(hostcalls::get_current_time().ok());
             if let (Some(a), Some(b)) = (p.hosts.get(k), p.hosts.get((k + 1) % n)) {
-                std::hint::black_box(hostcalls::get_metric(a.1).unwrap_or(0) + hostcalls::get_metric(b.1).unwrap_or(0));
+                std::hint::black_box(
+                    hostcalls::get_metric(a.1).unwrap_or(0)
+                        + hostcalls::get_metric(b.1).unwrap_or(0),
+                );
             }
             if let Some(h) = p.hosts.get(k) {
                 if p.header {
                     const H: &str = "x-envoy-original-dst-host";
-                    if let Ok(Some(_)) = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, H) {
-                        let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, H, None);
+                    if let Ok(Some(_)) =
+                        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, H)
+                    {
+                        let _ =
+                            hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, H, None);
                     }
-                    let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, H, Some(&h.0));
+                    let _ =
+                        hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, H, Some(&h.0));
                 } else if !p.no_fs {
                     let _ = hostcalls::call_foreign_function("set_envoy_filter_state", Some(&h.0));
                 }
@@ -182,7 +220,13 @@ impl HttpContext for Http {
         for i in 0..p.count {
             match p.op {
                 Op::RouteMetadata => {
-                    let v = hostcalls::get_property(vec!["xds", "route_metadata", "filter_metadata", "registry_lb", "service"]);
+                    let v = hostcalls::get_property(vec![
+                        "xds",
+                        "route_metadata",
+                        "filter_metadata",
+                        "registry_lb",
+                        "service",
+                    ]);
                     sink += v.ok().flatten().map(|v| v.len() as u64).unwrap_or(0);
                 }
                 Op::GetMetric => sink += hostcalls::get_metric(p.gauge).unwrap_or(0),
@@ -190,11 +234,17 @@ impl HttpContext for Http {
                     let _ = hostcalls::increment_metric(p.gauge, if i % 2 == 0 { 1 } else { -1 });
                 }
                 Op::FilterState => {
-                    let _ = hostcalls::call_foreign_function("set_envoy_filter_state", Some(&filter_state_args("127.0.0.1:20000")));
+                    let _ = hostcalls::call_foreign_function(
+                        "set_envoy_filter_state",
+                        Some(&filter_state_args("127.0.0.1:20000")),
+                    );
                 }
                 Op::GuestFormat => {
                     let host = format!("127.0.0.1:{}", 20000 + (i % 256));
-                    let safe: String = host.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+                    let safe: String = host
+                        .chars()
+                        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                        .collect();
                     let name = format!("web.instance.{safe}.picks");
                     sink += p.names.get(&name).copied().unwrap_or(0) as u64;
                 }
@@ -203,7 +253,11 @@ impl HttpContext for Http {
                     sink += v.ok().flatten().map(|v| v.len() as u64).unwrap_or(0);
                 }
                 Op::CurrentTime => {
-                    sink += hostcalls::get_current_time().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.subsec_nanos() as u64).unwrap_or(0);
+                    sink += hostcalls::get_current_time()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.subsec_nanos() as u64)
+                        .unwrap_or(0);
                 }
                 Op::ResponseCode | Op::StatusHeader | Op::None | Op::Mimic => {}
             }
@@ -216,7 +270,11 @@ impl HttpContext for Http {
         let p = self.probe.borrow();
         if p.op == Op::StatusHeader {
             for _ in 0..p.count {
-                std::hint::black_box(hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status").ok().flatten());
+                std::hint::black_box(
+                    hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+                        .ok()
+                        .flatten(),
+                );
             }
         }
         Action::Continue
@@ -228,7 +286,11 @@ impl HttpContext for Http {
             if let Some(h) = p.hosts.get(self.slot) {
                 let _ = hostcalls::increment_metric(h.1, -1);
                 if !p.no_code {
-                    std::hint::black_box(hostcalls::get_property(vec!["response", "code"]).ok().flatten());
+                    std::hint::black_box(
+                        hostcalls::get_property(vec!["response", "code"])
+                            .ok()
+                            .flatten(),
+                    );
                 }
                 let _ = hostcalls::record_metric(h.2, 0);
             }
@@ -236,7 +298,11 @@ impl HttpContext for Http {
         }
         if p.op == Op::ResponseCode {
             for _ in 0..p.count {
-                std::hint::black_box(hostcalls::get_property(vec!["response", "code"]).ok().flatten());
+                std::hint::black_box(
+                    hostcalls::get_property(vec!["response", "code"])
+                        .ok()
+                        .flatten(),
+                );
             }
         }
     }
