@@ -237,6 +237,7 @@ impl Root {
                 log::warn!("registry-lb: service {name}: {message}");
             }
             let Some(snap) = publication else { continue };
+            let _ = w.seed_outliers(i);
             let (current, cas) = shared::get(&snapshot_keys[i]);
             if let Some(cur) = current.as_deref().and_then(|b| Snapshot::decode(b).ok()) {
                 if cur.version >= snap.version {

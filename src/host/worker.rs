@@ -488,6 +488,30 @@ impl Worker {
         }
     }
 
+    /// Creates the empty shared ejection state of service `si` if it is absent.
+    ///
+    /// Envoy's shared data checks no CAS when a key is absent, so two workers
+    /// ejecting the same slot at once would both "win" against a missing key
+    /// (two ejections, two counts). The leader therefore seeds the key before it
+    /// publishes the first snapshot: no worker can pick, fail, or eject before
+    /// that, so every later write is a real compare-and-swap.
+    /// Returns whether the key exists (or was just created).
+    pub fn seed_outliers(&mut self, si: usize) -> bool {
+        if !self.outliers_on(si) {
+            return false;
+        }
+        let Some(key) = self.keys.outliers.get(si) else {
+            return false;
+        };
+        if let (None, None) = shared::get(key) {
+            if let Err(e) = shared::set(key, &Outliers::default().encode(), None) {
+                log::warn!("registry-lb: cannot create the shared ejection state ({e:?}); retrying on the next publication");
+                return false;
+            }
+        }
+        true
+    }
+
     /// Changes the shared ejection state of service `si` with compare-and-swap.
     /// `change` returns whether it changed anything. Returns whether it was stored.
     pub fn update_outliers(
@@ -500,6 +524,14 @@ impl Worker {
         };
         for _ in 0..8 {
             let (bytes, cas) = shared::get(&key);
+            if cas.is_none() {
+                // Absent key: a write now would not be a compare-and-swap. Seed
+                // the empty state (see `seed_outliers`) and read again.
+                if !self.seed_outliers(si) {
+                    return false;
+                }
+                continue;
+            }
             let mut o = bytes
                 .as_deref()
                 .and_then(Outliers::decode)
