@@ -1119,7 +1119,11 @@ def phase_refresh(run):
             ver = m.group(1) if m else None
             tables = wait_log(e.log_path, rf"worker table at version {ver} ", 2, 2)
             tbl = [log_time(l) for l in tables]
+            # The filter's own time on that answer (copy in, parse, publish), on its thread.
+            handled = wait_log(e.log_path, r"handled in \d+ us \(updated\)", 1 + k, 5)
+            m_us = re.search(r"handled in (\d+) us", handled[k]) if len(handled) > k else None
             samples.append({"index": idx, "answer_bytes": len(body),
+                            "filter_ms": int(m_us.group(1)) / 1000 if m_us else None,
                             "sent_to_published_ms": (t_pub - t_sent) * 1000 if t_pub and t_sent else None,
                             "published_thread": threads.get(tid, ("?", 0))[0] if tid else None,
                             "published_to_tables_ms": [round((t - t_pub) * 1000, 2) for t, _ in tbl if t and t_pub]})
@@ -1135,9 +1139,11 @@ def phase_refresh(run):
         e.stop()
         reg.stop()
         lat = [s["sent_to_published_ms"] for s in samples if s["sent_to_published_ms"] is not None]
+        filt = [s["filter_ms"] for s in samples if s.get("filter_ms") is not None]
         out[str(n)] = {
             "instances": n, "answer_bytes": len(body0), "changes": len(samples), "samples": samples,
             "sent_to_published_ms_median": median(lat), "sent_to_published_ms_max": max(lat) if lat else None,
+            "filter_ms_median": median(filt), "filter_ms_max": max(filt) if filt else None,
             "published_by_thread": sorted({s["published_thread"] for s in samples if s["published_thread"]}),
             "cpu_ms_per_refresh_by_thread": cpu,
             "snapshot_bytes": st.get("wasmcustom.registry_lb.web.snapshot_bytes"),
@@ -1269,12 +1275,13 @@ def tables(res):
                        f"{'—' if not rng else f'{rng[0]:,} … {rng[1]:,}'} | {fmt(s['rps'], ',.0f')} |")
     if "refresh" in res and res["refresh"]:
         out.append("")
-        out.append("| Consul answer | bytes | registry sent → snapshot published (median / max ms) | published on | CPU ms per refresh by thread | snapshot bytes |")
-        out.append("|---|---:|---:|---|---|---:|")
+        out.append("| Consul answer | bytes | registry sent → snapshot published (median / max ms) | in the filter: copy, parse, publish (median / max ms) | published on | CPU ms per refresh by thread | snapshot bytes |")
+        out.append("|---|---:|---:|---:|---|---|---:|")
         for r in res["refresh"].values():
             cpu = ", ".join(f"{k.split('[')[0]} {v}" for k, v in r["cpu_ms_per_refresh_by_thread"].items())
             out.append(f"| {r['instances']:,} instances | {r['answer_bytes']:,} | {fmt(r['sent_to_published_ms_median'], '.1f')} / "
-                       f"{fmt(r['sent_to_published_ms_max'], '.1f')} | {', '.join(r['published_by_thread'])} | {cpu} | {fmt(r['snapshot_bytes'], ',')} |")
+                       f"{fmt(r['sent_to_published_ms_max'], '.1f')} | {fmt(r.get('filter_ms_median'), '.1f')} / {fmt(r.get('filter_ms_max'), '.1f')} | "
+                       f"{', '.join(r['published_by_thread'])} | {cpu} | {fmt(r['snapshot_bytes'], ',')} |")
     if "registry" in res:
         g = res["registry"]
         out.append("")

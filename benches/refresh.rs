@@ -1,7 +1,8 @@
 //! Registry refresh at scale (native): a 10,000-instance Consul `/v1/health/service`
-//! answer shaped like the recorded Consul 1.21 one (`tests/fixtures/consul`), parsed,
-//! hashed, given slots and encoded as the shared-data snapshot — the main-thread work
-//! of one refresh that changed something, without the host calls.
+//! answer shaped like the recorded Consul 1.21 one (`tests/fixtures/consul`).
+//! `leader_answer_to_snapshot` is the poller's whole work on one changed answer
+//! (parse, merge, hash, slots, encode) without the host calls; `worker_rebuild` is
+//! what every worker then does (decode the snapshot, build its table).
 //!
 //! `cargo bench --bench refresh`. Inside Envoy the same code runs compiled to wasm;
 //! `./dev bench` measures that end to end (phase `refresh`).
@@ -9,7 +10,11 @@
 #![allow(clippy::expect_used)] // a benchmark, not the filter: a broken fixture should stop it
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use registry_lb::registry::consul;
+use registry_lb::config::PluginConfig;
+use registry_lb::picker::{Options, Table};
+use registry_lb::poller::ServicePoller;
+use registry_lb::registry::{consul, HttpResponse};
+use registry_lb::rng::SplitMix64;
 use registry_lb::snapshot::{self, Snapshot};
 use std::time::Duration;
 
@@ -17,6 +22,10 @@ const N: usize = 10_000;
 
 /// N entries: the recorded first entry, with its addresses, ports and ids varied.
 fn body() -> Vec<u8> {
+    body_with_weight(1)
+}
+
+fn body_with_weight(warning: u32) -> Vec<u8> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/consul/health_service_modern_shape.json"
@@ -29,6 +38,7 @@ fn body() -> Vec<u8> {
             let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
             tpl.replace("10.1.10.12", &ip)
                 .replace("\"Port\":8000", &format!("\"Port\":{}", 8000 + i % 100))
+                .replace("\"Warning\":1", &format!("\"Warning\":{warning}"))
         })
         .collect();
     format!("[{}]", entries.join(",")).into_bytes()
@@ -45,6 +55,12 @@ fn refresh(c: &mut Criterion) {
             black_box(
                 serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&body)).expect("scan"),
             )
+        })
+    });
+    g.bench_function("scan_only_str", |b| {
+        b.iter(|| {
+            let text = std::str::from_utf8(black_box(&body)).expect("utf-8");
+            black_box(serde_json::from_str::<serde::de::IgnoredAny>(text).expect("scan"))
         })
     });
     g.bench_function("parse", |b| {
@@ -67,8 +83,56 @@ fn refresh(c: &mut Criterion) {
             black_box(snap.encode())
         })
     });
+    // The leader: two answers that differ in every weight, alternating, each with a
+    // new index, so every iteration parses, merges, hashes, assigns slots (against the
+    // previous snapshot) and encodes.
+    let cfg = PluginConfig::parse(
+        br#"{"services":[{"name":"web","policy":"least_request","sources":[{"consul":{"cluster":"consul","service":"web"}}]}]}"#,
+    )
+    .expect("config");
+    let svc = &cfg.services[0];
+    let bodies = [body_with_weight(1), body_with_weight(2)];
+    let mut poller = ServicePoller::new(svc);
+    let mut rng = SplitMix64(7);
+    let mut index = 0u64;
+    let mut answer = |poller: &mut ServicePoller, rng: &mut SplitMix64| {
+        index += 1;
+        let headers = vec![("x-consul-index".to_string(), index.to_string())];
+        let _ = poller.due(index);
+        let resp = HttpResponse {
+            status: 200,
+            headers: &headers,
+            body: &bodies[(index % 2) as usize],
+        };
+        let out = poller.on_response(0, &resp, index, rng);
+        assert!(
+            matches!(out, registry_lb::poller::Outcome::Updated { .. }),
+            "{out:?}"
+        );
+        let snap = poller
+            .publication(index)
+            .expect("a changed answer publishes");
+        let bytes = snap.encode();
+        poller.published(snap);
+        bytes
+    };
+    let encoded = answer(&mut poller, &mut rng);
+    g.bench_function("leader_answer_to_snapshot", |b| {
+        b.iter(|| black_box(answer(&mut poller, &mut rng)))
+    });
+    g.bench_function("worker_rebuild", |b| {
+        b.iter(|| {
+            let snap = Snapshot::decode(black_box(&encoded)).expect("decode");
+            black_box(Table::build(snap, Options::of(svc), &mut rng))
+        })
+    });
     g.finish();
-    println!("body: {} bytes, {} entries", body.len(), N);
+    println!(
+        "body: {} bytes, {} entries; snapshot {} bytes",
+        body.len(),
+        N,
+        encoded.len()
+    );
 }
 
 criterion_group!(benches, refresh);

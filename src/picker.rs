@@ -22,7 +22,7 @@ use crate::balancer::random::Random;
 use crate::balancer::ring_hash::{self, RingHash};
 use crate::balancer::weighted_sampler::WeightedSampler;
 use crate::balancer::{LeastRequest, RoundRobin};
-use crate::config::Policy;
+use crate::config::{Policy, ServiceConfig};
 use crate::instance::State;
 use crate::outlier::Outliers;
 use crate::rng::Rng;
@@ -30,15 +30,24 @@ use crate::snapshot::Snapshot;
 use crate::subset::{self, Fallback, Pairs};
 use crate::zone;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// `ip:port` (`[v6]:port`), as handed to Envoy.
-    pub host: String,
+    /// The instance's address; `host()` is its `ip:port` (`[v6]:port`) text, as
+    /// handed to Envoy and hashed by ring_hash and maglev.
+    pub addr: SocketAddr,
     /// Effective weight (registry weight with slow start and load reports applied).
     pub weight: u32,
     /// Slot of the instance's shared in-flight gauge and outlier state.
     pub slot: u32,
+}
+
+impl Endpoint {
+    /// `ip:port` (`[v6]:port`).
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +83,31 @@ pub struct Options {
 }
 
 impl Options {
+    /// Table options of a configured service.
+    pub fn of(svc: &ServiceConfig) -> Options {
+        Options {
+            policy: svc.policy,
+            choice_count: svc.choice_count,
+            panic_threshold: svc.panic_threshold,
+            bounded_load_percent: svc.bounded_load_percent,
+            local_zone: svc.local_zone.clone(),
+            zone_priorities: svc.zone_priorities.clone().unwrap_or_default(),
+            overprovisioning_percent: svc.overprovisioning_percent,
+            subset: svc
+                .subset
+                .as_ref()
+                .and_then(|s| s.selector.as_deref())
+                .and_then(|t| subset::parse_selector(t).ok()),
+            subset_fallback: svc
+                .subset
+                .as_ref()
+                .map(|s| s.fallback())
+                .unwrap_or(Fallback::NoFallback),
+            peak_ewma_decay_ms: svc.peak_ewma.decay.0,
+            peak_ewma_default_rtt_ns: svc.peak_ewma.default_rtt.0.saturating_mul(1_000_000),
+        }
+    }
+
     pub fn new(policy: Policy) -> Options {
         Options {
             policy,
@@ -155,28 +189,31 @@ pub struct Table {
 const MAX_CACHED_SUBSETS: usize = 32;
 
 impl Table {
-    pub fn build(snap: &Snapshot, options: Options, rng: &mut impl Rng) -> Table {
+    /// The table of a snapshot. It takes the snapshot's instances (their zones and
+    /// metadata move, nothing is copied or formatted per instance).
+    pub fn build(snap: Snapshot, options: Options, rng: &mut impl Rng) -> Table {
+        let known = snap.entries.len();
         let candidates: Vec<Candidate> = snap
             .entries
-            .iter()
+            .into_iter()
             .filter(|e| e.instance.state != State::Draining)
             .map(|e| Candidate {
                 ep: Endpoint {
-                    host: e.instance.addr.to_string(),
+                    addr: e.instance.addr,
                     weight: e.instance.weight,
                     slot: e.slot,
                 },
                 base_weight: e.instance.weight,
                 healthy: e.instance.state == State::Healthy,
-                zone: e.instance.zone.clone(),
-                metadata: e.instance.metadata.clone(),
+                zone: e.instance.zone,
+                metadata: e.instance.metadata,
                 registered_ms: e.instance.registered_ms,
             })
             .collect();
         let mut t = Table {
             version: snap.version,
             published_ms: snap.published_ms,
-            known: snap.entries.len(),
+            known,
             candidates,
             endpoints: Vec::new(),
             endpoint_candidate: Vec::new(),
@@ -218,17 +255,17 @@ impl Table {
         } else {
             routable
         };
-        // Carry peak-EWMA state over by host.
-        let old_peak: HashMap<String, crate::balancer::peak_ewma::EndpointState> = match &self.peak
-        {
-            Some(p) => self
-                .endpoints
-                .iter()
-                .enumerate()
-                .filter_map(|(i, e)| Some((e.host.clone(), p.state(i)?)))
-                .collect(),
-            None => HashMap::new(),
-        };
+        // Carry peak-EWMA state over by address.
+        let old_peak: HashMap<SocketAddr, crate::balancer::peak_ewma::EndpointState> =
+            match &self.peak {
+                Some(p) => self
+                    .endpoints
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| Some((e.addr, p.state(i)?)))
+                    .collect(),
+                None => HashMap::new(),
+            };
         self.endpoints = chosen
             .iter()
             .map(|&i| self.candidates[i].ep.clone())
@@ -264,7 +301,7 @@ impl Table {
                 now_ms,
             );
             for (i, e) in self.endpoints.iter().enumerate() {
-                if let Some(s) = old_peak.get(&e.host) {
+                if let Some(s) = old_peak.get(&e.addr) {
                     p.set_state(i, *s);
                 }
             }
@@ -292,7 +329,12 @@ impl Table {
             .filter_map(|&i| self.endpoints.get(i))
             .collect();
         let weights: Vec<u32> = eps.iter().map(|e| e.weight).collect();
-        let keys: Vec<&str> = eps.iter().map(|e| e.host.as_str()).collect();
+        // Hash keys are the `ip:port` texts (only the hash policies format them).
+        let keys: Vec<String> = if self.options.policy.is_hash() {
+            eps.iter().map(|e| e.host()).collect()
+        } else {
+            Vec::new()
+        };
         let bounded = self
             .options
             .bounded_load_percent
@@ -596,11 +638,11 @@ impl Table {
 
     /// Every non-draining instance: (slot, `ip:port`, registration time in Unix ms
     /// or `None`).
-    pub fn hosts_by_slot(&self) -> impl Iterator<Item = (u32, &str, Option<u64>)> + '_ {
+    pub fn hosts_by_slot(&self) -> impl Iterator<Item = (u32, SocketAddr, Option<u64>)> + '_ {
         self.candidates.iter().map(|c| {
             (
                 c.ep.slot,
-                c.ep.host.as_str(),
+                c.ep.addr,
                 Some(c.registered_ms).filter(|&t| t > 0),
             )
         })
@@ -669,17 +711,17 @@ mod tests {
             active: |s| load(s),
             total_active: 0,
         };
-        t.pick(&mut req).map(|e| e.host.clone())
+        t.pick(&mut req).map(|e| e.host())
     }
 
-    fn hosts(t: &Table) -> Vec<&str> {
-        t.endpoints.iter().map(|e| e.host.as_str()).collect()
+    fn hosts(t: &Table) -> Vec<String> {
+        t.endpoints.iter().map(|e| e.host()).collect()
     }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn only_healthy_instances_are_routable() {
         let mut r = SplitMix64(1);
-        let mut t = Table::build(&snap(), opts(Policy::RoundRobin), &mut r);
+        let mut t = Table::build(snap(), opts(Policy::RoundRobin), &mut r);
         assert_eq!(t.known, 4);
         assert_eq!(t.endpoints.len(), 2);
         assert!(!t.panic, "2 of 3 non-draining instances are healthy");
@@ -695,7 +737,7 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn least_request_reads_load_by_slot() {
         let mut r = SplitMix64(1);
-        let mut t = Table::build(&snap(), opts(Policy::LeastRequest), &mut r);
+        let mut t = Table::build(snap(), opts(Policy::LeastRequest), &mut r);
         // Slot 3 (10.0.0.4, weight 1) is busy: it loses every pair it is in, so it
         // is chosen only when both draws are it, (1/6)^2 of the time.
         let busy = (0..1000)
@@ -718,7 +760,7 @@ mod tests {
             Policy::RingHash,
             Policy::Maglev,
         ] {
-            let mut t = Table::build(&Snapshot::default(), opts(p), &mut r);
+            let mut t = Table::build(Snapshot::default(), opts(p), &mut r);
             assert!(
                 pick_host(&mut t, &mut r, Some(1), &|_| 0).is_none(),
                 "{p:?}"
@@ -730,7 +772,7 @@ mod tests {
     fn ejected_instances_leave_and_half_open_ones_return() {
         let mut r = SplitMix64(1);
         let mut t = Table::build(
-            &snap(),
+            snap(),
             Options {
                 panic_threshold: 0,
                 ..opts(Policy::RoundRobin)
@@ -767,7 +809,7 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn panic_mode_spreads_over_all_non_draining() {
         let mut r = SplitMix64(1);
-        let mut t = Table::build(&snap(), opts(Policy::RoundRobin), &mut r);
+        let mut t = Table::build(snap(), opts(Policy::RoundRobin), &mut r);
         let mut o = Outliers::default();
         o.slots.insert(
             0,
@@ -787,7 +829,7 @@ mod tests {
     fn ranked_lists_distinct_endpoints() {
         let mut r = SplitMix64(1);
         for p in [Policy::RoundRobin, Policy::RingHash, Policy::Maglev] {
-            let mut t = Table::build(&snap(), opts(p), &mut r);
+            let mut t = Table::build(snap(), opts(p), &mut r);
             let mut req = Request {
                 rng: &mut r,
                 now_ms: 0,
@@ -817,8 +859,8 @@ mod tests {
         for p in [Policy::RingHash, Policy::Maglev] {
             let mut r1 = SplitMix64(1);
             let mut r2 = SplitMix64(99);
-            let mut a = Table::build(&fleet(8), opts(p), &mut r1);
-            let mut b = Table::build(&fleet(8), opts(p), &mut r2);
+            let mut a = Table::build(fleet(8), opts(p), &mut r1);
+            let mut b = Table::build(fleet(8), opts(p), &mut r2);
             for key in 0..200u64 {
                 let h = crate::hash_key::hash_bytes(&key.to_le_bytes());
                 let x = pick_host(&mut a, &mut r1, Some(h), &|_| 0);
@@ -840,7 +882,7 @@ mod tests {
     fn bounded_load_moves_keys_off_a_hot_instance() {
         let mut r = SplitMix64(1);
         let mut t = Table::build(
-            &fleet(4),
+            fleet(4),
             Options {
                 bounded_load_percent: Some(125),
                 ..opts(Policy::RingHash)
@@ -849,7 +891,7 @@ mod tests {
         );
         let h = 12345;
         let home = pick_host(&mut t, &mut r, Some(h), &|_| 0).unwrap();
-        let home_slot = t.endpoints.iter().find(|e| e.host == home).unwrap().slot;
+        let home_slot = t.endpoints.iter().find(|e| e.host() == home).unwrap().slot;
         // The key's home carries 20 of 24 in flight: above 1.25 × 24/4, so the key goes elsewhere.
         let mut req = Request {
             rng: &mut r,
@@ -859,7 +901,7 @@ mod tests {
             active: |s| if s == home_slot { 20 } else { 1 },
             total_active: 24,
         };
-        let other = t.pick(&mut req).unwrap().host.clone();
+        let other = t.pick(&mut req).unwrap().host();
         assert_ne!(other, home);
     }
 
@@ -877,7 +919,7 @@ mod tests {
         let mut r = SplitMix64(1);
         let v1: Pairs = vec![("version".into(), "v1".into())];
         let mut t = Table::build(
-            &s,
+            s.clone(),
             Options {
                 subset: Some(v1.clone()),
                 subset_fallback: Fallback::AnyEndpoint,
@@ -902,7 +944,7 @@ mod tests {
                 active: |_| 0,
                 total_active: 0,
             };
-            seen.insert(t.pick(&mut req).unwrap().host.clone());
+            seen.insert(t.pick(&mut req).unwrap().host());
         }
         assert_eq!(
             seen.into_iter().collect::<Vec<_>>(),
@@ -920,7 +962,7 @@ mod tests {
         };
         assert!(t.pick(&mut req).is_some());
         let mut strict = Table::build(
-            &s,
+            s,
             Options {
                 subset: Some(v9),
                 ..opts(Policy::RoundRobin)
@@ -949,7 +991,7 @@ mod tests {
             ..opts(Policy::RoundRobin)
         };
         // Equal capacity: everything stays in zone a.
-        let mut t = Table::build(&zoned(3, 3), o.clone(), &mut r);
+        let mut t = Table::build(zoned(3, 3), o.clone(), &mut r);
         let local = (0..600)
             .filter(|_| {
                 pick_host(&mut t, &mut r, None, &|_| 0)
@@ -959,7 +1001,7 @@ mod tests {
             .count();
         assert_eq!(local, 600);
         // Zone a has 1 of 4 capacity units against half the demand: about half spills.
-        let mut t = Table::build(&zoned(1, 3), o, &mut r);
+        let mut t = Table::build(zoned(1, 3), o, &mut r);
         let local = (0..4000)
             .filter(|_| {
                 pick_host(&mut t, &mut r, None, &|_| 0)
@@ -1020,13 +1062,13 @@ mod tests {
             n
         };
         // Everything healthy: zone a keeps all.
-        let mut t = Table::build(&fleet(5, 5), o.clone(), &mut r);
+        let mut t = Table::build(fleet(5, 5), o.clone(), &mut r);
         assert_eq!(count(&mut t, &mut r), [4000, 0, 0]);
         // 4 of 5 up in a: group 0 is 1.4·9/10 > 100 % healthy; a spills to b only.
-        let mut t = Table::build(&fleet(4, 5), o.clone(), &mut r);
+        let mut t = Table::build(fleet(4, 5), o.clone(), &mut r);
         assert_eq!(count(&mut t, &mut r)[2], 0);
         // 1 of 5 up in a and in b: group 0 health 1.4·2/10 = 28 %, c takes 72 %.
-        let mut t = Table::build(&fleet(1, 1), o, &mut r);
+        let mut t = Table::build(fleet(1, 1), o, &mut r);
         let n = count(&mut t, &mut r);
         assert!(
             (1000..1240).contains(&n[0]) && n[1] < 100 && (2760..3000).contains(&n[2]),
@@ -1037,7 +1079,7 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn peak_ewma_avoids_a_slow_instance() {
         let mut r = SplitMix64(3);
-        let mut t = Table::build(&fleet(3), opts(Policy::PeakEwma), &mut r);
+        let mut t = Table::build(fleet(3), opts(Policy::PeakEwma), &mut r);
         // Slot 0 answers in 200 ms, the others in 5 ms.
         for now in 0..50u64 {
             for slot in 0..3u32 {
@@ -1073,7 +1115,7 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn effective_weights_apply() {
         let mut r = SplitMix64(3);
-        let mut t = Table::build(&fleet(2), opts(Policy::RoundRobin), &mut r);
+        let mut t = Table::build(fleet(2), opts(Policy::RoundRobin), &mut r);
         // Slot 1 ramps at a tenth of its weight (slow start).
         t.apply(
             &Outliers::default(),

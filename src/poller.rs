@@ -82,6 +82,18 @@ pub enum Outcome {
     Failed(RegistryError),
 }
 
+impl Outcome {
+    /// One word for logs: `unchanged`, `updated`, `again` or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Unchanged => "unchanged",
+            Outcome::Updated { .. } => "updated",
+            Outcome::Again(_) => "again",
+            Outcome::Failed(_) => "failed",
+        }
+    }
+}
+
 impl ServicePoller {
     pub fn new(svc: &ServiceConfig) -> ServicePoller {
         ServicePoller {

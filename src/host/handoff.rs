@@ -34,10 +34,6 @@ pub fn set_filter_state_args(args: &[u8]) -> Result<(), Status> {
     hostcalls::call_foreign_function("set_envoy_filter_state", Some(args)).map(|_| ())
 }
 
-pub fn set_header(name: &str, host: &str) -> Result<(), Status> {
-    hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(host))
-}
-
 pub fn set_header_bytes(name: &str, value: &[u8]) -> Result<(), Status> {
     hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value))
 }

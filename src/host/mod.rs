@@ -25,9 +25,14 @@ proxy_wasm::main! {{
 
 /// Wall-clock milliseconds from the host.
 pub(crate) fn now_ms() -> u64 {
+    (now_us() / 1000) as u64
+}
+
+/// Wall-clock microseconds from the host (the host reads its clock on each call).
+pub(crate) fn now_us() -> u128 {
     proxy_wasm::hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64)
+        .map(|d| d.as_micros())
         .unwrap_or(0)
 }

@@ -5,7 +5,7 @@
 use super::http::Http;
 use super::metrics::Metrics;
 use super::worker::{Keys, Worker};
-use super::{now_ms, shared};
+use super::{now_ms, now_us, shared};
 use crate::config::PluginConfig;
 use crate::health_check::{HealthChecker, Transition};
 use crate::lease::{self, Decision, Lease};
@@ -239,12 +239,15 @@ impl Root {
             let Some(snap) = publication else { continue };
             let _ = w.seed_outliers(i);
             let (current, cas) = shared::get(&snapshot_keys[i]);
-            if let Some(cur) = current.as_deref().and_then(|b| Snapshot::decode(b).ok()) {
-                if cur.version >= snap.version {
-                    log::warn!("registry-lb: service {name}: another poller published version {} first; adopting it", cur.version);
-                    p.adopt(cur);
-                    continue;
-                }
+            // Only the header is read unless another poller published first.
+            let newer = current
+                .as_deref()
+                .filter(|b| Snapshot::peek_version(b).is_some_and(|v| v >= snap.version))
+                .and_then(|b| Snapshot::decode(b).ok());
+            if let Some(cur) = newer {
+                log::warn!("registry-lb: service {name}: another poller published version {} first; adopting it", cur.version);
+                p.adopt(cur);
+                continue;
             }
             let bytes = snap.encode();
             if let Err(e) = shared::set(&snapshot_keys[i], &bytes, cas) {
@@ -386,7 +389,8 @@ impl Context for Root {
         let Some(call) = self.calls.remove(&token) else {
             return;
         };
-        let now = now_ms();
+        let started_us = now_us();
+        let now = (started_us / 1000) as u64;
         // No headers means a reset or an oversized body: reading the header map then
         // would fail, so it is not read (status 0).
         let headers: Vec<(String, String)> = if num_headers == 0 {
@@ -421,6 +425,7 @@ impl Context for Root {
                 .unwrap_or_default()
         };
         let name = w.cfg.services[si].name.clone();
+        let copied_us = now_us();
         let out = if num_headers == 0 {
             p.dispatch_failed(
                 src,
@@ -452,8 +457,26 @@ impl Context for Root {
         };
         report(&mut w.metrics, &name, src, &out);
         drop(w);
+        let parsed_us = now_us();
         // Publishing at once saves a tick; calls are only ever dispatched from on_tick.
         self.publish(now);
+        // This thread's time on the answer: copying the body in, parsing, publishing.
+        let done_us = now_us();
+        let took_us = done_us.saturating_sub(started_us) as u64;
+        if let Some(w) = &self.worker {
+            let mut w = w.borrow_mut();
+            w.metrics
+                .gauge_set(&format!("{name}.refresh_last_us"), took_us);
+            w.metrics
+                .add(&format!("{name}.refresh_total_us"), took_us as i64);
+        }
+        log::debug!(
+            "registry-lb: service {name}: source {src}: answer of {body_size} bytes handled in {took_us} us ({}): copy {} us, parse {} us, publish {} us",
+            out.kind(),
+            copied_us.saturating_sub(started_us),
+            parsed_us.saturating_sub(copied_us),
+            done_us.saturating_sub(parsed_us),
+        );
     }
 }
 

@@ -12,7 +12,6 @@ use crate::picker::{Options, Request, Table};
 use crate::rng::SplitMix64;
 use crate::slow_start::{self, FirstSeen, FirstSeenTracker, SlowStart};
 use crate::snapshot::Snapshot;
-use crate::subset::{self, Fallback};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 use std::collections::HashMap;
@@ -84,7 +83,7 @@ pub struct RequestKey {
 
 /// Per-service state of effective weights: slow start and load reports.
 pub struct Weights {
-    first_seen: FirstSeenTracker<String>,
+    first_seen: FirstSeenTracker<std::net::SocketAddr>,
     slow: Option<SlowStart>,
     load: Option<UtilizationWeights>,
     /// Next time the table's weights are recomputed while they move.
@@ -198,31 +197,6 @@ fn cfg_weights(services: &[ServiceConfig]) -> Vec<Weights> {
         .collect()
 }
 
-/// Table options of a configured service.
-pub fn options(svc: &ServiceConfig) -> Options {
-    Options {
-        policy: svc.policy,
-        choice_count: svc.choice_count,
-        panic_threshold: svc.panic_threshold,
-        bounded_load_percent: svc.bounded_load_percent,
-        local_zone: svc.local_zone.clone(),
-        zone_priorities: svc.zone_priorities.clone().unwrap_or_default(),
-        overprovisioning_percent: svc.overprovisioning_percent,
-        subset: svc
-            .subset
-            .as_ref()
-            .and_then(|s| s.selector.as_deref())
-            .and_then(|t| subset::parse_selector(t).ok()),
-        subset_fallback: svc
-            .subset
-            .as_ref()
-            .map(|s| s.fallback())
-            .unwrap_or(Fallback::NoFallback),
-        peak_ewma_decay_ms: svc.peak_ewma.decay.0,
-        peak_ewma_default_rtt_ns: svc.peak_ewma.default_rtt.0.saturating_mul(1_000_000),
-    }
-}
-
 impl Worker {
     pub fn new(cfg: PluginConfig, keys: Keys, seed: u64) -> Worker {
         let n = cfg.services.len();
@@ -270,10 +244,9 @@ impl Worker {
         let svc = &cfg.services[i];
         match Snapshot::decode(&bytes) {
             Ok(snap) => {
-                let table = Table::build(&snap, options(svc), &mut self.rng);
                 if let Some(w) = self.weights.get_mut(i) {
                     w.first_seen.update(
-                        snap.entries.iter().map(|e| e.instance.addr.to_string()),
+                        snap.entries.iter().map(|e| e.instance.addr),
                         super::now_ms(),
                     );
                     if let Some(l) = w.load.as_mut() {
@@ -286,7 +259,7 @@ impl Worker {
                         );
                     }
                 }
-                self.tables[i] = Some(table);
+                self.tables[i] = Some(Table::build(snap, Options::of(svc), &mut self.rng));
                 // Slots may now belong to other instances: re-resolve what is per instance.
                 if let Some(slots) = self.slots.get_mut(i) {
                     for c in slots.iter_mut() {
@@ -417,10 +390,7 @@ impl Worker {
                 .hosts_by_slot()
                 .map(|(slot, host, registered)| {
                     let slow = w.slow.as_ref().map_or(1_000_000u64, |ss| {
-                        let seen = w
-                            .first_seen
-                            .get(&host.to_string())
-                            .unwrap_or(FirstSeen::Initial);
+                        let seen = w.first_seen.get(&host).unwrap_or(FirstSeen::Initial);
                         u64::from(ss.factor_ppm(slow_start::age_ms(now, registered, seen)))
                     });
                     let load = w
@@ -786,16 +756,22 @@ impl Worker {
                 None => Err(Status::NotFound),
             },
             Handoff::OverrideHost => {
-                let list: Vec<&str> = std::iter::once(slot)
-                    .chain(fallbacks.iter().copied())
-                    .filter_map(|s| self.host_of(si, s))
-                    .collect();
-                handoff::set_header(&cfg.handoff_header, &list.join(","))
+                // The ranked list, from each instance's cached `ip:port` bytes.
+                let mut list: Vec<u8> = Vec::new();
+                for s in std::iter::once(slot).chain(fallbacks.iter().copied()) {
+                    if let Some(p) = self.handoff_payload(si, s) {
+                        if !list.is_empty() {
+                            list.push(b',');
+                        }
+                        list.extend_from_slice(p);
+                    }
+                }
+                handoff::set_header_bytes(&cfg.handoff_header, &list)
             }
         };
         if let Err(e) = handed {
             self.metrics.inc(&format!("{name}.handoff_failed"));
-            let host = self.host_of(si, slot).unwrap_or("?");
+            let host = self.host_of(si, slot).unwrap_or_default();
             log::error!("registry-lb: service {name}: cannot hand {host} to Envoy: {e:?}");
             return Err(Reply(
                 "registry_lb_handoff_failed",
@@ -826,12 +802,13 @@ impl Worker {
         })
     }
 
-    /// `ip:port` of the routable instance in `slot` of service `si`.
-    fn host_of(&self, si: usize, slot: u32) -> Option<&str> {
+    /// `ip:port` of the routable instance in `slot` of service `si` (formatted:
+    /// the request path uses the per-slot cached bytes of `handoff_payload`).
+    fn host_of(&self, si: usize, slot: u32) -> Option<String> {
         let t = self.tables.get(si)?.as_ref()?;
         t.index_of_slot(slot)
             .and_then(|i| t.endpoints.get(i))
-            .map(|e| e.host.as_str())
+            .map(|e| e.host())
     }
 
     /// The bytes that hand `slot`'s instance to Envoy (filter-state arguments or
@@ -840,7 +817,7 @@ impl Worker {
         if self.slot_cache(si, slot)?.handoff.is_none() {
             let host = self.host_of(si, slot)?;
             let payload = match self.cfg.handoff {
-                Handoff::FilterState => handoff::filter_state_args(host),
+                Handoff::FilterState => handoff::filter_state_args(&host),
                 _ => host.as_bytes().to_vec(),
             };
             self.slot_cache(si, slot)?.handoff = Some(payload);
@@ -856,7 +833,7 @@ impl Worker {
         }
         let (Some(name), Some(host)) = (
             self.cfg.services.get(si).map(|s| s.name.clone()),
-            self.host_of(si, slot).map(str::to_string),
+            self.host_of(si, slot),
         ) else {
             return;
         };
