@@ -1084,9 +1084,13 @@ def log_time(line):
 
 
 def phase_refresh(run):
+    """Consul answers of `refresh_sizes` instances changed `refresh_changes` times: time
+    from answer to published snapshot, the filter's own time, CPU by thread. With
+    --compare-wasm, every size runs once per build (this build first), one after the other."""
     a = run.args
     out = {}
-    for n in a.refresh_sizes:
+    builds = [("", run.rlb_wasm)] + ([(" (compare build)", run.compare_wasm)] if run.compare_wasm else [])
+    for n, (label, wasm) in ((n, b) for n in a.refresh_sizes for b in builds):
         if run.time_left() < 60:
             log("time budget reached: skipping the rest of the refresh phase")
             break
@@ -1094,9 +1098,10 @@ def phase_refresh(run):
         body0 = consul_entries(hosts)
         reg = FakeConsul(body0).start()
         src = {"consul": {"cluster": "consul", "service": "web", "wait": "30s"}}
-        spec = envoy_spec("rlb", hosts, "least_request", rlb_wasm=run.rlb_wasm, source=src,
+        spec = envoy_spec("rlb", hosts, "least_request", rlb_wasm=wasm, source=src,
                           extra_clusters=[consul_cluster(reg.port)])
-        e = Envoy(run, f"refresh-{n}", spec, component_log="wasm:debug").start()
+        tag = f"refresh-{n}" + ("-cmp" if label else "")
+        e = Envoy(run, tag, spec, component_log="wasm:debug").start()
         if not e.wait_ready():
             raise SystemExit(f"Envoy (refresh) did not start:\n{e.log_tail()}")
         pub_rx = r"published snapshot version"
@@ -1140,7 +1145,9 @@ def phase_refresh(run):
         reg.stop()
         lat = [s["sent_to_published_ms"] for s in samples if s["sent_to_published_ms"] is not None]
         filt = [s["filter_ms"] for s in samples if s.get("filter_ms") is not None]
-        out[str(n)] = {
+        key = f"{n}{label}"
+        out[key] = {
+            "label": label.strip(" ()"),
             "instances": n, "answer_bytes": len(body0), "changes": len(samples), "samples": samples,
             "sent_to_published_ms_median": median(lat), "sent_to_published_ms_max": max(lat) if lat else None,
             "filter_ms_median": median(filt), "filter_ms_max": max(filt) if filt else None,
@@ -1151,8 +1158,8 @@ def phase_refresh(run):
             "refresh_ok": st.get("wasmcustom.registry_lb.web.refresh_ok"),
             "rss_kb": mem["rss_kb"],
         }
-        log(f"refresh of {n} instances ({len(body0) / 1e6:.1f} MB answer): registry sent -> published "
-            f"median {out[str(n)]['sent_to_published_ms_median']} ms; snapshot {out[str(n)]['snapshot_bytes']} bytes")
+        log(f"refresh of {n} instances{label} ({len(body0) / 1e6:.1f} MB answer): registry sent -> published "
+            f"median {out[key]['sent_to_published_ms_median']} ms; snapshot {out[key]['snapshot_bytes']} bytes")
     run.results["refresh"] = out
 
 
@@ -1279,7 +1286,8 @@ def tables(res):
         out.append("|---|---:|---:|---:|---|---|---:|")
         for r in res["refresh"].values():
             cpu = ", ".join(f"{k.split('[')[0]} {v}" for k, v in r["cpu_ms_per_refresh_by_thread"].items())
-            out.append(f"| {r['instances']:,} instances | {r['answer_bytes']:,} | {fmt(r['sent_to_published_ms_median'], '.1f')} / "
+            build = f", {r['label']}" if r.get("label") else ""
+            out.append(f"| {r['instances']:,} instances{build} | {r['answer_bytes']:,} | {fmt(r['sent_to_published_ms_median'], '.1f')} / "
                        f"{fmt(r['sent_to_published_ms_max'], '.1f')} | {fmt(r.get('filter_ms_median'), '.1f')} / {fmt(r.get('filter_ms_max'), '.1f')} | "
                        f"{', '.join(r['published_by_thread'])} | {cpu} | {fmt(r['snapshot_bytes'], ',')} |")
     if "registry" in res:
@@ -1468,7 +1476,8 @@ def main():
     ap.add_argument("--phases", default="main,slow,refresh,registry")
     ap.add_argument("--envoy", default=os.environ.get("ENVOY_BIN", str(ROOT / ".tools/envoy-1.40.0/envoy/_bin/envoy")))
     ap.add_argument("--wasm", default=str(ROOT / "target/wasm32-wasip1/release/registry_lb.wasm"))
-    ap.add_argument("--compare-wasm", help="main phase: also least_request (100) with this build of registry_lb.wasm")
+    ap.add_argument("--compare-wasm", help="main phase: also least_request (100) with this build of registry_lb.wasm; "
+                    "refresh phase: every size with this build too")
     ap.add_argument("--empty-wasm", default=str(ROOT / "target/wasm32-wasip1/release/empty_filter.wasm"))
     ap.add_argument("--probe-wasm", default=str(ROOT / "target/wasm32-wasip1/release/hostcall_probe.wasm"))
     ap.add_argument("--backend", default=str(ROOT / "target/release/bench-backend"))

@@ -23,7 +23,6 @@ use crate::instance::Instance;
 use crate::registry::{HttpRequest, HttpResponse, RegistryError, Source, Step};
 use crate::rng::Rng;
 use crate::snapshot::{self, Entry, Snapshot};
-use std::collections::HashSet;
 
 /// An answer that arrives later than this after its call is written off.
 const LOST_CALL_GRACE_MS: u64 = 5_000;
@@ -283,7 +282,7 @@ impl ServicePoller {
         if !self.sources.iter().all(|s| s.answered || s.failed_once) {
             return None;
         }
-        let mut seen = HashSet::new();
+        let mut seen = fnv::FnvHashSet::default();
         let mut out = Vec::new();
         for (i, sp) in self.sources.iter().enumerate() {
             for inst in &sp.last_good {

@@ -9,7 +9,7 @@
 
 use crate::instance::{Instance, State};
 use fnv::FnvHasher;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::hash::Hasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -44,7 +44,11 @@ pub fn content_hash<'a>(instances: impl Iterator<Item = &'a Instance>) -> u64 {
     let mut per: Vec<u64> = instances
         .map(|i| {
             let mut h = FnvHasher::default();
-            h.write(i.addr.to_string().as_bytes());
+            match i.addr.ip() {
+                IpAddr::V4(a) => h.write(&a.octets()),
+                IpAddr::V6(a) => h.write(&a.octets()),
+            }
+            h.write_u16(i.addr.port());
             h.write_u32(i.weight);
             h.write_u8(i.state as u8);
             h.write(i.zone.as_bytes());
@@ -71,7 +75,7 @@ pub fn content_hash<'a>(instances: impl Iterator<Item = &'a Instance>) -> u64 {
 /// Not handing a just-freed slot to a newcomer at once lets in-flight requests of the
 /// old owner drain from its gauge first.
 pub fn assign_slots(previous: &[Entry], instances: Vec<(Instance, u8)>) -> Vec<Entry> {
-    let old: HashMap<SocketAddr, u32> =
+    let old: fnv::FnvHashMap<SocketAddr, u32> =
         previous.iter().map(|e| (e.instance.addr, e.slot)).collect();
     let mut taken: BTreeSet<u32> = BTreeSet::new();
     let mut out: Vec<Entry> = Vec::with_capacity(instances.len());
@@ -415,7 +419,7 @@ mod tests {
         assert_eq!(first.iter().map(|e| e.slot).collect::<Vec<_>>(), [0, 1, 2]);
         // .2 leaves, .4 arrives: .1 and .3 keep their slots, .4 does not get slot 1.
         let second = assign_slots(&first, list(&["10.0.0.1", "10.0.0.3", "10.0.0.4"]));
-        let slots: HashMap<String, u32> = second
+        let slots: std::collections::HashMap<String, u32> = second
             .iter()
             .map(|e| (e.instance.addr.ip().to_string(), e.slot))
             .collect();
