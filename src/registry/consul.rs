@@ -21,6 +21,7 @@ use crate::config::{ConsulConfig, ServiceConfig};
 use crate::instance::{self, Instance, State};
 use serde::Deserialize;
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 #[derive(Debug)]
 pub struct Consul {
@@ -80,7 +81,7 @@ struct Service<'a> {
     #[serde(default, borrow)]
     tags: Option<Vec<Cow<'a, str>>>,
     #[serde(default)]
-    meta: Option<Pairs>,
+    meta: Option<BTreeMap<String, String>>,
     #[serde(default)]
     weights: Option<Weights>,
 }
@@ -145,36 +146,6 @@ impl<'de> Deserialize<'de> for Checks {
                     }
                 }
                 Ok(out)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// `Service.Meta`: string pairs in the answer's order (`null` = none).
-#[derive(Default)]
-struct Pairs(Vec<(String, String)>);
-
-impl<'de> Deserialize<'de> for Pairs {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Pairs, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Pairs;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object of strings")
-            }
-            fn visit_unit<E>(self) -> Result<Pairs, E> {
-                Ok(Pairs::default())
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Pairs, A::Error> {
-                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some((k, v)) = map.next_entry::<Cow<'_, str>, Cow<'_, str>>()? {
-                    out.push((k.into_owned(), v.into_owned()));
-                }
-                Ok(Pairs(out))
             }
         }
         d.deserialize_any(V)
@@ -247,23 +218,22 @@ fn instance_of(e: Entry<'_>) -> Result<Option<Instance>, String> {
     }
     let mut inst = Instance::new(addr, u32::try_from(w).unwrap_or(u32::MAX));
     inst.state = e.checks.state.unwrap_or(State::Healthy);
-    let mut meta = e.service.meta.unwrap_or_default().0;
+    let smeta = e.service.meta.unwrap_or_default();
+    inst.zone = smeta
+        .get("zone")
+        .cloned()
+        .or_else(|| e.node.meta.and_then(|m| m.zone).map(Cow::into_owned))
+        .unwrap_or_default();
     let tags = e.service.tags.unwrap_or_default();
-    meta.reserve(tags.len());
+    let mut meta: Vec<(String, String)> = Vec::with_capacity(smeta.len() + tags.len());
+    meta.extend(smeta);
     for t in tags {
         meta.push((format!("tag:{t}"), String::new()));
     }
-    // Sorted by key; a key given twice keeps its last value, as a JSON object would.
-    meta.sort_by(|a, b| a.0.cmp(&b.0));
-    meta.reverse();
-    meta.dedup_by(|a, b| a.0 == b.0);
-    meta.reverse();
-    inst.zone = meta
-        .iter()
-        .find(|(k, _)| k == "zone")
-        .map(|(_, v)| v.clone())
-        .or_else(|| e.node.meta.and_then(|m| m.zone).map(Cow::into_owned))
-        .unwrap_or_default();
+    // Sorted by key; a repeated tag is one key (a repeated meta key keeps its last
+    // value, as the map already did).
+    meta.sort();
+    meta.dedup();
     inst.metadata = meta;
     Ok(Some(inst))
 }
