@@ -57,6 +57,21 @@ pub fn wait_stat(envoy: &Envoy, name: &str, timeout: Duration, pred: impl Fn(i64
     })
 }
 
+/// Asserts that the registry refused the credentials: `refresh_failed_auth` is
+/// counted within 10 s, and `log` appears in Envoy's log within `log_within`.
+pub fn assert_refused(envoy: &Envoy, log: &str, log_within: Duration) {
+    assert!(
+        wait_stat(
+            envoy,
+            &stat("web.refresh_failed_auth"),
+            Duration::from_secs(10),
+            |v| v >= 1
+        ),
+        "auth failure not counted"
+    );
+    assert!(envoy.wait_for_log(log, log_within), "not logged: {log}");
+}
+
 /// Full name of a registry-lb stat.
 pub fn stat(name: &str) -> String {
     format!("wasmcustom.registry_lb.{name}")
