@@ -300,7 +300,7 @@ fn parse_instance(
 mod tests {
     use super::*;
     use crate::config::SourceConfig;
-    use crate::registry::test_util::{resp, service};
+    use crate::registry::test_util::{resp, service, NOT_AN_ANSWER};
     use wasm_bindgen_test::wasm_bindgen_test;
 
     const FARGO: &str = include_str!("../../tests/fixtures/eureka/fargo_apps-sample-1-2.json");
@@ -547,17 +547,12 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn malformed_bodies_are_errors_not_panics() {
         let xml = r#"<application><name>WEB</name><instance></instance></application>"#;
-        for body in [
-            "",
-            "{",
-            "[]",
-            "null",
-            "{}",
+        for body in NOT_AN_ANSWER.into_iter().chain([
             xml,
             r#"{"application":[]}"#,
             r#"{"application":{"instance":5}}"#,
             r#"{"application":"WEB"}"#,
-        ] {
+        ]) {
             let mut e = eureka("");
             assert_eq!(
                 e.on_response(&resp(200, body)).unwrap_err().kind(),

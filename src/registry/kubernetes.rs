@@ -316,7 +316,7 @@ fn parse_slices(raw: Vec<Value>, port_name: Option<&str>) -> (Vec<Instance>, Vec
 mod tests {
     use super::*;
     use crate::config::SourceConfig;
-    use crate::registry::test_util::{resp, service};
+    use crate::registry::test_util::{resp, service, NOT_AN_ANSWER};
     use wasm_bindgen_test::wasm_bindgen_test;
 
     const LIST: &str = include_str!("../../tests/fixtures/kubernetes/endpointslicelist_v1.json");
@@ -530,16 +530,11 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn malformed_bodies_are_errors_not_panics() {
-        for body in [
-            "",
-            "{",
-            "[]",
-            "null",
-            "{}",
+        for body in NOT_AN_ANSWER.into_iter().chain([
             r#"{"kind":"Status","items":[]}"#,
             r#"{"metadata":{"resourceVersion":"1"},"items":{}}"#,
             r#"{"metadata":{"resourceVersion":5},"items":[]}"#,
-        ] {
+        ]) {
             let mut k = k8s("");
             assert_eq!(
                 k.on_response(&resp(200, body)).unwrap_err().kind(),

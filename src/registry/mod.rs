@@ -271,6 +271,10 @@ pub(crate) mod test_util {
             .remove(0)
     }
 
+    /// Bodies no JSON object answer can be: empty, cut short, an array, `null`, an
+    /// empty object. Each registry's malformed-answer test adds its own shapes.
+    pub const NOT_AN_ANSWER: [&str; 5] = ["", "{", "[]", "null", "{}"];
+
     /// An answer without headers.
     pub fn resp(status: u16, body: &str) -> HttpResponse<'_> {
         HttpResponse {

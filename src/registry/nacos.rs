@@ -387,7 +387,7 @@ fn parse_hosts(raw: Vec<Value>) -> (Vec<Instance>, Vec<String>) {
 mod tests {
     use super::*;
     use crate::config::SourceConfig;
-    use crate::registry::test_util::{resp, service};
+    use crate::registry::test_util::{resp, service, NOT_AN_ANSWER};
     use wasm_bindgen_test::wasm_bindgen_test;
 
     const V1_LIST: &str = include_str!("../../tests/fixtures/nacos/v1_instance_list.json");
@@ -690,17 +690,12 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn malformed_bodies_are_errors_not_panics() {
-        for body in [
-            "",
-            "{",
-            "[]",
-            "null",
-            "{}",
+        for body in NOT_AN_ANSWER.into_iter().chain([
             r#"{"hosts":null}"#,
             r#"{"hosts":{}}"#,
             r#"{"hosts":"x"}"#,
             r#"{"hosts":[],"reachProtectionThreshold":"no"}"#,
-        ] {
+        ]) {
             let mut n = nacos("");
             n.request(0);
             assert_eq!(
