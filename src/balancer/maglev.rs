@@ -192,7 +192,7 @@ pub fn next_prime(n: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::fixtures::{hosts, key_hash};
+    use crate::balancer::fixtures::{hosts, key_hash, without};
     use wasm_bindgen_test::wasm_bindgen_test;
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -272,12 +272,7 @@ mod tests {
         let all = hosts(n);
         let before = Maglev::new(&all, &vec![1; n], DEFAULT_TABLE_SIZE);
         let gone = 6;
-        let rest: Vec<String> = all
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != gone)
-            .map(|(_, h)| h.clone())
-            .collect();
+        let rest = without(&all, gone);
         let after = Maglev::new(&rest, &vec![1; n - 1], DEFAULT_TABLE_SIZE);
         let keys = 10_000;
         let mut moved = 0;

@@ -38,6 +38,16 @@ pub(crate) mod fixtures {
             .collect()
     }
 
+    /// `hosts` without the one at index `gone`.
+    pub fn without(hosts: &[String], gone: usize) -> Vec<String> {
+        hosts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != gone)
+            .map(|(_, h)| h.clone())
+            .collect()
+    }
+
     /// The hash of request key `user-<k>`.
     pub fn key_hash(k: u64) -> u64 {
         xxh64(format!("user-{k}").as_bytes(), 0)

@@ -177,7 +177,7 @@ fn push_decimal(buf: &mut Vec<u8>, mut v: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::fixtures::{hosts, key_hash};
+    use crate::balancer::fixtures::{hosts, key_hash, without};
     use wasm_bindgen_test::wasm_bindgen_test;
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -278,12 +278,7 @@ mod tests {
             DEFAULT_MAX_RING_SIZE,
         );
         let gone = 3;
-        let rest: Vec<String> = all
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != gone)
-            .map(|(_, h)| h.clone())
-            .collect();
+        let rest = without(&all, gone);
         let after = RingHash::new(
             &rest,
             &vec![1; n - 1],
