@@ -621,18 +621,7 @@ mod tests {
         let mut r = SplitMix64(4);
         assert_eq!(p.due(0).len(), 1);
         assert!(p.publication(0).is_none(), "consul has not answered yet");
-        let body = consul_body(&["10.0.0.1", "10.0.0.2"]);
-        let h = consul_ok("3");
-        p.on_response(
-            0,
-            &HttpResponse {
-                status: 200,
-                headers: &h,
-                body: body.as_bytes(),
-            },
-            5,
-            &mut r,
-        );
+        consul_ok_body(&["10.0.0.1", "10.0.0.2"], "3", &mut p, 5, &mut r);
         let s = p.publication(5).unwrap();
         let got: Vec<(String, u32, u8)> = s
             .entries
