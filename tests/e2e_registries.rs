@@ -39,6 +39,16 @@ fn stat(envoy: &Envoy, name: &str) -> i64 {
     envoy.stat(&lb::stat(name)).unwrap_or(0)
 }
 
+/// Asserts that no refresh failed, listing registry-lb's stats if one did.
+fn assert_no_failed_refresh(envoy: &Envoy) {
+    assert_eq!(
+        stat(envoy, "web.refresh_failed"),
+        0,
+        "no refresh failed: {:?}",
+        registry_stats(envoy)
+    );
+}
+
 /// Sends requests until `name` answers; the time it took, or None after `timeout`.
 fn first_answer_from(envoy: &Envoy, name: &str, timeout: Duration) -> Option<Duration> {
     let t0 = Instant::now();
@@ -156,12 +166,7 @@ fn nacos_discovers_follows_changes_and_renews_expiring_tokens() {
         0,
         "a token was used after its TTL"
     );
-    assert_eq!(
-        stat(&envoy, "web.refresh_failed"),
-        0,
-        "no refresh failed: {:?}",
-        registry_stats(&envoy)
-    );
+    assert_no_failed_refresh(&envoy);
     assert_eq!(stat(&envoy, "web.registry_token_expired"), 0);
     let c = lb::tally(&envoy, 20);
     assert_eq!((c.get("b"), c.get("c")), (Some(&10), Some(&10)), "{c:?}");
@@ -292,12 +297,7 @@ fn nacos_v2_health_weights_protection_threshold_and_relogin_on_403() {
         2,
         "one login at start, one after the 403"
     );
-    assert_eq!(
-        stat(&envoy, "web.refresh_failed"),
-        0,
-        "{:?}",
-        registry_stats(&envoy)
-    );
+    assert_no_failed_refresh(&envoy);
 
     // Wrong password: an auth failure of its own; no instance, a clear 503.
     let wrong = NACOS_SRC.replace(
@@ -555,12 +555,7 @@ fn kubernetes_terminating_endpoint_gets_no_traffic() {
         first_answer_from(&envoy, "b", Duration::from_secs(5)).is_some(),
         "ready endpoint never served again"
     );
-    assert_eq!(
-        stat(&envoy, "web.refresh_failed"),
-        0,
-        "{:?}",
-        registry_stats(&envoy)
-    );
+    assert_no_failed_refresh(&envoy);
 
     // A token without the permission: 403 Status, its message in the log.
     let viewer = K8S_SRC.replace(
@@ -707,10 +702,5 @@ fn a_service_moves_from_nacos_to_consul_without_a_failed_request() {
         .iter()
         .filter(|(t, _, _)| *t > stopped)
         .all(|(_, _, b)| b == "c" || b == "d"));
-    assert_eq!(
-        stat(&envoy, "web.refresh_failed"),
-        0,
-        "{:?}",
-        registry_stats(&envoy)
-    );
+    assert_no_failed_refresh(&envoy);
 }
