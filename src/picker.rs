@@ -991,24 +991,17 @@ mod tests {
             ..opts(Policy::RoundRobin)
         };
         // Equal capacity: everything stays in zone a.
+        // Picks, of `n`, that stay in zone a (addresses 10.1.*).
+        let local = |t: &mut Table, r: &mut SplitMix64, n: usize| {
+            (0..n)
+                .filter(|_| pick_host(t, r, None, &|_| 0).unwrap().starts_with("10.1."))
+                .count()
+        };
         let mut t = Table::build(zoned(3, 3), o.clone(), &mut r);
-        let local = (0..600)
-            .filter(|_| {
-                pick_host(&mut t, &mut r, None, &|_| 0)
-                    .unwrap()
-                    .starts_with("10.1.")
-            })
-            .count();
-        assert_eq!(local, 600);
+        assert_eq!(local(&mut t, &mut r, 600), 600);
         // Zone a has 1 of 4 capacity units against half the demand: about half spills.
         let mut t = Table::build(zoned(1, 3), o, &mut r);
-        let local = (0..4000)
-            .filter(|_| {
-                pick_host(&mut t, &mut r, None, &|_| 0)
-                    .unwrap()
-                    .starts_with("10.1.")
-            })
-            .count();
+        let local = local(&mut t, &mut r, 4000);
         assert!(
             (1800..2200).contains(&local),
             "{local} of 4000 stayed local"
