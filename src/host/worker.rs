@@ -771,7 +771,7 @@ impl Worker {
         };
         if let Err(e) = handed {
             self.metrics.inc(&format!("{name}.handoff_failed"));
-            let host = self.host_of(si, slot).unwrap_or_default();
+            let host = self.host_of(si, slot).unwrap_or_else(|| "?".into());
             log::error!("registry-lb: service {name}: cannot hand {host} to Envoy: {e:?}");
             return Err(Reply(
                 "registry_lb_handoff_failed",
