@@ -279,10 +279,10 @@ def envoy_spec(kind, hosts, policy=None, empty_wasm=None, rlb_wasm=None, source=
     if kind in ("probe_odst", "probe_odst_header"):
         # The probe hands its host over in the filter state, or in the header.
         odst = original_dst_cluster()
-        if kind == "probe_odst_header":
+        if kind == "probe_odst_header" or warm_route:
             odst["original_dst_lb_config"] = {"use_http_header": True}
         return listen, admin, bootstrap(listen, admin, [wasm_filter("probe", empty_wasm, policy)], "registry_lb_original_dst",
-                                        [odst], True)
+                                        [odst], True, warm_route)
     if kind == "probe":
         # policy = "<op> <count>"; the route carries registry-lb's metadata for route_metadata.
         return listen, admin, bootstrap(listen, admin, [wasm_filter("probe", empty_wasm, policy)], "backends",
@@ -786,6 +786,9 @@ def phase_main(run):
         "rlb_lr_10": ("rlb-lr-10", envoy_spec("rlb", h10, "least_request", rlb_wasm=W)),
         "rlb_lr_10k": ("rlb-lr-10k", envoy_spec("rlb", hbig, "least_request", rlb_wasm=W, warm_route=True)),
         "native_rr_10k": ("native-rr-10k", envoy_spec("native", hbig, "ROUND_ROBIN")),
+        # Envoy's own random-access policy at both sizes: what size costs Envoy itself.
+        "native_lr_10": ("native-lr-10", envoy_spec("native", h10, "LEAST_REQUEST")),
+        "native_lr_10k": ("native-lr-10k", envoy_spec("native", hbig, "LEAST_REQUEST")),
     }
     labels = {
         "native_rr": "native Envoy ROUND_ROBIN (100)",
@@ -794,14 +797,20 @@ def phase_main(run):
         "rlb_lr_100": "registry-lb least_request (100)",
         "rlb_ring_100": "registry-lb ring_hash on the path (100)",
         "host_call_floor": "probe: registry-lb's host calls only (100)",
+        "host_call_floor_10": "probe: registry-lb's host calls only (10)",
+        "host_call_floor_10k": f"probe: registry-lb's host calls only ({large:,})",
         "rlb_lr_10": "registry-lb least_request (10)",
         "rlb_lr_10k": f"registry-lb least_request ({large:,})",
         "native_rr_10k": f"native Envoy ROUND_ROBIN ({large:,})",
+        "native_lr_10": "native Envoy LEAST_REQUEST (10)",
+        "native_lr_10k": f"native Envoy LEAST_REQUEST ({large:,})",
+        "host_call_floor_10k_random": f"probe: registry-lb's host calls only ({large:,}, random order)",
         "rlb_lr_100_cmp": "registry-lb least_request (100), --compare-wasm build",
     }
     instances = {"native_rr": 100, "empty_filter": 100, "rlb_rr_100": 100, "rlb_lr_100": 100, "rlb_ring_100": 100,
-                 "host_call_floor": 100,
-                 "rlb_lr_10": 10, "rlb_lr_10k": large, "native_rr_10k": large, "rlb_lr_100_cmp": 100}
+                 "host_call_floor": 100, "host_call_floor_10": 10, "host_call_floor_10k": large,
+                 "rlb_lr_10": 10, "rlb_lr_10k": large, "native_rr_10k": large, "rlb_lr_100_cmp": 100,
+                 "native_lr_10": 10, "native_lr_10k": large, "host_call_floor_10k_random": large}
     for key, (label, extra) in VARIANTS.items():
         specs[key] = (key.replace("_", "-"), envoy_spec("rlb", h100, "least_request", rlb_wasm=W, extra=extra))
         labels[key] = "registry-lb " + label
@@ -811,21 +820,36 @@ def phase_main(run):
         # gauges, clock, filter state, response code), without any of its logic.
         specs["host_call_floor"] = ("host-call-floor", envoy_spec("probe_odst", h100, f"mimic 100 {base}",
                                                                   empty_wasm=run.probe_wasm))
+        # The same at 10 and at the large size: how much of the cost of size is Envoy's
+        # (ORIGINAL_DST hosts, connections), not registry-lb's.
+        specs["host_call_floor_10"] = ("host-call-floor-10", envoy_spec("probe_odst", h10, f"mimic 10 {base}",
+                                                                        empty_wasm=run.probe_wasm))
+        specs["host_call_floor_10k"] = ("host-call-floor-10k", envoy_spec("probe_odst", hbig, f"mimic {large} {base} spread",
+                                                                          empty_wasm=run.probe_wasm, warm_route=True))
+        specs["host_call_floor_10k_random"] = ("host-call-floor-10k-random",
+                                               envoy_spec("probe_odst", hbig, f"mimic {large} {base} spread random",
+                                                          empty_wasm=run.probe_wasm, warm_route=True))
     if run.compare_wasm:
         specs["rlb_lr_100_cmp"] = ("rlb-lr-100-cmp", envoy_spec("rlb", h100, "least_request", rlb_wasm=run.compare_wasm))
     if a.configs:
         keep = a.configs.split(",")
         specs = {k: v for k, v in specs.items() if k in keep}
+    else:
+        # Diagnostics of the size cost (see README): run only when named in --configs.
+        for k in ("host_call_floor_10", "host_call_floor_10k", "host_call_floor_10k_random"):
+            specs.pop(k, None)
     log(f"starting {len(specs)} Envoys (--concurrency 1)")
     skipped = {}
     envoys = start_all(run, specs, optional=VARIANTS, skipped=skipped)
     mem_before = {k: e.mem_snapshot() for k, e in envoys.items()}
     prewarm = None
-    if "rlb_lr_10k" in envoys:
-        prewarm = prewarm_original_dst(run, envoys["rlb_lr_10k"], hbig, 90)
+    for key in ("rlb_lr_10k", "host_call_floor_10k", "host_call_floor_10k_random"):
+        if key in envoys:
+            pw = prewarm_original_dst(run, key, envoys[key], hbig, 90)
+            prewarm = prewarm or pw
     log(f"warm-up, then {a.rounds} alternating round(s) of {a.duration} s per configuration")
     runs = alternate(run, envoys, a.rounds, a.duration,
-                     lambda k: a.warmup * (3 if k.endswith("10k") else 1))
+                     lambda k: a.warmup * (3 if "10k" in k else 1))
     mem_after = {k: e.mem_snapshot() for k, e in envoys.items()}
     picks = envoys["rlb_lr_100"].stats(r"registry_lb\.web\.instance\.") if "rlb_lr_100" in envoys else {}
     for e in envoys.values():
@@ -860,6 +884,19 @@ def phase_main(run):
         r = paired(runs["rlb_lr_10k"], runs["rlb_lr_10"], "rps")
         if r is not None:
             targets[f"{large:,} vs 10 instances within 10 %"] = [round(r, 3), abs(r - 1) <= 0.10]
+    if "native_lr_10" in runs and "native_lr_10k" in runs:
+        # Envoy itself slows down with many upstream hosts (connections and hosts spread
+        # over 10,000 addresses instead of 10): registry-lb's own share is its throughput
+        # relative to native LEAST_REQUEST over the same hosts, at each size.
+        r = paired(runs["native_lr_10k"], runs["native_lr_10"], "rps")
+        if r is not None:
+            targets[f"native Envoy LEAST_REQUEST, {large:,} vs 10 instances (Envoy's own cost of size; no target)"] = [round(r, 3), None]
+        if "rlb_lr_10" in runs and "rlb_lr_10k" in runs:
+            small = paired(runs["rlb_lr_10"], runs["native_lr_10"], "rps")
+            big = paired(runs["rlb_lr_10k"], runs["native_lr_10k"], "rps")
+            if small and big:
+                targets[f"least_request vs native LEAST_REQUEST at {large:,}, over the same at 10 (within 10 %)"] = [
+                    round(big / small, 3), big / small >= 0.90]
     if "native_rr_10k" in summary and "native_rr" in summary and nat["rps"] and summary["native_rr_10k"]["rps"]:
         summary["native_rr_10k"]["vs_native_100"] = summary["native_rr_10k"]["rps"] / nat["rps"]
     run.results["main"] = {"summary": summary, "runs": runs, "targets": targets, "original_dst_prewarm": prewarm,
@@ -869,7 +906,7 @@ def phase_main(run):
         run.procs.stop(p)
 
 
-def prewarm_original_dst(run, envoy, hosts, limit_s):
+def prewarm_original_dst(run, key, envoy, hosts, limit_s):
     """Creates every host of the ORIGINAL_DST cluster (and a connection to it) before the
     measurements, through the warm-up route, in order. Envoy adds each new host on its
     main thread by rebuilding the host set, so the first request to each of 10,000 hosts
@@ -879,7 +916,7 @@ def prewarm_original_dst(run, envoy, hosts, limit_s):
     stat = "cluster.registry_lb_original_dst.membership_total"
     t0, cpu0 = time.time(), envoy.cpu_ticks()
     have = 0
-    log(f"creating the {len(hosts):,} ORIGINAL_DST hosts of rlb_lr_10k (at most {limit_s} s)")
+    log(f"creating the {len(hosts):,} ORIGINAL_DST hosts of {key} (at most {limit_s} s)")
     while time.time() - t0 < limit_s:
         cmd = ["wrk", "-t1", "-c32", "-d3s", "--timeout", "5s", "-s", str(ROOT / "bench" / "warm.lua"),
                f"http://127.0.0.1:{envoy.listen}/"]
@@ -1256,7 +1293,7 @@ def tables(res):
             out.append("| target | measured | met |")
             out.append("|---|---:|---|")
             for k, (v, ok) in t.items():
-                out.append(f"| {k} | {v} | {'yes' if ok else 'no'} |")
+                out.append(f"| {k} | {v} | {'—' if ok is None else 'yes' if ok else 'no'} |")
     if "slow" in res:
         s = res["slow"]
         slow_scenario_rows(out, s, f"Slow instance: 4 backends, one {s['slow_ms']} ms slower (share of requests it got).",

@@ -19,7 +19,10 @@
 //!   in-flight +1; in `on_log` in-flight −1, `response.code`, consecutive-failure reset.
 //!   Flags after the port leave parts out or change them: `nofs` (no filter state: route
 //!   the probe to a cluster that balances itself), `nocode` (no `response.code`), `header`
-//!   (hand the host over in `x-envoy-original-dst-host`, removing a client-sent one first)
+//!   (hand the host over in `x-envoy-original-dst-host`, removing a client-sent one first),
+//!   `spread` (host k is `127.0.<1 + a / 250>.<1 + a % 250>:<port + k % 100>` with
+//!   a = k / 100: the layout of `./dev bench`'s large configurations), `random` (hosts
+//!   drawn at random, as `least_request` does, instead of in turn)
 //! - `none`: nothing (the empty filter, with this crate's code size)
 
 use proxy_wasm::hostcalls;
@@ -61,6 +64,10 @@ struct Probe {
     no_fs: bool,
     no_code: bool,
     header: bool,
+    spread: bool,
+    random: bool,
+    /// random: xorshift64 state.
+    seed: u64,
 }
 
 struct Root {
@@ -107,6 +114,8 @@ impl RootContext for Root {
                     "nofs" => p.no_fs = true,
                     "nocode" => p.no_code = true,
                     "header" => p.header = true,
+                    "spread" => p.spread = true,
+                    "random" => p.random = true,
                     _ => return false,
                 }
             }
@@ -122,7 +131,12 @@ impl RootContext for Root {
                     &format!("probe.slot_{k}.consecutive_5xx"),
                 )
                 .unwrap_or(0);
-                let host = format!("127.0.0.1:{}", port + k);
+                let host = if p.spread {
+                    let a = k / 100;
+                    format!("127.0.{}.{}:{}", 1 + a / 250, 1 + a % 250, port + k % 100)
+                } else {
+                    format!("127.0.0.1:{}", port + k)
+                };
                 p.hosts.push((
                     if header {
                         host.into_bytes()
@@ -181,7 +195,16 @@ impl HttpContext for Http {
         if self.probe.borrow().op == Op::Mimic {
             let mut p = self.probe.borrow_mut();
             let n = p.hosts.len().max(1);
-            let k = p.next % n;
+            let k = if p.random {
+                let mut x = p.seed | 1;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                p.seed = x;
+                (x % n as u64) as usize
+            } else {
+                p.next % n
+            };
             p.next = p.next.wrapping_add(1);
             self.slot = k;
             std::hint::black_box(
