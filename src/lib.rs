@@ -10,7 +10,7 @@ pub mod detmath;
 pub mod duration;
 pub mod hash_key;
 pub mod health_check;
-pub mod instance;
+pub use registry_lb_wire::instance;
 pub mod lease;
 pub mod load_report;
 pub mod outlier;
@@ -19,7 +19,7 @@ pub mod poller;
 pub mod registry;
 pub mod rng;
 pub mod slow_start;
-pub mod snapshot;
+pub use registry_lb_wire::snapshot;
 pub mod subset;
 pub mod zone;
 
