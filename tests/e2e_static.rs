@@ -297,3 +297,52 @@ fn compose_config_differs_from_consul_yaml_only_in_addresses() {
     }
     assert_eq!(differing, 3, "listener, admin and Consul addresses");
 }
+
+/// Thread ids (`[%t]` of Envoy's default log format) of the lines containing `needle`.
+fn log_threads(envoy: &Envoy, needle: &str) -> Vec<u32> {
+    envoy
+        .log()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| l.split('[').nth(2)?.split(']').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn registry_polling_moves_to_the_main_thread_once_workers_serve() {
+    // Envoy's main thread (thread id = process id) runs no request: parsing a large
+    // registry answer there stalls nobody, so it takes the lease from a worker with
+    // traffic, whichever won it at start.
+    let b = three_backends();
+    let envoy = start_static(&b, &[], 1);
+    lb::wait_version(&envoy, "web", 1);
+    let pid = envoy.pid().expect("pid");
+    let c = lb::tally(&envoy, 60);
+    assert!(
+        c.keys().all(|k| !k.starts_with('<')),
+        "every request reached a backend: {c:?}"
+    );
+    let needle = "now polls the registries";
+    let on_main = support::wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        log_threads(&envoy, needle).last() == Some(&pid)
+    });
+    let threads = log_threads(&envoy, needle);
+    println!("Envoy pid {pid}; roots that took the lease, in order: {threads:?}");
+    assert!(
+        on_main,
+        "the lease holder is not the main thread: {threads:?}"
+    );
+    // It stays there while the worker serves, and requests still go out.
+    let c = lb::tally(&envoy, 60);
+    assert!(
+        c.keys().all(|k| !k.starts_with('<')),
+        "every request reached a backend: {c:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(log_threads(&envoy, needle).last(), Some(&pid));
+    assert_eq!(
+        log_threads(&envoy, needle).len(),
+        threads.len(),
+        "no further hand-over"
+    );
+}

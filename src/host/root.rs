@@ -15,7 +15,7 @@ use crate::snapshot::Snapshot;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
@@ -36,6 +36,9 @@ pub struct Root {
     /// Leader only: active health checkers per service (None where not configured).
     checkers: Vec<Option<HealthChecker>>,
     lease_ttl_ms: u64,
+    /// This root's VM has served requests (a worker with traffic): it yields the
+    /// lease to one that has not (see `lease`).
+    serving: Cell<bool>,
 }
 
 impl Root {
@@ -50,6 +53,7 @@ impl Root {
             calls: HashMap::new(),
             checkers: Vec::new(),
             lease_ttl_ms: 0,
+            serving: Cell::new(false),
         }
     }
 
@@ -93,13 +97,15 @@ impl Root {
             (None, Some(_)) => Some(&[][..]),
             (None, None) => None,
         };
-        match lease::decide(self.me, read, now, self.lease_ttl_ms) {
+        let serving = self.serving.get();
+        match lease::decide(self.me, read, now, self.lease_ttl_ms, serving) {
             Decision::Seed => {
                 // The key is absent, so this write ignores CAS: claim the lease but
                 // act only after seeing it still ours on the next tick.
                 let mine = Lease {
                     owner: self.me,
                     expires_ms: now + self.lease_ttl_ms,
+                    serving,
                 };
                 let _ = shared::set(&key, &mine.encode(), None);
                 false
@@ -127,7 +133,12 @@ impl Root {
             pollers.push(p);
         }
         log::info!(
-            "registry-lb: this worker now polls the registries for {} service(s)",
+            "registry-lb: this {} now polls the registries for {} service(s)",
+            if self.serving.get() {
+                "worker (it serves requests, so a root that serves none will take over)"
+            } else {
+                "root (it serves no requests: Envoy's main thread or an idle worker)"
+            },
             pollers.len()
         );
         let now = now_ms();
@@ -515,7 +526,7 @@ impl RootContext for Root {
         match (leading, self.pollers.is_some()) {
             (true, false) => self.become_leader(),
             (false, true) => {
-                log::info!("registry-lb: this worker no longer polls the registries");
+                log::info!("registry-lb: this root no longer polls the registries");
                 self.pollers = None;
                 self.checkers.clear();
                 self.calls.clear();
@@ -538,6 +549,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
+        self.serving.set(true);
         let worker = self.worker.clone()?;
         Some(Box::new(Http::new(id, worker)))
     }
