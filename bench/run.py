@@ -1521,6 +1521,8 @@ def main():
     ap.add_argument("--work", default=str(ROOT / "target/bench/work"))
     ap.add_argument("--configs", help="main phase: only these configurations (comma-separated keys)")
     ap.add_argument("--large", type=int, help="instances of the large configurations (default 10,000; quick 2,000)")
+    ap.add_argument("--refresh-sizes", help="refresh phase: instances per Consul answer, comma-separated "
+                                            "(default 1000,10000; ~1.3 KB per instance)")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--slow-rounds", type=int)
     ap.add_argument("--duration", type=int, help="seconds per measured run")
@@ -1551,7 +1553,8 @@ def main():
     a.warmup = a.warmup if a.warmup is not None else (1 if q else 2)
     a.max_seconds = a.max_seconds or (300 if q else 1500)
     a.quiet_wait = a.quiet_wait if a.quiet_wait is not None else (0 if q else 120)
-    a.refresh_sizes = [10000] if q else [1000, 10000]
+    a.refresh_sizes = ([int(x) for x in a.refresh_sizes.split(",")] if a.refresh_sizes
+                       else [10000] if q else [1000, 10000])
     a.refresh_changes = 2 if q else 5
     a.registry_interval_ms = 500 if q else 1000
     a.registry_window = 2 if q else 6
