@@ -758,6 +758,10 @@ def start_all(run, specs, optional=(), skipped=None):
 
 # Diagnostic variants of the main phase: least_request (100) with one feature off, to
 # show what it costs per request. Left out (and noted) if this build rejects the setting.
+# Diagnostics of the size cost (README): the host-call probe at 10 and at the large
+# size; run only when named in --configs.
+SIZE_PROBES = ("host_call_floor_10", "host_call_floor_10k", "host_call_floor_10k_random")
+
 VARIANTS = {
     "rlb_lr_100_no_outlier": ("least_request (100), outlier_detection off", {"outlier_detection": {"consecutive_5xx": 0}}),
 }
@@ -835,15 +839,14 @@ def phase_main(run):
         keep = a.configs.split(",")
         specs = {k: v for k, v in specs.items() if k in keep}
     else:
-        # Diagnostics of the size cost (see README): run only when named in --configs.
-        for k in ("host_call_floor_10", "host_call_floor_10k", "host_call_floor_10k_random"):
+        for k in SIZE_PROBES:
             specs.pop(k, None)
     log(f"starting {len(specs)} Envoys (--concurrency 1)")
     skipped = {}
     envoys = start_all(run, specs, optional=VARIANTS, skipped=skipped)
     mem_before = {k: e.mem_snapshot() for k, e in envoys.items()}
     prewarm = None
-    for key in ("rlb_lr_10k", "host_call_floor_10k", "host_call_floor_10k_random"):
+    for key in ("rlb_lr_10k", *(k for k in SIZE_PROBES if "10k" in k)):
         if key in envoys:
             pw = prewarm_original_dst(run, key, envoys[key], hbig, 90)
             prewarm = prewarm or pw

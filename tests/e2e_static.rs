@@ -339,10 +339,7 @@ fn registry_polling_moves_to_the_main_thread_once_workers_serve() {
         "every request reached a backend: {c:?}"
     );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(log_threads(&envoy, needle).last(), Some(&pid));
-    assert_eq!(
-        log_threads(&envoy, needle).len(),
-        threads.len(),
-        "no further hand-over"
-    );
+    let after = log_threads(&envoy, needle);
+    assert_eq!(after.last(), Some(&pid));
+    assert_eq!(after.len(), threads.len(), "no further hand-over");
 }

@@ -1,14 +1,10 @@
 //! Consul: `GET /v1/health/service/<service>` on the local agent, as blocking queries.
 //!
 //! Reference: Consul HTTP API, "Health — List Service Instances for Service" and
-//! "Blocking Queries". Address is `Service.Address`, or `Node.Address` when empty.
-//! Health comes from the entry's checks: any critical check makes the instance
-//! unhealthy, a maintenance check (`_service_maintenance:*`, `_node_maintenance`)
-//! makes it draining, and a warning check selects `Service.Weights.Warning` in place
-//! of `Weights.Passing`. A weight of 0 means "no traffic": such entries are dropped.
-//! Zone: `Service.Meta.zone`, else `Node.Meta.zone`. Metadata: `Service.Meta` plus
-//! one `tag:<tag>` key per tag. Left out: `TaggedAddresses` (lan/wan selection),
-//! Connect sidecar addresses, namespaces and partitions (Enterprise).
+//! "Blocking Queries". How an entry becomes an instance (address, health, weight,
+//! zone, metadata) is in `registry_lb_wire::consul`, which reads the answer. Left
+//! out: `TaggedAddresses` (lan/wan selection), Connect sidecar addresses, namespaces
+//! and partitions (Enterprise).
 //!
 //! Auth: a fixed ACL `token` (`X-Consul-Token`), or an ACL auth method: `POST
 //! /v1/acl/login` with a bearer token yields a token (`SecretID`) that may expire;
