@@ -1,38 +1,53 @@
-//! The thin layer that talks to Envoy through proxy-wasm. Everything it decides is
-//! delegated to the pure modules; here are only host calls and their error handling.
+//! The thin layer that talks to Envoy through proxy-wasm: the contexts Envoy calls
+//! ([`root`], [`http`]) forward to [`crate::plugin::Plugin`], and [`ffi`] implements
+//! [`crate::envoy::Envoy`] with host calls. Nothing here decides anything.
 //!
-//! Only `proxy_wasm::hostcalls` functions that return `Result` are used, and only
-//! in ways whose statuses they map; the `Context` trait helpers of the SDK unwrap
-//! host errors and would panic, so they are avoided.
+//! Only `proxy_wasm::hostcalls` functions that return `Result` are used, with their
+//! statuses mapped; the `Context` trait helpers of the SDK unwrap host errors and
+//! would panic, so they are avoided.
 
-mod handoff;
+mod ffi;
 mod http;
-mod metrics;
 mod root;
-mod shared;
-mod worker;
 
+use crate::log_text::escape_control;
+use proxy_wasm::hostcalls;
 use proxy_wasm::types::LogLevel;
+
+/// Every log line goes through here: control characters in registry, route or
+/// client text are escaped before Envoy prints it.
+struct Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        let level = match record.level() {
+            log::Level::Error => LogLevel::Error,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Trace => LogLevel::Trace,
+        };
+        let line = record.args().to_string();
+        let _ = hostcalls::log(level, &escape_control(&line));
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: Logger = Logger;
 
 proxy_wasm::main! {{
     // Envoy's own `wasm` log level decides what is printed; nothing logs per request.
-    proxy_wasm::set_log_level(LogLevel::Debug);
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Debug);
+    }
     std::panic::set_hook(Box::new(|info| {
-        let _ = proxy_wasm::hostcalls::log(LogLevel::Critical, &format!("registry-lb: panic: {info}"));
+        let line = format!("registry-lb: panic: {info}");
+        let _ = hostcalls::log(LogLevel::Critical, &escape_control(&line));
     }));
     proxy_wasm::set_root_context(|_| Box::new(root::Root::new()));
 }}
-
-/// Wall-clock milliseconds from the host.
-pub(crate) fn now_ms() -> u64 {
-    (now_us() / 1000) as u64
-}
-
-/// Wall-clock microseconds from the host (the host reads its clock on each call).
-pub(crate) fn now_us() -> u128 {
-    proxy_wasm::hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_micros())
-        .unwrap_or(0)
-}

@@ -1,0 +1,680 @@
+//! The request path: which service a request belongs to, what its policy needs from
+//! it (hash key, subset selector), the pick, the hand-off to Envoy, requests held
+//! until a service's first snapshot, and the accounting when a request ends
+//! (in-flight counts, peak EWMA, consecutive failures, ejections, trials).
+
+use super::{Action, Plugin};
+use crate::config::{Handoff, Policy, ServiceConfig};
+use crate::envoy::{int_property, Envoy, HostError};
+use crate::handoff;
+use crate::hash_key::{self, HashOn, RequestParts};
+use crate::instance::truncate;
+use crate::outlier;
+use crate::picker::Request;
+use crate::stats::{GlobalStat, SlotStat, Stat};
+use std::collections::HashMap;
+
+/// What the filter must remember about a routed request until it ends.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Routed {
+    pub service: usize,
+    pub slot: u32,
+    /// In-flight gauge to decrement.
+    pub gauge: Option<u32>,
+    /// This request is the half-open trial of its instance.
+    pub trial: bool,
+    /// `override_host`: slots of the ranked list after the first (attempt k+1 → entry k).
+    pub fallbacks: Vec<u32>,
+    /// Service-wide in-flight gauge (bounded load) to decrement.
+    pub total_gauge: Option<u32>,
+}
+
+/// What the request path read from the request for the policy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RequestKey {
+    /// Hash of the request's key (`ring_hash`, `maglev`).
+    pub hash: Option<u64>,
+    /// Subset selector from the request header.
+    pub subset: Option<Vec<(String, String)>>,
+}
+
+/// What a route's name resolved to.
+#[derive(Clone, Debug)]
+enum RouteTarget {
+    /// No registry-lb metadata: not ours.
+    None,
+    /// A configured service, by index.
+    Service(usize),
+    /// Metadata names a service that is not configured.
+    Unknown(String),
+}
+
+/// A request paused until its service's first snapshot.
+#[derive(Debug)]
+struct Held {
+    context: u32,
+    service: usize,
+    deadline_ms: u64,
+    /// Read when it arrived: the headers are not read again when it is released.
+    key: RequestKey,
+}
+
+/// A local reply instead of routing: (response code details, body).
+struct Reply(&'static str, String);
+
+/// Bound of the route-name cache (a route table larger than this is read uncached).
+const ROUTE_CACHE_MAX: usize = 1024;
+
+/// Per-VM request-path state.
+#[derive(Default)]
+pub(super) struct Requests {
+    held: Vec<Held>,
+    /// Requests routed while held, by context id, until they end.
+    released: HashMap<u32, Routed>,
+    /// Route name → what its metadata names; forgotten every 10 s so a route
+    /// changed by RDS under the same name is picked up.
+    route_cache: fnv::FnvHashMap<Vec<u8>, RouteTarget>,
+    route_cache_until: u64,
+}
+
+impl Requests {
+    pub fn expire_route_cache(&mut self, now: u64) {
+        if now >= self.route_cache_until {
+            self.route_cache.clear();
+            self.route_cache_until = now + 10_000;
+        }
+    }
+}
+
+impl<H: Envoy> Plugin<H> {
+    /// A request's headers: find its service, hold it if the service has no
+    /// snapshot yet, otherwise route it. Returns what to tell Envoy and, when routed,
+    /// what to remember until the request ends.
+    pub fn on_request_headers(&mut self, context: u32) -> (Action, Option<Routed>) {
+        let cfg = self.cfg.clone();
+        if cfg.handoff != Handoff::FilterState
+            && self.host.request_header(&cfg.handoff_header).is_some()
+        {
+            // A client-sent hand-off header must never reach the cluster.
+            let _ = self.host.set_request_header(&cfg.handoff_header, None);
+            self.stats
+                .inc_global(&self.host, GlobalStat::ClientHandoffHeaderRemoved);
+        }
+        let si = match self.route_target() {
+            RouteTarget::None => return (Action::Continue, None),
+            RouteTarget::Service(i) => i,
+            RouteTarget::Unknown(service) => {
+                self.stats
+                    .inc_global(&self.host, GlobalStat::UnknownService);
+                let shown = truncate(&service, 64);
+                log::warn!("registry-lb: a route names service `{shown}`, which is not configured");
+                self.host.local_reply(
+                    503,
+                    "registry_lb_unknown_service",
+                    &format!("registry-lb: service `{shown}` is not configured\n"),
+                );
+                return (Action::Pause, None);
+            }
+        };
+        let now = self.host.now_ms();
+        let svc = &cfg.services[si];
+        let key = self.request_key(svc);
+        if self.unknown(si) {
+            // No snapshot seen yet: look now rather than at the next tick, and if
+            // none is published yet (Envoy just started), hold the request until
+            // the first one arrives or `initial_fetch_timeout` passes.
+            self.refresh(si, now);
+            if self.unknown(si) {
+                self.requests.held.push(Held {
+                    context,
+                    service: si,
+                    deadline_ms: now + svc.initial_fetch_timeout.0,
+                    key,
+                });
+                self.stats
+                    .inc(&self.host, &svc.name, Stat::RqWaitedForFirstSnapshot);
+                return (Action::Pause, None);
+            }
+        }
+        match self.route(si, now, &key) {
+            Ok(routed) => (Action::Continue, Some(routed)),
+            Err(Reply(details, body)) => {
+                self.host.local_reply(503, details, &body);
+                (Action::Pause, None)
+            }
+        }
+    }
+
+    /// What the route names, cached per route name: reading the route's name costs
+    /// the host about a quarter of reading its metadata (measured with
+    /// `bench/hostcall-probe`). Unnamed routes are read every time.
+    fn route_target(&mut self) -> RouteTarget {
+        let name = self
+            .host
+            .property(&["xds", "route_name"])
+            .filter(|n| !n.is_empty());
+        if let Some(name) = &name {
+            if let Some(v) = self.requests.route_cache.get(name) {
+                return v.clone();
+            }
+        }
+        let service = self
+            .host
+            .property(&[
+                "xds",
+                "route_metadata",
+                "filter_metadata",
+                &self.cfg.metadata_namespace,
+                "service",
+            ])
+            .and_then(|v| String::from_utf8(v).ok())
+            .filter(|s| !s.is_empty());
+        let v = match service {
+            None => RouteTarget::None,
+            Some(s) => match self.cfg.service(&s) {
+                Some((i, _)) => RouteTarget::Service(i),
+                None => RouteTarget::Unknown(s),
+            },
+        };
+        if let Some(name) = name {
+            if self.requests.route_cache.len() < ROUTE_CACHE_MAX {
+                self.requests.route_cache.insert(name, v.clone());
+            }
+        }
+        v
+    }
+
+    /// Reads what the service's policy needs from the request: the hash key
+    /// (`ring_hash`, `maglev`; source IP when `hash_on` is not set) and a subset
+    /// selector.
+    fn request_key(&mut self, svc: &ServiceConfig) -> RequestKey {
+        let mut key = RequestKey::default();
+        if svc.policy.is_hash() {
+            let on = svc
+                .hash_on
+                .as_ref()
+                .map(|h| h.to_hash_on())
+                .unwrap_or(HashOn::SourceIp);
+            let text = |b: Option<Vec<u8>>| b.and_then(|b| String::from_utf8(b).ok());
+            let header;
+            let cookie;
+            let source;
+            let path;
+            let mut parts = RequestParts::default();
+            match &on {
+                HashOn::Header(name) => {
+                    header = self.host.request_header(name);
+                    parts.header = header.as_deref();
+                }
+                HashOn::Cookie(_) => {
+                    cookie = text(self.host.request_header("cookie"));
+                    parts.cookie_header = cookie.as_deref();
+                }
+                HashOn::SourceIp => {
+                    source = text(self.host.property(&["source", "address"]));
+                    parts.source_address = source.as_deref();
+                }
+                HashOn::Path { .. } => {
+                    path = text(self.host.request_header(":path"));
+                    parts.path = path.as_deref();
+                }
+            }
+            key.hash = hash_key::key(&on, &parts).hash();
+            if key.hash.is_none() {
+                self.stats
+                    .inc(&self.host, &svc.name, Stat::RqHashKeyMissing);
+            }
+        }
+        if let Some(header) = svc.subset.as_ref().and_then(|s| s.header.as_deref()) {
+            if let Some(v) = self
+                .host
+                .request_header(header)
+                .and_then(|b| String::from_utf8(b).ok())
+            {
+                match crate::subset::parse_selector(&v) {
+                    Ok(sel) => key.subset = Some(sel),
+                    Err(_) => self
+                        .stats
+                        .inc(&self.host, &svc.name, Stat::SubsetHeaderInvalid),
+                }
+            }
+        }
+        key
+    }
+
+    /// Picks an instance of service `si` for the current request and hands it to
+    /// Envoy. Returns what to remember until the request ends.
+    fn route(&mut self, si: usize, now: u64, key: &RequestKey) -> Result<Routed, Reply> {
+        let cfg = self.cfg.clone();
+        let Some(svc) = cfg.services.get(si) else {
+            return Err(Reply("registry_lb_unknown_service", String::new()));
+        };
+        let name = &svc.name;
+        if self.tables.services.get(si).is_some_and(|s| s.stale) {
+            self.stats.inc(&self.host, name, Stat::RqStale);
+            return Err(Reply(
+                "registry_lb_stale",
+                format!("registry-lb: registry data for service `{name}` is too old\n"),
+            ));
+        }
+        // Other workers' ejections: their generation gauge is read at most once per
+        // millisecond per service (this worker's own apply at once).
+        if self
+            .tables
+            .services
+            .get(si)
+            .is_some_and(|s| s.outliers_seen_ms != now)
+        {
+            self.sync_outliers(si, now);
+            if let Some(s) = self.tables.services.get_mut(si) {
+                s.outliers_seen_ms = now;
+            }
+        }
+        let shared_load = svc.policy == Policy::LeastRequest || svc.bounded_load_percent.is_some();
+        let total_gauge = if svc.bounded_load_percent.is_some() {
+            self.service_active_gauge(si)
+        } else {
+            None
+        };
+        let total_active = total_gauge
+            .map(|id| self.host.metric_get(id))
+            .unwrap_or(0)
+            .max(0) as u64;
+        let want = if cfg.handoff == Handoff::OverrideHost {
+            svc.override_host_count as usize
+        } else {
+            1
+        };
+        // The chosen slot, the further ranked ones (override_host only: no
+        // allocation otherwise), and whether it is a half-open trial.
+        let mut chosen: Option<(u32, Vec<u32>, bool)> = None;
+        for _attempt in 0..3 {
+            // Take the table out so the gauge lookup can borrow the rest of `self`.
+            let Some(mut table) = self
+                .tables
+                .services
+                .get_mut(si)
+                .and_then(|s| s.table.take())
+            else {
+                break;
+            };
+            let mut rng = self.rng.clone();
+            let load = |slot: u32| {
+                if shared_load {
+                    self.slot_gauge(si, slot, SlotStat::RqActive)
+                        .map(|id| self.host.metric_get(id))
+                        .unwrap_or(0)
+                } else {
+                    0
+                }
+            };
+            let mut req = Request {
+                rng: &mut rng,
+                now_ms: now,
+                hash: key.hash,
+                subset: key.subset.as_deref(),
+                active: load,
+                total_active,
+            };
+            let picked: Option<(u32, Vec<u32>)> = if want > 1 {
+                let ranked: Vec<u32> = table
+                    .ranked(want, &mut req)
+                    .into_iter()
+                    .filter_map(|i| table.endpoints.get(i))
+                    .map(|e| e.slot)
+                    .collect();
+                ranked
+                    .split_first()
+                    .map(|(first, rest)| (*first, rest.to_vec()))
+            } else {
+                table.pick(&mut req).map(|e| (e.slot, Vec::new()))
+            };
+            let panic = table.panic;
+            self.rng = rng;
+            if let Some(s) = self.tables.services.get_mut(si) {
+                s.table = Some(table);
+            }
+            let Some((slot, rest)) = picked else { break };
+            if panic {
+                self.stats.inc(&self.host, name, Stat::RqPanic);
+            }
+            let half_open = self
+                .tables
+                .services
+                .get(si)
+                .is_some_and(|s| s.outliers.is_half_open(slot));
+            if half_open {
+                // Half-open: this request is the one trial, if no other worker took it.
+                if self.update_outliers(si, now, |o| o.start_trial(slot, now)) {
+                    chosen = Some((slot, rest, true));
+                    break;
+                }
+                self.sync_outliers(si, now);
+                continue;
+            }
+            chosen = Some((slot, rest, false));
+            break;
+        }
+        let Some((slot, fallbacks, trial)) = chosen else {
+            self.stats.inc(&self.host, name, Stat::RqNoInstance);
+            return Err(Reply(
+                "registry_lb_no_instance",
+                format!("registry-lb: no available instance for service `{name}`\n"),
+            ));
+        };
+        if let Err(e) = self.hand_off(si, slot, &fallbacks) {
+            self.stats.inc(&self.host, name, Stat::HandoffFailed);
+            let host = self.host_of(si, slot).unwrap_or_else(|| "?".into());
+            log::error!("registry-lb: service {name}: cannot hand {host} to Envoy: {e}");
+            return Err(Reply(
+                "registry_lb_handoff_failed",
+                format!("registry-lb: cannot route to service `{name}`\n"),
+            ));
+        }
+        let gauge = if shared_load {
+            self.slot_gauge(si, slot, SlotStat::RqActive)
+        } else {
+            None
+        };
+        for id in [gauge, total_gauge].into_iter().flatten() {
+            self.host.metric_add(id, 1);
+        }
+        if svc.policy == Policy::PeakEwma {
+            if let Some(t) = self
+                .tables
+                .services
+                .get_mut(si)
+                .and_then(|s| s.table.as_mut())
+            {
+                t.peak_start(slot);
+            }
+        }
+        self.count_pick(si, slot, cfg.max_instance_stats);
+        Ok(Routed {
+            service: si,
+            slot,
+            gauge,
+            trial,
+            fallbacks,
+            total_gauge,
+        })
+    }
+
+    /// Hands `slot` (and, for `override_host`, the ranked `fallbacks`) to Envoy.
+    fn hand_off(&mut self, si: usize, slot: u32, fallbacks: &[u32]) -> Result<(), HostError> {
+        let cfg = self.cfg.clone();
+        match cfg.handoff {
+            Handoff::FilterState => {
+                self.handoff_payload(si, slot);
+                let p = self.cached_payload(si, slot).ok_or(HostError::NotFound)?;
+                self.host.set_filter_state(p)
+            }
+            Handoff::Header => {
+                self.handoff_payload(si, slot);
+                let p = self.cached_payload(si, slot).ok_or(HostError::NotFound)?;
+                self.host.set_request_header(&cfg.handoff_header, Some(p))
+            }
+            Handoff::OverrideHost => {
+                // The ranked list, from each instance's cached `ip:port` bytes.
+                let mut list: Vec<u8> = Vec::new();
+                for s in std::iter::once(slot).chain(fallbacks.iter().copied()) {
+                    if let Some(p) = self.handoff_payload(si, s) {
+                        if !list.is_empty() {
+                            list.push(b',');
+                        }
+                        list.extend_from_slice(p);
+                    }
+                }
+                self.host
+                    .set_request_header(&cfg.handoff_header, Some(&list))
+            }
+        }
+    }
+
+    /// `ip:port` of the routable instance in `slot` of service `si` (formatted:
+    /// the request path uses the per-slot cached bytes of `handoff_payload`).
+    pub(super) fn host_of(&self, si: usize, slot: u32) -> Option<String> {
+        let t = self.tables.services.get(si)?.table.as_ref()?;
+        t.index_of_slot(slot)
+            .and_then(|i| t.endpoints.get(i))
+            .map(|e| e.host())
+    }
+
+    /// The bytes that hand `slot`'s instance to Envoy (filter-state arguments or
+    /// header value), built once per instance.
+    fn handoff_payload(&mut self, si: usize, slot: u32) -> Option<&[u8]> {
+        if self.slot_cache(si, slot)?.handoff.is_none() {
+            let host = self.host_of(si, slot)?;
+            let payload = match self.cfg.handoff {
+                Handoff::FilterState => handoff::filter_state_args(&host),
+                _ => host.into_bytes(),
+            };
+            self.slot_cache(si, slot)?.handoff = Some(payload);
+        }
+        self.slot_cache(si, slot)?.handoff.as_deref()
+    }
+
+    /// The payload [`Self::handoff_payload`] cached for `slot`.
+    fn cached_payload(&self, si: usize, slot: u32) -> Option<&[u8]> {
+        self.tables
+            .services
+            .get(si)?
+            .slots
+            .get(slot as usize)?
+            .handoff
+            .as_deref()
+    }
+
+    /// Counts a pick of `slot`'s instance (per-instance counter while under the cap).
+    fn count_pick(&mut self, si: usize, slot: u32, cap: usize) {
+        if let Some(id) = self.slot_cache(si, slot).and_then(|c| c.pick) {
+            self.stats.count_pick(id);
+            return;
+        }
+        let (Some(name), Some(host)) = (
+            self.cfg.services.get(si).map(|s| s.name.clone()),
+            self.host_of(si, slot),
+        ) else {
+            return;
+        };
+        if let Some(id) = self.stats.pick(&self.host, &name, &host, cap) {
+            if let Some(c) = self.slot_cache(si, slot) {
+                c.pick = Some(id);
+            }
+        }
+    }
+
+    /// Tick duty: routes (or fails) the held requests whose service has its first
+    /// snapshot now, or whose wait is over. Each is routed as it would have been on
+    /// arrival — same hash key and subset — on its own request (effective context).
+    pub(super) fn release_held(&mut self, now: u64) {
+        if self.requests.held.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.requests.held);
+        for h in held {
+            if self.unknown(h.service) && now < h.deadline_ms {
+                self.requests.held.push(h);
+                continue;
+            }
+            if self.host.set_effective_context(h.context).is_err() {
+                continue; // the request is gone
+            }
+            match self.route(h.service, now, &h.key) {
+                Ok(routed) => {
+                    self.requests.released.insert(h.context, routed);
+                    self.host.continue_request();
+                }
+                Err(Reply(details, body)) => self.host.local_reply(503, details, &body),
+            }
+        }
+    }
+
+    /// Response headers of a routed request: the backend's load report, if the
+    /// service reads them.
+    pub fn on_response_headers(&mut self, routed: Option<&Routed>) {
+        let Some(r) = routed else { return };
+        let Some(header) = self
+            .cfg
+            .services
+            .get(r.service)
+            .and_then(|s| s.load_report.as_ref())
+            .map(|lr| lr.header.clone())
+        else {
+            return;
+        };
+        if let Some(v) = self
+            .host
+            .response_header(&header)
+            .and_then(|b| String::from_utf8(b).ok())
+        {
+            let now = self.host.now_ms();
+            self.load_report(r.service, r.slot, &v, now);
+        }
+    }
+
+    /// The request ended (every outcome, Envoy's own local replies included):
+    /// in-flight counts, peak EWMA and outlier accounting.
+    pub fn on_log(&mut self, context: u32, routed: Option<Routed>) {
+        self.requests.held.retain(|h| h.context != context);
+        let Some(routed) = routed.or_else(|| self.requests.released.remove(&context)) else {
+            return;
+        };
+        for id in [routed.gauge, routed.total_gauge].into_iter().flatten() {
+            self.host.metric_add(id, -1);
+        }
+        let Some(svc) = self.cfg.services.get(routed.service) else {
+            return;
+        };
+        if svc.policy == Policy::PeakEwma {
+            let rtt = match int_property(&self.host, &["response", "backend_latency"]) {
+                0 => int_property(&self.host, &["request", "duration"]),
+                v => v,
+            };
+            let now = self.host.now_ms();
+            if let Some(t) = self
+                .tables
+                .services
+                .get_mut(routed.service)
+                .and_then(|s| s.table.as_mut())
+            {
+                t.peak_end(routed.slot, (rtt > 0).then_some(rtt), now);
+            }
+        }
+        if self.passive_on(routed.service) {
+            let code = int_property(&self.host, &["response", "code"]);
+            // Host-failure flags come with no response or a 5xx: read them only then.
+            let flags = if code == 0 || code >= 500 || !routed.fallbacks.is_empty() {
+                int_property(&self.host, &["response", "flags"])
+            } else {
+                0
+            };
+            if routed.fallbacks.is_empty() {
+                self.finished(routed, code, flags);
+            } else {
+                let attempts =
+                    int_property(&self.host, &["upstream", "request_attempt_count"]).max(1);
+                self.finished_attempts(routed, attempts, code, flags);
+            }
+        }
+    }
+
+    /// Accounts for a finished request that took `attempts` tries. With the
+    /// `override_host` hand-off, attempt k went to entry k of the ranked list, so
+    /// every attempt before the last failed on its host.
+    fn finished_attempts(&mut self, r: Routed, attempts: u64, code: u64, flags: u64) {
+        let mut last = r.clone();
+        if attempts > 1 {
+            let tried: Vec<u32> = std::iter::once(r.slot)
+                .chain(r.fallbacks.iter().copied())
+                .collect();
+            let n = (attempts as usize).min(tried.len());
+            for (k, slot) in tried.iter().take(n - 1).enumerate() {
+                let failed = Routed {
+                    slot: *slot,
+                    trial: r.trial && k == 0,
+                    gauge: None,
+                    fallbacks: Vec::new(),
+                    ..r
+                };
+                self.finished(failed, 503, 32);
+            }
+            last = Routed {
+                slot: tried[n - 1],
+                trial: false,
+                gauge: None,
+                fallbacks: Vec::new(),
+                ..r
+            };
+        }
+        self.finished(last, code, flags);
+    }
+
+    /// Accounts for a finished request: consecutive failures, ejection, trials.
+    fn finished(&mut self, r: Routed, code: u64, flags: u64) {
+        let cfg = self.cfg.clone();
+        let Some(svc) = cfg.services.get(r.service) else {
+            return;
+        };
+        let policy = svc.outlier_detection.policy();
+        let result = outlier::classify(code, flags);
+        let name = &svc.name;
+        // The clock is read only when an ejection state changes (not per success).
+        if r.trial {
+            let now = self.host.now_ms();
+            if self.update_outliers(r.service, now, |o| {
+                o.end_trial(r.slot, result, &policy, now)
+            }) {
+                let ok = result == outlier::Result_::Success;
+                let stat = if ok {
+                    Stat::OutlierTrialOk
+                } else {
+                    Stat::OutlierTrialFailed
+                };
+                self.stats.inc(&self.host, name, stat);
+                log::info!(
+                    "registry-lb: service {name}: slot {} trial request {}",
+                    r.slot,
+                    if ok {
+                        "succeeded: back in rotation"
+                    } else {
+                        "failed: ejected again"
+                    }
+                );
+            }
+            return;
+        }
+        let Some(counter) = self.slot_gauge(r.service, r.slot, SlotStat::Consecutive5xx) else {
+            return;
+        };
+        if result == outlier::Result_::Success {
+            self.host.metric_record(counter, 0);
+            return;
+        }
+        self.host.metric_add(counter, 1);
+        let n = self.host.metric_get(counter).max(0) as u32;
+        if n < policy.consecutive_5xx {
+            return;
+        }
+        let known = self
+            .tables
+            .services
+            .get(r.service)
+            .and_then(|s| s.table.as_ref())
+            .map(|t| t.known)
+            .unwrap_or(1);
+        let now = self.host.now_ms();
+        if self.update_outliers(r.service, now, |o| o.eject(r.slot, n, known, &policy, now)) {
+            self.host.metric_record(counter, 0);
+            self.stats.inc(&self.host, name, Stat::OutlierEjections);
+            let until = self
+                .tables
+                .services
+                .get(r.service)
+                .and_then(|s| s.outliers.slots.get(&r.slot))
+                .map(|s| s.until_ms.saturating_sub(now))
+                .unwrap_or(0);
+            log::warn!("registry-lb: service {name}: ejecting slot {} for {until} ms after {n} consecutive failures", r.slot);
+        }
+    }
+}
