@@ -10,6 +10,7 @@ pub mod detmath;
 pub mod duration;
 pub mod hash_key;
 pub mod health_check;
+pub mod http_call;
 pub use registry_lb_wire::instance;
 pub mod lease;
 pub mod load_report;

@@ -9,36 +9,8 @@ pub mod kubernetes;
 pub mod nacos;
 
 use crate::config::{ServiceConfig, SourceConfig};
+pub use crate::http_call::{HttpRequest, HttpResponse};
 use crate::instance::Instance;
-
-/// An HTTP call for the host layer to dispatch to an Envoy cluster.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HttpRequest {
-    pub cluster: String,
-    pub method: &'static str,
-    pub authority: String,
-    pub path: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    pub timeout_ms: u64,
-}
-
-/// A registry's answer, as Envoy delivered it.
-#[derive(Debug, Clone, Copy)]
-pub struct HttpResponse<'a> {
-    pub status: u16,
-    pub headers: &'a [(String, String)],
-    pub body: &'a [u8],
-}
-
-impl HttpResponse<'_> {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
 
 /// What a registry answer meant.
 #[derive(Debug, PartialEq)]
