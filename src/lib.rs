@@ -22,6 +22,7 @@ pub mod rng;
 pub mod slow_start;
 pub use registry_lb_wire::snapshot;
 pub mod subset;
+pub mod validate;
 pub mod zone;
 
 #[cfg(target_os = "wasi")]

@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod eureka;
 pub mod kubernetes;
 pub mod nacos;
+pub mod static_list;
 
 use crate::config::{ServiceConfig, SourceConfig};
 pub use crate::http_call::{HttpRequest, HttpResponse};
@@ -230,7 +231,14 @@ pub fn encode_component(s: &str) -> String {
 #[cfg(test)]
 pub(crate) mod test_util {
     use super::HttpResponse;
-    use crate::config::{PluginConfig, ServiceConfig};
+    use crate::config::{ConfigError, PluginConfig, ServiceConfig};
+
+    /// The configuration of one service `web` with this one source, parsed and checked.
+    pub fn one_source(src: &str) -> Result<PluginConfig, ConfigError> {
+        PluginConfig::parse(
+            format!(r#"{{"services":[{{"name":"web","sources":[{src}]}}]}}"#).as_bytes(),
+        )
+    }
 
     /// Service `name` of a one-source configuration `{"<kind>":{"cluster":"<cluster>"<extra>}}`.
     pub fn service(name: &str, kind: &str, cluster: &str, extra: &str) -> ServiceConfig {
