@@ -475,6 +475,16 @@ fn default_overprovisioning() -> u32 {
     crate::zone::DEFAULT_OVERPROVISIONING_PERCENT
 }
 
+impl ServiceConfig {
+    /// What the service's registry sources need to know of it.
+    pub fn for_registry(&self) -> crate::registry::ServiceRef<'_> {
+        crate::registry::ServiceRef {
+            name: &self.name,
+            request_timeout_ms: self.request_timeout.0,
+        }
+    }
+}
+
 impl PluginConfig {
     /// Parses and validates. Every error names the field it is about.
     pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {

@@ -11,9 +11,9 @@
 //! when Consul refuses it (403 "ACL not found"), the source logs in again at once.
 
 use super::{
-    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step,
+    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError,
+    ServiceRef, Step,
 };
-use crate::config::ServiceConfig;
 use crate::duration::Millis;
 use crate::instance::Instance;
 use crate::validate::{field_err, ConfigError};
@@ -115,11 +115,11 @@ pub struct Consul {
 }
 
 impl Consul {
-    pub fn new(svc: &ServiceConfig, cfg: &ConsulConfig) -> Consul {
+    pub fn new(svc: ServiceRef, cfg: &ConsulConfig) -> Consul {
         Consul {
-            service: cfg.service.clone().unwrap_or_else(|| svc.name.clone()),
+            service: cfg.service.clone().unwrap_or_else(|| svc.name.to_string()),
             cfg: cfg.clone(),
-            request_timeout_ms: svc.request_timeout.0,
+            request_timeout_ms: svc.request_timeout_ms,
             index: 0,
             login_token: None,
             logging_in: false,
@@ -284,7 +284,7 @@ mod tests {
     fn consul(extra: &str) -> Consul {
         let svc = service("web", "consul", "consul", extra);
         match &svc.sources[0] {
-            SourceConfig::Consul(k) => Consul::new(&svc, k),
+            SourceConfig::Consul(k) => Consul::new(svc.for_registry(), k),
             _ => unreachable!(),
         }
     }

@@ -16,8 +16,9 @@
 //! Left out: watches (a watch stream never ends; polling the range is simpler and
 //! bounded), ranges over 10,000 keys in pages.
 
-use super::{envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step};
-use crate::config::ServiceConfig;
+use super::{
+    envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, ServiceRef, Step,
+};
 use crate::instance::{self, Instance, State};
 use crate::validate::{field_err, ConfigError};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -114,14 +115,14 @@ struct AuthAnswer {
 }
 
 impl Etcd {
-    pub fn new(svc: &ServiceConfig, cfg: &EtcdConfig) -> Etcd {
+    pub fn new(svc: ServiceRef, cfg: &EtcdConfig) -> Etcd {
         Etcd {
             prefix: cfg
                 .prefix
                 .clone()
                 .unwrap_or_else(|| format!("/services/{}/", svc.name)),
             cfg: cfg.clone(),
-            request_timeout_ms: svc.request_timeout.0,
+            request_timeout_ms: svc.request_timeout_ms,
             token: None,
             pending: Pending::Range,
             revision: 0,
@@ -356,7 +357,7 @@ mod tests {
     fn etcd(extra: &str) -> Etcd {
         let svc = service("web", "etcd", "etcd", extra);
         match &svc.sources[0] {
-            SourceConfig::Etcd(e) => Etcd::new(&svc, e),
+            SourceConfig::Etcd(e) => Etcd::new(svc.for_registry(), e),
             _ => unreachable!(),
         }
     }

@@ -20,9 +20,9 @@
 //! list is hashed instead and an equal hash is `Unchanged`.
 
 use super::{
-    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step,
+    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError,
+    ServiceRef, Step,
 };
-use crate::config::ServiceConfig;
 use crate::instance::{self, Instance, State};
 use crate::snapshot;
 use crate::validate::{field_err, printable, ConfigError};
@@ -138,7 +138,7 @@ pub struct Eureka {
 }
 
 impl Eureka {
-    pub fn new(svc: &ServiceConfig, cfg: &EurekaConfig) -> Eureka {
+    pub fn new(svc: ServiceRef, cfg: &EurekaConfig) -> Eureka {
         let authorization = match (&cfg.username, &cfg.password) {
             (Some(u), Some(p)) => Some(format!("Basic {}", B64.encode(format!("{u}:{p}")))),
             _ => None,
@@ -147,10 +147,10 @@ impl Eureka {
             app: cfg
                 .app
                 .clone()
-                .unwrap_or_else(|| svc.name.clone())
+                .unwrap_or_else(|| svc.name.to_string())
                 .to_ascii_uppercase(),
             cfg: cfg.clone(),
-            request_timeout_ms: svc.request_timeout.0,
+            request_timeout_ms: svc.request_timeout_ms,
             authorization,
             last_hash: 0,
         }
@@ -406,7 +406,7 @@ mod tests {
     fn eureka(extra: &str) -> Eureka {
         let svc = service("web", "eureka", "eureka", extra);
         match &svc.sources[0] {
-            SourceConfig::Eureka(e) => Eureka::new(&svc, e),
+            SourceConfig::Eureka(e) => Eureka::new(svc.for_registry(), e),
             _ => unreachable!(),
         }
     }

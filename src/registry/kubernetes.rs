@@ -14,9 +14,9 @@
 //! is put in the auth error. FQDN slices are refused per address (IP literals only).
 
 use super::{
-    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step,
+    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError,
+    ServiceRef, Step,
 };
-use crate::config::ServiceConfig;
 use crate::instance::{self, Instance, State};
 use crate::validate::{field_err, printable, ConfigError};
 use serde::Deserialize;
@@ -204,11 +204,11 @@ struct StatusObject {
 }
 
 impl Kubernetes {
-    pub fn new(svc: &ServiceConfig, cfg: &KubernetesConfig) -> Kubernetes {
+    pub fn new(svc: ServiceRef, cfg: &KubernetesConfig) -> Kubernetes {
         Kubernetes {
-            service: cfg.service.clone().unwrap_or_else(|| svc.name.clone()),
+            service: cfg.service.clone().unwrap_or_else(|| svc.name.to_string()),
             cfg: cfg.clone(),
-            request_timeout_ms: svc.request_timeout.0,
+            request_timeout_ms: svc.request_timeout_ms,
             resource_version: String::new(),
         }
     }
@@ -418,7 +418,7 @@ mod tests {
     fn k8s(extra: &str) -> Kubernetes {
         let svc = service("example", "kubernetes", "k8s", extra);
         match &svc.sources[0] {
-            SourceConfig::Kubernetes(k) => Kubernetes::new(&svc, k),
+            SourceConfig::Kubernetes(k) => Kubernetes::new(svc.for_registry(), k),
             _ => unreachable!(),
         }
     }

@@ -22,9 +22,8 @@
 
 use super::{
     encode_component, envoy_local_failure, excerpt, fnv64, HttpRequest, HttpResponse,
-    RegistryError, Step,
+    RegistryError, ServiceRef, Step,
 };
-use crate::config::ServiceConfig;
 use crate::instance::{self, Instance, State};
 use crate::validate::{field_err, printable, ConfigError};
 use serde::Deserialize;
@@ -212,11 +211,11 @@ fn yes() -> bool {
 }
 
 impl Nacos {
-    pub fn new(svc: &ServiceConfig, cfg: &NacosConfig) -> Nacos {
+    pub fn new(svc: ServiceRef, cfg: &NacosConfig) -> Nacos {
         Nacos {
-            service: cfg.service.clone().unwrap_or_else(|| svc.name.clone()),
+            service: cfg.service.clone().unwrap_or_else(|| svc.name.to_string()),
             cfg: cfg.clone(),
-            request_timeout_ms: svc.request_timeout.0,
+            request_timeout_ms: svc.request_timeout_ms,
             token: None,
             pending: Pending::List,
             last_hash: 0,
@@ -500,7 +499,7 @@ mod tests {
     fn nacos(extra: &str) -> Nacos {
         let svc = service("web", "nacos", "nacos", extra);
         match &svc.sources[0] {
-            SourceConfig::Nacos(n) => Nacos::new(&svc, n),
+            SourceConfig::Nacos(n) => Nacos::new(svc.for_registry(), n),
             _ => unreachable!(),
         }
     }
