@@ -3,6 +3,8 @@
 //! (`services[0].sources[1].consul.wait: ...`) so Envoy's log says what to fix.
 
 use crate::duration::Millis;
+use crate::hash_key::HashOn;
+use crate::subset::{parse_selector, Fallback, Pairs};
 use crate::validate::printable;
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -217,25 +219,52 @@ fn default_hc_in_flight() -> u32 {
 /// Where the hash key of `ring_hash` / `maglev` comes from. Without a key (header
 /// or cookie absent) a request gets a random instance.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(from = "HashOnSpec")]
+pub struct HashOnConfig(HashOn);
+
+/// `hash_on` as written: `{"header": "x-user"}`, `{"cookie": …}`,
+/// `{"source_ip": true}` or `{"path": <strip query>}`.
+#[derive(Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum HashOnConfig {
-    Header(String),
+enum HashOnSpec {
+    Header(HeaderName),
     Cookie(String),
-    SourceIp(bool),
+    /// `{"source_ip": true}`; the value is not read.
+    SourceIp(#[allow(dead_code)] bool),
     Path(bool),
 }
 
-impl HashOnConfig {
-    pub fn to_hash_on(&self) -> crate::hash_key::HashOn {
-        use crate::hash_key::HashOn;
-        match self {
-            HashOnConfig::Header(h) => HashOn::Header(h.to_ascii_lowercase()),
-            HashOnConfig::Cookie(c) => HashOn::Cookie(c.clone()),
-            HashOnConfig::SourceIp(_) => HashOn::SourceIp,
-            HashOnConfig::Path(strip_query) => HashOn::Path {
-                strip_query: *strip_query,
-            },
+impl From<HashOnSpec> for HashOnConfig {
+    fn from(spec: HashOnSpec) -> HashOnConfig {
+        HashOnConfig(match spec {
+            HashOnSpec::Header(HeaderName(h)) => HashOn::Header(h),
+            HashOnSpec::Cookie(c) => HashOn::Cookie(c),
+            HashOnSpec::SourceIp(_) => HashOn::SourceIp,
+            HashOnSpec::Path(strip_query) => HashOn::Path { strip_query },
+        })
+    }
+}
+
+/// An HTTP header name in any case, kept lowercase (as Envoy hands headers over).
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct HeaderName(String);
+
+impl TryFrom<String> for HeaderName {
+    type Error = &'static str;
+    fn try_from(name: String) -> Result<HeaderName, Self::Error> {
+        let lower = name.to_ascii_lowercase();
+        if valid_header_name(&lower) {
+            Ok(HeaderName(lower))
+        } else {
+            Err("must be an HTTP header name")
         }
+    }
+}
+
+impl HashOnConfig {
+    pub fn to_hash_on(&self) -> HashOn {
+        self.0.clone()
     }
 }
 
@@ -283,19 +312,28 @@ fn default_min_weight_percent() -> u32 {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "SubsetSpec")]
 pub struct SubsetConfig {
     /// Selector from the configuration, e.g. `"version=v1"` (`k=v,k2=v2`).
-    #[serde(default)]
-    pub selector: Option<String>,
+    pub selector: Option<Pairs>,
     /// Request header carrying a selector; when present it replaces `selector`.
-    #[serde(default)]
     pub header: Option<String>,
+    fallback: Fallback,
+}
+
+/// `subset` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubsetSpec {
+    #[serde(default, deserialize_with = "selector")]
+    selector: Option<Pairs>,
+    #[serde(default)]
+    header: Option<String>,
     /// `no_fallback` (503), `any_endpoint`, or `default_subset` (with `default_subset`).
     #[serde(default)]
-    pub fallback: SubsetFallback,
-    #[serde(default)]
-    pub default_subset: Option<String>,
+    fallback: SubsetFallback,
+    #[serde(default, deserialize_with = "selector")]
+    default_subset: Option<Pairs>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -307,19 +345,36 @@ pub enum SubsetFallback {
     DefaultSubset,
 }
 
+/// Selector text (`k=v,k2=v2`), parsed as it is read.
+fn selector<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Pairs>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|text| parse_selector(&text).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+impl TryFrom<SubsetSpec> for SubsetConfig {
+    type Error = &'static str;
+    fn try_from(spec: SubsetSpec) -> Result<SubsetConfig, Self::Error> {
+        let fallback = match (spec.fallback, spec.default_subset) {
+            (SubsetFallback::NoFallback, _) => Fallback::NoFallback,
+            (SubsetFallback::AnyEndpoint, _) => Fallback::AnyEndpoint,
+            (SubsetFallback::DefaultSubset, Some(pairs)) => Fallback::DefaultSubset(pairs),
+            (SubsetFallback::DefaultSubset, None) => {
+                return Err("default_subset is required with fallback default_subset")
+            }
+        };
+        Ok(SubsetConfig {
+            selector: spec.selector,
+            header: spec.header,
+            fallback,
+        })
+    }
+}
+
 impl SubsetConfig {
-    pub fn fallback(&self) -> crate::subset::Fallback {
-        use crate::subset::Fallback;
-        match self.fallback {
-            SubsetFallback::NoFallback => Fallback::NoFallback,
-            SubsetFallback::AnyEndpoint => Fallback::AnyEndpoint,
-            SubsetFallback::DefaultSubset => Fallback::DefaultSubset(
-                self.default_subset
-                    .as_deref()
-                    .and_then(|d| crate::subset::parse_selector(d).ok())
-                    .unwrap_or_default(),
-            ),
-        }
+    /// What a request without a selector, or with an empty subset, gets.
+    pub fn fallback(&self) -> Fallback {
+        self.fallback.clone()
     }
 }
 
@@ -563,14 +618,6 @@ impl PluginConfig {
                     "is only used by ring_hash and maglev",
                 );
             }
-            if let Some(HashOnConfig::Header(h)) = &s.hash_on {
-                if !valid_header_name(&h.to_ascii_lowercase()) {
-                    return err(
-                        format!("{at}.hash_on.header"),
-                        "must be an HTTP header name",
-                    );
-                }
-            }
             if let Some(c) = s.bounded_load_percent {
                 if !(100..=10_000).contains(&c) {
                     return err(
@@ -646,22 +693,6 @@ impl PluginConfig {
                 }
             }
             if let Some(sub) = &s.subset {
-                for (field, v) in [
-                    ("selector", &sub.selector),
-                    ("default_subset", &sub.default_subset),
-                ] {
-                    if let Some(text) = v {
-                        if let Err(e) = crate::subset::parse_selector(text) {
-                            return err(format!("{at}.subset.{field}"), &format!("{e:?}"));
-                        }
-                    }
-                }
-                if sub.fallback == SubsetFallback::DefaultSubset && sub.default_subset.is_none() {
-                    return err(
-                        format!("{at}.subset.default_subset"),
-                        "is required with fallback default_subset",
-                    );
-                }
                 if let Some(h) = &sub.header {
                     if !valid_header_name(h) {
                         return err(
@@ -888,7 +919,7 @@ mod tests {
         let e = parse(r#"{"services":[{"name":"web","sources":[{"static":{"instances":[{"address":"web.local","port":80}]}}]}]}"#).unwrap_err();
         assert_eq!(
             e.0,
-            "services[0].sources[0].static.instances[0]: address `web.local` is not an IP literal"
+            "services[0].sources[0].static.instances[0]: address `web.local` is not an IP literal at line 1 column 96"
         );
         let e = parse(r#"{"services":[]}"#).unwrap_err();
         assert_eq!(e.0, "services: at least one service is required");
@@ -920,5 +951,100 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.0.starts_with("handoff_header:"), "{}", e.0);
+    }
+
+    fn web(extra: &str) -> Result<PluginConfig, ConfigError> {
+        parse(&format!(
+            r#"{{"services":[{{"name":"web",{extra}"sources":[{{"static":{{"instances":[{{"address":"10.0.0.1","port":80}}]}}}}]}}]}}"#
+        ))
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> crate::subset::Pairs {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn subset_selectors_are_parsed_once_when_read() {
+        let c =
+            web(r#""subset":{"selector":"version=v1, stage=prod","header":"x-subset"},"#).unwrap();
+        let sub = c.services[0].subset.as_ref().unwrap();
+        assert_eq!(
+            sub.selector,
+            Some(pairs(&[("stage", "prod"), ("version", "v1")]))
+        );
+        assert_eq!(sub.header.as_deref(), Some("x-subset"));
+        assert_eq!(sub.fallback(), crate::subset::Fallback::AnyEndpoint);
+        let c = web(r#""subset":{"fallback":"default_subset","default_subset":"version=v1"},"#)
+            .unwrap();
+        let sub = c.services[0].subset.as_ref().unwrap();
+        assert_eq!(sub.selector, None);
+        assert_eq!(
+            sub.fallback(),
+            crate::subset::Fallback::DefaultSubset(pairs(&[("version", "v1")]))
+        );
+        let c =
+            web(r#""subset":{"fallback":"no_fallback","default_subset":"version=v1"},"#).unwrap();
+        assert_eq!(
+            c.services[0].subset.as_ref().unwrap().fallback(),
+            crate::subset::Fallback::NoFallback
+        );
+        for (extra, want) in [
+            (
+                r#""subset":{"selector":"=v1"},"#,
+                "services[0].subset.selector: selector has an empty key",
+            ),
+            (
+                r#""subset":{"default_subset":"a=1,a=2"},"#,
+                "services[0].subset.default_subset: selector names key `a` twice",
+            ),
+            (
+                r#""subset":{"fallback":"default_subset"},"#,
+                "services[0].subset: default_subset is required with fallback default_subset",
+            ),
+            (
+                r#""subset":{"header":"X-Subset"},"#,
+                "services[0].subset.header: must be a lowercase HTTP header name",
+            ),
+            (
+                r#""subset":{"selectr":"a=1"},"#,
+                "services[0].subset.selectr: unknown field `selectr`",
+            ),
+        ] {
+            let e = web(extra).unwrap_err();
+            assert!(e.0.starts_with(want), "{extra}: {}", e.0);
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn hash_on_is_read_into_its_key_source() {
+        for (hash_on, want) in [
+            (r#"{"header":"X-User"}"#, HashOn::Header("x-user".into())),
+            (r#"{"cookie":"Session"}"#, HashOn::Cookie("Session".into())),
+            (r#"{"source_ip":true}"#, HashOn::SourceIp),
+            (r#"{"path":true}"#, HashOn::Path { strip_query: true }),
+        ] {
+            let c = web(&format!(r#""policy":"maglev","hash_on":{hash_on},"#)).unwrap();
+            let on = c.services[0].hash_on.as_ref().map(HashOnConfig::to_hash_on);
+            assert_eq!(on, Some(want), "{hash_on}");
+        }
+        for (extra, want) in [
+            (
+                r#""policy":"ring_hash","hash_on":{"header":"x user"},"#,
+                "services[0].hash_on.header: must be an HTTP header name",
+            ),
+            (
+                r#""policy":"ring_hash","hash_on":{"query":"u"},"#,
+                "services[0].hash_on: unknown variant `query`",
+            ),
+            (
+                r#""hash_on":{"header":"x-user"},"#,
+                "services[0].hash_on: is only used by ring_hash and maglev",
+            ),
+        ] {
+            let e = web(extra).unwrap_err();
+            assert!(e.0.starts_with(want), "{extra}: {}", e.0);
+        }
     }
 }

@@ -4,6 +4,8 @@
 use crate::instance::{self, Instance, State};
 use crate::validate::{field_err, ConfigError};
 use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -11,17 +13,40 @@ pub struct StaticConfig {
     pub instances: Vec<StaticInstance>,
 }
 
+/// One instance; its address is checked as it is read.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "StaticInstanceSpec")]
 pub struct StaticInstance {
-    pub address: String,
-    pub port: i64,
-    #[serde(default = "default_weight")]
+    pub addr: SocketAddr,
     pub weight: u32,
-    #[serde(default)]
     pub zone: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// An instance as written: an IP literal `address` and a `port`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StaticInstanceSpec {
+    address: String,
+    port: i64,
+    #[serde(default = "default_weight")]
+    weight: u32,
     #[serde(default)]
-    pub metadata: std::collections::BTreeMap<String, String>,
+    zone: String,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+impl TryFrom<StaticInstanceSpec> for StaticInstance {
+    type Error = instance::AddrError;
+    fn try_from(spec: StaticInstanceSpec) -> Result<StaticInstance, Self::Error> {
+        Ok(StaticInstance {
+            addr: instance::socket_addr(&spec.address, spec.port)?,
+            weight: spec.weight,
+            zone: spec.zone,
+            metadata: spec.metadata,
+        })
+    }
 }
 
 fn default_weight() -> u32 {
@@ -29,13 +54,12 @@ fn default_weight() -> u32 {
 }
 
 impl StaticConfig {
-    /// The instances, already validated by [`crate::config::PluginConfig::parse`].
+    /// The instances, all healthy.
     pub fn instances(&self) -> Vec<Instance> {
         self.instances
             .iter()
-            .filter_map(|s| {
-                let addr = instance::socket_addr(&s.address, s.port).ok()?;
-                let mut i = Instance::new(addr, s.weight);
+            .map(|s| {
+                let mut i = Instance::new(s.addr, s.weight);
                 i.state = State::Healthy;
                 i.zone = s.zone.clone();
                 i.metadata = s
@@ -43,7 +67,7 @@ impl StaticConfig {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
-                Some(i)
+                i
             })
             .collect()
     }
@@ -55,9 +79,6 @@ impl StaticConfig {
             return field_err(at, "instances", "at least one instance is required");
         }
         for (k, inst) in self.instances.iter().enumerate() {
-            if let Err(e) = instance::socket_addr(&inst.address, inst.port) {
-                return field_err(at, &format!("instances[{k}]"), &e.to_string());
-            }
             if inst.weight == 0 {
                 return field_err(at, &format!("instances[{k}].weight"), "must be at least 1");
             }
@@ -121,7 +142,7 @@ mod tests {
             ),
             (
                 r#"{"static":{"instances":[{"address":"web.local","port":80}]}}"#,
-                "services[0].sources[0].static.instances[0]: address `web.local` is not an IP literal",
+                "services[0].sources[0].static.instances[0]: address `web.local` is not an IP literal at line 1 column 96",
             ),
         ] {
             let e = one_source(src).unwrap_err();
@@ -131,7 +152,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             e.0,
-            "services[0].sources[0].static.instances[0]: port 70000 is out of range 1..65535"
+            "services[0].sources[0].static.instances[0]: port 70000 is out of range 1..65535 at line 1 column 98"
         );
     }
 }
