@@ -35,7 +35,7 @@ const MAX_AGAIN: u32 = 3;
 #[derive(Debug)]
 enum Feed {
     /// A registry, called on a schedule.
-    Registry(Source),
+    Registry(Box<Source>),
     /// A list from the configuration: no calls, taken as it is once.
     Static(Vec<Instance>),
 }
@@ -51,7 +51,7 @@ impl Feed {
             SourceConfig::Eureka(e) => Source::Eureka(eureka::Eureka::new(to, e)),
             SourceConfig::Kubernetes(k) => Source::Kubernetes(kubernetes::Kubernetes::new(to, k)),
         };
-        Feed::Registry(source)
+        Feed::Registry(Box::new(source))
     }
 
     /// Change token to carry over to another poller; a static list has none.
