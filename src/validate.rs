@@ -1,5 +1,5 @@
 //! Configuration errors and the value rules shared by the plugin's configuration
-//! ([`crate::config`]) and each registry's section of it. A leaf, so a registry
+//! (`config`) and each registry's section of it. A leaf, so a registry
 //! checks its own section without depending on `config`.
 
 /// A configuration error, already phrased for Envoy's log.
