@@ -3,9 +3,20 @@
 //! (`services[0].sources[1].consul.wait: ...`) so Envoy's log says what to fix.
 
 use crate::duration::Millis;
-use crate::instance::{self, Instance, State};
+use crate::hash_key::HashOn;
+use crate::subset::{parse_selector, Fallback, Pairs};
+use crate::validate::printable;
 use serde::Deserialize;
 use std::collections::HashSet;
+
+// Each registry owns its section of the configuration; these paths stay valid.
+pub use crate::registry::consul::ConsulConfig;
+pub use crate::registry::etcd::EtcdConfig;
+pub use crate::registry::eureka::EurekaConfig;
+pub use crate::registry::kubernetes::KubernetesConfig;
+pub use crate::registry::nacos::{NacosApi, NacosConfig};
+pub use crate::registry::static_list::{StaticConfig, StaticInstance};
+pub use crate::validate::ConfigError;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -208,25 +219,52 @@ fn default_hc_in_flight() -> u32 {
 /// Where the hash key of `ring_hash` / `maglev` comes from. Without a key (header
 /// or cookie absent) a request gets a random instance.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(from = "HashOnSpec")]
+pub struct HashOnConfig(HashOn);
+
+/// `hash_on` as written: `{"header": "x-user"}`, `{"cookie": …}`,
+/// `{"source_ip": true}` or `{"path": <strip query>}`.
+#[derive(Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum HashOnConfig {
-    Header(String),
+enum HashOnSpec {
+    Header(HeaderName),
     Cookie(String),
-    SourceIp(bool),
+    /// `{"source_ip": true}`; the value is not read.
+    SourceIp(#[allow(dead_code)] bool),
     Path(bool),
 }
 
-impl HashOnConfig {
-    pub fn to_hash_on(&self) -> crate::hash_key::HashOn {
-        use crate::hash_key::HashOn;
-        match self {
-            HashOnConfig::Header(h) => HashOn::Header(h.to_ascii_lowercase()),
-            HashOnConfig::Cookie(c) => HashOn::Cookie(c.clone()),
-            HashOnConfig::SourceIp(_) => HashOn::SourceIp,
-            HashOnConfig::Path(strip_query) => HashOn::Path {
-                strip_query: *strip_query,
-            },
+impl From<HashOnSpec> for HashOnConfig {
+    fn from(spec: HashOnSpec) -> HashOnConfig {
+        HashOnConfig(match spec {
+            HashOnSpec::Header(HeaderName(h)) => HashOn::Header(h),
+            HashOnSpec::Cookie(c) => HashOn::Cookie(c),
+            HashOnSpec::SourceIp(_) => HashOn::SourceIp,
+            HashOnSpec::Path(strip_query) => HashOn::Path { strip_query },
+        })
+    }
+}
+
+/// An HTTP header name in any case, kept lowercase (as Envoy hands headers over).
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct HeaderName(String);
+
+impl TryFrom<String> for HeaderName {
+    type Error = &'static str;
+    fn try_from(name: String) -> Result<HeaderName, Self::Error> {
+        let lower = name.to_ascii_lowercase();
+        if valid_header_name(&lower) {
+            Ok(HeaderName(lower))
+        } else {
+            Err("must be an HTTP header name")
         }
+    }
+}
+
+impl HashOnConfig {
+    pub fn to_hash_on(&self) -> HashOn {
+        self.0.clone()
     }
 }
 
@@ -274,19 +312,28 @@ fn default_min_weight_percent() -> u32 {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "SubsetSpec")]
 pub struct SubsetConfig {
     /// Selector from the configuration, e.g. `"version=v1"` (`k=v,k2=v2`).
-    #[serde(default)]
-    pub selector: Option<String>,
+    pub selector: Option<Pairs>,
     /// Request header carrying a selector; when present it replaces `selector`.
-    #[serde(default)]
     pub header: Option<String>,
+    fallback: Fallback,
+}
+
+/// `subset` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubsetSpec {
+    #[serde(default, deserialize_with = "selector")]
+    selector: Option<Pairs>,
+    #[serde(default)]
+    header: Option<String>,
     /// `no_fallback` (503), `any_endpoint`, or `default_subset` (with `default_subset`).
     #[serde(default)]
-    pub fallback: SubsetFallback,
-    #[serde(default)]
-    pub default_subset: Option<String>,
+    fallback: SubsetFallback,
+    #[serde(default, deserialize_with = "selector")]
+    default_subset: Option<Pairs>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -298,19 +345,36 @@ pub enum SubsetFallback {
     DefaultSubset,
 }
 
+/// Selector text (`k=v,k2=v2`), parsed as it is read.
+fn selector<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Pairs>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|text| parse_selector(&text).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+impl TryFrom<SubsetSpec> for SubsetConfig {
+    type Error = &'static str;
+    fn try_from(spec: SubsetSpec) -> Result<SubsetConfig, Self::Error> {
+        let fallback = match (spec.fallback, spec.default_subset) {
+            (SubsetFallback::NoFallback, _) => Fallback::NoFallback,
+            (SubsetFallback::AnyEndpoint, _) => Fallback::AnyEndpoint,
+            (SubsetFallback::DefaultSubset, Some(pairs)) => Fallback::DefaultSubset(pairs),
+            (SubsetFallback::DefaultSubset, None) => {
+                return Err("default_subset is required with fallback default_subset")
+            }
+        };
+        Ok(SubsetConfig {
+            selector: spec.selector,
+            header: spec.header,
+            fallback,
+        })
+    }
+}
+
 impl SubsetConfig {
-    pub fn fallback(&self) -> crate::subset::Fallback {
-        use crate::subset::Fallback;
-        match self.fallback {
-            SubsetFallback::NoFallback => Fallback::NoFallback,
-            SubsetFallback::AnyEndpoint => Fallback::AnyEndpoint,
-            SubsetFallback::DefaultSubset => Fallback::DefaultSubset(
-                self.default_subset
-                    .as_deref()
-                    .and_then(|d| crate::subset::parse_selector(d).ok())
-                    .unwrap_or_default(),
-            ),
-        }
+    /// What a request without a selector, or with an empty subset, gets.
+    pub fn fallback(&self) -> Fallback {
+        self.fallback.clone()
     }
 }
 
@@ -417,172 +481,6 @@ impl SourceConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ConsulConfig {
-    /// Envoy cluster that reaches the Consul agent's HTTP API.
-    pub cluster: String,
-    /// `:authority` of registry calls; defaults to the cluster name.
-    #[serde(default)]
-    pub authority: Option<String>,
-    /// Consul service name; defaults to the registry-lb service name.
-    #[serde(default)]
-    pub service: Option<String>,
-    #[serde(default)]
-    pub datacenter: Option<String>,
-    /// Only instances carrying this tag.
-    #[serde(default)]
-    pub tag: Option<String>,
-    /// Ask Consul for passing instances only (`?passing`). Without it, instances with
-    /// a critical check are kept as unhealthy and warning ones get `Weights.Warning`.
-    #[serde(default)]
-    pub passing_only: bool,
-    /// ACL token, sent as `X-Consul-Token`.
-    #[serde(default)]
-    pub token: Option<String>,
-    /// Log in through a Consul ACL auth method (`POST /v1/acl/login`) with this
-    /// bearer token (e.g. a Kubernetes service-account JWT) instead of a fixed
-    /// `token`; the login is repeated whenever Consul refuses the token (expired).
-    #[serde(default)]
-    pub auth_method: Option<String>,
-    #[serde(default)]
-    pub bearer_token: Option<String>,
-    /// Use blocking queries (`?index=&wait=`): changes arrive as soon as Consul has them.
-    #[serde(default = "default_true")]
-    pub blocking: bool,
-    /// `wait` of a blocking query.
-    #[serde(default = "default_consul_wait")]
-    pub wait: Millis,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdConfig {
-    /// Envoy cluster that reaches etcd's JSON gateway (client URL).
-    pub cluster: String,
-    #[serde(default)]
-    pub authority: Option<String>,
-    /// Key prefix; defaults to `/services/<service name>/`.
-    #[serde(default)]
-    pub prefix: Option<String>,
-    #[serde(default)]
-    pub username: Option<String>,
-    #[serde(default)]
-    pub password: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum NacosApi {
-    /// `/nacos/v1/ns/instance/list`, the bare service object.
-    #[default]
-    V1,
-    /// `/nacos/v2/ns/instance/list` (Nacos 2.2+), wrapped in `{code, message, data}`.
-    V2,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct NacosConfig {
-    /// Envoy cluster that reaches the Nacos server's HTTP API (port 8848).
-    pub cluster: String,
-    #[serde(default)]
-    pub authority: Option<String>,
-    /// Nacos service name; defaults to the registry-lb service name.
-    #[serde(default)]
-    pub service: Option<String>,
-    #[serde(default = "default_nacos_group")]
-    pub group: String,
-    /// Namespace id (Nacos' default is `public`).
-    #[serde(default)]
-    pub namespace: Option<String>,
-    /// Only instances of these Nacos clusters.
-    #[serde(default)]
-    pub clusters: Vec<String>,
-    /// Ask Nacos for healthy instances only (`healthyOnly=true`).
-    #[serde(default)]
-    pub healthy_only: bool,
-    #[serde(default)]
-    pub api: NacosApi,
-    /// With `password`: log in at `/nacos/v1/auth/login` and send `accessToken`.
-    #[serde(default)]
-    pub username: Option<String>,
-    #[serde(default)]
-    pub password: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EurekaConfig {
-    /// Envoy cluster that reaches the Eureka server (port 8761).
-    pub cluster: String,
-    #[serde(default)]
-    pub authority: Option<String>,
-    /// Eureka application name; defaults to the registry-lb service name. Sent with ASCII
-    /// letters uppercased, as Eureka stores application names (no Unicode case tables in the .wasm).
-    #[serde(default)]
-    pub app: Option<String>,
-    /// Path of the Eureka REST API (`/eureka` for Spring Cloud, `/eureka/v2` for Netflix's war).
-    #[serde(default = "default_eureka_prefix")]
-    pub path_prefix: String,
-    /// HTTP basic auth.
-    #[serde(default)]
-    pub username: Option<String>,
-    #[serde(default)]
-    pub password: Option<String>,
-    /// Use `securePort` instead of `port`.
-    #[serde(default)]
-    pub secure: bool,
-    /// Instance metadata key holding the weight (an integer; default 1).
-    #[serde(default = "default_weight_key")]
-    pub weight_key: String,
-    /// Instance metadata key holding the zone.
-    #[serde(default = "default_zone_key")]
-    pub zone_key: String,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct KubernetesConfig {
-    /// Envoy cluster that reaches the Kubernetes API server.
-    pub cluster: String,
-    #[serde(default)]
-    pub authority: Option<String>,
-    #[serde(default = "default_k8s_namespace")]
-    pub namespace: String,
-    /// Kubernetes Service name; defaults to the registry-lb service name.
-    #[serde(default)]
-    pub service: Option<String>,
-    /// Name of the EndpointSlice port to use; default: each slice's first port.
-    #[serde(default)]
-    pub port_name: Option<String>,
-    /// Bearer token (e.g. a ServiceAccount token allowed to list endpointslices).
-    #[serde(default)]
-    pub token: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct StaticConfig {
-    pub instances: Vec<StaticInstance>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct StaticInstance {
-    pub address: String,
-    pub port: i64,
-    #[serde(default = "default_weight")]
-    pub weight: u32,
-    #[serde(default)]
-    pub zone: String,
-    #[serde(default)]
-    pub metadata: std::collections::BTreeMap<String, String>,
-}
-
-fn default_true() -> bool {
-    true
-}
 fn default_panic_threshold() -> u32 {
     50
 }
@@ -597,9 +495,6 @@ fn default_override_host_count() -> u32 {
 }
 fn default_choice_count() -> u32 {
     2
-}
-fn default_weight() -> u32 {
-    1
 }
 fn default_tick() -> Millis {
     Millis(50)
@@ -631,66 +526,17 @@ fn default_backoff_max() -> Millis {
 fn default_max_response_bytes() -> usize {
     32 * 1024 * 1024
 }
-fn default_consul_wait() -> Millis {
-    Millis::from_secs(30)
-}
-fn default_nacos_group() -> String {
-    "DEFAULT_GROUP".to_string()
-}
-fn default_eureka_prefix() -> String {
-    "/eureka".to_string()
-}
-fn default_weight_key() -> String {
-    "weight".to_string()
-}
 fn default_overprovisioning() -> u32 {
     crate::zone::DEFAULT_OVERPROVISIONING_PERCENT
 }
 
-fn default_zone_key() -> String {
-    "zone".to_string()
-}
-fn default_k8s_namespace() -> String {
-    "default".to_string()
-}
-
-impl ConsulConfig {
-    pub fn authority(&self) -> &str {
-        self.authority.as_deref().unwrap_or(&self.cluster)
-    }
-}
-
-impl EtcdConfig {
-    pub fn authority(&self) -> &str {
-        self.authority.as_deref().unwrap_or(&self.cluster)
-    }
-}
-
-impl NacosConfig {
-    pub fn authority(&self) -> &str {
-        self.authority.as_deref().unwrap_or(&self.cluster)
-    }
-}
-
-impl EurekaConfig {
-    pub fn authority(&self) -> &str {
-        self.authority.as_deref().unwrap_or(&self.cluster)
-    }
-}
-
-impl KubernetesConfig {
-    pub fn authority(&self) -> &str {
-        self.authority.as_deref().unwrap_or(&self.cluster)
-    }
-}
-
-/// A configuration error, already phrased for Envoy's log.
-#[derive(Debug, PartialEq, Eq)]
-pub struct ConfigError(pub String);
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid configuration: {}", self.0)
+impl ServiceConfig {
+    /// What the service's registry sources need to know of it.
+    pub fn for_registry(&self) -> crate::registry::ServiceRef<'_> {
+        crate::registry::ServiceRef {
+            name: &self.name,
+            request_timeout_ms: self.request_timeout.0,
+        }
     }
 }
 
@@ -772,14 +618,6 @@ impl PluginConfig {
                     "is only used by ring_hash and maglev",
                 );
             }
-            if let Some(HashOnConfig::Header(h)) = &s.hash_on {
-                if !valid_header_name(&h.to_ascii_lowercase()) {
-                    return err(
-                        format!("{at}.hash_on.header"),
-                        "must be an HTTP header name",
-                    );
-                }
-            }
             if let Some(c) = s.bounded_load_percent {
                 if !(100..=10_000).contains(&c) {
                     return err(
@@ -855,22 +693,6 @@ impl PluginConfig {
                 }
             }
             if let Some(sub) = &s.subset {
-                for (field, v) in [
-                    ("selector", &sub.selector),
-                    ("default_subset", &sub.default_subset),
-                ] {
-                    if let Some(text) = v {
-                        if let Err(e) = crate::subset::parse_selector(text) {
-                            return err(format!("{at}.subset.{field}"), &format!("{e:?}"));
-                        }
-                    }
-                }
-                if sub.fallback == SubsetFallback::DefaultSubset && sub.default_subset.is_none() {
-                    return err(
-                        format!("{at}.subset.default_subset"),
-                        "is required with fallback default_subset",
-                    );
-                }
                 if let Some(h) = &sub.header {
                     if !valid_header_name(h) {
                         return err(
@@ -965,70 +787,12 @@ impl PluginConfig {
             for (j, src) in s.sources.iter().enumerate() {
                 let at = format!("{at}.sources[{j}].{}", src.kind());
                 match src {
-                    SourceConfig::Consul(c) => {
-                        if c.cluster.is_empty() {
-                            return err(format!("{at}.cluster"), "must name an Envoy cluster");
-                        }
-                        if c.wait.0 < 1000 || c.wait.0 > 600_000 {
-                            return err(format!("{at}.wait"), "must be between 1s and 10m");
-                        }
-                        if let Some(t) = &c.token {
-                            if t.chars().any(|ch| ch.is_control()) {
-                                return err(format!("{at}.token"), "contains control characters");
-                            }
-                        }
-                        if c.auth_method.is_some() != c.bearer_token.is_some() {
-                            return err(
-                                format!("{at}.auth_method"),
-                                "auth_method and bearer_token go together",
-                            );
-                        }
-                        if c.auth_method.is_some() && c.token.is_some() {
-                            return err(
-                                format!("{at}.token"),
-                                "use either token or auth_method, not both",
-                            );
-                        }
-                    }
-                    SourceConfig::Etcd(e) => {
-                        if e.cluster.is_empty() {
-                            return err(format!("{at}.cluster"), "must name an Envoy cluster");
-                        }
-                        if e.prefix.as_deref() == Some("") {
-                            return err(
-                                format!("{at}.prefix"),
-                                "must not be empty (it would select the whole keyspace)",
-                            );
-                        }
-                        if e.username.is_some() != e.password.is_some() {
-                            return err(
-                                format!("{at}.username"),
-                                "username and password go together",
-                            );
-                        }
-                    }
-                    SourceConfig::Static(st) => {
-                        if st.instances.is_empty() {
-                            return err(
-                                format!("{at}.instances"),
-                                "at least one instance is required",
-                            );
-                        }
-                        for (k, inst) in st.instances.iter().enumerate() {
-                            if let Err(e) = instance::socket_addr(&inst.address, inst.port) {
-                                return err(format!("{at}.instances[{k}]"), &e.to_string());
-                            }
-                            if inst.weight == 0 {
-                                return err(
-                                    format!("{at}.instances[{k}].weight"),
-                                    "must be at least 1",
-                                );
-                            }
-                        }
-                    }
-                    SourceConfig::Nacos(n) => validate_nacos(&at, n)?,
-                    SourceConfig::Eureka(e) => validate_eureka(&at, e)?,
-                    SourceConfig::Kubernetes(k) => validate_kubernetes(&at, k, &s.name)?,
+                    SourceConfig::Consul(c) => c.validate(&at)?,
+                    SourceConfig::Etcd(e) => e.validate(&at)?,
+                    SourceConfig::Static(st) => st.validate(&at)?,
+                    SourceConfig::Nacos(n) => n.validate(&at)?,
+                    SourceConfig::Eureka(e) => e.validate(&at)?,
+                    SourceConfig::Kubernetes(k) => k.validate(&at, &s.name)?,
                 }
             }
         }
@@ -1041,183 +805,6 @@ impl PluginConfig {
             .enumerate()
             .find(|(_, s)| s.name == name)
     }
-}
-
-impl StaticConfig {
-    /// The instances, already validated by [`PluginConfig::parse`].
-    pub fn instances(&self) -> Vec<Instance> {
-        self.instances
-            .iter()
-            .filter_map(|s| {
-                let addr = instance::socket_addr(&s.address, s.port).ok()?;
-                let mut i = Instance::new(addr, s.weight);
-                i.state = State::Healthy;
-                i.zone = s.zone.clone();
-                i.metadata = s
-                    .metadata
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                Some(i)
-            })
-            .collect()
-    }
-}
-
-fn field_err(at: &str, field: &str, msg: &str) -> Result<(), ConfigError> {
-    Err(ConfigError(format!("{at}.{field}: {msg}")))
-}
-
-/// A value that goes into a URL, a header or a form: no control characters.
-fn printable(s: &str) -> bool {
-    !s.chars().any(char::is_control)
-}
-
-fn validate_nacos(at: &str, n: &NacosConfig) -> Result<(), ConfigError> {
-    if n.cluster.is_empty() {
-        return field_err(at, "cluster", "must name an Envoy cluster");
-    }
-    if n.service
-        .as_deref()
-        .is_some_and(|s| s.is_empty() || !printable(s))
-    {
-        return field_err(
-            at,
-            "service",
-            "must be a non-empty name without control characters",
-        );
-    }
-    if n.group.is_empty() || !printable(&n.group) {
-        return field_err(
-            at,
-            "group",
-            "must be a non-empty name without control characters",
-        );
-    }
-    if n.namespace
-        .as_deref()
-        .is_some_and(|s| s.is_empty() || !printable(s))
-    {
-        return field_err(at, "namespace", "must be a non-empty namespace id");
-    }
-    for (k, c) in n.clusters.iter().enumerate() {
-        if c.is_empty() || c.contains(',') || !printable(c) {
-            return field_err(
-                at,
-                &format!("clusters[{k}]"),
-                "must be a non-empty Nacos cluster name without ','",
-            );
-        }
-    }
-    if n.username.is_some() != n.password.is_some() {
-        return field_err(at, "username", "username and password go together");
-    }
-    if n.username.as_deref().is_some_and(str::is_empty) {
-        return field_err(at, "username", "must not be empty");
-    }
-    Ok(())
-}
-
-fn validate_eureka(at: &str, e: &EurekaConfig) -> Result<(), ConfigError> {
-    if e.cluster.is_empty() {
-        return field_err(at, "cluster", "must name an Envoy cluster");
-    }
-    if let Some(app) = &e.app {
-        if app.is_empty() || app.contains('/') || !printable(app) {
-            return field_err(
-                at,
-                "app",
-                "must be a non-empty application name without '/'",
-            );
-        }
-    }
-    let p = &e.path_prefix;
-    if !p.starts_with('/') || p.contains(['?', '#']) || !printable(p) {
-        return field_err(
-            at,
-            "path_prefix",
-            "must be a path starting with '/' (e.g. \"/eureka\")",
-        );
-    }
-    if e.username.is_some() != e.password.is_some() {
-        return field_err(at, "username", "username and password go together");
-    }
-    if let Some(u) = &e.username {
-        // RFC 7617: the user-id of Basic auth cannot contain ':'.
-        if u.is_empty() || u.contains(':') || !printable(u) {
-            return field_err(
-                at,
-                "username",
-                "must be non-empty, without ':' or control characters",
-            );
-        }
-    }
-    if e.password.as_deref().is_some_and(|p| !printable(p)) {
-        return field_err(at, "password", "contains control characters");
-    }
-    if e.weight_key.is_empty() {
-        return field_err(at, "weight_key", "must not be empty");
-    }
-    if e.zone_key.is_empty() {
-        return field_err(at, "zone_key", "must not be empty");
-    }
-    Ok(())
-}
-
-/// RFC 1123 label, as Kubernetes requires of namespace and Service names.
-fn dns_label(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn validate_kubernetes(
-    at: &str,
-    k: &KubernetesConfig,
-    service_name: &str,
-) -> Result<(), ConfigError> {
-    if k.cluster.is_empty() {
-        return field_err(at, "cluster", "must name an Envoy cluster");
-    }
-    if !dns_label(&k.namespace) {
-        return field_err(
-            at,
-            "namespace",
-            "must be a DNS label (lowercase letters, digits, '-')",
-        );
-    }
-    match &k.service {
-        Some(s) if !dns_label(s) => {
-            return field_err(
-                at,
-                "service",
-                "must be a DNS label (lowercase letters, digits, '-')",
-            );
-        }
-        None if !dns_label(service_name) => {
-            return field_err(
-                at,
-                "service",
-                &format!("required: the service name `{service_name}` is not a Kubernetes Service name (DNS label)"),
-            );
-        }
-        _ => {}
-    }
-    if k.port_name
-        .as_deref()
-        .is_some_and(|p| p.is_empty() || !printable(p))
-    {
-        return field_err(at, "port_name", "must be a non-empty port name");
-    }
-    if k.token
-        .as_deref()
-        .is_some_and(|t| t.is_empty() || !printable(t))
-    {
-        return field_err(at, "token", "must be non-empty, without control characters");
-    }
-    Ok(())
 }
 
 fn valid_name(s: &str) -> bool {
@@ -1332,7 +919,7 @@ mod tests {
         let e = parse(r#"{"services":[{"name":"web","sources":[{"static":{"instances":[{"address":"web.local","port":80}]}}]}]}"#).unwrap_err();
         assert_eq!(
             e.0,
-            "services[0].sources[0].static.instances[0]: address `web.local` is not an IP literal"
+            "services[0].sources[0].static.instances[0]: address `web.local` is not an IP literal at line 1 column 96"
         );
         let e = parse(r#"{"services":[]}"#).unwrap_err();
         assert_eq!(e.0, "services: at least one service is required");
@@ -1366,178 +953,98 @@ mod tests {
         assert!(e.0.starts_with("handoff_header:"), "{}", e.0);
     }
 
-    fn one_source(src: &str) -> Result<PluginConfig, ConfigError> {
+    fn web(extra: &str) -> Result<PluginConfig, ConfigError> {
         parse(&format!(
-            r#"{{"services":[{{"name":"web","sources":[{src}]}}]}}"#
+            r#"{{"services":[{{"name":"web",{extra}"sources":[{{"static":{{"instances":[{{"address":"10.0.0.1","port":80}}]}}}}]}}]}}"#
         ))
     }
 
-    #[wasm_bindgen_test(unsupported = test)]
-    fn nacos_source_defaults_and_options() {
-        let c = one_source(r#"{"nacos":{"cluster":"nacos"}}"#).unwrap();
-        let SourceConfig::Nacos(n) = &c.services[0].sources[0] else {
-            panic!()
-        };
-        assert_eq!(
-            (n.group.as_str(), n.api, n.healthy_only, n.authority()),
-            ("DEFAULT_GROUP", NacosApi::V1, false, "nacos")
-        );
-        assert_eq!(
-            (
-                n.service.as_deref(),
-                n.namespace.as_deref(),
-                n.clusters.len()
-            ),
-            (None, None, 0)
-        );
-        let c = one_source(
-            r#"{"nacos":{"cluster":"nacos","authority":"nacos.local","service":"svc","group":"G","namespace":"dev",
-                "clusters":["a","b"],"healthy_only":true,"api":"v2","username":"nacos","password":"pw"}}"#,
-        )
-        .unwrap();
-        let SourceConfig::Nacos(n) = &c.services[0].sources[0] else {
-            panic!()
-        };
-        assert_eq!(n.api, NacosApi::V2);
-        assert_eq!(n.clusters, ["a", "b"]);
-        assert_eq!(c.services[0].sources[0].kind(), "nacos");
+    fn pairs(p: &[(&str, &str)]) -> crate::subset::Pairs {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[wasm_bindgen_test(unsupported = test)]
-    fn nacos_errors_name_the_field() {
-        for (src, want) in [
-            (
-                r#"{"nacos":{"cluster":""}}"#,
-                "services[0].sources[0].nacos.cluster: must name",
-            ),
-            (
-                r#"{"nacos":{"cluster":"n","api":"v3"}}"#,
-                "services[0].sources[0].nacos.api: unknown variant `v3`",
-            ),
-            (
-                r#"{"nacos":{"cluster":"n","username":"u"}}"#,
-                "services[0].sources[0].nacos.username: username and password go together",
-            ),
-            (
-                r#"{"nacos":{"cluster":"n","clusters":["a,b"]}}"#,
-                "services[0].sources[0].nacos.clusters[0]: ",
-            ),
-            (
-                r#"{"nacos":{"cluster":"n","group":""}}"#,
-                "services[0].sources[0].nacos.group: ",
-            ),
-            (
-                r#"{"nacos":{"cluster":"n","namespace":""}}"#,
-                "services[0].sources[0].nacos.namespace: ",
-            ),
-            (
-                r#"{"nacos":{"cluster":"n","healthy":true}}"#,
-                "services[0].sources[0].nacos.healthy: unknown field `healthy`",
-            ),
-        ] {
-            let e = one_source(src).unwrap_err();
-            assert!(e.0.starts_with(want), "{src}: {}", e.0);
-        }
-    }
-
-    #[wasm_bindgen_test(unsupported = test)]
-    fn eureka_source_defaults_and_errors() {
-        let c = one_source(r#"{"eureka":{"cluster":"eureka"}}"#).unwrap();
-        let SourceConfig::Eureka(e) = &c.services[0].sources[0] else {
-            panic!()
-        };
+    fn subset_selectors_are_parsed_once_when_read() {
+        let c =
+            web(r#""subset":{"selector":"version=v1, stage=prod","header":"x-subset"},"#).unwrap();
+        let sub = c.services[0].subset.as_ref().unwrap();
         assert_eq!(
-            (
-                e.path_prefix.as_str(),
-                e.weight_key.as_str(),
-                e.zone_key.as_str(),
-                e.secure
-            ),
-            ("/eureka", "weight", "zone", false)
+            sub.selector,
+            Some(pairs(&[("stage", "prod"), ("version", "v1")]))
         );
-        assert_eq!(e.authority(), "eureka");
-        one_source(r#"{"eureka":{"cluster":"e","app":"web-app","path_prefix":"/eureka/v2","username":"u","password":"p:w","secure":true}}"#)
+        assert_eq!(sub.header.as_deref(), Some("x-subset"));
+        assert_eq!(sub.fallback(), crate::subset::Fallback::AnyEndpoint);
+        let c = web(r#""subset":{"fallback":"default_subset","default_subset":"version=v1"},"#)
             .unwrap();
-        for (src, want) in [
+        let sub = c.services[0].subset.as_ref().unwrap();
+        assert_eq!(sub.selector, None);
+        assert_eq!(
+            sub.fallback(),
+            crate::subset::Fallback::DefaultSubset(pairs(&[("version", "v1")]))
+        );
+        let c =
+            web(r#""subset":{"fallback":"no_fallback","default_subset":"version=v1"},"#).unwrap();
+        assert_eq!(
+            c.services[0].subset.as_ref().unwrap().fallback(),
+            crate::subset::Fallback::NoFallback
+        );
+        for (extra, want) in [
             (
-                r#"{"eureka":{"cluster":"e","path_prefix":"eureka"}}"#,
-                "services[0].sources[0].eureka.path_prefix: ",
+                r#""subset":{"selector":"=v1"},"#,
+                "services[0].subset.selector: selector has an empty key",
             ),
             (
-                r#"{"eureka":{"cluster":"e","username":"a:b","password":"p"}}"#,
-                "services[0].sources[0].eureka.username: ",
+                r#""subset":{"default_subset":"a=1,a=2"},"#,
+                "services[0].subset.default_subset: selector names key `a` twice",
             ),
             (
-                r#"{"eureka":{"cluster":"e","password":"p"}}"#,
-                "services[0].sources[0].eureka.username: username and password go together",
+                r#""subset":{"fallback":"default_subset"},"#,
+                "services[0].subset: default_subset is required with fallback default_subset",
             ),
             (
-                r#"{"eureka":{"cluster":"e","app":"a/b"}}"#,
-                "services[0].sources[0].eureka.app: ",
+                r#""subset":{"header":"X-Subset"},"#,
+                "services[0].subset.header: must be a lowercase HTTP header name",
             ),
             (
-                r#"{"eureka":{"cluster":"e","weight_key":""}}"#,
-                "services[0].sources[0].eureka.weight_key: ",
-            ),
-            (
-                r#"{"eureka":{"cluster":"e","secure":"yes"}}"#,
-                "services[0].sources[0].eureka.secure: invalid type",
+                r#""subset":{"selectr":"a=1"},"#,
+                "services[0].subset.selectr: unknown field `selectr`",
             ),
         ] {
-            let e = one_source(src).unwrap_err();
-            assert!(e.0.starts_with(want), "{src}: {}", e.0);
+            let e = web(extra).unwrap_err();
+            assert!(e.0.starts_with(want), "{extra}: {}", e.0);
         }
     }
 
     #[wasm_bindgen_test(unsupported = test)]
-    fn kubernetes_source_defaults_and_errors() {
-        let c = one_source(r#"{"kubernetes":{"cluster":"k8s"}}"#).unwrap();
-        let SourceConfig::Kubernetes(k) = &c.services[0].sources[0] else {
-            panic!()
-        };
-        assert_eq!(
+    fn hash_on_is_read_into_its_key_source() {
+        for (hash_on, want) in [
+            (r#"{"header":"X-User"}"#, HashOn::Header("x-user".into())),
+            (r#"{"cookie":"Session"}"#, HashOn::Cookie("Session".into())),
+            (r#"{"source_ip":true}"#, HashOn::SourceIp),
+            (r#"{"path":true}"#, HashOn::Path { strip_query: true }),
+        ] {
+            let c = web(&format!(r#""policy":"maglev","hash_on":{hash_on},"#)).unwrap();
+            let on = c.services[0].hash_on.as_ref().map(HashOnConfig::to_hash_on);
+            assert_eq!(on, Some(want), "{hash_on}");
+        }
+        for (extra, want) in [
             (
-                k.namespace.as_str(),
-                k.service.as_deref(),
-                k.port_name.as_deref()
-            ),
-            ("default", None, None)
-        );
-        one_source(r#"{"kubernetes":{"cluster":"k8s","namespace":"prod","service":"web-v2","port_name":"http","token":"ey.x"}}"#).unwrap();
-        for (src, want) in [
-            (
-                r#"{"kubernetes":{"cluster":"k","namespace":"Prod"}}"#,
-                "services[0].sources[0].kubernetes.namespace: ",
+                r#""policy":"ring_hash","hash_on":{"header":"x user"},"#,
+                "services[0].hash_on.header: must be an HTTP header name",
             ),
             (
-                r#"{"kubernetes":{"cluster":"k","service":"web_v2"}}"#,
-                "services[0].sources[0].kubernetes.service: ",
+                r#""policy":"ring_hash","hash_on":{"query":"u"},"#,
+                "services[0].hash_on: unknown variant `query`",
             ),
             (
-                r#"{"kubernetes":{"cluster":"k","token":"a
-b"}}"#,
-                "services[0].sources[0].kubernetes.token: ",
-            ),
-            (
-                r#"{"kubernetes":{"cluster":"k","port_name":""}}"#,
-                "services[0].sources[0].kubernetes.port_name: ",
-            ),
-            (
-                r#"{"kubernetes":{"cluster":"k","labels":{}}}"#,
-                "services[0].sources[0].kubernetes.labels: unknown field",
+                r#""hash_on":{"header":"x-user"},"#,
+                "services[0].hash_on: is only used by ring_hash and maglev",
             ),
         ] {
-            let e = one_source(src).unwrap_err();
-            assert!(e.0.starts_with(want), "{src}: {}", e.0);
+            let e = web(extra).unwrap_err();
+            assert!(e.0.starts_with(want), "{extra}: {}", e.0);
         }
-        // The default Service name is the registry-lb service name, which must then fit.
-        let e =
-            parse(r#"{"services":[{"name":"Web_1","sources":[{"kubernetes":{"cluster":"k"}}]}]}"#)
-                .unwrap_err();
-        assert!(
-            e.0.starts_with("services[0].sources[0].kubernetes.service: required"),
-            "{}",
-            e.0
-        );
     }
 }

@@ -9,7 +9,7 @@
 //! and at most `max_in_flight` run at once, so 10,000 instances do not burst.
 //! Left out: TCP/gRPC checks, jitter per host, `no_traffic_interval`.
 
-use crate::registry::HttpRequest;
+use crate::http_call::HttpRequest;
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq)]

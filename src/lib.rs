@@ -14,6 +14,7 @@ pub mod envoy;
 pub mod handoff;
 pub mod hash_key;
 pub mod health_check;
+pub mod http_call;
 pub use registry_lb_wire::instance;
 pub mod lease;
 pub mod load_report;
@@ -28,6 +29,7 @@ pub mod slow_start;
 pub mod stats;
 pub use registry_lb_wire::snapshot;
 pub mod subset;
+pub mod validate;
 pub mod zone;
 
 #[cfg(target_os = "wasi")]

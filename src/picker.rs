@@ -93,11 +93,7 @@ impl Options {
             local_zone: svc.local_zone.clone(),
             zone_priorities: svc.zone_priorities.clone().unwrap_or_default(),
             overprovisioning_percent: svc.overprovisioning_percent,
-            subset: svc
-                .subset
-                .as_ref()
-                .and_then(|s| s.selector.as_deref())
-                .and_then(|t| subset::parse_selector(t).ok()),
+            subset: svc.subset.as_ref().and_then(|s| s.selector.clone()),
             subset_fallback: svc
                 .subset
                 .as_ref()

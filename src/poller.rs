@@ -18,9 +18,11 @@
 //!   black-hole traffic; a real scale-down goes through after a few refreshes.
 
 use crate::backoff;
-use crate::config::ServiceConfig;
+use crate::config::{ServiceConfig, SourceConfig};
 use crate::instance::Instance;
-use crate::registry::{HttpRequest, HttpResponse, RegistryError, Source, Step};
+use crate::registry::{
+    consul, etcd, eureka, kubernetes, nacos, HttpRequest, HttpResponse, RegistryError, Source, Step,
+};
 use crate::rng::Rng;
 use crate::snapshot::{self, Entry, Snapshot};
 
@@ -29,9 +31,45 @@ const LOST_CALL_GRACE_MS: u64 = 5_000;
 /// `Step::Again` (log in, then call) may chain this often before it counts as a failure.
 const MAX_AGAIN: u32 = 3;
 
+/// Where one configured source's instances come from.
+#[derive(Debug)]
+enum Feed {
+    /// A registry, called on a schedule.
+    Registry(Box<Source>),
+    /// A list from the configuration: no calls, taken as it is once.
+    Static(Vec<Instance>),
+}
+
+impl Feed {
+    fn new(svc: &ServiceConfig, cfg: &SourceConfig) -> Feed {
+        let to = svc.for_registry();
+        let source = match cfg {
+            SourceConfig::Static(s) => return Feed::Static(s.instances()),
+            SourceConfig::Consul(c) => Source::Consul(consul::Consul::new(to, c)),
+            SourceConfig::Etcd(e) => Source::Etcd(etcd::Etcd::new(to, e)),
+            SourceConfig::Nacos(n) => Source::Nacos(nacos::Nacos::new(to, n)),
+            SourceConfig::Eureka(e) => Source::Eureka(eureka::Eureka::new(to, e)),
+            SourceConfig::Kubernetes(k) => Source::Kubernetes(kubernetes::Kubernetes::new(to, k)),
+        };
+        Feed::Registry(Box::new(source))
+    }
+
+    /// Change token to carry over to another poller; a static list has none.
+    fn token(&self) -> String {
+        match self {
+            Feed::Registry(s) => s.token(),
+            Feed::Static(_) => String::new(),
+        }
+    }
+
+    fn is_blocking(&self) -> bool {
+        matches!(self, Feed::Registry(s) if s.is_blocking())
+    }
+}
+
 #[derive(Debug)]
 struct SourcePoll {
-    source: Source,
+    source: Feed,
     next_due_ms: u64,
     failures: u32,
     in_flight: Option<(u64, u64)>, // (sent at, timeout)
@@ -104,7 +142,7 @@ impl ServicePoller {
                 .sources
                 .iter()
                 .map(|c| SourcePoll {
-                    source: Source::new(svc, c),
+                    source: Feed::new(svc, c),
                     next_due_ms: 0,
                     failures: 0,
                     in_flight: None,
@@ -137,8 +175,8 @@ impl ServicePoller {
             return;
         }
         for (i, sp) in self.sources.iter_mut().enumerate() {
-            if let Some(t) = snap.tokens.get(i) {
-                sp.source.restore_token(t);
+            if let (Some(t), Feed::Registry(s)) = (snap.tokens.get(i), &mut sp.source) {
+                s.restore_token(t);
             }
             sp.answered = snap.answered.get(i).copied().unwrap_or(false);
             sp.last_good = snap
@@ -166,15 +204,14 @@ impl ServicePoller {
             if now_ms < sp.next_due_ms {
                 continue;
             }
-            match sp.source.request(now_ms) {
-                Some(req) => {
+            match &mut sp.source {
+                Feed::Registry(source) => {
+                    let req = source.request(now_ms);
                     sp.in_flight = Some((now_ms, req.timeout_ms));
                     out.push((i, req));
                 }
-                None => {
-                    if let Source::Static(list) = &sp.source {
-                        sp.last_good = list.clone();
-                    }
+                Feed::Static(list) => {
+                    sp.last_good = list.clone();
                     sp.answered = true;
                     sp.next_due_ms = u64::MAX;
                     self.dirty = true;
@@ -203,11 +240,15 @@ impl ServicePoller {
         now_ms: u64,
         rng: &mut impl Rng,
     ) -> Outcome {
+        // Only a registry makes calls; an answer for anything else is not ours.
         let Some(sp) = self.sources.get_mut(i) else {
             return Outcome::Unchanged;
         };
+        let Feed::Registry(source) = &mut sp.source else {
+            return Outcome::Unchanged;
+        };
         let sent = sp.in_flight.take().map(|(s, _)| s).unwrap_or(now_ms);
-        match sp.source.on_response(resp, self.max_response_bytes) {
+        match source.on_response(resp, self.max_response_bytes) {
             Ok(Step::Again(why)) => {
                 sp.again += 1;
                 if sp.again > MAX_AGAIN {
@@ -228,7 +269,7 @@ impl ServicePoller {
                 sp.answered = true;
                 sp.last_ok_ms = now_ms;
                 let quick = now_ms.saturating_sub(sent) < 1000;
-                sp.next_due_ms = if sp.source.is_blocking() && !quick {
+                sp.next_due_ms = if source.is_blocking() && !quick {
                     now_ms
                 } else {
                     now_ms + self.refresh_ms
@@ -249,7 +290,7 @@ impl ServicePoller {
                 sp.failures = 0;
                 sp.answered = true;
                 sp.last_ok_ms = now_ms;
-                sp.next_due_ms = if sp.source.is_blocking() {
+                sp.next_due_ms = if source.is_blocking() {
                     now_ms
                 } else {
                     now_ms + self.refresh_ms
@@ -383,7 +424,9 @@ impl ServicePoller {
         // Re-confirm within one refresh interval (a blocking query still returns at
         // once if the registry recovers).
         for sp in &mut self.sources {
-            sp.source.confirm_within(self.refresh_ms);
+            if let Feed::Registry(s) = &mut sp.source {
+                s.confirm_within(self.refresh_ms);
+            }
         }
         true
     }
@@ -400,7 +443,7 @@ impl ServicePoller {
         self.sources
             .iter()
             .map(|sp| {
-                let fresh = matches!(sp.source, Source::Static(_))
+                let fresh = matches!(sp.source, Feed::Static(_))
                     || (sp.in_flight.is_some()
                         && sp.source.is_blocking()
                         && sp.failures == 0
@@ -413,11 +456,6 @@ impl ServicePoller {
             })
             .max()
             .unwrap_or(0)
-    }
-
-    /// Number of sources (for metrics).
-    pub fn source_kinds(&self) -> Vec<&'static str> {
-        self.sources.iter().map(|s| s.source.kind()).collect()
     }
 }
 
@@ -498,6 +536,25 @@ mod tests {
         p.published(s);
         assert!(p.due(10_000).is_empty());
         assert!(p.publication(10_000).is_none());
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn an_answer_for_a_static_source_is_not_taken() {
+        let mut p =
+            poller(r#"{"static":{"instances":[{"address":"10.0.0.1","port":80,"weight":2}]}}"#);
+        assert!(p.due(0).is_empty());
+        let body = consul_body(&["10.0.0.9"]);
+        let h = consul_ok("5");
+        let resp = HttpResponse {
+            status: 200,
+            headers: &h,
+            body: body.as_bytes(),
+        };
+        let mut rng = SplitMix64(1);
+        assert_eq!(p.on_response(0, &resp, 1, &mut rng), Outcome::Unchanged);
+        let s = p.publication(1).unwrap();
+        assert_eq!(s.entries.len(), 1);
+        assert_eq!(s.entries[0].instance.addr.to_string(), "10.0.0.1:80");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

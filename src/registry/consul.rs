@@ -11,11 +11,92 @@
 //! when Consul refuses it (403 "ACL not found"), the source logs in again at once.
 
 use super::{
-    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step,
+    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError,
+    ServiceRef, Step,
 };
-use crate::config::{ConsulConfig, ServiceConfig};
+use crate::duration::Millis;
 use crate::instance::Instance;
+use crate::validate::{field_err, ConfigError};
 use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulConfig {
+    /// Envoy cluster that reaches the Consul agent's HTTP API.
+    pub cluster: String,
+    /// `:authority` of registry calls; defaults to the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Consul service name; defaults to the registry-lb service name.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub datacenter: Option<String>,
+    /// Only instances carrying this tag.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Ask Consul for passing instances only (`?passing`). Without it, instances with
+    /// a critical check are kept as unhealthy and warning ones get `Weights.Warning`.
+    #[serde(default)]
+    pub passing_only: bool,
+    /// ACL token, sent as `X-Consul-Token`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Log in through a Consul ACL auth method (`POST /v1/acl/login`) with this
+    /// bearer token (e.g. a Kubernetes service-account JWT) instead of a fixed
+    /// `token`; the login is repeated whenever Consul refuses the token (expired).
+    #[serde(default)]
+    pub auth_method: Option<String>,
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// Use blocking queries (`?index=&wait=`): changes arrive as soon as Consul has them.
+    #[serde(default = "default_true")]
+    pub blocking: bool,
+    /// `wait` of a blocking query.
+    #[serde(default = "default_consul_wait")]
+    pub wait: Millis,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_consul_wait() -> Millis {
+    Millis::from_secs(30)
+}
+
+impl ConsulConfig {
+    /// `:authority` of registry calls: `authority`, else the cluster name.
+    pub fn authority(&self) -> &str {
+        self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+
+    /// Checks what the types cannot; `at` names this source in errors
+    /// (`services[0].sources[1].consul`).
+    pub fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.cluster.is_empty() {
+            return field_err(at, "cluster", "must name an Envoy cluster");
+        }
+        if self.wait.0 < 1000 || self.wait.0 > 600_000 {
+            return field_err(at, "wait", "must be between 1s and 10m");
+        }
+        if let Some(t) = &self.token {
+            if t.chars().any(|ch| ch.is_control()) {
+                return field_err(at, "token", "contains control characters");
+            }
+        }
+        if self.auth_method.is_some() != self.bearer_token.is_some() {
+            return field_err(
+                at,
+                "auth_method",
+                "auth_method and bearer_token go together",
+            );
+        }
+        if self.auth_method.is_some() && self.token.is_some() {
+            return field_err(at, "token", "use either token or auth_method, not both");
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug)]
 pub struct Consul {
@@ -34,11 +115,11 @@ pub struct Consul {
 }
 
 impl Consul {
-    pub fn new(svc: &ServiceConfig, cfg: &ConsulConfig) -> Consul {
+    pub fn new(svc: ServiceRef, cfg: &ConsulConfig) -> Consul {
         Consul {
-            service: cfg.service.clone().unwrap_or_else(|| svc.name.clone()),
+            service: cfg.service.clone().unwrap_or_else(|| svc.name.to_string()),
             cfg: cfg.clone(),
-            request_timeout_ms: svc.request_timeout.0,
+            request_timeout_ms: svc.request_timeout_ms,
             index: 0,
             login_token: None,
             logging_in: false,
@@ -192,6 +273,7 @@ mod tests {
     use super::*;
     use crate::config::SourceConfig;
     use crate::instance::State;
+    use crate::registry::test_util::one_source;
     use crate::registry::test_util::service;
     use wasm_bindgen_test::wasm_bindgen_test;
 
@@ -202,7 +284,7 @@ mod tests {
     fn consul(extra: &str) -> Consul {
         let svc = service("web", "consul", "consul", extra);
         match &svc.sources[0] {
-            SourceConfig::Consul(k) => Consul::new(&svc, k),
+            SourceConfig::Consul(k) => Consul::new(svc.for_registry(), k),
             _ => unreachable!(),
         }
     }
@@ -465,5 +547,54 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), "auth");
         assert!(e.to_string().contains("ACL login failed: 403"), "{e}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn consul_config_defaults_and_errors() {
+        let c = one_source(r#"{"consul":{"cluster":"consul"}}"#).unwrap();
+        let SourceConfig::Consul(k) = &c.services[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (k.blocking, k.wait, k.passing_only, k.authority()),
+            (true, Millis(30_000), false, "consul")
+        );
+        let c = one_source(
+            r#"{"consul":{"cluster":"consul","authority":"consul.local","auth_method":"k8s","bearer_token":"jwt"}}"#,
+        )
+        .unwrap();
+        let SourceConfig::Consul(k) = &c.services[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!(k.authority(), "consul.local");
+        for (src, want) in [
+            (
+                r#"{"consul":{"cluster":""}}"#,
+                "services[0].sources[0].consul.cluster: must name an Envoy cluster",
+            ),
+            (
+                r#"{"consul":{"cluster":"c","wait":"999ms"}}"#,
+                "services[0].sources[0].consul.wait: must be between 1s and 10m",
+            ),
+            (
+                r#"{"consul":{"cluster":"c","wait":"11m"}}"#,
+                "services[0].sources[0].consul.wait: must be between 1s and 10m",
+            ),
+            (
+                r#"{"consul":{"cluster":"c","token":"a\u0007b"}}"#,
+                "services[0].sources[0].consul.token: contains control characters",
+            ),
+            (
+                r#"{"consul":{"cluster":"c","auth_method":"k8s"}}"#,
+                "services[0].sources[0].consul.auth_method: auth_method and bearer_token go together",
+            ),
+            (
+                r#"{"consul":{"cluster":"c","auth_method":"k8s","bearer_token":"jwt","token":"t"}}"#,
+                "services[0].sources[0].consul.token: use either token or auth_method, not both",
+            ),
+        ] {
+            let e = one_source(src).unwrap_err();
+            assert_eq!(e.0, want, "{src}");
+        }
     }
 }

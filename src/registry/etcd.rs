@@ -16,14 +16,58 @@
 //! Left out: watches (a watch stream never ends; polling the range is simpler and
 //! bounded), ranges over 10,000 keys in pages.
 
-use super::{envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step};
-use crate::config::{EtcdConfig, ServiceConfig};
+use super::{
+    envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, ServiceRef, Step,
+};
 use crate::instance::{self, Instance, State};
+use crate::validate::{field_err, ConfigError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Envoy cluster that reaches etcd's JSON gateway (client URL).
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Key prefix; defaults to `/services/<service name>/`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl EtcdConfig {
+    /// `:authority` of registry calls: `authority`, else the cluster name.
+    pub fn authority(&self) -> &str {
+        self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+
+    /// Checks what the types cannot; `at` names this source in errors
+    /// (`services[0].sources[1].etcd`).
+    pub fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.cluster.is_empty() {
+            return field_err(at, "cluster", "must name an Envoy cluster");
+        }
+        if self.prefix.as_deref() == Some("") {
+            return field_err(
+                at,
+                "prefix",
+                "must not be empty (it would select the whole keyspace)",
+            );
+        }
+        if self.username.is_some() != self.password.is_some() {
+            return field_err(at, "username", "username and password go together");
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug)]
 pub struct Etcd {
@@ -71,14 +115,14 @@ struct AuthAnswer {
 }
 
 impl Etcd {
-    pub fn new(svc: &ServiceConfig, cfg: &EtcdConfig) -> Etcd {
+    pub fn new(svc: ServiceRef, cfg: &EtcdConfig) -> Etcd {
         Etcd {
             prefix: cfg
                 .prefix
                 .clone()
                 .unwrap_or_else(|| format!("/services/{}/", svc.name)),
             cfg: cfg.clone(),
-            request_timeout_ms: svc.request_timeout.0,
+            request_timeout_ms: svc.request_timeout_ms,
             token: None,
             pending: Pending::Range,
             revision: 0,
@@ -295,6 +339,7 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::config::SourceConfig;
+    use crate::registry::test_util::one_source;
     use crate::registry::test_util::{resp, service};
     use wasm_bindgen_test::wasm_bindgen_test;
 
@@ -312,7 +357,7 @@ mod tests {
     fn etcd(extra: &str) -> Etcd {
         let svc = service("web", "etcd", "etcd", extra);
         match &svc.sources[0] {
-            SourceConfig::Etcd(e) => Etcd::new(&svc, e),
+            SourceConfig::Etcd(e) => Etcd::new(svc.for_registry(), e),
             _ => unreachable!(),
         }
     }
@@ -507,5 +552,31 @@ mod tests {
         assert_eq!(prefix_end(b"/services/web/"), b"/services/web0");
         assert_eq!(prefix_end(b"a\xff"), b"b");
         assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn etcd_config_defaults_and_errors() {
+        let c = one_source(r#"{"etcd":{"cluster":"etcd"}}"#).unwrap();
+        let SourceConfig::Etcd(e) = &c.services[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!((e.prefix.as_deref(), e.authority()), (None, "etcd"));
+        for (src, want) in [
+            (
+                r#"{"etcd":{"cluster":""}}"#,
+                "services[0].sources[0].etcd.cluster: must name an Envoy cluster",
+            ),
+            (
+                r#"{"etcd":{"cluster":"e","prefix":""}}"#,
+                "services[0].sources[0].etcd.prefix: must not be empty (it would select the whole keyspace)",
+            ),
+            (
+                r#"{"etcd":{"cluster":"e","password":"p"}}"#,
+                "services[0].sources[0].etcd.username: username and password go together",
+            ),
+        ] {
+            let e = one_source(src).unwrap_err();
+            assert_eq!(e.0, want, "{src}");
+        }
     }
 }

@@ -20,14 +20,111 @@
 //! list is hashed instead and an equal hash is `Unchanged`.
 
 use super::{
-    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step,
+    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError,
+    ServiceRef, Step,
 };
-use crate::config::{EurekaConfig, ServiceConfig};
 use crate::instance::{self, Instance, State};
 use crate::snapshot;
+use crate::validate::{field_err, printable, ConfigError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use serde::Deserialize;
 use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EurekaConfig {
+    /// Envoy cluster that reaches the Eureka server (port 8761).
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Eureka application name; defaults to the registry-lb service name. Sent with ASCII
+    /// letters uppercased, as Eureka stores application names (no Unicode case tables in the .wasm).
+    #[serde(default)]
+    pub app: Option<String>,
+    /// Path of the Eureka REST API (`/eureka` for Spring Cloud, `/eureka/v2` for Netflix's war).
+    #[serde(default = "default_eureka_prefix")]
+    pub path_prefix: String,
+    /// HTTP basic auth.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Use `securePort` instead of `port`.
+    #[serde(default)]
+    pub secure: bool,
+    /// Instance metadata key holding the weight (an integer; default 1).
+    #[serde(default = "default_weight_key")]
+    pub weight_key: String,
+    /// Instance metadata key holding the zone.
+    #[serde(default = "default_zone_key")]
+    pub zone_key: String,
+}
+
+fn default_eureka_prefix() -> String {
+    "/eureka".to_string()
+}
+fn default_weight_key() -> String {
+    "weight".to_string()
+}
+fn default_zone_key() -> String {
+    "zone".to_string()
+}
+
+impl EurekaConfig {
+    /// `:authority` of registry calls: `authority`, else the cluster name.
+    pub fn authority(&self) -> &str {
+        self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+
+    /// Checks what the types cannot; `at` names this source in errors
+    /// (`services[0].sources[1].eureka`).
+    pub fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.cluster.is_empty() {
+            return field_err(at, "cluster", "must name an Envoy cluster");
+        }
+        if let Some(app) = &self.app {
+            if app.is_empty() || app.contains('/') || !printable(app) {
+                return field_err(
+                    at,
+                    "app",
+                    "must be a non-empty application name without '/'",
+                );
+            }
+        }
+        let p = &self.path_prefix;
+        if !p.starts_with('/') || p.contains(['?', '#']) || !printable(p) {
+            return field_err(
+                at,
+                "path_prefix",
+                "must be a path starting with '/' (self.g. \"/eureka\")",
+            );
+        }
+        if self.username.is_some() != self.password.is_some() {
+            return field_err(at, "username", "username and password go together");
+        }
+        if let Some(u) = &self.username {
+            // RFC 7617: the user-id of Basic auth cannot contain ':'.
+            if u.is_empty() || u.contains(':') || !printable(u) {
+                return field_err(
+                    at,
+                    "username",
+                    "must be non-empty, without ':' or control characters",
+                );
+            }
+        }
+        if self.password.as_deref().is_some_and(|p| !printable(p)) {
+            return field_err(at, "password", "contains control characters");
+        }
+        if self.weight_key.is_empty() {
+            return field_err(at, "weight_key", "must not be empty");
+        }
+        if self.zone_key.is_empty() {
+            return field_err(at, "zone_key", "must not be empty");
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug)]
 pub struct Eureka {
@@ -41,7 +138,7 @@ pub struct Eureka {
 }
 
 impl Eureka {
-    pub fn new(svc: &ServiceConfig, cfg: &EurekaConfig) -> Eureka {
+    pub fn new(svc: ServiceRef, cfg: &EurekaConfig) -> Eureka {
         let authorization = match (&cfg.username, &cfg.password) {
             (Some(u), Some(p)) => Some(format!("Basic {}", B64.encode(format!("{u}:{p}")))),
             _ => None,
@@ -50,10 +147,10 @@ impl Eureka {
             app: cfg
                 .app
                 .clone()
-                .unwrap_or_else(|| svc.name.clone())
+                .unwrap_or_else(|| svc.name.to_string())
                 .to_ascii_uppercase(),
             cfg: cfg.clone(),
-            request_timeout_ms: svc.request_timeout.0,
+            request_timeout_ms: svc.request_timeout_ms,
             authorization,
             last_hash: 0,
         }
@@ -300,6 +397,7 @@ fn parse_instance(
 mod tests {
     use super::*;
     use crate::config::SourceConfig;
+    use crate::registry::test_util::one_source;
     use crate::registry::test_util::{resp, service, NOT_AN_ANSWER};
     use wasm_bindgen_test::wasm_bindgen_test;
 
@@ -308,7 +406,7 @@ mod tests {
     fn eureka(extra: &str) -> Eureka {
         let svc = service("web", "eureka", "eureka", extra);
         match &svc.sources[0] {
-            SourceConfig::Eureka(e) => Eureka::new(&svc, e),
+            SourceConfig::Eureka(e) => Eureka::new(svc.for_registry(), e),
             _ => unreachable!(),
         }
     }
@@ -575,5 +673,54 @@ mod tests {
         let mut b = eureka(r#","app":"testeng.lsm""#);
         b.restore_token(&a.token());
         assert_eq!(b.on_response(&resp(200, FARGO)).unwrap(), Step::Unchanged);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn eureka_source_defaults_and_errors() {
+        let c = one_source(r#"{"eureka":{"cluster":"eureka"}}"#).unwrap();
+        let SourceConfig::Eureka(e) = &c.services[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                e.path_prefix.as_str(),
+                e.weight_key.as_str(),
+                e.zone_key.as_str(),
+                e.secure
+            ),
+            ("/eureka", "weight", "zone", false)
+        );
+        assert_eq!(e.authority(), "eureka");
+        one_source(r#"{"eureka":{"cluster":"e","app":"web-app","path_prefix":"/eureka/v2","username":"u","password":"p:w","secure":true}}"#)
+            .unwrap();
+        for (src, want) in [
+            (
+                r#"{"eureka":{"cluster":"e","path_prefix":"eureka"}}"#,
+                "services[0].sources[0].eureka.path_prefix: ",
+            ),
+            (
+                r#"{"eureka":{"cluster":"e","username":"a:b","password":"p"}}"#,
+                "services[0].sources[0].eureka.username: ",
+            ),
+            (
+                r#"{"eureka":{"cluster":"e","password":"p"}}"#,
+                "services[0].sources[0].eureka.username: username and password go together",
+            ),
+            (
+                r#"{"eureka":{"cluster":"e","app":"a/b"}}"#,
+                "services[0].sources[0].eureka.app: ",
+            ),
+            (
+                r#"{"eureka":{"cluster":"e","weight_key":""}}"#,
+                "services[0].sources[0].eureka.weight_key: ",
+            ),
+            (
+                r#"{"eureka":{"cluster":"e","secure":"yes"}}"#,
+                "services[0].sources[0].eureka.secure: invalid type",
+            ),
+        ] {
+            let e = one_source(src).unwrap_err();
+            assert!(e.0.starts_with(want), "{src}: {}", e.0);
+        }
     }
 }

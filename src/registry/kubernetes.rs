@@ -14,14 +14,103 @@
 //! is put in the auth error. FQDN slices are refused per address (IP literals only).
 
 use super::{
-    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, Step,
+    encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError,
+    ServiceRef, Step,
 };
-use crate::config::{KubernetesConfig, ServiceConfig};
 use crate::instance::{self, Instance, State};
+use crate::validate::{field_err, printable, ConfigError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::HashMap;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Envoy cluster that reaches the Kubernetes API server.
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default = "default_k8s_namespace")]
+    pub namespace: String,
+    /// Kubernetes Service name; defaults to the registry-lb service name.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Name of the EndpointSlice port to use; default: each slice's first port.
+    #[serde(default)]
+    pub port_name: Option<String>,
+    /// Bearer token (e.g. a ServiceAccount token allowed to list endpointslices).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_k8s_namespace() -> String {
+    "default".to_string()
+}
+
+impl KubernetesConfig {
+    /// `:authority` of registry calls: `authority`, else the cluster name.
+    pub fn authority(&self) -> &str {
+        self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+
+    /// Checks what the types cannot; `at` names this source in errors
+    /// (`services[0].sources[1].kubernetes`).
+    /// `service_name` is the registry-lb service, the default Kubernetes Service.
+    pub fn validate(&self, at: &str, service_name: &str) -> Result<(), ConfigError> {
+        if self.cluster.is_empty() {
+            return field_err(at, "cluster", "must name an Envoy cluster");
+        }
+        if !dns_label(&self.namespace) {
+            return field_err(
+                at,
+                "namespace",
+                "must be a DNS label (lowercase letters, digits, '-')",
+            );
+        }
+        match &self.service {
+            Some(s) if !dns_label(s) => {
+                return field_err(
+                    at,
+                    "service",
+                    "must be a DNS label (lowercase letters, digits, '-')",
+                );
+            }
+            None if !dns_label(service_name) => {
+                return field_err(
+                    at,
+                    "service",
+                    &format!("required: the service name `{service_name}` is not a Kubernetes Service name (DNS label)"),
+                );
+            }
+            _ => {}
+        }
+        if self
+            .port_name
+            .as_deref()
+            .is_some_and(|p| p.is_empty() || !printable(p))
+        {
+            return field_err(at, "port_name", "must be a non-empty port name");
+        }
+        if self
+            .token
+            .as_deref()
+            .is_some_and(|t| t.is_empty() || !printable(t))
+        {
+            return field_err(at, "token", "must be non-empty, without control characters");
+        }
+        Ok(())
+    }
+}
+
+/// RFC 1123 label, as Kubernetes requires of namespace and Service names.
+fn dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
 
 #[derive(Debug)]
 pub struct Kubernetes {
@@ -115,11 +204,11 @@ struct StatusObject {
 }
 
 impl Kubernetes {
-    pub fn new(svc: &ServiceConfig, cfg: &KubernetesConfig) -> Kubernetes {
+    pub fn new(svc: ServiceRef, cfg: &KubernetesConfig) -> Kubernetes {
         Kubernetes {
-            service: cfg.service.clone().unwrap_or_else(|| svc.name.clone()),
+            service: cfg.service.clone().unwrap_or_else(|| svc.name.to_string()),
             cfg: cfg.clone(),
-            request_timeout_ms: svc.request_timeout.0,
+            request_timeout_ms: svc.request_timeout_ms,
             resource_version: String::new(),
         }
     }
@@ -316,6 +405,7 @@ fn parse_slices(raw: Vec<Value>, port_name: Option<&str>) -> (Vec<Instance>, Vec
 mod tests {
     use super::*;
     use crate::config::SourceConfig;
+    use crate::registry::test_util::one_source;
     use crate::registry::test_util::{resp, service, NOT_AN_ANSWER};
     use wasm_bindgen_test::wasm_bindgen_test;
 
@@ -328,7 +418,7 @@ mod tests {
     fn k8s(extra: &str) -> Kubernetes {
         let svc = service("example", "kubernetes", "k8s", extra);
         match &svc.sources[0] {
-            SourceConfig::Kubernetes(k) => Kubernetes::new(&svc, k),
+            SourceConfig::Kubernetes(k) => Kubernetes::new(svc.for_registry(), k),
             _ => unreachable!(),
         }
     }
@@ -562,5 +652,58 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), "malformed");
         assert_eq!(k.resource_version, "3");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn kubernetes_source_defaults_and_errors() {
+        let c = one_source(r#"{"kubernetes":{"cluster":"k8s"}}"#).unwrap();
+        let SourceConfig::Kubernetes(k) = &c.services[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                k.namespace.as_str(),
+                k.service.as_deref(),
+                k.port_name.as_deref()
+            ),
+            ("default", None, None)
+        );
+        one_source(r#"{"kubernetes":{"cluster":"k8s","namespace":"prod","service":"web-v2","port_name":"http","token":"ey.x"}}"#).unwrap();
+        for (src, want) in [
+            (
+                r#"{"kubernetes":{"cluster":"k","namespace":"Prod"}}"#,
+                "services[0].sources[0].kubernetes.namespace: ",
+            ),
+            (
+                r#"{"kubernetes":{"cluster":"k","service":"web_v2"}}"#,
+                "services[0].sources[0].kubernetes.service: ",
+            ),
+            (
+                r#"{"kubernetes":{"cluster":"k","token":"a
+b"}}"#,
+                "services[0].sources[0].kubernetes.token: ",
+            ),
+            (
+                r#"{"kubernetes":{"cluster":"k","port_name":""}}"#,
+                "services[0].sources[0].kubernetes.port_name: ",
+            ),
+            (
+                r#"{"kubernetes":{"cluster":"k","labels":{}}}"#,
+                "services[0].sources[0].kubernetes.labels: unknown field",
+            ),
+        ] {
+            let e = one_source(src).unwrap_err();
+            assert!(e.0.starts_with(want), "{src}: {}", e.0);
+        }
+        // The default Service name is the registry-lb service name, which must then fit.
+        let e = crate::config::PluginConfig::parse(
+            br#"{"services":[{"name":"Web_1","sources":[{"kubernetes":{"cluster":"k"}}]}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("services[0].sources[0].kubernetes.service: required"),
+            "{}",
+            e.0
+        );
     }
 }

@@ -7,37 +7,18 @@ pub mod etcd;
 pub mod eureka;
 pub mod kubernetes;
 pub mod nacos;
+pub mod static_list;
 
-use crate::config::{ServiceConfig, SourceConfig};
+pub use crate::http_call::{HttpRequest, HttpResponse};
 use crate::instance::Instance;
 
-/// An HTTP call for the host layer to dispatch to an Envoy cluster.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HttpRequest {
-    pub cluster: String,
-    pub method: &'static str,
-    pub authority: String,
-    pub path: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    pub timeout_ms: u64,
-}
-
-/// A registry's answer, as Envoy delivered it.
+/// What a source needs to know of the service it feeds.
 #[derive(Debug, Clone, Copy)]
-pub struct HttpResponse<'a> {
-    pub status: u16,
-    pub headers: &'a [(String, String)],
-    pub body: &'a [u8],
-}
-
-impl HttpResponse<'_> {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
+pub struct ServiceRef<'a> {
+    /// The registry-lb service name, the default name to look up in the registry.
+    pub name: &'a str,
+    /// Timeout of one registry call.
+    pub request_timeout_ms: u64,
 }
 
 /// What a registry answer meant.
@@ -124,39 +105,27 @@ pub fn excerpt(body: &[u8]) -> String {
     crate::instance::truncate(one_line.trim(), 160)
 }
 
-/// One configured source with its protocol state.
+/// One registry source with its protocol state. A static list is no source: it
+/// makes no calls (see `poller`).
 #[derive(Debug)]
 pub enum Source {
     Consul(consul::Consul),
     Etcd(etcd::Etcd),
-    Static(Vec<Instance>),
     Nacos(nacos::Nacos),
     Eureka(eureka::Eureka),
     Kubernetes(kubernetes::Kubernetes),
 }
 
 impl Source {
-    pub fn new(svc: &ServiceConfig, cfg: &SourceConfig) -> Source {
-        match cfg {
-            SourceConfig::Consul(c) => Source::Consul(consul::Consul::new(svc, c)),
-            SourceConfig::Etcd(e) => Source::Etcd(etcd::Etcd::new(svc, e)),
-            SourceConfig::Static(s) => Source::Static(s.instances()),
-            SourceConfig::Nacos(n) => Source::Nacos(nacos::Nacos::new(svc, n)),
-            SourceConfig::Eureka(e) => Source::Eureka(eureka::Eureka::new(svc, e)),
-            SourceConfig::Kubernetes(k) => Source::Kubernetes(kubernetes::Kubernetes::new(svc, k)),
-        }
-    }
-
-    /// The next call to make, or `None` for a source that needs none. `now_ms` is
-    /// wall-clock time, for sources whose credentials expire (Nacos tokens).
-    pub fn request(&mut self, now_ms: u64) -> Option<HttpRequest> {
+    /// The next call to make. `now_ms` is wall-clock time, for sources whose
+    /// credentials expire (Nacos tokens).
+    pub fn request(&mut self, now_ms: u64) -> HttpRequest {
         match self {
-            Source::Consul(c) => Some(c.request()),
-            Source::Etcd(e) => Some(e.request()),
-            Source::Static(_) => None,
-            Source::Nacos(n) => Some(n.request(now_ms)),
-            Source::Eureka(e) => Some(e.request()),
-            Source::Kubernetes(k) => Some(k.request()),
+            Source::Consul(c) => c.request(),
+            Source::Etcd(e) => e.request(),
+            Source::Nacos(n) => n.request(now_ms),
+            Source::Eureka(e) => e.request(),
+            Source::Kubernetes(k) => k.request(),
         }
     }
 
@@ -171,11 +140,6 @@ impl Source {
         match self {
             Source::Consul(c) => c.on_response(resp),
             Source::Etcd(e) => e.on_response(resp),
-            Source::Static(list) => Ok(Step::Instances {
-                instances: list.clone(),
-                rejected: vec![],
-                warnings: vec![],
-            }),
             Source::Nacos(n) => n.on_response(resp),
             Source::Eureka(e) => e.on_response(resp),
             Source::Kubernetes(k) => k.on_response(resp),
@@ -188,7 +152,6 @@ impl Source {
         match self {
             Source::Consul(c) => c.index.to_string(),
             Source::Etcd(e) => e.revision.to_string(),
-            Source::Static(_) => String::new(),
             Source::Nacos(n) => n.token(),
             Source::Eureka(e) => e.token(),
             Source::Kubernetes(k) => k.resource_version.clone(),
@@ -199,7 +162,6 @@ impl Source {
         match self {
             Source::Consul(c) => c.index = token.parse().unwrap_or(0),
             Source::Etcd(e) => e.revision = token.parse().unwrap_or(0),
-            Source::Static(_) => {}
             Source::Nacos(n) => n.restore_token(token),
             Source::Eureka(e) => e.restore_token(token),
             Source::Kubernetes(k) => k.resource_version = token.to_string(),
@@ -211,7 +173,6 @@ impl Source {
         match self {
             Source::Consul(_) => "consul",
             Source::Etcd(_) => "etcd",
-            Source::Static(_) => "static",
             Source::Nacos(_) => "nacos",
             Source::Eureka(_) => "eureka",
             Source::Kubernetes(_) => "kubernetes",
@@ -258,7 +219,14 @@ pub fn encode_component(s: &str) -> String {
 #[cfg(test)]
 pub(crate) mod test_util {
     use super::HttpResponse;
-    use crate::config::{PluginConfig, ServiceConfig};
+    use crate::config::{ConfigError, PluginConfig, ServiceConfig};
+
+    /// The configuration of one service `web` with this one source, parsed and checked.
+    pub fn one_source(src: &str) -> Result<PluginConfig, ConfigError> {
+        PluginConfig::parse(
+            format!(r#"{{"services":[{{"name":"web","sources":[{src}]}}]}}"#).as_bytes(),
+        )
+    }
 
     /// Service `name` of a one-source configuration `{"<kind>":{"cluster":"<cluster>"<extra>}}`.
     pub fn service(name: &str, kind: &str, cluster: &str, extra: &str) -> ServiceConfig {

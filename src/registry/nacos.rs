@@ -22,14 +22,114 @@
 
 use super::{
     encode_component, envoy_local_failure, excerpt, fnv64, HttpRequest, HttpResponse,
-    RegistryError, Step,
+    RegistryError, ServiceRef, Step,
 };
-use crate::config::{NacosApi, NacosConfig, ServiceConfig};
 use crate::instance::{self, Instance, State};
+use crate::validate::{field_err, printable, ConfigError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NacosApi {
+    /// `/nacos/v1/ns/instance/list`, the bare service object.
+    #[default]
+    V1,
+    /// `/nacos/v2/ns/instance/list` (Nacos 2.2+), wrapped in `{code, message, data}`.
+    V2,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NacosConfig {
+    /// Envoy cluster that reaches the Nacos server's HTTP API (port 8848).
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Nacos service name; defaults to the registry-lb service name.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default = "default_nacos_group")]
+    pub group: String,
+    /// Namespace id (Nacos' default is `public`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Only instances of these Nacos clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
+    /// Ask Nacos for healthy instances only (`healthyOnly=true`).
+    #[serde(default)]
+    pub healthy_only: bool,
+    #[serde(default)]
+    pub api: NacosApi,
+    /// With `password`: log in at `/nacos/v1/auth/login` and send `accessToken`.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+fn default_nacos_group() -> String {
+    "DEFAULT_GROUP".to_string()
+}
+
+impl NacosConfig {
+    /// `:authority` of registry calls: `authority`, else the cluster name.
+    pub fn authority(&self) -> &str {
+        self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+
+    /// Checks what the types cannot; `at` names this source in errors
+    /// (`services[0].sources[1].nacos`).
+    pub fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.cluster.is_empty() {
+            return field_err(at, "cluster", "must name an Envoy cluster");
+        }
+        if self
+            .service
+            .as_deref()
+            .is_some_and(|s| s.is_empty() || !printable(s))
+        {
+            return field_err(
+                at,
+                "service",
+                "must be a non-empty name without control characters",
+            );
+        }
+        if self.group.is_empty() || !printable(&self.group) {
+            return field_err(
+                at,
+                "group",
+                "must be a non-empty name without control characters",
+            );
+        }
+        if self
+            .namespace
+            .as_deref()
+            .is_some_and(|s| s.is_empty() || !printable(s))
+        {
+            return field_err(at, "namespace", "must be a non-empty namespace id");
+        }
+        for (k, c) in self.clusters.iter().enumerate() {
+            if c.is_empty() || c.contains(',') || !printable(c) {
+                return field_err(
+                    at,
+                    &format!("clusters[{k}]"),
+                    "must be a non-empty Nacos cluster name without ','",
+                );
+            }
+        }
+        if self.username.is_some() != self.password.is_some() {
+            return field_err(at, "username", "username and password go together");
+        }
+        if self.username.as_deref().is_some_and(str::is_empty) {
+            return field_err(at, "username", "must not be empty");
+        }
+        Ok(())
+    }
+}
 
 /// Nacos' default `tokenTtl` (seconds), used when a login answer has none.
 const DEFAULT_TOKEN_TTL_S: u64 = 18_000;
@@ -111,11 +211,11 @@ fn yes() -> bool {
 }
 
 impl Nacos {
-    pub fn new(svc: &ServiceConfig, cfg: &NacosConfig) -> Nacos {
+    pub fn new(svc: ServiceRef, cfg: &NacosConfig) -> Nacos {
         Nacos {
-            service: cfg.service.clone().unwrap_or_else(|| svc.name.clone()),
+            service: cfg.service.clone().unwrap_or_else(|| svc.name.to_string()),
             cfg: cfg.clone(),
-            request_timeout_ms: svc.request_timeout.0,
+            request_timeout_ms: svc.request_timeout_ms,
             token: None,
             pending: Pending::List,
             last_hash: 0,
@@ -387,6 +487,7 @@ fn parse_hosts(raw: Vec<Value>) -> (Vec<Instance>, Vec<String>) {
 mod tests {
     use super::*;
     use crate::config::SourceConfig;
+    use crate::registry::test_util::one_source;
     use crate::registry::test_util::{resp, service, NOT_AN_ANSWER};
     use wasm_bindgen_test::wasm_bindgen_test;
 
@@ -398,7 +499,7 @@ mod tests {
     fn nacos(extra: &str) -> Nacos {
         let svc = service("web", "nacos", "nacos", extra);
         match &svc.sources[0] {
-            SourceConfig::Nacos(n) => Nacos::new(&svc, n),
+            SourceConfig::Nacos(n) => Nacos::new(svc.for_registry(), n),
             _ => unreachable!(),
         }
     }
@@ -731,5 +832,73 @@ mod tests {
         b.restore_token(&a.token());
         b.request(0);
         assert_eq!(b.on_response(&resp(200, V1_LIST)).unwrap(), Step::Unchanged);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn nacos_source_defaults_and_options() {
+        let c = one_source(r#"{"nacos":{"cluster":"nacos"}}"#).unwrap();
+        let SourceConfig::Nacos(n) = &c.services[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (n.group.as_str(), n.api, n.healthy_only, n.authority()),
+            ("DEFAULT_GROUP", NacosApi::V1, false, "nacos")
+        );
+        assert_eq!(
+            (
+                n.service.as_deref(),
+                n.namespace.as_deref(),
+                n.clusters.len()
+            ),
+            (None, None, 0)
+        );
+        let c = one_source(
+            r#"{"nacos":{"cluster":"nacos","authority":"nacos.local","service":"svc","group":"G","namespace":"dev",
+                "clusters":["a","b"],"healthy_only":true,"api":"v2","username":"nacos","password":"pw"}}"#,
+        )
+        .unwrap();
+        let SourceConfig::Nacos(n) = &c.services[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!(n.api, NacosApi::V2);
+        assert_eq!(n.clusters, ["a", "b"]);
+        assert_eq!(c.services[0].sources[0].kind(), "nacos");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn nacos_errors_name_the_field() {
+        for (src, want) in [
+            (
+                r#"{"nacos":{"cluster":""}}"#,
+                "services[0].sources[0].nacos.cluster: must name",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","api":"v3"}}"#,
+                "services[0].sources[0].nacos.api: unknown variant `v3`",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","username":"u"}}"#,
+                "services[0].sources[0].nacos.username: username and password go together",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","clusters":["a,b"]}}"#,
+                "services[0].sources[0].nacos.clusters[0]: ",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","group":""}}"#,
+                "services[0].sources[0].nacos.group: ",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","namespace":""}}"#,
+                "services[0].sources[0].nacos.namespace: ",
+            ),
+            (
+                r#"{"nacos":{"cluster":"n","healthy":true}}"#,
+                "services[0].sources[0].nacos.healthy: unknown field `healthy`",
+            ),
+        ] {
+            let e = one_source(src).unwrap_err();
+            assert!(e.0.starts_with(want), "{src}: {}", e.0);
+        }
     }
 }
