@@ -5,15 +5,24 @@
 //! instances and earliest-deadline-first (O(log n)) at 10,000; random, least_request
 //! and peak_ewma draw from the alias table (O(1)); ring_hash binary-searches the ring
 //! (O(log n)); maglev reads one table slot (O(1)). Table construction is not timed.
+//!
+//! peak_ewma has no balancer-level pick in production: it is measured as the request
+//! path drives it, through the routing table (`picker::Table::pick`: a distinct
+//! weighted pair from the pool's alias table, then `PeakEwma::cheaper`), and with its
+//! per-request bookkeeping (`Table::peak_start` when the request is routed,
+//! `Table::peak_end` with its latency when it ends).
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use registry_lb::balancer::bounded_load::BoundedLoad;
 use registry_lb::balancer::maglev::{self, Maglev};
-use registry_lb::balancer::peak_ewma::{self, PeakEwma};
 use registry_lb::balancer::random::Random;
 use registry_lb::balancer::ring_hash::{self, RingHash};
 use registry_lb::balancer::{LeastRequest, RoundRobin};
+use registry_lb::config::Policy;
+use registry_lb::instance::{Instance, State};
+use registry_lb::picker::{Options, Request, Table};
 use registry_lb::rng::{Rng, SplitMix64};
+use registry_lb::snapshot::{Entry, Snapshot};
 use std::time::Duration;
 
 const SIZES: [usize; 3] = [10, 100, 10_000];
@@ -26,6 +35,29 @@ fn hosts(n: usize) -> Vec<String> {
     (0..n)
         .map(|i| format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255))
         .collect()
+}
+
+/// A snapshot of `n` healthy instances with the bench's weights, slot i for instance i.
+fn snapshot(n: usize) -> Snapshot {
+    let entries = weights(n)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, w)| {
+            let addr = format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255);
+            let mut instance = Instance::new(addr.parse().ok()?, w);
+            instance.state = State::Healthy;
+            Some(Entry {
+                instance,
+                source: 0,
+                slot: i as u32,
+            })
+        })
+        .collect();
+    Snapshot {
+        version: 1,
+        entries,
+        ..Default::default()
+    }
 }
 
 fn pick(c: &mut Criterion) {
@@ -66,20 +98,45 @@ fn pick(c: &mut Criterion) {
             b.iter(|| black_box(table.pick(rng.next_u64())))
         });
 
-        let mut ewma = PeakEwma::new(
-            &w,
-            peak_ewma::DEFAULT_DECAY_MS,
-            peak_ewma::DEFAULT_RTT_NS,
-            0,
-        );
-        for i in 0..n {
-            ewma.observe(i, 1_000_000 + rng.below(9_000_000), rng.below(1_000));
+        // Every instance answered once, in 1 to 10 ms, within the last second.
+        let mut table = Table::build(snapshot(n), Options::new(Policy::PeakEwma), &mut rng);
+        for slot in 0..n as u32 {
+            table.peak_start(slot);
+            let rtt = 1_000_000 + rng.below(9_000_000);
+            table.peak_end(slot, Some(rtt), rng.below(1_000));
         }
         let mut now = 1_000u64;
         g.bench_with_input(BenchmarkId::new("peak_ewma", n), &n, |b, _| {
             b.iter(|| {
                 now += 1;
-                black_box(ewma.pick(&mut rng, now))
+                let mut req = Request {
+                    rng: &mut rng,
+                    now_ms: now,
+                    hash: None,
+                    subset: None,
+                    active: |_| 0,
+                    total_active: 0,
+                };
+                black_box(table.pick(&mut req).map(|e| e.slot))
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("peak_ewma+start/end", n), &n, |b, _| {
+            b.iter(|| {
+                now += 1;
+                let mut req = Request {
+                    rng: &mut rng,
+                    now_ms: now,
+                    hash: None,
+                    subset: None,
+                    active: |_| 0,
+                    total_active: 0,
+                };
+                let slot = table.pick(&mut req).map(|e| e.slot);
+                if let Some(slot) = slot {
+                    table.peak_start(slot);
+                    table.peak_end(slot, Some(5_000_000), now);
+                }
+                black_box(slot)
             })
         });
 

@@ -11,6 +11,27 @@
 //! the known instances are out at once, but always at least one may be.
 //! Left out: success-rate and failure-percentage ejection.
 //!
+//! **What counts against an instance** ([`judge`]), from `response.code` and
+//! `response.flags` (Envoy's `StreamInfo::legacyResponseFlags()`: bit
+//! `1 << CoreResponseFlag`, `envoy/stream_info/stream_info.h`), as Envoy's router
+//! reports to its outlier detector (`source/common/router/router.cc`,
+//! `source/common/upstream/outlier_detection_impl.cc`):
+//! - failure, whatever the code: UT (upstream timeout: `LocalOriginTimeout`), and
+//!   the upstream stream resets LR, UR, UF, UC, UPE (`onUpstreamReset` reports
+//!   `LocalOriginConnectFailed` for every reset reason but `Overflow`; LR is a
+//!   reset of the *upstream* stream by this proxy's codec: refused stream,
+//!   premature half-close of an HTTP/1 upstream);
+//! - nothing (the answer was this proxy's own, the host was not asked or not
+//!   to blame): LH, UH, NR, NC, FI, RL, UAEX, RLSE, IH, OM, DF, DO, UDO and UO —
+//!   UO is the circuit breaker of *this* proxy (or its retry budget), a cluster-wide
+//!   state that ejecting hosts would make worse (Envoy issue 25487: overflow
+//!   resets are not reported); the 5xx that goes with these flags is local;
+//! - the response code decides (5xx = failure, else success): DI (delay only), URX
+//!   (each try was judged when it ended), and the downstream flags DC, DR, DT,
+//!   DPE, SI; with no response code (0) and no host-failure flag — the client
+//!   left before an answer — nothing is said about the instance;
+//! - other flags (cache, filter-config, max stream duration) leave it to the code.
+//!
 //! The state is shared by all workers of an Envoy through one small value in shared
 //! data, changed by compare-and-swap on transitions only (rare events).
 
@@ -60,17 +81,114 @@ pub enum Result_ {
     Failure,
 }
 
-/// Response flags (Envoy `StreamInfo::CoreResponseFlag` bits) that mean the
-/// upstream host failed: connection failure, reset, timeout, overflow.
-const HOST_FAILURE_FLAGS: u64 = 4 /* UT */ | 16 /* LR */ | 32 /* UF */ | 64 /* UO */ | 8 /* UR */;
+/// Envoy `response.flags` bits: `1 << StreamInfo::CoreResponseFlag`.
+pub mod flags {
+    /// LH: local server health check failed.
+    pub const FAILED_LOCAL_HEALTH_CHECK: u64 = 1 << 0;
+    /// UH: no healthy upstream.
+    pub const NO_HEALTHY_UPSTREAM: u64 = 1 << 1;
+    /// UT: upstream request timeout.
+    pub const UPSTREAM_REQUEST_TIMEOUT: u64 = 1 << 2;
+    /// LR: local codec-level reset of the upstream stream.
+    pub const LOCAL_RESET: u64 = 1 << 3;
+    /// UR: upstream remote reset.
+    pub const UPSTREAM_REMOTE_RESET: u64 = 1 << 4;
+    /// UF: upstream connection failure.
+    pub const UPSTREAM_CONNECTION_FAILURE: u64 = 1 << 5;
+    /// UC: upstream connection termination.
+    pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 1 << 6;
+    /// UO: upstream overflow (this proxy's circuit breaker).
+    pub const UPSTREAM_OVERFLOW: u64 = 1 << 7;
+    /// NR: no route.
+    pub const NO_ROUTE_FOUND: u64 = 1 << 8;
+    /// DI: delay injected.
+    pub const DELAY_INJECTED: u64 = 1 << 9;
+    /// FI: fault injected.
+    pub const FAULT_INJECTED: u64 = 1 << 10;
+    /// RL: rate limited locally.
+    pub const RATE_LIMITED: u64 = 1 << 11;
+    /// UAEX: unauthorized by the external authorization service.
+    pub const UNAUTHORIZED_EXTERNAL_SERVICE: u64 = 1 << 12;
+    /// RLSE: rate limit service error.
+    pub const RATE_LIMIT_SERVICE_ERROR: u64 = 1 << 13;
+    /// DC: downstream connection termination.
+    pub const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 1 << 14;
+    /// URX: upstream retry limit exceeded.
+    pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: u64 = 1 << 15;
+    /// SI: stream idle timeout.
+    pub const STREAM_IDLE_TIMEOUT: u64 = 1 << 16;
+    /// IH: invalid `x-envoy-*` request headers.
+    pub const INVALID_ENVOY_REQUEST_HEADERS: u64 = 1 << 17;
+    /// DPE: downstream protocol error.
+    pub const DOWNSTREAM_PROTOCOL_ERROR: u64 = 1 << 18;
+    /// UMSDR: upstream max stream duration reached.
+    pub const UPSTREAM_MAX_STREAM_DURATION_REACHED: u64 = 1 << 19;
+    /// RFCF: response from the cache filter.
+    pub const RESPONSE_FROM_CACHE_FILTER: u64 = 1 << 20;
+    /// NFCF: no filter config found.
+    pub const NO_FILTER_CONFIG_FOUND: u64 = 1 << 21;
+    /// DT: downstream connection duration timeout.
+    pub const DURATION_TIMEOUT: u64 = 1 << 22;
+    /// UPE: upstream protocol error.
+    pub const UPSTREAM_PROTOCOL_ERROR: u64 = 1 << 23;
+    /// NC: no cluster found.
+    pub const NO_CLUSTER_FOUND: u64 = 1 << 24;
+    /// OM: overload manager terminated the stream.
+    pub const OVERLOAD_MANAGER: u64 = 1 << 25;
+    /// DF: DNS resolution failed.
+    pub const DNS_RESOLUTION_FAILED: u64 = 1 << 26;
+    /// DO: dropped by `drop_overload`.
+    pub const DROP_OVERLOAD: u64 = 1 << 27;
+    /// DR: downstream remote reset.
+    pub const DOWNSTREAM_REMOTE_RESET: u64 = 1 << 28;
+    /// UDO: dropped unconditionally by `drop_overload` at 100 %.
+    pub const UNCONDITIONAL_DROP_OVERLOAD: u64 = 1 << 29;
+}
 
-/// Classifies a finished request from `response.code` and `response.flags`.
-pub fn classify(code: u64, flags: u64) -> Result_ {
-    if (500..600).contains(&code) || flags & HOST_FAILURE_FLAGS != 0 {
-        Result_::Failure
+/// Flags that mean the instance failed: timeout, and resets of the upstream
+/// stream other than overflow (module doc).
+const HOST_FAILURE_FLAGS: u64 = flags::UPSTREAM_REQUEST_TIMEOUT
+    | flags::LOCAL_RESET
+    | flags::UPSTREAM_REMOTE_RESET
+    | flags::UPSTREAM_CONNECTION_FAILURE
+    | flags::UPSTREAM_CONNECTION_TERMINATION
+    | flags::UPSTREAM_PROTOCOL_ERROR;
+
+/// Flags that mean this proxy answered by itself: the code is not the instance's.
+const LOCAL_REPLY_FLAGS: u64 = flags::FAILED_LOCAL_HEALTH_CHECK
+    | flags::NO_HEALTHY_UPSTREAM
+    | flags::UPSTREAM_OVERFLOW
+    | flags::NO_ROUTE_FOUND
+    | flags::FAULT_INJECTED
+    | flags::RATE_LIMITED
+    | flags::UNAUTHORIZED_EXTERNAL_SERVICE
+    | flags::RATE_LIMIT_SERVICE_ERROR
+    | flags::INVALID_ENVOY_REQUEST_HEADERS
+    | flags::NO_CLUSTER_FOUND
+    | flags::OVERLOAD_MANAGER
+    | flags::DNS_RESOLUTION_FAILED
+    | flags::DROP_OVERLOAD
+    | flags::UNCONDITIONAL_DROP_OVERLOAD;
+
+/// What a finished request says about its instance, from `response.code` and
+/// `response.flags`; `None`: nothing (a local reply, or no answer because the
+/// client left), so neither the consecutive-failure count nor a trial moves.
+pub fn judge(code: u64, flags: u64) -> Option<Result_> {
+    if flags & HOST_FAILURE_FLAGS != 0 {
+        Some(Result_::Failure)
+    } else if flags & LOCAL_REPLY_FLAGS != 0 || code == 0 {
+        None
+    } else if (500..600).contains(&code) {
+        Some(Result_::Failure)
     } else {
-        Result_::Success
+        Some(Result_::Success)
     }
+}
+
+/// [`judge`] for callers that must record something: a request that says nothing
+/// about its instance is a success (it never counts towards an ejection).
+pub fn classify(code: u64, flags: u64) -> Result_ {
+    judge(code, flags).unwrap_or(Result_::Success)
 }
 
 impl Outliers {
@@ -286,8 +404,121 @@ mod tests {
         assert_eq!(classify(404, 0), Result_::Success);
         assert_eq!(classify(503, 0), Result_::Failure);
         assert_eq!(classify(503, 32), Result_::Failure); // UF: connect failure
-        assert_eq!(classify(0, 8), Result_::Failure); // UR: reset before a response
+        assert_eq!(classify(0, 8), Result_::Failure); // LR: upstream stream reset locally
+        assert_eq!(classify(0, 16), Result_::Failure); // UR: reset before a response
         assert_eq!(classify(200, 2), Result_::Success); // UH alone is not the host's fault
+    }
+
+    /// Envoy's `response.flags` bits (`1 << CoreResponseFlag`), written out here
+    /// rather than taken from the module, so a wrong constant there fails here.
+    /// Each: (name, bit, whether it alone marks a failure of the instance).
+    const FLAG_TABLE: &[(&str, u64, bool)] = &[
+        ("LH", 0x1, false),
+        ("UH", 0x2, false),
+        ("UT", 0x4, true),
+        ("LR", 0x8, true),
+        ("UR", 0x10, true),
+        ("UF", 0x20, true),
+        ("UC", 0x40, true),
+        ("UO", 0x80, false),
+        ("NR", 0x100, false),
+        ("DI", 0x200, false),
+        ("FI", 0x400, false),
+        ("RL", 0x800, false),
+        ("UAEX", 0x1000, false),
+        ("RLSE", 0x2000, false),
+        ("DC", 0x4000, false),
+        ("URX", 0x8000, false),
+        ("SI", 0x1_0000, false),
+        ("IH", 0x2_0000, false),
+        ("DPE", 0x4_0000, false),
+        ("UMSDR", 0x8_0000, false),
+        ("RFCF", 0x10_0000, false),
+        ("NFCF", 0x20_0000, false),
+        ("DT", 0x40_0000, false),
+        ("UPE", 0x80_0000, true),
+        ("NC", 0x100_0000, false),
+        ("OM", 0x200_0000, false),
+        ("DF", 0x400_0000, false),
+        ("DO", 0x800_0000, false),
+        ("DR", 0x1000_0000, false),
+        ("UDO", 0x2000_0000, false),
+    ];
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn each_response_flag_counts_or_not() {
+        for &(name, bit, counts) in FLAG_TABLE {
+            // No response code: only a host-failure flag makes it a failure.
+            let want = if counts {
+                Result_::Failure
+            } else {
+                Result_::Success
+            };
+            assert_eq!(classify(0, bit), want, "{name} with code 0");
+            // An answer of 200 from the host with the flag: the flag alone decides.
+            assert_eq!(classify(200, bit), want, "{name} with code 200");
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_local_5xx_reply_does_not_count_against_the_instance() {
+        // These flags mean this proxy answered by itself (its own circuit breaker,
+        // no healthy host, no route, fault injection, rate limits, overload...): the
+        // 5xx that goes with them is not the instance's.
+        for (name, bit, code) in [
+            ("LH", 0x1, 503),
+            ("UH", 0x2, 503),
+            ("UO", 0x80, 503),
+            ("NR", 0x100, 503),
+            ("FI", 0x400, 503),
+            ("RL", 0x800, 503),
+            ("UAEX", 0x1000, 503),
+            ("RLSE", 0x2000, 500),
+            ("IH", 0x2_0000, 503),
+            ("NC", 0x100_0000, 503),
+            ("OM", 0x200_0000, 503),
+            ("DF", 0x400_0000, 503),
+            ("DO", 0x800_0000, 503),
+            ("UDO", 0x2000_0000, 503),
+        ] {
+            assert_eq!(classify(code, bit), Result_::Success, "{name} with {code}");
+        }
+        // A 5xx next to a flag that only says something about the client or the
+        // delay is the instance's own answer.
+        for (name, bit) in [
+            ("DC", 0x4000),
+            ("DI", 0x200),
+            ("DR", 0x1000_0000),
+            ("URX", 0x8000),
+        ] {
+            assert_eq!(classify(503, bit), Result_::Failure, "{name} with 503");
+        }
+        // A host failure wins over a local flag set by a later attempt (a connect
+        // failure, then the retry overflowed this proxy's circuit breaker).
+        assert_eq!(classify(503, 0x20 | 0x80), Result_::Failure);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_downstream_disconnect_does_not_count() {
+        assert_eq!(classify(0, 0x4000), Result_::Success);
+        assert_eq!(classify(200, 0x4000), Result_::Success);
+        assert_eq!(classify(0, 0x1000_0000), Result_::Success);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn judge_says_nothing_about_local_replies_and_missing_answers() {
+        assert_eq!(judge(0, 0), None, "no answer, no flag");
+        assert_eq!(judge(0, 0x4000), None, "DC alone");
+        assert_eq!(judge(503, 0x80), None, "UO: this proxy's circuit breaker");
+        assert_eq!(judge(503, 0x2), None, "UH");
+        assert_eq!(judge(0, 0x20), Some(Result_::Failure), "UF");
+        assert_eq!(judge(503, 0x4000), Some(Result_::Failure), "the host's 503");
+        assert_eq!(judge(200, 0), Some(Result_::Success));
+        assert_eq!(judge(404, 0), Some(Result_::Success));
+        // The constants are Envoy's bits.
+        assert_eq!(flags::UPSTREAM_OVERFLOW, 0x80);
+        assert_eq!(flags::DOWNSTREAM_CONNECTION_TERMINATION, 0x4000);
+        assert_eq!(flags::UPSTREAM_RETRY_LIMIT_EXCEEDED, 0x8000);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

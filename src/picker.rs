@@ -11,9 +11,24 @@
 //!
 //! Composition, in order: routable set → subset (metadata selector from config or
 //! a request header, with a fallback) → zone (local zone first, spill over by
-//! capacity, see `zone`) → policy over the weights (registry weight × slow-start
-//! factor × load-report multiplier). Hash policies (`ring_hash`, `maglev`) skip the
-//! zone step, so a key keeps its instance.
+//! capacity, priority failover, see `zone`) *within the subset* → policy over the
+//! weights (registry weight × slow-start factor × load-report multiplier). Hash
+//! policies (`ring_hash`, `maglev`) skip the zone step, so a key keeps its instance.
+//!
+//! Subset then zone follows Envoy's subset load balancer
+//! (`source/extensions/load_balancing_policies/subset/subset_lb.cc`): each subset
+//! is a priority set of its own hosts, and its child load balancer is given the
+//! cluster's local priority set, so zone-aware routing and priority failover run
+//! inside the subset — with the subset's capacity per zone, and, for failover, the
+//! subset's health (its routable weight over the weight of the instances the
+//! subset's selector matches). A fallback set (any endpoint, the default subset) is
+//! routed the same way. Each set's zone shares and per-zone pools are built with
+//! its pool (the configured subset when the table is built, a header's subset on
+//! its first request; at most `MAX_CACHED_SUBSETS` are kept, further ones are
+//! built for their request and dropped), so a pick from a kept set stays a draw
+//! over the zones plus the policy's own pick. Left out: Envoy's
+//! `locality_weight_aware` / `scale_locality_weight` subset options and subset
+//! keys (a selector is matched against every instance's metadata).
 
 use crate::balancer::bounded_load::BoundedLoad;
 use crate::balancer::maglev::{self, Maglev};
@@ -139,6 +154,14 @@ struct Pool {
     policy: PolicyState,
 }
 
+/// The routing of a set of endpoints (all routable ones, or a subset): its pool,
+/// and with zone-aware routing the share per zone and a pool per zone of the set.
+#[derive(Debug)]
+struct Group {
+    all: Pool,
+    zones: Option<(zone::Split, Vec<Option<Pool>>)>,
+}
+
 /// Per-request inputs of a pick.
 pub struct Request<'a, R: Rng, A: FnMut(u32) -> i64> {
     pub rng: &'a mut R,
@@ -173,11 +196,11 @@ pub struct Table {
     /// Generation of the outlier state applied.
     pub outlier_generation: u64,
     options: Options,
-    main: Option<Pool>,
-    /// Zone-aware routing: share per zone and a pool per zone.
-    zone_split: Option<(zone::Split, Vec<Option<Pool>>)>,
-    /// Pools per subset selector (config selector, header selectors), built lazily.
-    subsets: HashMap<Pairs, Option<Pool>>,
+    /// Routing over every routable endpoint (no subset selector).
+    main: Option<Group>,
+    /// Routing per subset selector (config selector, header selectors), built
+    /// lazily; `None`: no endpoint, even after the fallback.
+    subsets: HashMap<Pairs, Option<Group>>,
     peak: Option<PeakEwma>,
 }
 
@@ -220,7 +243,6 @@ impl Table {
             outlier_generation: 0,
             options,
             main: None,
-            zone_split: None,
             subsets: HashMap::new(),
             peak: None,
         };
@@ -306,14 +328,31 @@ impl Table {
             self.peak = None;
         }
         let all: Vec<usize> = (0..self.endpoints.len()).collect();
-        self.main = self.pool(all, rng);
-        self.zone_split = self.build_zones(rng);
+        self.main = self.group(all, None, rng);
         self.subsets.clear();
         if let Some(sel) = self.options.subset.clone() {
-            let members = self.select(&sel);
-            let pool = members.and_then(|m| self.pool(m, rng));
-            self.subsets.insert(sel, pool);
+            let group = self.subset_group(&sel, rng);
+            self.subsets.insert(sel, group);
         }
+    }
+
+    /// The routing of the subset `sel` selects (fallback applied).
+    fn subset_group(&self, sel: &[(String, String)], rng: &mut impl Rng) -> Option<Group> {
+        let (members, matcher) = self.select(sel)?;
+        self.group(members, matcher.as_deref(), rng)
+    }
+
+    /// The routing of `members`, whose non-draining instances are the candidates
+    /// matching `matcher` (`None`: all).
+    fn group(
+        &self,
+        members: Vec<usize>,
+        matcher: Option<&[(String, String)]>,
+        rng: &mut impl Rng,
+    ) -> Option<Group> {
+        let zones = self.build_zones(&members, matcher, rng);
+        let all = self.pool(members, rng)?;
+        Some(Group { all, zones })
     }
 
     fn pool(&self, members: Vec<usize>, rng: &mut impl Rng) -> Option<Pool> {
@@ -359,16 +398,41 @@ impl Table {
         Some(Pool { members, policy })
     }
 
-    fn build_zones(&self, rng: &mut impl Rng) -> Option<(zone::Split, Vec<Option<Pool>>)> {
+    /// Zone-aware routing over `members` (indexes into `endpoints`); the zones'
+    /// total weight (priority failover) counts the candidates matching `matcher`
+    /// (`None`: all), so a subset's health is its own.
+    fn build_zones(
+        &self,
+        members: &[usize],
+        matcher: Option<&[(String, String)]>,
+        rng: &mut impl Rng,
+    ) -> Option<(zone::Split, Vec<Option<Pool>>)> {
         let o = &self.options;
         if o.policy.is_hash() || (o.local_zone.is_none() && o.zone_priorities.is_empty()) {
             return None;
         }
-        // Zones of the routable instances; with priorities also those of the others:
-        // a group's health is its routable weight over its whole weight.
-        let mut zones: Vec<&str> = self.zones.iter().map(String::as_str).collect();
+        let in_set = |c: &Candidate| matcher.map_or(true, |m| subset::matches(&c.metadata, m));
+        // Zones of the members; with priorities also those of the set's other
+        // instances: a group's health is its routable weight over its whole weight.
+        let mut zones: Vec<&str> = Vec::new();
+        let mut member_zone: Vec<usize> = Vec::with_capacity(members.len());
+        for &i in members {
+            let name = self
+                .endpoint_zone
+                .get(i)
+                .and_then(|&z| self.zones.get(z))
+                .map_or("", String::as_str);
+            let z = match zones.iter().position(|x| *x == name) {
+                Some(z) => z,
+                None => {
+                    zones.push(name);
+                    zones.len() - 1
+                }
+            };
+            member_zone.push(z);
+        }
         if !o.zone_priorities.is_empty() {
-            for c in &self.candidates {
+            for c in self.candidates.iter().filter(|c| in_set(c)) {
                 if !zones.contains(&c.zone.as_str()) {
                     zones.push(c.zone.as_str());
                 }
@@ -378,9 +442,11 @@ impl Table {
             return None;
         }
         let mut capacity = vec![0u64; zones.len()];
-        for (i, e) in self.endpoints.iter().enumerate() {
-            if let (Some(&z), false) = (self.endpoint_zone.get(i), self.panic) {
-                capacity[z] += u64::from(e.weight);
+        if !self.panic {
+            for (&i, &z) in members.iter().zip(&member_zone) {
+                if let (Some(e), Some(c)) = (self.endpoints.get(i), capacity.get_mut(z)) {
+                    *c += u64::from(e.weight);
+                }
             }
         }
         let local_idx = o
@@ -391,7 +457,7 @@ impl Table {
             zone::zone_split(local_idx, &capacity, None)
         } else {
             let mut total = vec![0u64; zones.len()];
-            for c in &self.candidates {
+            for c in self.candidates.iter().filter(|c| in_set(c)) {
                 if let Some(z) = zones.iter().position(|z| *z == c.zone) {
                     total[z] += u64::from(c.ep.weight);
                 }
@@ -416,17 +482,21 @@ impl Table {
         };
         let pools = (0..zones.len())
             .map(|z| {
-                let members: Vec<usize> = (0..self.endpoints.len())
-                    .filter(|&i| self.endpoint_zone.get(i) == Some(&z))
+                let of_zone: Vec<usize> = members
+                    .iter()
+                    .zip(&member_zone)
+                    .filter(|&(_, &mz)| mz == z)
+                    .map(|(&i, _)| i)
                     .collect();
-                self.pool(members, rng)
+                self.pool(of_zone, rng)
             })
             .collect();
         Some((split, pools))
     }
 
-    /// Endpoints matching `sel`, with the fallback applied; `None` = no endpoint.
-    fn select(&self, sel: &[(String, String)]) -> Option<Vec<usize>> {
+    /// Endpoints matching `sel`, with the fallback applied, and the selector that
+    /// chose them (`None`: any endpoint); `None` = no endpoint.
+    fn select(&self, sel: &[(String, String)]) -> Option<(Vec<usize>, Option<Pairs>)> {
         let metadata = |i: usize| -> &[(String, String)] {
             self.endpoint_candidate
                 .get(i)
@@ -438,18 +508,20 @@ impl Table {
             .filter(|&i| subset::matches(metadata(i), sel))
             .collect();
         if !hit.is_empty() {
-            return Some(hit);
+            return Some((hit, Some(sel.to_vec())));
         }
         match &self.options.subset_fallback {
             Fallback::NoFallback => None,
-            Fallback::AnyEndpoint => {
-                Some((0..self.endpoints.len()).collect()).filter(|v: &Vec<usize>| !v.is_empty())
-            }
+            Fallback::AnyEndpoint => Some((0..self.endpoints.len()).collect())
+                .filter(|v: &Vec<usize>| !v.is_empty())
+                .map(|v| (v, None)),
             Fallback::DefaultSubset(d) => {
                 let v: Vec<usize> = (0..self.endpoints.len())
                     .filter(|&i| subset::matches(metadata(i), d))
                     .collect();
-                Some(v).filter(|v| !v.is_empty())
+                Some(v)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| (v, Some(d.clone())))
             }
         }
     }
@@ -465,37 +537,46 @@ impl Table {
         };
         if let Some(key) = subset_key {
             if !self.subsets.contains_key(&key) {
-                let pool = self.select(&key).and_then(|m| self.pool(m, req.rng));
+                let group = self.subset_group(&key, req.rng);
                 if self.subsets.len() >= MAX_CACHED_SUBSETS {
-                    let mut pool = pool?;
-                    return self.pick_in_mut(&mut pool, req);
+                    let mut group = group?;
+                    return self.pick_in_group(&mut group, req);
                 }
-                self.subsets.insert(key.clone(), pool);
+                self.subsets.insert(key.clone(), group);
             }
-            let pool = self.subsets.remove(&key)?;
-            let Some(mut pool) = pool else {
+            let group = self.subsets.remove(&key)?;
+            let Some(mut group) = group else {
                 self.subsets.insert(key, None);
                 return None;
             };
-            let picked = self.pick_in_mut(&mut pool, req);
-            self.subsets.insert(key, Some(pool));
+            let picked = self.pick_in_group(&mut group, req);
+            self.subsets.insert(key, Some(group));
             return picked;
         }
-        if let Some((split, mut pools)) = self.zone_split.take() {
+        let mut main = self.main.take()?;
+        let picked = self.pick_in_group(&mut main, req);
+        self.main = Some(main);
+        picked
+    }
+
+    /// A pick in `group`: in the zone its split draws, else (no share, or that
+    /// zone's policy declines) over the whole group.
+    fn pick_in_group<R: Rng, A: FnMut(u32) -> i64>(
+        &self,
+        group: &mut Group,
+        req: &mut Request<'_, R, A>,
+    ) -> Option<usize> {
+        if let Some((split, pools)) = &mut group.zones {
             let picked = split
                 .pick(req.rng)
                 .and_then(|z| pools.get_mut(z))
                 .and_then(|p| p.as_mut())
                 .and_then(|p| self.pick_in_mut(p, req));
-            self.zone_split = Some((split, pools));
             if picked.is_some() {
                 return picked;
             }
         }
-        let mut main = self.main.take()?;
-        let picked = self.pick_in_mut(&mut main, req);
-        self.main = Some(main);
-        picked
+        self.pick_in_mut(&mut group.all, req)
     }
 
     fn pick_in_mut<R: Rng, A: FnMut(u32) -> i64>(
@@ -1002,6 +1083,164 @@ mod tests {
             (1800..2200).contains(&local),
             "{local} of 4000 stayed local"
         );
+    }
+
+    /// `v1_a`, `v1_b` instances of version v1 in zones a and b, and `v2_a` of v2 in
+    /// zone a; v1 addresses are 10.1.* (zone a) and 10.2.* (zone b), v2 10.3.*.
+    fn versions_in_zones(v1_a: u32, v1_b: u32, v2_a: u32) -> Snapshot {
+        let v1 = [("version", "v1")];
+        let v2 = [("version", "v2")];
+        Snapshot {
+            version: 1,
+            entries: (0..v1_a)
+                .map(|i| entry(&format!("10.1.0.{i}"), 1, State::Healthy, i, "a", &v1))
+                .chain(
+                    (0..v1_b).map(|i| {
+                        entry(&format!("10.2.0.{i}"), 1, State::Healthy, 100 + i, "b", &v1)
+                    }),
+                )
+                .chain(
+                    (0..v2_a).map(|i| {
+                        entry(&format!("10.3.0.{i}"), 1, State::Healthy, 200 + i, "a", &v2)
+                    }),
+                )
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Hosts of `n` picks with the request's subset selector `sel`, by address prefix.
+    fn picks_by_prefix(
+        t: &mut Table,
+        r: &mut SplitMix64,
+        sel: Option<&[(String, String)]>,
+        n: usize,
+    ) -> HashMap<&'static str, usize> {
+        let mut c = HashMap::new();
+        for _ in 0..n {
+            let mut req = Request {
+                rng: &mut *r,
+                now_ms: 0,
+                hash: None,
+                subset: sel,
+                active: |_| 0,
+                total_active: 0,
+            };
+            let Some(h) = t.pick(&mut req).map(|e| e.host()) else {
+                *c.entry("none").or_insert(0) += 1;
+                continue;
+            };
+            let k = ["10.1.", "10.2.", "10.3."]
+                .into_iter()
+                .find(|p| h.starts_with(p))
+                .unwrap();
+            *c.entry(k).or_insert(0) += 1;
+        }
+        c
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn zone_aware_routing_applies_within_the_subset() {
+        let v1: Pairs = vec![("version".into(), "v1".into())];
+        let zoned = |fallback: Fallback| Options {
+            local_zone: Some("a".into()),
+            subset: Some(v1.clone()),
+            subset_fallback: fallback,
+            ..opts(Policy::RoundRobin)
+        };
+        let mut r = SplitMix64(11);
+        // The subset has as much in zone a as in zone b: it stays in zone a.
+        let mut t = Table::build(
+            versions_in_zones(3, 3, 2),
+            zoned(Fallback::NoFallback),
+            &mut r,
+        );
+        let c = picks_by_prefix(&mut t, &mut r, None, 600);
+        assert_eq!(c.get("10.1."), Some(&600), "{c:?}");
+        // Zone a holds 1 of the subset's 4 instances: about half of the picks spill
+        // to zone b of the subset, although zone a as a whole (1 + 5) is ample.
+        let mut t = Table::build(
+            versions_in_zones(1, 3, 5),
+            zoned(Fallback::NoFallback),
+            &mut r,
+        );
+        let c = picks_by_prefix(&mut t, &mut r, None, 4000);
+        let local = c.get("10.1.").copied().unwrap_or(0);
+        assert!((1800..2200).contains(&local), "{c:?}");
+        assert_eq!(local + c.get("10.2.").copied().unwrap_or(0), 4000, "{c:?}");
+        // The same through a request's selector.
+        let c = picks_by_prefix(&mut t, &mut r, Some(&v1), 4000);
+        let local = c.get("10.1.").copied().unwrap_or(0);
+        assert!((1800..2200).contains(&local), "{c:?}");
+        assert_eq!(local + c.get("10.2.").copied().unwrap_or(0), 4000, "{c:?}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn an_empty_subset_falls_back_as_configured_with_zones() {
+        let v9: Pairs = vec![("version".into(), "v9".into())];
+        let v1: Pairs = vec![("version".into(), "v1".into())];
+        let zoned = |fallback: Fallback| Options {
+            local_zone: Some("a".into()),
+            subset: Some(v9.clone()),
+            subset_fallback: fallback,
+            ..opts(Policy::RoundRobin)
+        };
+        let fleet = || versions_in_zones(1, 3, 5);
+        let mut r = SplitMix64(12);
+        // No fallback: nothing.
+        let mut t = Table::build(fleet(), zoned(Fallback::NoFallback), &mut r);
+        assert_eq!(
+            picks_by_prefix(&mut t, &mut r, None, 10).get("none"),
+            Some(&10)
+        );
+        // Any endpoint: zone a has 6 of 9, more than its half: all stay in zone a.
+        let mut t = Table::build(fleet(), zoned(Fallback::AnyEndpoint), &mut r);
+        let c = picks_by_prefix(&mut t, &mut r, None, 600);
+        assert_eq!(c.get("10.2."), None, "{c:?}");
+        assert_eq!(
+            c.get("10.1.").copied().unwrap_or(0) + c.get("10.3.").copied().unwrap_or(0),
+            600
+        );
+        // The default subset (v1): zone-aware within it, about half spills to b.
+        let mut t = Table::build(fleet(), zoned(Fallback::DefaultSubset(v1)), &mut r);
+        let c = picks_by_prefix(&mut t, &mut r, None, 4000);
+        let local = c.get("10.1.").copied().unwrap_or(0);
+        assert!((1800..2200).contains(&local), "{c:?}");
+        assert_eq!(local + c.get("10.2.").copied().unwrap_or(0), 4000, "{c:?}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn zone_priorities_apply_within_the_subset() {
+        // Group 0: zone a (local); group 1: zone b. The subset (v1) has 5 in each
+        // zone, of which `up` in zone a are healthy; v2 has 5 healthy in zone a.
+        let fleet = |up: u32| {
+            let mut s = versions_in_zones(5, 5, 5);
+            for e in s.entries.iter_mut().take(5).skip(up as usize) {
+                e.instance.state = State::Unhealthy;
+            }
+            s
+        };
+        let v1: Pairs = vec![("version".into(), "v1".into())];
+        let o = Options {
+            local_zone: Some("a".into()),
+            zone_priorities: vec![vec!["a".into()], vec!["b".into()]],
+            subset: Some(v1),
+            panic_threshold: 0,
+            ..opts(Policy::RoundRobin)
+        };
+        let mut r = SplitMix64(13);
+        let mut t = Table::build(fleet(5), o.clone(), &mut r);
+        assert_eq!(
+            picks_by_prefix(&mut t, &mut r, None, 1000).get("10.1."),
+            Some(&1000)
+        );
+        // 1 of the subset's 5 in zone a up: its health is 1.4 · 1/5 = 28 %, so
+        // zone b takes 72 % (counting v2's healthy zone-a instances would hide it).
+        let mut t = Table::build(fleet(1), o, &mut r);
+        let c = picks_by_prefix(&mut t, &mut r, None, 4000);
+        let b = c.get("10.2.").copied().unwrap_or(0);
+        assert!((2760..3000).contains(&b), "{c:?}");
+        assert_eq!(b + c.get("10.1.").copied().unwrap_or(0), 4000, "{c:?}");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -7,14 +7,17 @@
 //! - `observe(i, rtt, now)`: a latency above the estimate replaces it at once (the
 //!   peak); a lower one is blended in as `ewma·d + rtt·(1 − d)` with
 //!   `d = exp(−Δt/τ)`, Δt the time since the last observation, τ the decay window.
-//! - `cost(i, now) = ewma · exp(−Δt/τ) · (pending + 1)`: as in Finagle and tower, the
-//!   estimate decays toward zero while no response comes back, so an endpoint that
-//!   was slow and is now avoided is tried again after a few τ instead of never. The
-//!   read does not change the state (tower's does), so costs do not depend on how
-//!   often they are read.
-//! - `pick(rng, now)`: two distinct candidates drawn in proportion to registry
-//!   weight (alias method), the one with the lower cost per unit of weight wins
-//!   (`cost_a·w_b < cost_b·w_a`); exact ties are broken at random.
+//! - cost of `i` now: `ewma · exp(−Δt/τ) · (pending + 1)`: as in Finagle and tower,
+//!   the estimate decays toward zero while no response comes back, so an endpoint
+//!   that was slow and is now avoided is tried again after a few τ instead of never.
+//!   The read does not change the state (tower's does), so costs do not depend on
+//!   how often they are read.
+//! - `cheaper(a, b, rng, now)`: of two candidates, the one with the lower cost per
+//!   unit of weight (`cost_a·w_b < cost_b·w_a`); exact ties are broken at random.
+//!   The two distinct candidates are drawn in proportion to weight by the routing
+//!   table (`picker`), from the alias table of the pool being picked in (all
+//!   endpoints, a zone, a subset); this state is per endpoint of the table, fed
+//!   by `Table::peak_start` / `Table::peak_end` as requests start and end.
 //!
 //! **No samples yet.** A new endpoint starts with `ewma = default_rtt` stamped at
 //! its creation (tower's choice; Linkerd's defaults: 30 ms, τ = 10 s), and its first
@@ -30,7 +33,6 @@
 //! nanoseconds. Left out: Finagle's penalty for failed requests and its
 //! `maxEffort` retries; tower's mutating read.
 
-use super::weighted_sampler::WeightedSampler;
 use crate::detmath;
 use crate::rng::Rng;
 
@@ -52,7 +54,6 @@ pub struct EndpointState {
 
 #[derive(Debug, Clone, Default)]
 pub struct PeakEwma {
-    sampler: WeightedSampler,
     weights: Vec<u32>,
     state: Vec<EndpointState>,
     decay_ms: u64,
@@ -69,19 +70,10 @@ impl PeakEwma {
             sampled: false,
         };
         PeakEwma {
-            sampler: WeightedSampler::new(weights),
             weights: weights.iter().map(|&w| w.max(1)).collect(),
             state: vec![fresh; weights.len()],
             decay_ms: decay_ms.max(1),
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.state.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.state.is_empty()
     }
 
     /// An endpoint's state, to carry it into a table rebuilt for a new snapshot.
@@ -125,28 +117,6 @@ impl PeakEwma {
         }
         s.stamp_ms = s.stamp_ms.max(now_ms);
         s.sampled = true;
-    }
-
-    /// Estimated latency of `i` now (decayed toward zero since the last response).
-    pub fn estimate_ns(&self, i: usize, now_ms: u64) -> f64 {
-        self.state
-            .get(i)
-            .map(|s| s.ewma_ns * decay(now_ms.saturating_sub(s.stamp_ms), self.decay_ms))
-            .unwrap_or(f64::INFINITY)
-    }
-
-    /// Cost of sending one more request to `i`: estimate × (pending + 1).
-    pub fn cost(&self, i: usize, now_ms: u64) -> f64 {
-        let pending = self.state.get(i).map(|s| s.pending).unwrap_or(0);
-        self.estimate_ns(i, now_ms) * (f64::from(pending) + 1.0)
-    }
-
-    /// Picks the cheaper (per unit of weight) of two distinct weighted draws.
-    pub fn pick(&self, rng: &mut impl Rng, now_ms: u64) -> Option<usize> {
-        match self.sampler.sample_pair(rng)? {
-            (a, None) => Some(a),
-            (a, Some(b)) => Some(self.cheaper(a, b, rng, now_ms)),
-        }
     }
 
     /// The cheaper per unit of weight of endpoints `a` and `b`
@@ -193,8 +163,36 @@ fn decay(elapsed_ms: u64, decay_ms: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balancer::weighted_sampler::WeightedSampler;
     use crate::rng::SplitMix64;
     use wasm_bindgen_test::wasm_bindgen_test;
+
+    /// What the tests read and do besides the table's calls: the cost itself, and
+    /// a pick over all endpoints the way `picker` does it (a weighted distinct pair
+    /// from the alias table, then [`PeakEwma::cheaper`]).
+    impl PeakEwma {
+        /// Estimated latency of `i` now (decayed toward zero since the last response).
+        fn estimate_ns(&self, i: usize, now_ms: u64) -> f64 {
+            self.state
+                .get(i)
+                .map(|s| s.ewma_ns * decay(now_ms.saturating_sub(s.stamp_ms), self.decay_ms))
+                .unwrap_or(f64::INFINITY)
+        }
+
+        /// Cost of sending one more request to `i`: estimate × (pending + 1).
+        fn cost(&self, i: usize, now_ms: u64) -> f64 {
+            let pending = self.state.get(i).map(|s| s.pending).unwrap_or(0);
+            self.estimate_ns(i, now_ms) * (f64::from(pending) + 1.0)
+        }
+
+        /// Picks the cheaper (per unit of weight) of two distinct weighted draws.
+        fn pick(&self, rng: &mut impl Rng, now_ms: u64) -> Option<usize> {
+            match WeightedSampler::new(&self.weights).sample_pair(rng)? {
+                (a, None) => Some(a),
+                (a, Some(b)) => Some(self.cheaper(a, b, rng, now_ms)),
+            }
+        }
+    }
 
     const MS: u64 = 1_000_000;
 
