@@ -9,7 +9,7 @@
 //! inside a root callback, on the one named by [`Envoy::set_effective_context`] — as
 //! the proxy-wasm ABI does.
 
-use crate::registry::HttpRequest;
+use crate::http_call::HttpRequest;
 
 /// A host call that did not succeed, as proxy-wasm reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! declarations.
 
 use crate::envoy::{CallAnswer, Envoy, HostError, MetricKind};
-use crate::registry::HttpRequest;
+use crate::http_call::HttpRequest;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 use std::time::Duration;

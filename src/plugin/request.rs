@@ -597,7 +597,7 @@ impl<H: Envoy> Plugin<H> {
                     fallbacks: Vec::new(),
                     ..r
                 };
-                self.finished(failed, 503, 32);
+                self.finished(failed, 503, outlier::flags::UPSTREAM_CONNECTION_FAILURE);
             }
             last = Routed {
                 slot: tried[n - 1],
@@ -617,7 +617,12 @@ impl<H: Envoy> Plugin<H> {
             return;
         };
         let policy = svc.outlier_detection.policy();
-        let result = outlier::classify(code, flags);
+        // A local reply or a request the client abandoned says nothing about the
+        // instance: neither the failure run nor a trial moves (a trial left open
+        // times out and is offered again).
+        let Some(result) = outlier::judge(code, flags) else {
+            return;
+        };
         let name = &svc.name;
         // The clock is read only when an ejection state changes (not per success).
         if r.trial {

@@ -452,3 +452,42 @@ fn only_one_root_polls_and_a_second_adopts_the_published_snapshot() {
         "b routes from a's snapshot"
     );
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn abandoned_requests_and_local_replies_do_not_count_against_an_instance() {
+    use crate::outlier::flags;
+    let mut p = plugin(r#""policy": "round_robin", "outlier_detection": { "consecutive_5xx": 2 },"#);
+    publish(&mut p);
+    // Many requests to every instance end without saying anything about it: the
+    // client left (DC, no code), or Envoy answered itself (UO 503, LH 503).
+    let quiet = [
+        (0, flags::DOWNSTREAM_CONNECTION_TERMINATION),
+        (503, flags::UPSTREAM_OVERFLOW),
+        (503, flags::FAILED_LOCAL_HEALTH_CHECK),
+        (0, 0),
+    ];
+    for id in 1..=40u32 {
+        let (_, routed) = request(&mut p, id, &[]);
+        let (code, f) = quiet[id as usize % quiet.len()];
+        end(&mut p, id, routed, code, f);
+    }
+    assert_eq!(p.host.stat("web.outlier_ejections"), 0);
+    // ... and they do not reset a run of real failures either: 503, DC, 503 ejects.
+    let mut run = Vec::new();
+    let mut id = 100;
+    while run.len() < 3 && id < 200 {
+        let (_, routed) = request(&mut p, id, &[]);
+        if handed(&p, id) == ["10.0.0.3:80"] {
+            run.push(id);
+            let (code, f) = match run.len() {
+                2 => (0, flags::DOWNSTREAM_CONNECTION_TERMINATION),
+                _ => (503, 0),
+            };
+            end(&mut p, id, routed, code, f);
+        } else {
+            end(&mut p, id, routed, 200, 0);
+        }
+        id += 1;
+    }
+    assert_eq!(p.host.stat("web.outlier_ejections"), 1);
+}
