@@ -172,49 +172,7 @@ fn killed_backend_with_override_host_and_retries_costs_at_most_three_failures() 
         .map(|n| Backend::start(n))
         .collect();
     consul.set_service("web", b.iter().map(inst).collect());
-    let endpoints: String = b
-        .iter()
-        .map(|x| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}\n", x.port))
-        .collect();
-    let cluster = format!(
-        r#"  clusters:
-  # override_host: the cluster knows the same hosts; attempt k goes to entry k of x-lb-host.
-  - name: web_hosts
-    type: STATIC
-    connect_timeout: 0.5s
-    load_balancing_policy:
-      policies:
-      - typed_extension_config:
-          name: envoy.load_balancing_policies.override_host
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
-            override_host_sources:
-            - header: x-lb-host
-            fallback_policy:
-              policies:
-              - typed_extension_config:
-                  name: envoy.load_balancing_policies.round_robin
-                  typed_config:
-                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
-    load_assignment:
-      cluster_name: web_hosts
-      endpoints:
-      - lb_endpoints:
-{endpoints}"#
-    );
-    let envoy = start_consul_envoy(
-        &consul,
-        &[
-            ("\"base_ejection_time\": \"2s\"", "\"base_ejection_time\": \"10s\""),
-            ("\"services\": [", "\"handoff\": \"override_host\", \"handoff_header\": \"x-lb-host\", \"services\": ["),
-            (
-                "route: { cluster: registry_lb_original_dst }",
-                "route: { cluster: web_hosts, retry_policy: { retry_on: \"connect-failure,reset,5xx\", num_retries: 2 } }",
-            ),
-            ("  clusters:\n", &cluster),
-        ],
-        2,
-    );
+    let envoy = start_override_host_envoy(&consul, &b.iter().collect::<Vec<_>>());
     let (samples, killed_at) = kill_under_load(&envoy, &mut b[3]);
     let f = failures(&samples);
     println!(
@@ -245,10 +203,87 @@ fn killed_backend_with_override_host_and_retries_costs_at_most_three_failures() 
         .iter()
         .filter(|x| x.0 > killed_at + 500)
         .all(|x| x.2 != "d"));
-    // A client cannot supply its own list.
-    let (status, body, _) = envoy.get("/", &[("x-lb-host", &b[3].addr())]);
-    assert_eq!(status, 200, "{body}");
-    assert_ne!(body, "d");
+}
+
+/// Consul-fed registry-lb handing a ranked list to an `override_host` cluster
+/// (`web_hosts`) in header `x-lb-host`, with up to 2 retries; the cluster knows
+/// `cluster_hosts` as its endpoints.
+fn start_override_host_envoy(consul: &FakeConsul, cluster_hosts: &[&Backend]) -> Envoy {
+    let endpoints: String = cluster_hosts
+        .iter()
+        .map(|x| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}\n", x.port))
+        .collect();
+    let cluster = format!(
+        r#"  clusters:
+  # override_host: the cluster knows the same hosts; attempt k goes to entry k of x-lb-host.
+  - name: web_hosts
+    type: STATIC
+    connect_timeout: 0.5s
+    load_balancing_policy:
+      policies:
+      - typed_extension_config:
+          name: envoy.load_balancing_policies.override_host
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+            override_host_sources:
+            - header: x-lb-host
+            fallback_policy:
+              policies:
+              - typed_extension_config:
+                  name: envoy.load_balancing_policies.round_robin
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
+    load_assignment:
+      cluster_name: web_hosts
+      endpoints:
+      - lb_endpoints:
+{endpoints}"#
+    );
+    start_consul_envoy(
+        consul,
+        &[
+            ("\"base_ejection_time\": \"2s\"", "\"base_ejection_time\": \"10s\""),
+            ("\"services\": [", "\"handoff\": \"override_host\", \"handoff_header\": \"x-lb-host\", \"services\": ["),
+            (
+                "route: { cluster: registry_lb_original_dst }",
+                "route: { cluster: web_hosts, retry_policy: { retry_on: \"connect-failure,reset,5xx\", num_retries: 2 } }",
+            ),
+            ("  clusters:\n", &cluster),
+        ],
+        2,
+    )
+}
+
+/// A client's own `x-lb-host` never steers an `override_host` cluster: the spoofed
+/// value names a live host the cluster knows but the registry does not list, so
+/// had it passed through, that host would have answered.
+#[test]
+fn spoofed_override_host_header_never_reaches_a_live_host_outside_the_registry() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    let outsider = Backend::start("outsider");
+    consul.set_service("web", b.iter().map(inst).collect());
+    let envoy = start_override_host_envoy(&consul, &[&b[0], &b[1], &outsider]);
+    // The outsider is reachable through the cluster: a request with no registry-lb
+    // route would go there by the fallback policy, so only registry-lb keeps it out.
+    let n = 40;
+    let mut served: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    for _ in 0..n {
+        let (status, body, _) = envoy.get("/", &[("x-lb-host", &outsider.addr())]);
+        assert_eq!(status, 200, "{body}");
+        *served.entry(body).or_insert(0) += 1;
+    }
+    println!(
+        "{n} requests with x-lb-host = a live host outside the registry: {served:?}; outsider hits {}",
+        outsider.hits()
+    );
+    assert_eq!(outsider.hits(), 0, "a spoofed x-lb-host reached its host");
+    // Every request succeeded through the registry's instances.
+    assert!(served.keys().all(|k| k == "a" || k == "b"), "{served:?}");
+    assert_eq!(
+        envoy.stat(&lb::stat("client_handoff_header_removed")),
+        Some(i64::from(n))
+    );
 }
 
 #[test]
