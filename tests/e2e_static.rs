@@ -268,6 +268,26 @@ fn requests_without_a_service_pass_through_untouched() {
 }
 
 #[test]
+fn a_route_naming_an_unconfigured_service_is_a_clear_503() {
+    let b = three_backends();
+    let route = "              - match: { prefix: \"/x\" }\n                route: { cluster: registry_lb_original_dst }\n                metadata:\n                  filter_metadata:\n                    registry_lb: { service: x }\n              - name: web\n";
+    let envoy = start_static(&b, &[("              - name: web\n", route)], 1);
+    lb::wait_version(&envoy, "web", 1);
+    for _ in 0..3 {
+        let (status, body, _) = envoy.get("/x", &[]);
+        assert_eq!(
+            (status, body.as_str()),
+            (503, "registry-lb: service `x` is not configured\n")
+        );
+    }
+    assert_eq!(envoy.stat(&lb::stat("unknown_service")), Some(3));
+    assert!(b.iter().all(|x| x.hits() == 0), "no backend was asked");
+    // The configured service on the same listener is unaffected.
+    let (status, _, _) = envoy.get("/", &[]);
+    assert_eq!(status, 200);
+}
+
+#[test]
 fn compose_config_differs_from_consul_yaml_only_in_addresses() {
     let strip = |f: &str| -> Vec<String> {
         std::fs::read_to_string(support::repo_root().join(f))
