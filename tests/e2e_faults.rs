@@ -539,3 +539,148 @@ fn active_health_checks_take_a_failing_instance_out_and_back() {
     let c = lb::tally(&envoy, 60);
     assert_eq!(c.get("b"), Some(&20), "back in rotation: {c:?}");
 }
+
+/// `max_stale`: while the registry answers errors, the last good list serves until
+/// it is `max_stale` old; then requests get 503 with the stale body (counted in
+/// `rq_stale`); the first confirmation serves again.
+#[test]
+fn max_stale_answers_503_once_the_registry_stops_confirming_then_serves_again() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    consul.set_service("web", b.iter().map(inst).collect());
+    // Blocking queries of 1 s: a query in flight counts as confirmation, so the
+    // age starts rising at most ~1 s after the errors begin. Retries every 0.5-1 s.
+    let max_stale_ms: i64 = 2000;
+    let envoy = start_consul_envoy(
+        &consul,
+        &[
+            ("\"wait\": \"30s\"", "\"wait\": \"1s\""),
+            (
+                "\"policy\": \"round_robin\",",
+                "\"policy\": \"round_robin\", \"max_stale\": \"2s\", \"backoff_base\": \"500ms\", \"backoff_max\": \"1s\",",
+            ),
+        ],
+        1,
+    );
+    let stale_body = "registry-lb: registry data for service `web` is too old\n";
+    let age = || envoy.stat(&lb::stat("web.snapshot_age_ms")).unwrap_or(0);
+    consul.set_error(Some((500, "rpc error: No cluster leader")));
+    // The age gauge is set on the root's tick and the stale flag on the worker's
+    // (50 ms each): a request sent while the age is under max_stale - 150 ms must be
+    // served, one sent while it is over max_stale + 300 ms must not.
+    let t0 = Instant::now();
+    let (mut fresh_ok, mut stale_503) = (0, 0);
+    let mut log = Vec::new();
+    while t0.elapsed() < Duration::from_secs(10) && stale_503 < 10 {
+        let before = age();
+        let (status, body, _) = envoy.get("/", &[]);
+        log.push((t0.elapsed().as_millis(), before, status));
+        if before < max_stale_ms - 150 {
+            assert_eq!(status, 200, "age {before} ms: {body}");
+            fresh_ok += 1;
+        } else if before > max_stale_ms + 300 {
+            assert_eq!(
+                (status, body.as_str()),
+                (503, stale_body),
+                "age {before} ms"
+            );
+            stale_503 += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rq_stale = envoy.stat(&lb::stat("web.rq_stale")).unwrap_or(0);
+    let total_503 = log.iter().filter(|x| x.2 == 503).count() as i64;
+    println!(
+        "registry answering 500 (max_stale 2 s): {fresh_ok} served while fresh, {stale_503} stale 503s past max_stale, rq_stale {rq_stale}; (ms, age, status) first/last: {:?} {:?}",
+        log.first(),
+        log.last()
+    );
+    assert!(fresh_ok >= 5, "served before max_stale: {log:?}");
+    assert_eq!(stale_503, 10, "503 after max_stale: {log:?}");
+    assert_eq!(rq_stale, total_503, "every stale 503 counted");
+    assert!(
+        envoy
+            .stat(&lb::stat("web.refresh_failed_status"))
+            .unwrap_or(0)
+            >= 1
+    );
+    // The registry confirms again: the next retry (≤ backoff_max 1 s) refreshes the
+    // age and the worker's next tick serves.
+    consul.set_error(None);
+    let t1 = Instant::now();
+    let back = support::wait_until(Duration::from_secs(3), Duration::from_millis(20), || {
+        envoy.get("/", &[]).0 == 200
+    });
+    let back_after = t1.elapsed();
+    println!(
+        "confirmed again: served after {} ms",
+        back_after.as_millis()
+    );
+    assert!(back, "never served again after the registry confirmed");
+    let c = lb::tally(&envoy, 20);
+    assert_eq!((c.get("a"), c.get("b")), (Some(&10), Some(&10)), "{c:?}");
+}
+
+/// The size of Consul's health answer for `web` right now.
+fn consul_answer_bytes(consul: &FakeConsul) -> usize {
+    let (status, body, _) = support::http_get(
+        &format!("http://{}/v1/health/service/web", consul.addr()),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    body.len()
+}
+
+/// `max_response_bytes`: an answer over the limit is a failed refresh
+/// (`refresh_failed_too_large`) and the last good list keeps serving.
+#[test]
+fn registry_answer_over_max_response_bytes_is_refused_and_the_last_good_list_serves() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
+    consul.set_service("web", b[..1].iter().map(inst).collect());
+    let small = consul_answer_bytes(&consul);
+    consul.set_service("web", b.iter().map(inst).collect());
+    let large = consul_answer_bytes(&consul);
+    consul.set_service("web", b[..1].iter().map(inst).collect());
+    // The limit halfway: the one-instance answer fits, the eight-instance one does not.
+    let limit = (small + large) / 2;
+    println!(
+        "answers: 1 instance {small} bytes, 8 instances {large} bytes; max_response_bytes {limit}"
+    );
+    assert!(limit >= 1024 && small < limit && large > limit);
+    let envoy = start_consul_envoy(
+        &consul,
+        &[(
+            "\"policy\": \"round_robin\",",
+            &format!("\"policy\": \"round_robin\", \"max_response_bytes\": {limit},"),
+        )],
+        2,
+    );
+    let c = lb::tally(&envoy, 10);
+    assert_eq!(c.get("a"), Some(&10), "{c:?}");
+    consul.set_service("web", b.iter().map(inst).collect());
+    let refused = lb::wait_stat(
+        &envoy,
+        &lb::stat("web.refresh_failed_too_large"),
+        Duration::from_secs(5),
+        |v| v >= 1,
+    );
+    let failures: Vec<(String, i64)> = envoy
+        .stats()
+        .into_iter()
+        .filter(|(k, _)| k.contains("web.refresh_failed"))
+        .collect();
+    println!("after the large answer: {failures:?}");
+    assert!(refused, "no refresh_failed_too_large: {failures:?}");
+    std::thread::sleep(Duration::from_millis(150));
+    let c = lb::tally(&envoy, 30);
+    assert_eq!(c.get("a"), Some(&30), "the last good list serves: {c:?}");
+    assert_eq!(
+        envoy.stat(&lb::stat("web.snapshot_version")),
+        Some(1),
+        "nothing was published"
+    );
+}
