@@ -171,9 +171,14 @@ fn subsets_by_header_and_by_config() {
         let (s, body, _) = envoy.get("/", &[("x-subset", "version=v2")]);
         assert_eq!((s, body.as_str()), (200, "v2-a"));
     }
-    // A subset nobody has: any endpoint (the fallback), not a failure.
-    let (s, _, _) = envoy.get("/", &[("x-subset", "version=v9")]);
-    assert_eq!(s, 200);
+    // A subset nobody has: any endpoint (the fallback), v2 included — neither only
+    // the configured v1 subset nor a failure.
+    let c = tally_with(&envoy, &[("x-subset", "version=v9")], 30);
+    assert_eq!(
+        (c.get("v1-a"), c.get("v1-b"), c.get("v2-a"), c.len()),
+        (Some(&10), Some(&10), Some(&10), 3),
+        "any_endpoint fallback: {c:?}"
+    );
     // Garbage in the header is counted and ignored.
     let (s, _, _) = envoy.get("/", &[("x-subset", "=v2")]);
     assert_eq!(s, 200);
@@ -183,6 +188,77 @@ fn subsets_by_header_and_by_config() {
             .unwrap_or(0)
             >= 1
     );
+}
+
+/// `n` GETs with `headers`, counted by body (non-200 as `<status body>`).
+fn tally_with(envoy: &Envoy, headers: &[(&str, &str)], n: usize) -> HashMap<String, u32> {
+    let mut c = HashMap::new();
+    for _ in 0..n {
+        let (status, body, _) = envoy.get("/", headers);
+        let key = if status == 200 {
+            body
+        } else {
+            format!("<{status} {}>", body.trim())
+        };
+        *c.entry(key).or_insert(0) += 1;
+    }
+    c
+}
+
+#[test]
+fn subset_fallbacks_default_subset_and_no_fallback() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["v1-a", "v1-b", "v2-a"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
+    consul.set_service(
+        "web",
+        vec![
+            inst(&b[0]).meta("version", "v1"),
+            inst(&b[1]).meta("version", "v1"),
+            inst(&b[2]).meta("version", "v2"),
+        ],
+    );
+    let sub = "\"policy\": \"round_robin\", \"subset\": { \"selector\": \"version=v1\", \"header\": \"x-subset\", ";
+    // default_subset: a request whose subset is empty goes to the default subset (v2).
+    let envoy = start(
+        &consul,
+        &format!("{sub}\"fallback\": \"default_subset\", \"default_subset\": \"version=v2\" }},"),
+        1,
+    );
+    let c = tally_with(&envoy, &[("x-subset", "version=v9")], 20);
+    assert_eq!(
+        (c.get("v2-a"), c.len()),
+        (Some(&20), 1),
+        "default_subset fallback: {c:?}"
+    );
+    // A subset that has instances is not affected.
+    let c = tally_with(&envoy, &[], 20);
+    assert_eq!(
+        (c.get("v1-a"), c.get("v1-b"), c.len()),
+        (Some(&10), Some(&10), 2),
+        "{c:?}"
+    );
+    drop(envoy);
+    // no_fallback: a clear 503, counted, no backend asked.
+    let envoy = start(
+        &consul,
+        &format!("{sub}\"fallback\": \"no_fallback\" }},"),
+        1,
+    );
+    let hits = || b.iter().map(Backend::hits).sum::<u64>();
+    let before = hits();
+    let c = tally_with(&envoy, &[("x-subset", "version=v9")], 10);
+    assert_eq!(
+        c.get("<503 registry-lb: no available instance for service `web`>"),
+        Some(&10),
+        "no_fallback: {c:?}"
+    );
+    assert_eq!(hits(), before, "no backend was asked");
+    assert_eq!(envoy.stat(&lb::stat("web.rq_no_instance")), Some(10));
+    let c = tally_with(&envoy, &[("x-subset", "version=v2")], 10);
+    assert_eq!(c.get("v2-a"), Some(&10), "{c:?}");
 }
 
 #[test]
