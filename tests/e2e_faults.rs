@@ -331,10 +331,117 @@ fn registry_down_for_a_minute_costs_no_request() {
         age as u64 >= outage.as_millis() as u64 - 6000,
         "snapshot age {age} ms did not rise with the outage"
     );
-    assert!(failed_refreshes >= 3, "backoff still retries");
+    // Retries back off as configured (defaults: base 500 ms, max 30 s): between
+    // that many failures and the outage's end fit at least the slowest and at most
+    // the fastest schedule allows.
+    let (lo, hi) = failures_within(outage, 500, 30_000);
+    assert!(
+        (lo..=hi).contains(&(failed_refreshes as u32)),
+        "{failed_refreshes} failed refreshes in {} s; with backoff: {lo}..={hi}",
+        outage.as_secs()
+    );
     assert!(
         recovered,
         "age never came back down after the registry returned"
+    );
+}
+
+/// Ceiling of the retry delay after `k` failures (k ≥ 1): `base·2^(k-1)`, at most
+/// `max`; the delay itself is drawn from [ceiling/2, ceiling] ("equal jitter").
+fn backoff_ceiling(k: u32, base_ms: u64, max_ms: u64) -> u64 {
+    base_ms.saturating_mul(1u64 << (k - 1).min(32)).min(max_ms)
+}
+
+/// Poll granularity and delivery: a due retry waits for the next 50 ms tick, plus
+/// the call itself and scheduling on a loaded machine.
+const RETRY_SLACK_MS: u64 = 150;
+
+/// The fewest and the most failed refreshes in `window` for a registry failing
+/// every call at once: failure 1 comes within RETRY_SLACK_MS of the window's start,
+/// failure k+1 after delay k (in [ceiling/2, ceiling]) plus up to RETRY_SLACK_MS.
+fn failures_within(window: Duration, base_ms: u64, max_ms: u64) -> (u32, u32) {
+    let w = window.as_millis() as u64;
+    let count = |first: u64, delay: &dyn Fn(u64) -> u64| {
+        let (mut n, mut t) = (0u32, first);
+        while t <= w {
+            n += 1;
+            t += delay(backoff_ceiling(n, base_ms, max_ms));
+        }
+        n
+    };
+    (
+        count(RETRY_SLACK_MS, &|c| c + RETRY_SLACK_MS),
+        count(0, &|c| c / 2),
+    )
+}
+
+/// Retries after failed refreshes are spaced by the configured backoff: each gap
+/// between the registry's requests is within [ceiling/2, ceiling] of its retry
+/// (plus tick slack), the ceiling doubling from `backoff_base` up to `backoff_max`.
+#[test]
+fn failed_refreshes_are_retried_with_exponential_backoff() {
+    let consul = FakeConsul::start();
+    let b = Backend::start("a");
+    consul.set_service("web", vec![inst(&b)]);
+    // Every call fails at once from the start: every request the registry sees is a
+    // retry after a failure.
+    consul.set_error(Some((500, "rpc error: No cluster leader")));
+    let (base, max) = (200u64, 1600u64);
+    let envoy = lb::start(
+        "envoy/consul.yaml",
+        &[(8500, consul.port)],
+        &[(
+            "\"policy\": \"round_robin\",",
+            "\"policy\": \"round_robin\", \"backoff_base\": \"200ms\", \"backoff_max\": \"1600ms\",",
+        )],
+        2,
+    );
+    // Arrival times of the registry's requests, polled every 2 ms for 9 s.
+    let t0 = Instant::now();
+    let mut arrivals: Vec<u64> = Vec::new();
+    let mut seen = consul.requests();
+    while t0.elapsed() < Duration::from_secs(9) {
+        let now = consul.requests();
+        for _ in seen..now {
+            arrivals.push(t0.elapsed().as_millis() as u64);
+        }
+        seen = now;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let gaps: Vec<u64> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    let failed = envoy
+        .stat(&lb::stat("web.refresh_failed_status"))
+        .unwrap_or(0);
+    println!(
+        "registry answering 500, backoff {base}..{max} ms: {} requests in 9 s, gaps {gaps:?} ms; refresh_failed_status {failed}",
+        arrivals.len()
+    );
+    // Ceilings 200, 400, 800, 1600, 1600, …: at least 6 gaps fit in 9 s even at
+    // the slowest (≤ 200+400+800+1600·3 + slack = 6.95 s).
+    assert!(gaps.len() >= 6, "retries stopped: {arrivals:?}");
+    for (i, g) in gaps.iter().enumerate() {
+        let c = backoff_ceiling(i as u32 + 1, base, max);
+        // 10 ms below for the 2 ms polling of both arrivals and send-time jitter.
+        assert!(
+            *g + 10 >= c / 2 && *g <= c + RETRY_SLACK_MS,
+            "gap {} is {g} ms, want {}..={} ms: {gaps:?}",
+            i + 1,
+            c / 2,
+            c + RETRY_SLACK_MS
+        );
+    }
+    // Jitter: the delays are not all their ceilings (or all halves).
+    assert!(
+        gaps.iter().enumerate().any(|(i, g)| {
+            let c = backoff_ceiling(i as u32 + 1, base, max);
+            *g > c / 2 + 30 && *g + 30 < c
+        }),
+        "no jitter: {gaps:?}"
+    );
+    assert!(
+        failed as usize + 1 >= arrivals.len(),
+        "every request failed: {failed} of {}",
+        arrivals.len()
     );
 }
 
