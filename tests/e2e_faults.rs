@@ -209,6 +209,14 @@ fn killed_backend_with_override_host_and_retries_costs_at_most_three_failures() 
 /// (`web_hosts`) in header `x-lb-host`, with up to 2 retries; the cluster knows
 /// `cluster_hosts` as its endpoints.
 fn start_override_host_envoy(consul: &FakeConsul, cluster_hosts: &[&Backend]) -> Envoy {
+    start_override_host_envoy_on(consul, cluster_hosts, 2)
+}
+
+fn start_override_host_envoy_on(
+    consul: &FakeConsul,
+    cluster_hosts: &[&Backend],
+    concurrency: u32,
+) -> Envoy {
     let endpoints: String = cluster_hosts
         .iter()
         .map(|x| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}\n", x.port))
@@ -250,8 +258,23 @@ fn start_override_host_envoy(consul: &FakeConsul, cluster_hosts: &[&Backend]) ->
             ),
             ("  clusters:\n", &cluster),
         ],
-        2,
+        concurrency,
     )
+}
+
+/// With the `override_host` hand-off the first entry of the ranked list is the
+/// policy's pick: round robin over two instances alternates, as it does with the
+/// filter-state hand-off.
+#[test]
+fn override_host_first_entries_follow_round_robin() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    consul.set_service("web", b.iter().map(inst).collect());
+    // One worker: one round-robin cursor.
+    let envoy = start_override_host_envoy_on(&consul, &[&b[0], &b[1]], 1);
+    let c = lb::tally(&envoy, 40);
+    println!("override_host, round robin over two instances: {c:?}");
+    assert_eq!((c.get("a"), c.get("b")), (Some(&20), Some(&20)), "{c:?}");
 }
 
 /// A client's own `x-lb-host` never steers an `override_host` cluster: the spoofed
