@@ -172,49 +172,7 @@ fn killed_backend_with_override_host_and_retries_costs_at_most_three_failures() 
         .map(|n| Backend::start(n))
         .collect();
     consul.set_service("web", b.iter().map(inst).collect());
-    let endpoints: String = b
-        .iter()
-        .map(|x| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}\n", x.port))
-        .collect();
-    let cluster = format!(
-        r#"  clusters:
-  # override_host: the cluster knows the same hosts; attempt k goes to entry k of x-lb-host.
-  - name: web_hosts
-    type: STATIC
-    connect_timeout: 0.5s
-    load_balancing_policy:
-      policies:
-      - typed_extension_config:
-          name: envoy.load_balancing_policies.override_host
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
-            override_host_sources:
-            - header: x-lb-host
-            fallback_policy:
-              policies:
-              - typed_extension_config:
-                  name: envoy.load_balancing_policies.round_robin
-                  typed_config:
-                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
-    load_assignment:
-      cluster_name: web_hosts
-      endpoints:
-      - lb_endpoints:
-{endpoints}"#
-    );
-    let envoy = start_consul_envoy(
-        &consul,
-        &[
-            ("\"base_ejection_time\": \"2s\"", "\"base_ejection_time\": \"10s\""),
-            ("\"services\": [", "\"handoff\": \"override_host\", \"handoff_header\": \"x-lb-host\", \"services\": ["),
-            (
-                "route: { cluster: registry_lb_original_dst }",
-                "route: { cluster: web_hosts, retry_policy: { retry_on: \"connect-failure,reset,5xx\", num_retries: 2 } }",
-            ),
-            ("  clusters:\n", &cluster),
-        ],
-        2,
-    );
+    let envoy = start_override_host_envoy(&consul, &b.iter().collect::<Vec<_>>());
     let (samples, killed_at) = kill_under_load(&envoy, &mut b[3]);
     let f = failures(&samples);
     println!(
@@ -245,10 +203,110 @@ fn killed_backend_with_override_host_and_retries_costs_at_most_three_failures() 
         .iter()
         .filter(|x| x.0 > killed_at + 500)
         .all(|x| x.2 != "d"));
-    // A client cannot supply its own list.
-    let (status, body, _) = envoy.get("/", &[("x-lb-host", &b[3].addr())]);
-    assert_eq!(status, 200, "{body}");
-    assert_ne!(body, "d");
+}
+
+/// Consul-fed registry-lb handing a ranked list to an `override_host` cluster
+/// (`web_hosts`) in header `x-lb-host`, with up to 2 retries; the cluster knows
+/// `cluster_hosts` as its endpoints.
+fn start_override_host_envoy(consul: &FakeConsul, cluster_hosts: &[&Backend]) -> Envoy {
+    start_override_host_envoy_on(consul, cluster_hosts, 2)
+}
+
+fn start_override_host_envoy_on(
+    consul: &FakeConsul,
+    cluster_hosts: &[&Backend],
+    concurrency: u32,
+) -> Envoy {
+    let endpoints: String = cluster_hosts
+        .iter()
+        .map(|x| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}\n", x.port))
+        .collect();
+    let cluster = format!(
+        r#"  clusters:
+  # override_host: the cluster knows the same hosts; attempt k goes to entry k of x-lb-host.
+  - name: web_hosts
+    type: STATIC
+    connect_timeout: 0.5s
+    load_balancing_policy:
+      policies:
+      - typed_extension_config:
+          name: envoy.load_balancing_policies.override_host
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+            override_host_sources:
+            - header: x-lb-host
+            fallback_policy:
+              policies:
+              - typed_extension_config:
+                  name: envoy.load_balancing_policies.round_robin
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
+    load_assignment:
+      cluster_name: web_hosts
+      endpoints:
+      - lb_endpoints:
+{endpoints}"#
+    );
+    start_consul_envoy(
+        consul,
+        &[
+            ("\"base_ejection_time\": \"2s\"", "\"base_ejection_time\": \"10s\""),
+            ("\"services\": [", "\"handoff\": \"override_host\", \"handoff_header\": \"x-lb-host\", \"services\": ["),
+            (
+                "route: { cluster: registry_lb_original_dst }",
+                "route: { cluster: web_hosts, retry_policy: { retry_on: \"connect-failure,reset,5xx\", num_retries: 2 } }",
+            ),
+            ("  clusters:\n", &cluster),
+        ],
+        concurrency,
+    )
+}
+
+/// With the `override_host` hand-off the first entry of the ranked list is the
+/// policy's pick: round robin over two instances alternates, as it does with the
+/// filter-state hand-off.
+#[test]
+fn override_host_first_entries_follow_round_robin() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    consul.set_service("web", b.iter().map(inst).collect());
+    // One worker: one round-robin cursor.
+    let envoy = start_override_host_envoy_on(&consul, &[&b[0], &b[1]], 1);
+    let c = lb::tally(&envoy, 40);
+    println!("override_host, round robin over two instances: {c:?}");
+    assert_eq!((c.get("a"), c.get("b")), (Some(&20), Some(&20)), "{c:?}");
+}
+
+/// A client's own `x-lb-host` never steers an `override_host` cluster: the spoofed
+/// value names a live host the cluster knows but the registry does not list, so
+/// had it passed through, that host would have answered.
+#[test]
+fn spoofed_override_host_header_never_reaches_a_live_host_outside_the_registry() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    let outsider = Backend::start("outsider");
+    consul.set_service("web", b.iter().map(inst).collect());
+    let envoy = start_override_host_envoy(&consul, &[&b[0], &b[1], &outsider]);
+    // The outsider is reachable through the cluster: a request with no registry-lb
+    // route would go there by the fallback policy, so only registry-lb keeps it out.
+    let n = 40;
+    let mut served: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    for _ in 0..n {
+        let (status, body, _) = envoy.get("/", &[("x-lb-host", &outsider.addr())]);
+        assert_eq!(status, 200, "{body}");
+        *served.entry(body).or_insert(0) += 1;
+    }
+    println!(
+        "{n} requests with x-lb-host = a live host outside the registry: {served:?}; outsider hits {}",
+        outsider.hits()
+    );
+    assert_eq!(outsider.hits(), 0, "a spoofed x-lb-host reached its host");
+    // Every request succeeded through the registry's instances.
+    assert!(served.keys().all(|k| k == "a" || k == "b"), "{served:?}");
+    assert_eq!(
+        envoy.stat(&lb::stat("client_handoff_header_removed")),
+        Some(i64::from(n))
+    );
 }
 
 #[test]
@@ -296,10 +354,117 @@ fn registry_down_for_a_minute_costs_no_request() {
         age as u64 >= outage.as_millis() as u64 - 6000,
         "snapshot age {age} ms did not rise with the outage"
     );
-    assert!(failed_refreshes >= 3, "backoff still retries");
+    // Retries back off as configured (defaults: base 500 ms, max 30 s): between
+    // that many failures and the outage's end fit at least the slowest and at most
+    // the fastest schedule allows.
+    let (lo, hi) = failures_within(outage, 500, 30_000);
+    assert!(
+        (lo..=hi).contains(&(failed_refreshes as u32)),
+        "{failed_refreshes} failed refreshes in {} s; with backoff: {lo}..={hi}",
+        outage.as_secs()
+    );
     assert!(
         recovered,
         "age never came back down after the registry returned"
+    );
+}
+
+/// Ceiling of the retry delay after `k` failures (k ≥ 1): `base·2^(k-1)`, at most
+/// `max`; the delay itself is drawn from [ceiling/2, ceiling] ("equal jitter").
+fn backoff_ceiling(k: u32, base_ms: u64, max_ms: u64) -> u64 {
+    base_ms.saturating_mul(1u64 << (k - 1).min(32)).min(max_ms)
+}
+
+/// Poll granularity and delivery: a due retry waits for the next 50 ms tick, plus
+/// the call itself and scheduling on a loaded machine.
+const RETRY_SLACK_MS: u64 = 150;
+
+/// The fewest and the most failed refreshes in `window` for a registry failing
+/// every call at once: failure 1 comes within RETRY_SLACK_MS of the window's start,
+/// failure k+1 after delay k (in [ceiling/2, ceiling]) plus up to RETRY_SLACK_MS.
+fn failures_within(window: Duration, base_ms: u64, max_ms: u64) -> (u32, u32) {
+    let w = window.as_millis() as u64;
+    let count = |first: u64, delay: &dyn Fn(u64) -> u64| {
+        let (mut n, mut t) = (0u32, first);
+        while t <= w {
+            n += 1;
+            t += delay(backoff_ceiling(n, base_ms, max_ms));
+        }
+        n
+    };
+    (
+        count(RETRY_SLACK_MS, &|c| c + RETRY_SLACK_MS),
+        count(0, &|c| c / 2),
+    )
+}
+
+/// Retries after failed refreshes are spaced by the configured backoff: each gap
+/// between the registry's requests is within [ceiling/2, ceiling] of its retry
+/// (plus tick slack), the ceiling doubling from `backoff_base` up to `backoff_max`.
+#[test]
+fn failed_refreshes_are_retried_with_exponential_backoff() {
+    let consul = FakeConsul::start();
+    let b = Backend::start("a");
+    consul.set_service("web", vec![inst(&b)]);
+    // Every call fails at once from the start: every request the registry sees is a
+    // retry after a failure.
+    consul.set_error(Some((500, "rpc error: No cluster leader")));
+    let (base, max) = (200u64, 1600u64);
+    let envoy = lb::start(
+        "envoy/consul.yaml",
+        &[(8500, consul.port)],
+        &[(
+            "\"policy\": \"round_robin\",",
+            "\"policy\": \"round_robin\", \"backoff_base\": \"200ms\", \"backoff_max\": \"1600ms\",",
+        )],
+        2,
+    );
+    // Arrival times of the registry's requests, polled every 2 ms for 9 s.
+    let t0 = Instant::now();
+    let mut arrivals: Vec<u64> = Vec::new();
+    let mut seen = consul.requests();
+    while t0.elapsed() < Duration::from_secs(9) {
+        let now = consul.requests();
+        for _ in seen..now {
+            arrivals.push(t0.elapsed().as_millis() as u64);
+        }
+        seen = now;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let gaps: Vec<u64> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    let failed = envoy
+        .stat(&lb::stat("web.refresh_failed_status"))
+        .unwrap_or(0);
+    println!(
+        "registry answering 500, backoff {base}..{max} ms: {} requests in 9 s, gaps {gaps:?} ms; refresh_failed_status {failed}",
+        arrivals.len()
+    );
+    // Ceilings 200, 400, 800, 1600, 1600, …: at least 6 gaps fit in 9 s even at
+    // the slowest (≤ 200+400+800+1600·3 + slack = 6.95 s).
+    assert!(gaps.len() >= 6, "retries stopped: {arrivals:?}");
+    for (i, g) in gaps.iter().enumerate() {
+        let c = backoff_ceiling(i as u32 + 1, base, max);
+        // 10 ms below for the 2 ms polling of both arrivals and send-time jitter.
+        assert!(
+            *g + 10 >= c / 2 && *g <= c + RETRY_SLACK_MS,
+            "gap {} is {g} ms, want {}..={} ms: {gaps:?}",
+            i + 1,
+            c / 2,
+            c + RETRY_SLACK_MS
+        );
+    }
+    // Jitter: the delays are not all their ceilings (or all halves).
+    assert!(
+        gaps.iter().enumerate().any(|(i, g)| {
+            let c = backoff_ceiling(i as u32 + 1, base, max);
+            *g > c / 2 + 30 && *g + 30 < c
+        }),
+        "no jitter: {gaps:?}"
+    );
+    assert!(
+        failed as usize + 1 >= arrivals.len(),
+        "every request failed: {failed} of {}",
+        arrivals.len()
     );
 }
 
@@ -503,4 +668,153 @@ fn active_health_checks_take_a_failing_instance_out_and_back() {
     std::thread::sleep(Duration::from_millis(150));
     let c = lb::tally(&envoy, 60);
     assert_eq!(c.get("b"), Some(&20), "back in rotation: {c:?}");
+}
+
+/// `max_stale`: while the registry answers errors, the last good list serves until
+/// it is `max_stale` old; then requests get 503 with the stale body (counted in
+/// `rq_stale`); the first confirmation serves again.
+#[test]
+fn max_stale_answers_503_once_the_registry_stops_confirming_then_serves_again() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    consul.set_service("web", b.iter().map(inst).collect());
+    // Blocking queries of 1 s: a query in flight counts as confirmation, so the
+    // age starts rising at most ~1 s after the errors begin. Retries every 0.5-1 s.
+    let max_stale_ms: i64 = 2000;
+    let envoy = start_consul_envoy(
+        &consul,
+        &[
+            ("\"wait\": \"30s\"", "\"wait\": \"1s\""),
+            (
+                "\"policy\": \"round_robin\",",
+                "\"policy\": \"round_robin\", \"max_stale\": \"2s\", \"backoff_base\": \"500ms\", \"backoff_max\": \"1s\",",
+            ),
+        ],
+        1,
+    );
+    let stale_body = "registry-lb: registry data for service `web` is too old\n";
+    let age = || envoy.stat(&lb::stat("web.snapshot_age_ms")).unwrap_or(0);
+    consul.set_error(Some((500, "rpc error: No cluster leader")));
+    // The age gauge is set on the root's tick and the stale flag on the worker's
+    // (50 ms each), so the gauge trails the true age by at most one tick. The gauge
+    // is read before and after each request: if it is under max_stale - 150 ms
+    // after, the age at the pick was under max_stale (served); if it was over
+    // max_stale + 300 ms before, the flag was set at least a few ticks earlier (503).
+    let t0 = Instant::now();
+    let (mut fresh_ok, mut stale_503) = (0, 0);
+    let mut log = Vec::new();
+    while t0.elapsed() < Duration::from_secs(10) && stale_503 < 10 {
+        let before = age();
+        let (status, body, _) = envoy.get("/", &[]);
+        let after = age();
+        log.push((t0.elapsed().as_millis(), before, after, status));
+        if after < max_stale_ms - 150 {
+            assert_eq!(status, 200, "age {before}..{after} ms: {body}");
+            fresh_ok += 1;
+        } else if before > max_stale_ms + 300 {
+            assert_eq!(
+                (status, body.as_str()),
+                (503, stale_body),
+                "age {before}..{after} ms"
+            );
+            stale_503 += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rq_stale = envoy.stat(&lb::stat("web.rq_stale")).unwrap_or(0);
+    let total_503 = log.iter().filter(|x| x.3 == 503).count() as i64;
+    println!(
+        "registry answering 500 (max_stale 2 s): {fresh_ok} served while fresh, {stale_503} stale 503s past max_stale, rq_stale {rq_stale}; (ms, age before, age after, status) first/last: {:?} {:?}",
+        log.first(),
+        log.last()
+    );
+    assert!(fresh_ok >= 5, "served before max_stale: {log:?}");
+    assert_eq!(stale_503, 10, "503 after max_stale: {log:?}");
+    assert_eq!(rq_stale, total_503, "every stale 503 counted");
+    assert!(
+        envoy
+            .stat(&lb::stat("web.refresh_failed_status"))
+            .unwrap_or(0)
+            >= 1
+    );
+    // The registry confirms again: the next retry (≤ backoff_max 1 s) is a blocking
+    // query answered after its 1 s wait, which refreshes the age; the worker's next
+    // tick serves. Allowed: 2 s plus 1 s of slack.
+    consul.set_error(None);
+    let t1 = Instant::now();
+    let back = support::wait_until(Duration::from_secs(3), Duration::from_millis(20), || {
+        envoy.get("/", &[]).0 == 200
+    });
+    let back_after = t1.elapsed();
+    println!(
+        "confirmed again: served after {} ms",
+        back_after.as_millis()
+    );
+    assert!(back, "never served again after the registry confirmed");
+    let c = lb::tally(&envoy, 20);
+    assert_eq!((c.get("a"), c.get("b")), (Some(&10), Some(&10)), "{c:?}");
+}
+
+/// The size of Consul's health answer for `web` right now.
+fn consul_answer_bytes(consul: &FakeConsul) -> usize {
+    let (status, body, _) = support::http_get(
+        &format!("http://{}/v1/health/service/web", consul.addr()),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    body.len()
+}
+
+/// `max_response_bytes`: an answer over the limit is a failed refresh
+/// (`refresh_failed_too_large`) and the last good list keeps serving.
+#[test]
+fn registry_answer_over_max_response_bytes_is_refused_and_the_last_good_list_serves() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
+    consul.set_service("web", b[..1].iter().map(inst).collect());
+    let small = consul_answer_bytes(&consul);
+    consul.set_service("web", b.iter().map(inst).collect());
+    let large = consul_answer_bytes(&consul);
+    consul.set_service("web", b[..1].iter().map(inst).collect());
+    // The limit halfway: the one-instance answer fits, the eight-instance one does not.
+    let limit = (small + large) / 2;
+    println!(
+        "answers: 1 instance {small} bytes, 8 instances {large} bytes; max_response_bytes {limit}"
+    );
+    assert!(limit >= 1024 && small < limit && large > limit);
+    let envoy = start_consul_envoy(
+        &consul,
+        &[(
+            "\"policy\": \"round_robin\",",
+            &format!("\"policy\": \"round_robin\", \"max_response_bytes\": {limit},"),
+        )],
+        2,
+    );
+    let c = lb::tally(&envoy, 10);
+    assert_eq!(c.get("a"), Some(&10), "{c:?}");
+    consul.set_service("web", b.iter().map(inst).collect());
+    let refused = lb::wait_stat(
+        &envoy,
+        &lb::stat("web.refresh_failed_too_large"),
+        Duration::from_secs(5),
+        |v| v >= 1,
+    );
+    let failures: Vec<(String, i64)> = envoy
+        .stats()
+        .into_iter()
+        .filter(|(k, _)| k.contains("web.refresh_failed"))
+        .collect();
+    println!("after the large answer: {failures:?}");
+    assert!(refused, "no refresh_failed_too_large: {failures:?}");
+    std::thread::sleep(Duration::from_millis(150));
+    let c = lb::tally(&envoy, 30);
+    assert_eq!(c.get("a"), Some(&30), "the last good list serves: {c:?}");
+    assert_eq!(
+        envoy.stat(&lb::stat("web.snapshot_version")),
+        Some(1),
+        "nothing was published"
+    );
 }

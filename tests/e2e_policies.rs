@@ -39,20 +39,38 @@ fn fresh_get(envoy: &Envoy, headers: &[(&str, &str)]) -> (u16, String) {
     (s, b)
 }
 
-fn mapping(envoy: &Envoy, users: usize, repeats: usize) -> HashMap<String, String> {
+/// Each key's host, sending each key on new connections until both of Envoy's
+/// workers have served it at least `per_worker` times (at most 40 requests per key).
+/// Panics if a key is answered by two hosts, or is never served by one worker.
+fn mapping(envoy: &Envoy, users: usize, per_worker: usize) -> HashMap<String, String> {
     let mut m: HashMap<String, String> = HashMap::new();
     for u in 0..users {
         let user = format!("user-{u}");
-        for _ in 0..repeats {
-            let (status, body) = fresh_get(envoy, &[("x-user", &user)]);
+        let mut served = [0usize; 2];
+        // The kernel spreads new connections over the workers' sockets at random
+        // (SO_REUSEPORT): one worker missing a key for 40 requests in a row has
+        // probability 2^-39.
+        for _ in 0..40 {
+            if served.iter().all(|&n| n >= per_worker) {
+                break;
+            }
+            let (status, body, worker) = lb::get_on_new_connection(envoy, &[("x-user", &user)]);
             assert_eq!(status, 200, "{body}");
+            served[worker] += 1;
             match m.get(&user) {
-                Some(prev) => assert_eq!(prev, &body, "{user} moved from {prev} to {body}"),
+                Some(prev) => assert_eq!(
+                    prev, &body,
+                    "{user} moved from {prev} to {body} (worker {worker})"
+                ),
                 None => {
                     m.insert(user.clone(), body);
                 }
             }
         }
+        assert!(
+            served.iter().all(|&n| n >= per_worker),
+            "{user}: requests per worker {served:?}, want {per_worker} from each"
+        );
     }
     m
 }
@@ -68,12 +86,12 @@ fn hashed_keys_stick_across_workers_and_restarts() {
         consul.set_service("web", b.iter().map(inst).collect());
         let cfg = format!("\"policy\": \"{policy}\", \"hash_on\": {{ \"header\": \"x-user\" }},");
         let envoy = start(&consul, &cfg, 2);
-        let first = mapping(&envoy, 40, 4);
+        let first = mapping(&envoy, 40, 2);
         let spread: std::collections::HashSet<&String> = first.values().collect();
         drop(envoy);
         let envoy = start(&consul, &cfg, 2);
-        let second = mapping(&envoy, 40, 2);
-        println!("{policy}: 40 keys × 4 requests on new connections, 2 workers, then a restart: {} backends used, all keys stayed", spread.len());
+        let second = mapping(&envoy, 40, 1);
+        println!("{policy}: 40 keys, each on new connections until both workers served it twice, then once from each after a restart: {} backends used, all keys stayed", spread.len());
         assert_eq!(first, second, "{policy}: keys moved across the restart");
         assert!(
             spread.len() >= 3,
@@ -153,9 +171,14 @@ fn subsets_by_header_and_by_config() {
         let (s, body, _) = envoy.get("/", &[("x-subset", "version=v2")]);
         assert_eq!((s, body.as_str()), (200, "v2-a"));
     }
-    // A subset nobody has: any endpoint (the fallback), not a failure.
-    let (s, _, _) = envoy.get("/", &[("x-subset", "version=v9")]);
-    assert_eq!(s, 200);
+    // A subset nobody has: any endpoint (the fallback), v2 included — neither only
+    // the configured v1 subset nor a failure.
+    let c = tally_with(&envoy, &[("x-subset", "version=v9")], 30);
+    assert_eq!(
+        (c.get("v1-a"), c.get("v1-b"), c.get("v2-a"), c.len()),
+        (Some(&10), Some(&10), Some(&10), 3),
+        "any_endpoint fallback: {c:?}"
+    );
     // Garbage in the header is counted and ignored.
     let (s, _, _) = envoy.get("/", &[("x-subset", "=v2")]);
     assert_eq!(s, 200);
@@ -165,6 +188,77 @@ fn subsets_by_header_and_by_config() {
             .unwrap_or(0)
             >= 1
     );
+}
+
+/// `n` GETs with `headers`, counted by body (non-200 as `<status body>`).
+fn tally_with(envoy: &Envoy, headers: &[(&str, &str)], n: usize) -> HashMap<String, u32> {
+    let mut c = HashMap::new();
+    for _ in 0..n {
+        let (status, body, _) = envoy.get("/", headers);
+        let key = if status == 200 {
+            body
+        } else {
+            format!("<{status} {}>", body.trim())
+        };
+        *c.entry(key).or_insert(0) += 1;
+    }
+    c
+}
+
+#[test]
+fn subset_fallbacks_default_subset_and_no_fallback() {
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = ["v1-a", "v1-b", "v2-a"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
+    consul.set_service(
+        "web",
+        vec![
+            inst(&b[0]).meta("version", "v1"),
+            inst(&b[1]).meta("version", "v1"),
+            inst(&b[2]).meta("version", "v2"),
+        ],
+    );
+    let sub = "\"policy\": \"round_robin\", \"subset\": { \"selector\": \"version=v1\", \"header\": \"x-subset\", ";
+    // default_subset: a request whose subset is empty goes to the default subset (v2).
+    let envoy = start(
+        &consul,
+        &format!("{sub}\"fallback\": \"default_subset\", \"default_subset\": \"version=v2\" }},"),
+        1,
+    );
+    let c = tally_with(&envoy, &[("x-subset", "version=v9")], 20);
+    assert_eq!(
+        (c.get("v2-a"), c.len()),
+        (Some(&20), 1),
+        "default_subset fallback: {c:?}"
+    );
+    // A subset that has instances is not affected.
+    let c = tally_with(&envoy, &[], 20);
+    assert_eq!(
+        (c.get("v1-a"), c.get("v1-b"), c.len()),
+        (Some(&10), Some(&10), 2),
+        "{c:?}"
+    );
+    drop(envoy);
+    // no_fallback: a clear 503, counted, no backend asked.
+    let envoy = start(
+        &consul,
+        &format!("{sub}\"fallback\": \"no_fallback\" }},"),
+        1,
+    );
+    let hits = || b.iter().map(Backend::hits).sum::<u64>();
+    let before = hits();
+    let c = tally_with(&envoy, &[("x-subset", "version=v9")], 10);
+    assert_eq!(
+        c.get("<503 registry-lb: no available instance for service `web`>"),
+        Some(&10),
+        "no_fallback: {c:?}"
+    );
+    assert_eq!(hits(), before, "no backend was asked");
+    assert_eq!(envoy.stat(&lb::stat("web.rq_no_instance")), Some(10));
+    let c = tally_with(&envoy, &[("x-subset", "version=v2")], 10);
+    assert_eq!(c.get("v2-a"), Some(&10), "{c:?}");
 }
 
 #[test]

@@ -6,8 +6,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::{lb, Backend, Envoy, EnvoyConfig};
 
 fn three_backends() -> Vec<Backend> {
@@ -147,44 +146,175 @@ fn header_handoff_strips_client_values() {
     );
 }
 
-#[test]
-fn least_request_steers_away_from_a_slow_instance() {
-    let b = three_backends();
-    b[0].set_delay(Duration::from_millis(150));
-    let envoy = Arc::new(start_static(
-        &b,
-        &[
-            (
-                "\"policy\": \"round_robin\"",
-                "\"policy\": \"least_request\"",
-            ),
-            ("\"weight\": 5", "\"weight\": 1"),
-        ],
-        2,
-    ));
-    lb::wait_version(&envoy, "web", 1);
-    // 8 clients x 40 requests, bounded by the 5 s client timeout per request.
-    let handles: Vec<_> = (0..8)
-        .map(|_| {
-            let e = Arc::clone(&envoy);
-            std::thread::spawn(move || lb::tally(&e, 40))
+/// envoy/static.yaml with `least_request` over `b` (equal weights), instance 0
+/// tagged `role=slow` and selectable with header `x-subset` (no header: all).
+fn start_least_request(b: &[Backend], concurrency: u32) -> Envoy {
+    let list: Vec<String> = b
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let role = if i == 0 { "slow" } else { "fast" };
+            format!("{{ \"address\": \"127.0.0.1\", \"port\": {}, \"metadata\": {{ \"role\": \"{role}\" }} }}", x.port)
         })
         .collect();
-    let mut c: HashMap<String, u32> = HashMap::new();
-    for h in handles {
-        for (k, v) in h.join().unwrap() {
-            *c.entry(k).or_insert(0) += v;
+    let instances = format!("\"instances\": [ {} ] }}", list.join(", "));
+    let cfg = lb::config("envoy/static.yaml", &[], &[])
+        .replace(
+            "\"policy\": \"round_robin\"",
+            "\"policy\": \"least_request\", \"subset\": { \"header\": \"x-subset\", \"fallback\": \"any_endpoint\" }",
+        );
+    // Cut the shipped instance list out and put ours in.
+    let text = &cfg.text;
+    let from = text.find("\"instances\": [").expect("instances");
+    let to = from + text[from..].find("] }").expect("end of instances") + "] }".len();
+    let cfg = EnvoyConfig::from_text(&format!("{}{}{}", &text[..from], instances, &text[to..]));
+    let envoy = lb::start_cfg(cfg, concurrency);
+    lb::wait_version(&envoy, "web", 1);
+    envoy
+}
+
+/// One request on `agent` (its pooled keep-alive connection).
+fn get_on(agent: &ureq::Agent, envoy: &Envoy, headers: &[(&str, &str)]) -> (u16, String) {
+    let url = format!("http://127.0.0.1:{}/", envoy.listener_port);
+    let (s, b, _) = support::http_request(agent, "GET", &url, headers, None);
+    (s, b)
+}
+
+/// Requests in flight are counted across workers: a backend busy with requests from
+/// one worker's connections is avoided by the other worker too. With per-worker
+/// counts the other worker would see it idle and give it its full share.
+#[test]
+fn least_request_counts_in_flight_requests_of_both_workers() {
+    let b: Vec<Backend> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
+    let envoy = start_least_request(&b, 2);
+    let slow = [("x-subset", "role=slow")];
+    // Keep-alive connections sorted by the worker that accepted them: `held` on the
+    // first connection's worker, one `probe` connection on the other (bounded: the
+    // kernel spreads connections at random, 60 tries leave one worker out with
+    // probability 2^-59).
+    let held_n = 4;
+    let mut held: Vec<ureq::Agent> = Vec::new();
+    let mut probe: Option<ureq::Agent> = None;
+    let mut held_worker = None;
+    for _ in 0..60 {
+        if held.len() == held_n && probe.is_some() {
+            break;
+        }
+        let before = lb::worker_connections(&envoy);
+        let agent = support::agent(Duration::from_secs(30));
+        let (s, body) = get_on(&agent, &envoy, &slow);
+        assert_eq!((s, body.as_str()), (200, "a"));
+        let w = lb::new_connection_worker(&envoy, &before);
+        let hw = *held_worker.get_or_insert(w);
+        if w == hw && held.len() < held_n {
+            held.push(agent);
+        } else if w != hw && probe.is_none() {
+            probe = Some(agent);
         }
     }
-    println!("least_request, a is 150 ms slower: {c:?}");
-    let (a, bb, cc) = (c.get("a").copied().unwrap_or(0), c["b"], c["c"]);
-    assert_eq!(a + bb + cc, 320, "every request answered: {c:?}");
-    // Round robin would give it one third (about 107), half of what the other two get
-    // together. With two choices it is picked only when both draws are it (1/9, about 36).
+    let probe = probe.expect("no connection reached the second worker");
+    assert_eq!(held.len(), held_n);
+    let conns = lb::worker_connections(&envoy);
+    // `a` holds each of the next requests for 8 s: four in flight, all from one worker.
+    let hold = Duration::from_secs(8);
+    b[0].set_delay(hold);
+    let a_before = b[0].hits();
+    let held_at = Instant::now();
+    let holders: Vec<_> = held
+        .into_iter()
+        .map(|agent| {
+            let url = format!("http://127.0.0.1:{}/", envoy.listener_port);
+            std::thread::spawn(move || {
+                support::http_request(&agent, "GET", &url, &[("x-subset", "role=slow")], None).0
+            })
+        })
+        .collect();
     assert!(
-        a * 4 < bb + cc,
-        "slow instance got {a}, others {bb} and {cc}"
+        support::wait_until(Duration::from_secs(3), Duration::from_millis(5), || {
+            b[0].hits() == a_before + held_n as u64
+        }),
+        "held requests did not all reach a: {}",
+        b[0].hits() - a_before
     );
+    // Later requests to `a` are answered at once: only the held ones stay in flight.
+    b[0].set_delay(Duration::ZERO);
+    let in_flight: i64 = envoy
+        .stats()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&lb::stat("web.slot_")) && k.ends_with(".rq_active"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(in_flight, held_n as i64, "registry-lb's in-flight gauges");
+    // Probes one after another on the other worker's connection.
+    let n = 320;
+    let mut c: HashMap<String, u32> = HashMap::new();
+    for _ in 0..n {
+        let (s, body) = get_on(&probe, &envoy, &[]);
+        assert_eq!(s, 200, "{body}");
+        *c.entry(body).or_insert(0) += 1;
+    }
+    let probes_took = held_at.elapsed();
+    assert_eq!(
+        lb::worker_connections(&envoy),
+        conns,
+        "held requests and probes used only the sorted connections"
+    );
+    assert!(
+        probes_took + Duration::from_millis(500) < hold,
+        "probes took {probes_took:?}: the held requests may have ended, no conclusion"
+    );
+    let a = c.get("a").copied().unwrap_or(0);
+    println!(
+        "least_request, 4 requests held on a from worker {:?}, {n} probes from the other: {c:?} (shared counts: a ~{}, per-worker counts: a ~{})",
+        held_worker,
+        n / 16,
+        n / 4
+    );
+    // Two draws among four equal weights. Shared counts: a (4 in flight) loses to
+    // any other draw, so it is picked only when both draws are a: p = 1/16, mean 20,
+    // sd 4.3. Per-worker counts: the probing worker sees a idle, every candidate
+    // ties at 0 and a gets p = 1/4, mean 80, sd 7.7. The bound 45 is 5.8 sd above
+    // the first and 4.5 sd below the second; 3 is 3.9 sd below the first.
+    assert!(
+        (3..=45).contains(&a),
+        "a got {a} of {n} probes from the other worker: {c:?}"
+    );
+    for h in holders {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+}
+
+/// Without load every candidate ties, so the split follows the weights (5:1:1).
+#[test]
+fn least_request_without_load_splits_by_weight() {
+    let b = three_backends();
+    let envoy = start_static(
+        &b,
+        &[(
+            "\"policy\": \"round_robin\"",
+            "\"policy\": \"least_request\"",
+        )],
+        2,
+    );
+    lb::wait_version(&envoy, "web", 1);
+    let n = 1400;
+    let c = lb::tally(&envoy, n);
+    println!("least_request, weights 5:1:1, one request at a time, {n} requests: {c:?}");
+    assert_eq!(c.len(), 3, "{c:?}");
+    // Binomial sd of a share: sqrt(p(1-p)/n) = 0.0121 for 5/7, 0.0094 for 1/7;
+    // allowed 4.5 sd. Ignoring weights (1/3 each) misses by 0.38 and 0.19.
+    for (k, p) in [("a", 5.0 / 7.0), ("b", 1.0 / 7.0), ("c", 1.0 / 7.0)] {
+        let got = share(&c, k, n);
+        let sd = (p * (1.0 - p) / n as f64).sqrt();
+        assert!(
+            (got - p).abs() <= 4.5 * sd,
+            "{k}: share {got:.4}, want {p:.4} ± {:.4}: {c:?}",
+            4.5 * sd
+        );
+    }
 }
 
 #[test]
@@ -265,6 +395,26 @@ fn requests_without_a_service_pass_through_untouched() {
         ))),
         None
     );
+}
+
+#[test]
+fn a_route_naming_an_unconfigured_service_is_a_clear_503() {
+    let b = three_backends();
+    let route = "              - match: { prefix: \"/x\" }\n                route: { cluster: registry_lb_original_dst }\n                metadata:\n                  filter_metadata:\n                    registry_lb: { service: x }\n              - name: web\n";
+    let envoy = start_static(&b, &[("              - name: web\n", route)], 1);
+    lb::wait_version(&envoy, "web", 1);
+    for _ in 0..3 {
+        let (status, body, _) = envoy.get("/x", &[]);
+        assert_eq!(
+            (status, body.as_str()),
+            (503, "registry-lb: service `x` is not configured\n")
+        );
+    }
+    assert_eq!(envoy.stat(&lb::stat("unknown_service")), Some(3));
+    assert!(b.iter().all(|x| x.hits() == 0), "no backend was asked");
+    // The configured service on the same listener is unaffected.
+    let (status, _, _) = envoy.get("/", &[]);
+    assert_eq!(status, 200);
 }
 
 #[test]

@@ -274,3 +274,33 @@ fn etcd_put_get_delete_and_auth() {
     );
     assert_eq!(code, 200);
 }
+
+#[test]
+fn envoy_fallback_path_is_where_dev_installs_envoy() {
+    // `./dev` installs Envoy to `$TOOLS/envoy-$ENVOY_VERSION/envoy/_bin/envoy` with
+    // `ENVOY_VERSION` defaulting to the version in its `${ENVOY_VERSION:-…}` line.
+    let dev = std::fs::read_to_string(support::repo_root().join("dev")).unwrap();
+    let default = dev
+        .lines()
+        .find_map(|l| l.strip_prefix("ENVOY_VERSION=\"${ENVOY_VERSION:-"))
+        .and_then(|rest| rest.strip_suffix("}\""))
+        .expect("./dev sets ENVOY_VERSION=\"${ENVOY_VERSION:-<version>}\"");
+    assert_eq!(default, support::DEFAULT_ENVOY_VERSION);
+    assert!(
+        dev.contains("ENVOY_BIN:-$TOOLS/envoy-$ENVOY_VERSION/envoy/_bin/envoy}"),
+        "./dev installs Envoy somewhere else"
+    );
+    let tools = support::repo_root().join(".tools");
+    assert_eq!(
+        support::default_envoy_bin(None),
+        tools.join(format!("envoy-{default}/envoy/_bin/envoy"))
+    );
+    assert_eq!(
+        support::default_envoy_bin(Some("")),
+        support::default_envoy_bin(None)
+    );
+    assert_eq!(
+        support::default_envoy_bin(Some("1.39.1")),
+        tools.join("envoy-1.39.1/envoy/_bin/envoy")
+    );
+}

@@ -96,3 +96,54 @@ pub fn wait_version(envoy: &Envoy, service: &str, version: i64) {
     // Workers pick a new snapshot up on their next tick (50 ms in the shipped configs).
     std::thread::sleep(Duration::from_millis(120));
 }
+
+/// Connections each worker of Envoy's listener has accepted so far
+/// (`listener.127.0.0.1_<port>.worker_<n>.downstream_cx_total`, index n).
+pub fn worker_connections(envoy: &Envoy) -> Vec<i64> {
+    let prefix = format!("listener.127.0.0.1_{}.worker_", envoy.listener_port);
+    let mut per: Vec<(usize, i64)> = envoy
+        .stats()
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let n = k
+                .strip_prefix(&prefix)?
+                .strip_suffix(".downstream_cx_total")?;
+            Some((n.parse().ok()?, v))
+        })
+        .collect();
+    per.sort();
+    assert!(
+        per.iter().enumerate().all(|(i, (n, _))| i == *n),
+        "worker stats {per:?}"
+    );
+    per.into_iter().map(|(_, v)| v).collect()
+}
+
+/// The worker that accepted the one connection opened since `before`
+/// (`worker_connections` read then); panics unless exactly one worker accepted
+/// exactly one. Only for tests that open connections one at a time.
+pub fn new_connection_worker(envoy: &Envoy, before: &[i64]) -> usize {
+    let after = worker_connections(envoy);
+    let grew: Vec<usize> = (0..after.len())
+        .filter(|&i| after[i] != before.get(i).copied().unwrap_or(0))
+        .collect();
+    assert!(
+        grew.len() == 1 && after[grew[0]] == before[grew[0]] + 1,
+        "expected one new connection: before {before:?}, after {after:?}"
+    );
+    grew[0]
+}
+
+/// GET `/` on a new connection; returns (status, body, worker that accepted it).
+pub fn get_on_new_connection(envoy: &Envoy, headers: &[(&str, &str)]) -> (u16, String, usize) {
+    let before = worker_connections(envoy);
+    let agent = super::agent(Duration::from_secs(5));
+    let (status, body, _) = super::http_request(
+        &agent,
+        "GET",
+        &format!("http://127.0.0.1:{}/", envoy.listener_port),
+        headers,
+        None,
+    );
+    (status, body, new_connection_worker(envoy, &before))
+}

@@ -47,7 +47,9 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Envoy binary: `$ENVOY_BIN`, else `<repo>/.tools/envoy/envoy/_bin/envoy`.
+/// Envoy binary: `$ENVOY_BIN`, else where `./dev setup` installs it:
+/// `<repo>/.tools/envoy-$ENVOY_VERSION/envoy/_bin/envoy` (`ENVOY_VERSION` defaults to
+/// 1.40.0, as in `./dev`).
 pub fn envoy_bin() -> PathBuf {
     if let Ok(p) = std::env::var("ENVOY_BIN") {
         if !p.is_empty() {
@@ -58,7 +60,7 @@ pub fn envoy_bin() -> PathBuf {
             panic!("ENVOY_BIN={} does not exist; unset it or run `./dev test` to install Envoy into .tools/", p.display());
         }
     }
-    let p = repo_root().join(".tools/envoy/envoy/_bin/envoy");
+    let p = default_envoy_bin(std::env::var("ENVOY_VERSION").ok().as_deref());
     if p.is_file() {
         return p;
     }
@@ -66,6 +68,17 @@ pub fn envoy_bin() -> PathBuf {
         "Envoy binary not found: set ENVOY_BIN or run `./dev test` (it installs Envoy into {})",
         p.display()
     );
+}
+
+/// Envoy version `./dev` installs when `ENVOY_VERSION` is unset or empty.
+pub const DEFAULT_ENVOY_VERSION: &str = "1.40.0";
+
+/// `<repo>/.tools/envoy-<version>/envoy/_bin/envoy`, the path `./dev setup` installs to.
+pub fn default_envoy_bin(version: Option<&str>) -> PathBuf {
+    let v = version
+        .filter(|v| !v.is_empty())
+        .unwrap_or(DEFAULT_ENVOY_VERSION);
+    repo_root().join(format!(".tools/envoy-{v}/envoy/_bin/envoy"))
 }
 
 /// `<repo>/target/wasm32-wasip1/release/registry_lb.wasm`.
