@@ -198,6 +198,10 @@ pub struct Table {
     options: Options,
     /// Routing over every routable endpoint (no subset selector).
     main: Option<Group>,
+    /// While [`Table::ranked`] draws the entries after the first: round robin looks
+    /// this many steps ahead instead of moving its cursor, so the cursor moves once
+    /// per request and each request's first entry follows round robin.
+    rr_ahead: usize,
     /// Routing per subset selector (config selector, header selectors), built
     /// lazily; `None`: no endpoint, even after the fallback.
     subsets: HashMap<Pairs, Option<Group>>,
@@ -243,6 +247,7 @@ impl Table {
             outlier_generation: 0,
             options,
             main: None,
+            rr_ahead: 0,
             subsets: HashMap::new(),
             peak: None,
         };
@@ -588,6 +593,7 @@ impl Table {
         let eps = &self.endpoints;
         let slot_of = |k: usize| members.get(k).and_then(|&i| eps.get(i)).map(|e| e.slot);
         let k = match &mut pool.policy {
+            PolicyState::RoundRobin(rr) if self.rr_ahead > 0 => rr.peek(self.rr_ahead - 1)?,
             PolicyState::RoundRobin(rr) => rr.pick()?,
             PolicyState::LeastRequest(lr) => {
                 let active = &mut req.active;
@@ -668,7 +674,10 @@ impl Table {
                 req.hash = first_hash
                     .map(|h| crate::hash_key::hash_bytes(&(h ^ attempt as u64).to_le_bytes()));
             }
-            match self.pick_index(req) {
+            self.rr_ahead = attempt;
+            let picked = self.pick_index(req);
+            self.rr_ahead = 0;
+            match picked {
                 Some(i) if !out.contains(&i) => out.push(i),
                 Some(_) => {}
                 None => break,
@@ -918,6 +927,37 @@ mod tests {
             let ranked = t.ranked(3, &mut req);
             assert_eq!(ranked.len(), 2, "only two routable ({p:?})");
             assert_ne!(ranked[0], ranked[1]);
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn ranked_first_entries_follow_round_robin() {
+        // Weights 5 and 1 routable, three entries wanted: drawing the fallbacks must
+        // not move the round-robin cursor, or the first entries skip through the
+        // cycle (a,a,a,a,a,b) two steps at a time and the split is lost.
+        for seed in 0..6 {
+            let mut r = SplitMix64(seed);
+            let mut t = Table::build(snap(), opts(Policy::RoundRobin), &mut r);
+            let mut firsts = Vec::new();
+            for _ in 0..12 {
+                let mut req = Request {
+                    rng: &mut r,
+                    now_ms: 0,
+                    hash: None,
+                    subset: None,
+                    active: |_| 0,
+                    total_active: 0,
+                };
+                let ranked = t.ranked(3, &mut req);
+                assert_eq!(ranked.len(), 2);
+                assert_ne!(ranked[0], ranked[1]);
+                firsts.push(t.endpoints[ranked[0]].host());
+            }
+            let light = firsts.iter().filter(|h| *h == "10.0.0.4:80").count();
+            assert_eq!(
+                light, 2,
+                "seed {seed}: 5:1 over 12 first entries: {firsts:?}"
+            );
         }
     }
 

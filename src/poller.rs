@@ -233,6 +233,18 @@ impl ServicePoller {
         self.fail(i, now_ms, rng, RegistryError::Unreachable(why))
     }
 
+    /// Source `i` answered with a body over `max_response_bytes`, which was not
+    /// read: a failure like any other (last good list kept, backoff).
+    pub fn answer_too_large(
+        &mut self,
+        i: usize,
+        now_ms: u64,
+        rng: &mut impl Rng,
+        size: usize,
+    ) -> Outcome {
+        self.fail(i, now_ms, rng, RegistryError::TooLarge(size))
+    }
+
     pub fn on_response(
         &mut self,
         i: usize,

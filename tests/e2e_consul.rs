@@ -396,7 +396,10 @@ fn twenty_requests_held_at_start_on_two_workers_are_all_routed() {
     let t = Instant::now();
     let out = concurrent_gets(&envoy, &vec![Vec::new(); 20]);
     let took = t.elapsed();
-    let failed: Vec<_> = out.iter().filter(|(s, b)| (*s, b.as_str()) != (200, "a")).collect();
+    let failed: Vec<_> = out
+        .iter()
+        .filter(|(s, b)| (*s, b.as_str()) != (200, "a"))
+        .collect();
     println!(
         "20 concurrent requests at start, first answer after 2 s: {} failed in {} ms; connections per worker {:?}",
         failed.len(),
@@ -406,7 +409,10 @@ fn twenty_requests_held_at_start_on_two_workers_are_all_routed() {
     assert!(failed.is_empty(), "held requests failed: {failed:?}");
     let per_worker = connections_per_worker(&envoy);
     assert_eq!(per_worker.len(), 2, "{per_worker:?}");
-    assert!(per_worker.iter().all(|n| *n >= 1), "both workers held requests: {per_worker:?}");
+    assert!(
+        per_worker.iter().all(|n| *n >= 1),
+        "both workers held requests: {per_worker:?}"
+    );
     assert_eq!(
         envoy.stat(&lb::stat("web.rq_waited_for_first_snapshot")),
         Some(20),
@@ -417,7 +423,10 @@ fn twenty_requests_held_at_start_on_two_workers_are_all_routed() {
 #[test]
 fn held_requests_keep_their_hash_key() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "d"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
     consul.set_service("web", b.iter().map(inst).collect());
     consul.set_delay(Duration::from_millis(1500));
     let envoy = start(
@@ -448,7 +457,10 @@ fn held_requests_keep_their_hash_key() {
         .filter(|&u| held[u].1 != again[u].1)
         .map(|u| (u, &held[u].1, &again[u].1))
         .collect();
-    assert!(moved.is_empty(), "held requests ignored their hash key: {moved:?}");
+    assert!(
+        moved.is_empty(),
+        "held requests ignored their hash key: {moved:?}"
+    );
     let spread: std::collections::HashSet<&String> = held.iter().map(|(_, b)| b).collect();
     assert!(spread.len() >= 2, "keys spread over the hosts: {spread:?}");
     assert_eq!(

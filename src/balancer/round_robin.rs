@@ -78,6 +78,20 @@ impl RoundRobin {
         rr
     }
 
+    /// The instance `ahead` picks after the next one (0: the next), without moving the cursor
+    /// (retry fallbacks of one request). Earliest-deadline-first pools see only the
+    /// next deadline: every `ahead` gives the instance after the last pick.
+    pub fn peek(&self, ahead: usize) -> Option<usize> {
+        match self {
+            RoundRobin::Empty => None,
+            RoundRobin::Plain { n, next } => Some((next + ahead) % n),
+            RoundRobin::Cycle { order, next } => {
+                order.get((next + ahead) % order.len()).map(|&i| i as usize)
+            }
+            RoundRobin::Edf { heap, .. } => heap.peek().map(|Reverse((_, i))| *i as usize),
+        }
+    }
+
     /// Index of the next instance, `None` when there is none.
     pub fn pick(&mut self) -> Option<usize> {
         match self {

@@ -334,12 +334,7 @@ impl<H: Envoy> Plugin<H> {
                 "call reset, or answer too large for Envoy to buffer".into(),
             )
         } else if body_size > max {
-            p.dispatch_failed(
-                src,
-                now,
-                &mut self.rng,
-                format!("answer of {body_size} bytes is over max_response_bytes ({max})"),
-            )
+            p.answer_too_large(src, now, &mut self.rng, body_size)
         } else {
             p.on_response(
                 src,

@@ -456,7 +456,8 @@ fn only_one_root_polls_and_a_second_adopts_the_published_snapshot() {
 #[wasm_bindgen_test(unsupported = test)]
 fn abandoned_requests_and_local_replies_do_not_count_against_an_instance() {
     use crate::outlier::flags;
-    let mut p = plugin(r#""policy": "round_robin", "outlier_detection": { "consecutive_5xx": 2 },"#);
+    let mut p =
+        plugin(r#""policy": "round_robin", "outlier_detection": { "consecutive_5xx": 2 },"#);
     publish(&mut p);
     // Many requests to every instance end without saying anything about it: the
     // client left (DC, no code), or Envoy answered itself (UO 503, LH 503).
@@ -490,4 +491,25 @@ fn abandoned_requests_and_local_replies_do_not_count_against_an_instance() {
         id += 1;
     }
     assert_eq!(p.host.stat("web.outlier_ejections"), 1);
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_registry_answer_over_max_response_bytes_is_counted_as_too_large() {
+    let cfg = r#"{ "tick": "50ms", "services": [ { "name": "web", "max_response_bytes": 2000,
+        "sources": [ { "consul": { "cluster": "consul", "service": "web" } } ] } ] }"#;
+    let mut p = configure(FakeEnvoy::new(), cfg, 7);
+    for _ in 0..3 {
+        p.on_tick();
+        p.host.advance_ms(50);
+    }
+    let token = p.host.dispatched.borrow().len() as u32;
+    assert_eq!(token, 1, "one registry call");
+    *p.host.answer.borrow_mut() = Some(crate::envoy::CallAnswer {
+        headers: vec![(":status".into(), "200".into())],
+        body: Vec::new(),
+    });
+    p.on_call_answer(token, 3, 5000);
+    assert_eq!(p.host.stat("web.refresh_failed_too_large"), 1);
+    assert_eq!(p.host.stat("web.refresh_failed"), 1);
+    assert_eq!(p.host.stat("web.refresh_failed_unreachable"), 0);
 }

@@ -75,7 +75,7 @@ impl std::fmt::Display for RegistryError {
             RegistryError::Status(s, m) => write!(f, "registry answered {s}: {m}"),
             RegistryError::Malformed(m) => write!(f, "malformed registry answer: {m}"),
             RegistryError::TooLarge(n) => {
-                write!(f, "registry answer of {n} bytes is over max_response_bytes")
+                write!(f, "registry answer of {n} bytes is over max_response_bytes; raise it in the service's configuration if the answer is expected")
             }
         }
     }
