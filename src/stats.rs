@@ -302,6 +302,88 @@ mod tests {
         assert_eq!(host.stat_names().len(), 4, "{:?}", host.stat_names());
     }
 
+    /// The stats of one `| stat | type | meaning |` table of `docs/metrics.md`
+    /// under `heading`, as (name, kind); `<kind>` placeholders are expanded with
+    /// the backticked words of the meaning column.
+    fn documented(heading: &str) -> Vec<(String, MetricKind)> {
+        let doc = include_str!("../docs/metrics.md");
+        let Some(start) = doc.find(heading) else {
+            panic!("docs/metrics.md has no {heading}");
+        };
+        let section = &doc[start + heading.len()..];
+        let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+        let ticked = |cell: &str| -> Vec<String> {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect()
+        };
+        let mut out = Vec::new();
+        for row in section.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+            let [names, kind, meaning] = cells[..] else {
+                panic!("row {row}");
+            };
+            let kind = match kind {
+                "counter" => MetricKind::Counter,
+                "gauge" => MetricKind::Gauge,
+                other => panic!("type `{other}` in {row}"),
+            };
+            for name in ticked(names) {
+                if name.contains("<kind>") {
+                    for k in ticked(meaning) {
+                        out.push((name.replace("<kind>", &k), kind));
+                    }
+                } else {
+                    out.push((name, kind));
+                }
+            }
+        }
+        out
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn the_metrics_doc_lists_exactly_the_stats_of_the_code() {
+        let mut code: Vec<(String, MetricKind)> = Stat::ALL
+            .iter()
+            .map(|s| (s.name().to_string(), s.kind()))
+            .chain(
+                SlotStat::ALL
+                    .iter()
+                    .map(|s| (format!("slot_<n>.{}", s.name()), s.kind())),
+            )
+            .chain([
+                (
+                    "instance.<ip>_<port>.picks".to_string(),
+                    MetricKind::Counter,
+                ),
+                (INSTANCE_OVERFLOW_PICKS.to_string(), MetricKind::Counter),
+            ])
+            .collect();
+        let mut doc = documented("## Per-service stats");
+        code.sort_by(|a, b| a.0.cmp(&b.0));
+        doc.sort_by(|a, b| a.0.cmp(&b.0));
+        let missing: Vec<_> = code.iter().filter(|c| !doc.contains(c)).collect();
+        let extra: Vec<_> = doc.iter().filter(|d| !code.contains(d)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "per-service stats: not in docs/metrics.md (or another type): {missing:?}; documented but not in the code: {extra:?}"
+        );
+        assert_eq!(
+            instance_picks("10.0.0.1:80").replace("10_0_0_1_80", "<ip>_<port>"),
+            "instance.<ip>_<port>.picks"
+        );
+        let mut code: Vec<(String, MetricKind)> = GlobalStat::ALL
+            .iter()
+            .map(|s| (s.name().to_string(), s.kind()))
+            .collect();
+        let mut doc = documented("## Global stats");
+        code.sort_by(|a, b| a.0.cmp(&b.0));
+        doc.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(code, doc, "global stats");
+    }
+
     #[wasm_bindgen_test(unsupported = test)]
     fn stat_safe_replaces_separators() {
         assert_eq!(stat_safe("10.0.0.1:8080"), "10_0_0_1_8080");
