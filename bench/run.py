@@ -758,8 +758,8 @@ def start_all(run, specs, optional=(), skipped=None):
 
 # Diagnostic variants of the main phase: least_request (100) with one feature off, to
 # show what it costs per request. Left out (and noted) if this build rejects the setting.
-# Diagnostics of the size cost (README): the host-call probe at 10 and at the large
-# size; run only when named in --configs.
+# Diagnostics of the size cost (docs/benchmark.md, Results, "Where the cost of size
+# goes"): the host-call probe at 10 and at the large size; run only when named in --configs.
 SIZE_PROBES = ("host_call_floor_10", "host_call_floor_10k", "host_call_floor_10k_random")
 
 VARIANTS = {
