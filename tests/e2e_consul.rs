@@ -469,3 +469,34 @@ fn held_requests_keep_their_hash_key() {
         "the held request without a key is counted"
     );
 }
+
+#[test]
+fn registry_text_with_control_characters_is_escaped_in_envoys_log() {
+    let consul = FakeConsul::start();
+    let a = Backend::start("a");
+    // An entry the reader rejects (its address is no IP) and logs with its id: the
+    // id carries an ESC colour sequence and a newline that would forge a log line.
+    let evil = ConsulInstance::new("evil\u{1b}[31m\n[critical] forged", "not-an-ip", 80);
+    consul.set_service("web", vec![inst(&a), evil]);
+    let envoy = start(&consul, &[], 1);
+    assert_eq!(envoy.get("/", &[]).1, "a");
+    assert!(
+        envoy.wait_for_log("instance skipped", Duration::from_secs(5)),
+        "the rejected entry is logged"
+    );
+    let log = envoy.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("instance skipped"))
+        .unwrap_or_default();
+    println!("{line}");
+    assert!(
+        line.contains(r"evil\u{1b}[31m\n[critical] forged"),
+        "escaped in one line: {line}"
+    );
+    assert!(!log.contains('\u{1b}'), "no raw ESC in Envoy's log");
+    assert!(
+        !log.lines().any(|l| l.starts_with("[critical] forged")),
+        "no forged line"
+    );
+}

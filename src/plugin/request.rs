@@ -75,6 +75,12 @@ pub(super) struct Requests {
     /// changed by RDS under the same name is picked up.
     route_cache: fnv::FnvHashMap<Vec<u8>, RouteTarget>,
     route_cache_until: u64,
+    /// Routing from a timer (held requests) now.
+    releasing: bool,
+    /// Envoy refused filter state set from a timer: before 1.37 foreign functions
+    /// act on the root context, not the request made effective. Held requests then
+    /// cannot be handed over; new ones are not held.
+    pub(super) timer_filter_state_refused: bool,
 }
 
 impl Requests {
@@ -122,8 +128,21 @@ impl<H: Envoy> Plugin<H> {
         if self.unknown(si) {
             // No snapshot seen yet: look now rather than at the next tick, and if
             // none is published yet (Envoy just started), hold the request until
-            // the first one arrives or `initial_fetch_timeout` passes.
+            // the first one arrives or `initial_fetch_timeout` passes — unless this
+            // Envoy cannot hand a held request over (see `release_held`).
             self.refresh(si, now);
+            if self.unknown(si) && self.requests.timer_filter_state_refused {
+                self.stats.inc(&self.host, &svc.name, Stat::RqNoInstance);
+                self.host.local_reply(
+                    503,
+                    "registry_lb_no_instance",
+                    &format!(
+                        "registry-lb: no available instance for service `{}`\n",
+                        svc.name
+                    ),
+                );
+                return (Action::Pause, None);
+            }
             if self.unknown(si) {
                 self.requests.held.push(Held {
                     context,
@@ -364,8 +383,16 @@ impl<H: Envoy> Plugin<H> {
         };
         if let Err(e) = self.hand_off(si, slot, &fallbacks) {
             self.stats.inc(&self.host, name, Stat::HandoffFailed);
-            let host = self.host_of(si, slot).unwrap_or_else(|| "?".into());
-            log::error!("registry-lb: service {name}: cannot hand {host} to Envoy: {e}");
+            let from_timer = self.requests.releasing && cfg.handoff == Handoff::FilterState;
+            if from_timer && matches!(e, HostError::NotFound | HostError::BadArgument) {
+                if !self.requests.timer_filter_state_refused {
+                    self.requests.timer_filter_state_refused = true;
+                    log::error!("registry-lb: this Envoy does not set filter state on a request from a timer ({e}; Envoy before 1.37 runs foreign functions on the root context): requests that arrived before the first registry answer are answered 503, and until a service has its first snapshot its requests are answered 503 at once instead of held. Envoy 1.37 or later, or the `header` / `override_host` hand-off, holds and routes them");
+                }
+            } else {
+                let host = self.host_of(si, slot).unwrap_or_else(|| "?".into());
+                log::error!("registry-lb: service {name}: cannot hand {host} to Envoy: {e}");
+            }
             return Err(Reply(
                 "registry_lb_handoff_failed",
                 format!("registry-lb: cannot route to service `{name}`\n"),
@@ -500,7 +527,10 @@ impl<H: Envoy> Plugin<H> {
             if self.host.set_effective_context(h.context).is_err() {
                 continue; // the request is gone
             }
-            match self.route(h.service, now, &h.key) {
+            self.requests.releasing = true;
+            let routed = self.route(h.service, now, &h.key);
+            self.requests.releasing = false;
+            match routed {
                 Ok(routed) => {
                     self.requests.released.insert(h.context, routed);
                     self.host.continue_request();

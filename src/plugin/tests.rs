@@ -513,3 +513,33 @@ fn a_registry_answer_over_max_response_bytes_is_counted_as_too_large() {
     assert_eq!(p.host.stat("web.refresh_failed"), 1);
     assert_eq!(p.host.stat("web.refresh_failed_unreachable"), 0);
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn an_envoy_that_refuses_filter_state_from_a_timer_stops_holding_requests() {
+    // Envoy before 1.37: set_envoy_filter_state from a root callback acts on the
+    // root, which has no filter state (NotFound), while the request path works.
+    let mut p = plugin("");
+    request(&mut p, 1, &[]);
+    request(&mut p, 2, &[]);
+    p.host.filter_state_error.set(Some(HostError::NotFound));
+    publish(&mut p);
+    for id in [1, 2] {
+        let (status, details, _) = p.host.request(id).reply.unwrap_or_default();
+        assert_eq!(
+            (status, details.as_str()),
+            (503, "registry_lb_handoff_failed")
+        );
+        assert_eq!(
+            p.host.request(id).continued,
+            0,
+            "not sent on without a host"
+        );
+    }
+    assert_eq!(p.host.stat("web.handoff_failed"), 2);
+    assert!(p.requests.timer_filter_state_refused);
+    // The request path itself still hands over.
+    p.host.filter_state_error.set(None);
+    let (a, routed) = request(&mut p, 3, &[]);
+    assert_eq!(a, Action::Continue);
+    assert!(routed.is_some());
+}
