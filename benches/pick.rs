@@ -60,6 +60,18 @@ fn snapshot(n: usize) -> Snapshot {
     }
 }
 
+/// A request with no hash key, subset or load, as a peak_ewma pick sees it.
+fn unkeyed(rng: &mut SplitMix64, now_ms: u64) -> Request<'_, SplitMix64, fn(u32) -> i64> {
+    Request {
+        rng,
+        now_ms,
+        hash: None,
+        subset: None,
+        active: |_| 0,
+        total_active: 0,
+    }
+}
+
 fn pick(c: &mut Criterion) {
     let mut g = c.benchmark_group("pick");
     for n in SIZES {
@@ -109,28 +121,14 @@ fn pick(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("peak_ewma", n), &n, |b, _| {
             b.iter(|| {
                 now += 1;
-                let mut req = Request {
-                    rng: &mut rng,
-                    now_ms: now,
-                    hash: None,
-                    subset: None,
-                    active: |_| 0,
-                    total_active: 0,
-                };
+                let mut req = unkeyed(&mut rng, now);
                 black_box(table.pick(&mut req).map(|e| e.slot))
             })
         });
         g.bench_with_input(BenchmarkId::new("peak_ewma+start/end", n), &n, |b, _| {
             b.iter(|| {
                 now += 1;
-                let mut req = Request {
-                    rng: &mut rng,
-                    now_ms: now,
-                    hash: None,
-                    subset: None,
-                    active: |_| 0,
-                    total_active: 0,
-                };
+                let mut req = unkeyed(&mut rng, now);
                 let slot = table.pick(&mut req).map(|e| e.slot);
                 if let Some(slot) = slot {
                     table.peak_start(slot);

@@ -26,10 +26,7 @@ fn start(consul: &FakeConsul, replace: &[(&str, &str)], concurrency: u32) -> Env
 #[test]
 fn discovers_converges_fast_and_forgets_removed_instances() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
     consul.set_service("web", b[..3].iter().map(inst).collect());
     let envoy = start(&consul, &[], 2);
     lb::wait_version(&envoy, "web", 1);
@@ -106,10 +103,7 @@ fn discovers_converges_fast_and_forgets_removed_instances() {
 fn health_weights_tags_and_tokens_are_honoured() {
     let consul = FakeConsul::start();
     consul.set_token(Some("s3cret"));
-    let b: Vec<Backend> = ["a", "b", "c", "d", "e"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d", "e"]);
     consul.set_service(
         "web",
         vec![
@@ -305,7 +299,7 @@ fn requests_at_start_wait_for_the_first_snapshot_not_fail() {
 fn acl_auth_method_login_is_renewed_when_the_token_expires() {
     let consul = FakeConsul::start();
     consul.set_auth_method("kubernetes", "sa-jwt", Duration::from_secs(2));
-    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b"]);
     consul.set_service("web", vec![inst(&b[0])]);
     let envoy = start(
         &consul,
@@ -423,10 +417,7 @@ fn twenty_requests_held_at_start_on_two_workers_are_all_routed() {
 #[test]
 fn held_requests_keep_their_hash_key() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
     consul.set_service("web", b.iter().map(inst).collect());
     consul.set_delay(Duration::from_millis(1500));
     let envoy = start(

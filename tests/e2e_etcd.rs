@@ -23,7 +23,7 @@ fn start(etcd: &Etcd, replace: &[(&str, &str)]) -> Envoy {
 #[test]
 fn discovers_follows_changes_and_skips_unchanged_revisions() {
     let etcd = Etcd::start();
-    let b: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c"]);
     etcd.put("/services/web/a", &value(&b[0], 3));
     etcd.put("/services/web/b", &value(&b[1], 1));
     etcd.put("/services/other/x", &value(&b[2], 1)); // another prefix: ignored
@@ -92,7 +92,7 @@ fn authenticates_and_renews_an_expired_token() {
     // Tokens expire after 2 s idle; registry-lb polls every 3 s, so every poll finds
     // its token expired (401) and must log in again without failing the refresh.
     let etcd = Etcd::start_with_args(None, &["--auth-token-ttl", "2"]);
-    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b"]);
     etcd.enable_auth("registry-lb", "pw");
     etcd.put("/services/web/a", &value(&b[0], 1));
     let creds = r#"{ "cluster": "etcd", "prefix": "/services/web/", "username": "registry-lb", "password": "pw" }"#;

@@ -106,10 +106,7 @@ fn start_consul_envoy(consul: &FakeConsul, extra: &[(&str, &str)], concurrency: 
 #[test]
 fn killed_backend_is_ejected_after_a_few_failures_original_dst() {
     let consul = FakeConsul::start();
-    let mut b: Vec<Backend> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let mut b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
     consul.set_service("web", b.iter().map(inst).collect());
     // Ejected for 10 s: the whole test runs inside the first ejection (a half-open
     // trial after it would cost one more request per ejection period).
@@ -167,10 +164,7 @@ fn killed_backend_is_ejected_after_a_few_failures_original_dst() {
 #[test]
 fn killed_backend_with_override_host_and_retries_costs_at_most_three_failures() {
     let consul = FakeConsul::start();
-    let mut b: Vec<Backend> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let mut b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
     consul.set_service("web", b.iter().map(inst).collect());
     let envoy = start_override_host_envoy(&consul, &b.iter().collect::<Vec<_>>());
     let (samples, killed_at) = kill_under_load(&envoy, &mut b[3]);
@@ -268,7 +262,7 @@ fn start_override_host_envoy_on(
 #[test]
 fn override_host_first_entries_follow_round_robin() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b"]);
     consul.set_service("web", b.iter().map(inst).collect());
     // One worker: one round-robin cursor.
     let envoy = start_override_host_envoy_on(&consul, &[&b[0], &b[1]], 1);
@@ -283,7 +277,7 @@ fn override_host_first_entries_follow_round_robin() {
 #[test]
 fn spoofed_override_host_header_never_reaches_a_live_host_outside_the_registry() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b"]);
     let outsider = Backend::start("outsider");
     consul.set_service("web", b.iter().map(inst).collect());
     let envoy = start_override_host_envoy(&consul, &[&b[0], &b[1], &outsider]);
@@ -319,7 +313,7 @@ fn registry_down_for_a_minute_costs_no_request() {
     );
     let mut consul = FakeConsul::start();
     let port = consul.port;
-    let b: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c"]);
     consul.set_service("web", b.iter().map(inst).collect());
     let envoy = start_consul_envoy(&consul, &[("\"wait\": \"30s\"", "\"wait\": \"5s\"")], 2);
     let load = Load::start(&envoy, 1, outage + Duration::from_secs(20));
@@ -471,10 +465,7 @@ fn failed_refreshes_are_retried_with_exponential_backoff() {
 #[test]
 fn registry_answering_empty_or_a_quarter_for_one_refresh_costs_no_request() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
     consul.set_service("web", b.iter().map(inst).collect());
     let envoy = start_consul_envoy(
         &consul,
@@ -517,10 +508,7 @@ fn registry_answering_empty_or_a_quarter_for_one_refresh_costs_no_request() {
 #[test]
 fn all_backends_failing_engages_panic_mode_then_recovers() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
     consul.set_service("web", b.iter().map(inst).collect());
     let envoy = start_consul_envoy(
         &consul,
@@ -581,10 +569,7 @@ fn all_backends_failing_engages_panic_mode_then_recovers() {
 #[test]
 fn a_backend_that_comes_back_gets_traffic_within_one_ejection_period() {
     let consul = FakeConsul::start();
-    let mut b: Vec<Backend> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let mut b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
     consul.set_service("web", b.iter().map(inst).collect());
     let envoy = start_consul_envoy(&consul, &[], 2);
     let load = Load::start(&envoy, 2, Duration::from_secs(12));
@@ -620,7 +605,7 @@ fn a_backend_that_comes_back_gets_traffic_within_one_ejection_period() {
 #[test]
 fn active_health_checks_take_a_failing_instance_out_and_back() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c"]);
     consul.set_service("web", b.iter().map(inst).collect());
     let hc = "\"health_check\": { \"path\": \"/healthz\", \"interval\": \"300ms\", \"timeout\": \"200ms\", \"unhealthy_threshold\": 2, \"healthy_threshold\": 2 },";
     let cluster = "  clusters:\n  # Health checks only: no route targets it, so clients cannot reach it.\n  - name: registry_lb_health\n    type: ORIGINAL_DST\n    lb_policy: CLUSTER_PROVIDED\n    connect_timeout: 0.5s\n    original_dst_lb_config: { use_http_header: true }\n";
@@ -676,7 +661,7 @@ fn active_health_checks_take_a_failing_instance_out_and_back() {
 #[test]
 fn max_stale_answers_503_once_the_registry_stops_confirming_then_serves_again() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b"]);
     consul.set_service("web", b.iter().map(inst).collect());
     // Blocking queries of 1 s: a query in flight counts as confirmation, so the
     // age starts rising at most ~1 s after the errors begin. Retries every 0.5-1 s.
@@ -770,10 +755,7 @@ fn consul_answer_bytes(consul: &FakeConsul) -> usize {
 #[test]
 fn registry_answer_over_max_response_bytes_is_refused_and_the_last_good_list_serves() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "d", "e", "f", "g", "h"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d", "e", "f", "g", "h"]);
     consul.set_service("web", b[..1].iter().map(inst).collect());
     let small = consul_answer_bytes(&consul);
     consul.set_service("web", b.iter().map(inst).collect());

@@ -79,10 +79,7 @@ fn mapping(envoy: &Envoy, users: usize, per_worker: usize) -> HashMap<String, St
 fn hashed_keys_stick_across_workers_and_restarts() {
     for policy in ["ring_hash", "maglev"] {
         let consul = FakeConsul::start();
-        let b: Vec<Backend> = ["a", "b", "c", "d"]
-            .iter()
-            .map(|n| Backend::start(n))
-            .collect();
+        let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
         consul.set_service("web", b.iter().map(inst).collect());
         let cfg = format!("\"policy\": \"{policy}\", \"hash_on\": {{ \"header\": \"x-user\" }},");
         let envoy = start(&consul, &cfg, 2);
@@ -111,7 +108,7 @@ fn hashed_keys_stick_across_workers_and_restarts() {
 #[test]
 fn peak_ewma_steers_away_from_a_slow_instance() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c"]);
     b[0].set_delay(Duration::from_millis(100));
     consul.set_service("web", b.iter().map(inst).collect());
     let envoy = Arc::new(start(&consul, "\"policy\": \"peak_ewma\",", 1));
@@ -141,13 +138,10 @@ fn peak_ewma_steers_away_from_a_slow_instance() {
     assert!(a * 20 <= 300, "{c:?}");
 }
 
-#[test]
-fn subsets_by_header_and_by_config() {
+/// A registry with v1-a and v1-b (metadata `version=v1`) and v2-a (`version=v2`).
+fn versioned_fleet() -> (FakeConsul, Vec<Backend>) {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["v1-a", "v1-b", "v2-a"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b = Backend::start_all(&["v1-a", "v1-b", "v2-a"]);
     consul.set_service(
         "web",
         vec![
@@ -156,6 +150,12 @@ fn subsets_by_header_and_by_config() {
             inst(&b[2]).meta("version", "v2"),
         ],
     );
+    (consul, b)
+}
+
+#[test]
+fn subsets_by_header_and_by_config() {
+    let (consul, _backends) = versioned_fleet();
     let envoy = start(
         &consul,
         "\"policy\": \"round_robin\", \"subset\": { \"selector\": \"version=v1\", \"header\": \"x-subset\", \"fallback\": \"any_endpoint\" },",
@@ -207,19 +207,7 @@ fn tally_with(envoy: &Envoy, headers: &[(&str, &str)], n: usize) -> HashMap<Stri
 
 #[test]
 fn subset_fallbacks_default_subset_and_no_fallback() {
-    let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["v1-a", "v1-b", "v2-a"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
-    consul.set_service(
-        "web",
-        vec![
-            inst(&b[0]).meta("version", "v1"),
-            inst(&b[1]).meta("version", "v1"),
-            inst(&b[2]).meta("version", "v2"),
-        ],
-    );
+    let (consul, b) = versioned_fleet();
     let sub = "\"policy\": \"round_robin\", \"subset\": { \"selector\": \"version=v1\", \"header\": \"x-subset\", ";
     // default_subset: a request whose subset is empty goes to the default subset (v2).
     let envoy = start(
@@ -264,10 +252,7 @@ fn subset_fallbacks_default_subset_and_no_fallback() {
 #[test]
 fn slow_start_ramps_a_new_instance() {
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "new"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "new"]);
     consul.set_service("web", b[..3].iter().map(inst).collect());
     let envoy = start(
         &consul,
@@ -307,10 +292,7 @@ fn slow_start_follows_the_registration_time() {
         .unwrap()
         .as_secs();
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "fresh", "old"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "fresh", "old"]);
     // `fresh` registered just now (milliseconds), in the very first list the proxy sees.
     let first = vec![
         inst(&b[0]),
@@ -343,11 +325,8 @@ fn slow_start_follows_the_registration_time() {
 #[test]
 fn zone_priorities_fail_over_when_the_first_group_is_degraded() {
     let consul = FakeConsul::start();
-    let a: Vec<Backend> = ["a1", "a2", "a3", "a4"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
-    let b: Vec<Backend> = ["b1", "b2"].iter().map(|n| Backend::start(n)).collect();
+    let a: Vec<Backend> = Backend::start_all(&["a1", "a2", "a3", "a4"]);
+    let b: Vec<Backend> = Backend::start_all(&["b1", "b2"]);
     // Zone a (local, first group): 1 of 4 passing. Zone b (second group): both passing.
     let mut list: Vec<ConsulInstance> = a
         .iter()

@@ -69,7 +69,7 @@ fn nacos_discovers_follows_changes_and_renews_expiring_tokens() {
     let nacos = FakeNacos::start();
     // Tokens live 3 s; registry-lb polls every second and must renew them in time.
     nacos.set_auth("registry-lb", "p&ss w=rd%", Duration::from_secs(3));
-    let b: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c"]);
     nacos.set_service(
         "web",
         vec![nacos_inst(&b[0]).weight(3.0), nacos_inst(&b[1])],
@@ -176,10 +176,7 @@ fn nacos_discovers_follows_changes_and_renews_expiring_tokens() {
 fn nacos_v2_health_weights_protection_threshold_and_relogin_on_403() {
     let nacos = FakeNacos::start();
     nacos.set_auth("nacos", "nacos", Duration::from_secs(18_000));
-    let b: Vec<Backend> = ["a", "b", "c", "d", "e"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d", "e"]);
     nacos.set_service(
         "web",
         vec![
@@ -330,10 +327,7 @@ fn eureka_basic_auth_old_shapes_statuses_and_unknown_app() {
     let eureka = FakeEureka::start();
     eureka.set_basic_auth("registry-lb", "s3:cret");
     eureka.set_shape(Shape::Old);
-    let b: Vec<Backend> = ["a", "b", "c", "d", "e"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d", "e"]);
     let inst = |x: &Backend| EurekaInstance::new(&format!("web-{}", x.name), "127.0.0.1", x.port);
     let apps = |c_status: &str| {
         vec![
@@ -443,7 +437,7 @@ fn kubernetes_terminating_endpoint_gets_no_traffic() {
     let k8s = FakeKubernetes::start();
     k8s.allow_token("sa-token");
     k8s.forbid_token("viewer-token");
-    let b: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::start(n)).collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c"]);
     // On loopback every backend has its own port, so each gets its own slice (a slice
     // has one port list for all its endpoints); slice 4 repeats a, as slices can while
     // the controller rebalances them.
@@ -579,10 +573,7 @@ fn kubernetes_terminating_endpoint_gets_no_traffic() {
 fn a_service_moves_from_nacos_to_consul_without_a_failed_request() {
     let nacos = FakeNacos::start();
     let consul = FakeConsul::start();
-    let b: Vec<Backend> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
     nacos.set_service("web", vec![nacos_inst(&b[0]), nacos_inst(&b[1])]);
     consul.set_service("web", vec![]);
     // Two sources, Nacos first; the Consul agent's cluster added next to Nacos'.

@@ -185,10 +185,7 @@ fn get_on(agent: &ureq::Agent, envoy: &Envoy, headers: &[(&str, &str)]) -> (u16,
 /// counts the other worker would see it idle and give it its full share.
 #[test]
 fn least_request_counts_in_flight_requests_of_both_workers() {
-    let b: Vec<Backend> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
     let envoy = start_least_request(&b, 2);
     let slow = [("x-subset", "role=slow")];
     // Keep-alive connections sorted by the worker that accepted them: `held` on the

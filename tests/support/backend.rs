@@ -29,6 +29,11 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// One backend per name, each on a free port.
+    pub fn start_all(names: &[&str]) -> Vec<Backend> {
+        names.iter().map(|n| Backend::start(n)).collect()
+    }
+
     /// On a free port.
     pub fn start(name: &str) -> Backend {
         Self::start_on(name, 0)
