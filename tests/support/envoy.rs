@@ -427,6 +427,22 @@ impl Envoy {
         }
     }
 
+    /// Waits (≤ `timeout`) for Envoy to exit on its own (after `/quitquitquit`, say);
+    /// `None` if it did not (it is then killed).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        kill_and_wait(child);
+        remove_shm(self.base_id);
+        None
+    }
+
     /// Send SIGTERM and wait (≤ `timeout`) for exit. Returns the exit status, or None if it
     /// did not exit in time (it is then killed). Useful to check for crashes on shutdown.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {

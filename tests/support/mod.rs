@@ -13,6 +13,7 @@ pub mod http;
 pub mod kubernetes;
 pub mod lb;
 pub mod nacos;
+pub mod prometheus;
 
 pub use backend::Backend;
 pub use consul::{ConsulInstance, FakeConsul};
@@ -68,6 +69,32 @@ pub fn envoy_bin() -> PathBuf {
         "Envoy binary not found: set ENVOY_BIN or run `./dev test` (it installs Envoy into {})",
         p.display()
     );
+}
+
+/// Version of the Envoy binary the tests run, `(major, minor, patch)`, read once
+/// from `envoy --version` (`…/1.40.0/Clean/RELEASE/BoringSSL`).
+pub fn envoy_version() -> (u32, u32, u32) {
+    static V: std::sync::OnceLock<(u32, u32, u32)> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        let out = std::process::Command::new(envoy_bin())
+            .arg("--version")
+            .output()
+            .expect("envoy --version");
+        let text = String::from_utf8_lossy(&out.stdout);
+        parse_envoy_version(&text)
+            .unwrap_or_else(|| panic!("no version in `envoy --version`: {text}"))
+    })
+}
+
+/// `(major, minor, patch)` from `envoy --version` output.
+pub fn parse_envoy_version(text: &str) -> Option<(u32, u32, u32)> {
+    text.split(['/', ' ', '\n']).find_map(|w| {
+        let mut it = w.split('.').map(|n| n.parse::<u32>().ok());
+        match (it.next(), it.next(), it.next(), it.next()) {
+            (Some(Some(a)), Some(Some(b)), Some(Some(c)), None) => Some((a, b, c)),
+            _ => None,
+        }
+    })
 }
 
 /// Envoy version `./dev` installs when `ENVOY_VERSION` is unset or empty.
