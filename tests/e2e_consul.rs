@@ -334,106 +334,34 @@ fn acl_auth_method_login_is_renewed_when_the_token_expires() {
     assert_eq!(envoy.stat(&lb::stat("web.refresh_failed")).unwrap_or(0), 0);
 }
 
-/// Sends one GET per thread at once, each on its own connection (so both workers
-/// get some), and returns (status, body) per request in order.
-fn concurrent_gets(envoy: &Envoy, headers: &[Vec<(String, String)>]) -> Vec<(u16, String)> {
-    let port = envoy.listener_port;
-    let handles: Vec<_> = headers
-        .iter()
-        .cloned()
-        .map(|h| {
-            std::thread::spawn(move || {
-                let agent = ureq::AgentBuilder::new()
-                    .timeout(Duration::from_secs(10))
-                    .max_idle_connections(0)
-                    .build();
-                let mut r = agent.get(&format!("http://127.0.0.1:{port}/"));
-                for (k, v) in &h {
-                    r = r.set(k, v);
-                }
-                match r.call() {
-                    Ok(resp) => (resp.status(), resp.into_string().unwrap_or_default()),
-                    Err(ureq::Error::Status(code, resp)) => {
-                        (code, resp.into_string().unwrap_or_default())
-                    }
-                    Err(e) => (0, e.to_string()),
-                }
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
-
-/// Connections accepted per worker of the listener (`listener.<addr>.worker_<n>.downstream_cx_total`).
-fn connections_per_worker(envoy: &Envoy) -> Vec<i64> {
-    let mut v: Vec<(String, i64)> = envoy
-        .stats()
-        .into_iter()
-        .filter(|(k, _)| {
-            k.starts_with("listener.127.0.0.1_")
-                && k.contains(".worker_")
-                && k.ends_with(".downstream_cx_total")
-        })
-        .collect();
-    v.sort();
-    v.into_iter().map(|(_, n)| n).collect()
-}
-
-#[test]
-fn twenty_requests_held_at_start_on_two_workers_are_all_routed() {
-    let consul = FakeConsul::start();
-    let a = Backend::start("a");
-    consul.set_service("web", vec![inst(&a)]);
-    // The registry's first answer takes 2 s: every request below arrives before it.
-    consul.set_delay(Duration::from_secs(2));
-    let envoy = start(&consul, &[], 2);
-    let t = Instant::now();
-    let out = concurrent_gets(&envoy, &vec![Vec::new(); 20]);
-    let took = t.elapsed();
-    let failed: Vec<_> = out
-        .iter()
-        .filter(|(s, b)| (*s, b.as_str()) != (200, "a"))
-        .collect();
-    println!(
-        "20 concurrent requests at start, first answer after 2 s: {} failed in {} ms; connections per worker {:?}",
-        failed.len(),
-        took.as_millis(),
-        connections_per_worker(&envoy)
-    );
-    assert!(failed.is_empty(), "held requests failed: {failed:?}");
-    let per_worker = connections_per_worker(&envoy);
-    assert_eq!(per_worker.len(), 2, "{per_worker:?}");
-    assert!(
-        per_worker.iter().all(|n| *n >= 1),
-        "both workers held requests: {per_worker:?}"
-    );
-    assert_eq!(
-        envoy.stat(&lb::stat("web.rq_waited_for_first_snapshot")),
-        Some(20),
-        "every request was held"
-    );
-}
-
 #[test]
 fn held_requests_keep_their_hash_key() {
     let consul = FakeConsul::start();
     let b: Vec<Backend> = Backend::start_all(&["a", "b", "c", "d"]);
     consul.set_service("web", b.iter().map(inst).collect());
     consul.set_delay(Duration::from_millis(1500));
-    let envoy = start(
-        &consul,
-        &[(
-            "\"policy\": \"round_robin\",",
-            "\"policy\": \"ring_hash\", \"hash_on\": { \"header\": \"x-user\" },",
-        )],
-        2,
-    );
+    let mut replace = vec![(
+        "\"policy\": \"round_robin\",",
+        "\"policy\": \"ring_hash\", \"hash_on\": { \"header\": \"x-user\" },",
+    )];
+    if support::envoy_version() < (1, 37, 0) {
+        // Before 1.37 Envoy sets no filter state from a timer (e2e_versions checks
+        // that case): held requests are handed over by header there.
+        replace.extend([
+            ("\"services\": [", "\"handoff\": \"header\", \"services\": ["),
+            (
+                "    lb_policy: CLUSTER_PROVIDED\n",
+                "    lb_policy: CLUSTER_PROVIDED\n    original_dst_lb_config: { use_http_header: true }\n",
+            ),
+        ]);
+    }
+    let envoy = start(&consul, &replace, 2);
     // 16 users, held at start; one request without the key.
     let mut headers: Vec<Vec<(String, String)>> = (0..16)
         .map(|u| vec![("x-user".to_string(), format!("user-{u}"))])
         .collect();
     headers.push(Vec::new());
-    let held = concurrent_gets(&envoy, &headers);
+    let held = lb::concurrent_gets(&envoy, &headers);
     assert!(held.iter().all(|(s, _)| *s == 200), "{held:?}");
     assert_eq!(
         envoy.stat(&lb::stat("web.rq_waited_for_first_snapshot")),
@@ -443,7 +371,7 @@ fn held_requests_keep_their_hash_key() {
     // while held (a held request routed without its key would land at random:
     // 16 users on 4 hosts all matching by chance is (1/4)^16).
     consul.set_delay(Duration::ZERO);
-    let again = concurrent_gets(&envoy, &headers[..16]);
+    let again = lb::concurrent_gets(&envoy, &headers[..16]);
     let moved: Vec<_> = (0..16)
         .filter(|&u| held[u].1 != again[u].1)
         .map(|u| (u, &held[u].1, &again[u].1))

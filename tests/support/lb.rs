@@ -147,3 +147,46 @@ pub fn get_on_new_connection(envoy: &Envoy, headers: &[(&str, &str)]) -> (u16, S
     );
     (status, body, new_connection_worker(envoy, &before))
 }
+
+/// One GET per entry at once, each on its own connection (so every worker gets
+/// some), with that entry's headers; (status, body) in order.
+pub fn concurrent_gets(envoy: &Envoy, headers: &[Vec<(String, String)>]) -> Vec<(u16, String)> {
+    let port = envoy.listener_port;
+    let handles: Vec<_> = headers
+        .iter()
+        .cloned()
+        .map(|h| {
+            std::thread::spawn(move || {
+                let agent = super::agent(Duration::from_secs(10));
+                let mut hs: Vec<(&str, &str)> =
+                    h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                hs.push(("connection", "close"));
+                let (s, b, _) = super::http_request(
+                    &agent,
+                    "GET",
+                    &format!("http://127.0.0.1:{port}/"),
+                    &hs,
+                    None,
+                );
+                (s, b)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Connections accepted per worker of the listener
+/// (`listener.<addr>.worker_<n>.downstream_cx_total`), by worker.
+pub fn connections_per_worker(envoy: &Envoy) -> Vec<i64> {
+    let mut v: Vec<(String, i64)> = envoy
+        .stats()
+        .into_iter()
+        .filter(|(k, _)| {
+            k.starts_with("listener.127.0.0.1_")
+                && k.contains(".worker_")
+                && k.ends_with(".downstream_cx_total")
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, n)| n).collect()
+}
