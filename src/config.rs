@@ -7,7 +7,7 @@ use crate::hash_key::HashOn;
 use crate::subset::{parse_selector, Fallback, Pairs};
 use crate::validate::printable;
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 // Each registry owns its section of the configuration; these paths stay valid.
 pub use crate::registry::consul::ConsulConfig;
@@ -21,7 +21,9 @@ pub use crate::validate::ConfigError;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
-    /// The services this filter balances; a route selects one by name through its metadata.
+    /// The services this filter balances; a request belongs to one through its route's
+    /// metadata, its route's target cluster (`upstream_clusters`) or its authority
+    /// (`hosts`), in that order.
     pub services: Vec<ServiceConfig>,
     /// How the chosen instance is handed to Envoy.
     #[serde(default)]
@@ -86,6 +88,16 @@ impl Policy {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
+    /// Requests whose route targets one of these clusters (Envoy's
+    /// `xds.cluster_name`, e.g. Istio's `outbound|80||web.default.svc.cluster.local`)
+    /// belong to this service, unless route metadata names a service.
+    #[serde(default)]
+    pub upstream_clusters: Vec<String>,
+    /// Requests whose `:authority` is one of these hosts (port ignored, any case)
+    /// belong to this service, unless route metadata or `upstream_clusters` claim
+    /// them first.
+    #[serde(default)]
+    pub hosts: Vec<String>,
     #[serde(default)]
     pub policy: Policy,
     /// `ring_hash` / `maglev`: what the hash key is taken from.
@@ -577,6 +589,9 @@ impl PluginConfig {
             );
         }
         let mut seen = HashSet::new();
+        // Cluster (as written) and host (lowercase) → the service that claims it.
+        let mut clusters: HashMap<&str, &str> = HashMap::new();
+        let mut hosts: HashMap<String, &str> = HashMap::new();
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("services[{i}]");
             if !valid_name(&s.name) || s.name.contains('.') {
@@ -593,6 +608,24 @@ impl PluginConfig {
             }
             if s.sources.is_empty() {
                 return err(format!("{at}.sources"), "at least one source is required");
+            }
+            for (k, c) in s.upstream_clusters.iter().enumerate() {
+                let at = format!("{at}.upstream_clusters[{k}]");
+                if c.is_empty() || !printable(c) {
+                    return err(at, "a cluster name is non-empty and printable");
+                }
+                if let Some(other) = clusters.insert(c, &s.name) {
+                    return err(at, &claimed_twice("cluster", c, other, &s.name));
+                }
+            }
+            for (k, h) in s.hosts.iter().enumerate() {
+                let at = format!("{at}.hosts[{k}]");
+                if let Err(msg) = check_host(h) {
+                    return err(at, msg);
+                }
+                if let Some(other) = hosts.insert(h.to_ascii_lowercase(), &s.name) {
+                    return err(at, &claimed_twice("host", h, other, &s.name));
+                }
             }
             if s.panic_threshold > 100 {
                 return err(format!("{at}.panic_threshold"), "is a percentage (0-100)");
@@ -804,6 +837,51 @@ impl PluginConfig {
             .iter()
             .enumerate()
             .find(|(_, s)| s.name == name)
+    }
+}
+
+/// The error for a cluster or host that two services (or one, twice) claim.
+fn claimed_twice(what: &str, value: &str, first: &str, second: &str) -> String {
+    if first == second {
+        format!("{what} `{value}` is listed twice in service `{first}`")
+    } else {
+        format!("{what} `{value}` is claimed by services `{first}` and `{second}`")
+    }
+}
+
+/// A `hosts` entry: a host name or IP as a request's authority carries it, without
+/// its port (the port of a request's authority is not compared).
+fn check_host(h: &str) -> Result<(), &'static str> {
+    if h.is_empty() || !printable(h) || h.chars().any(char::is_whitespace) {
+        return Err("a host is non-empty and printable, without spaces");
+    }
+    if h.contains('*') {
+        return Err("wildcards are not supported: list each host");
+    }
+    if h.contains('/') || h.contains('@') {
+        return Err("a host is a name or an IP, not a URL");
+    }
+    if authority_host(h.as_bytes()).len() != h.len() {
+        return Err("write the host without a port: the port of a request's authority is ignored");
+    }
+    Ok(())
+}
+
+/// The host part of an authority (`name`, `name:port`, `[v6]`, `[v6]:port`):
+/// a trailing `:digits` is dropped. Anything else is returned whole.
+pub fn authority_host(authority: &[u8]) -> &[u8] {
+    let Some(colon) = authority.iter().rposition(|&b| b == b':') else {
+        return authority;
+    };
+    let (host, port) = (&authority[..colon], &authority[colon + 1..]);
+    if !port.iter().all(u8::is_ascii_digit) {
+        return authority;
+    }
+    let bracketed = host.first() == Some(&b'[') && host.last() == Some(&b']');
+    if bracketed || !host.contains(&b':') {
+        host
+    } else {
+        authority // an IPv6 address without brackets: no port to drop
     }
 }
 
@@ -1045,6 +1123,125 @@ mod tests {
         ] {
             let e = web(extra).unwrap_err();
             assert!(e.0.starts_with(want), "{extra}: {}", e.0);
+        }
+    }
+    #[wasm_bindgen_test(unsupported = test)]
+    fn upstream_clusters_and_hosts_parse_and_are_checked() {
+        let c = web(r#""upstream_clusters":["outbound|80||web.default.svc.cluster.local"],"hosts":["Legacy.service.consul","web","[fd00::1]"],"#).unwrap();
+        assert_eq!(
+            c.services[0].upstream_clusters,
+            ["outbound|80||web.default.svc.cluster.local"]
+        );
+        assert_eq!(c.services[0].hosts.len(), 3);
+        let c = web("").unwrap();
+        assert!(c.services[0].upstream_clusters.is_empty() && c.services[0].hosts.is_empty());
+        for (extra, want) in [
+            (
+                r#""upstream_clusters":[""],"#,
+                "services[0].upstream_clusters[0]: a cluster name is non-empty and printable",
+            ),
+            (
+                r#""upstream_clusters":["a","b\n"],"#,
+                "services[0].upstream_clusters[1]: a cluster name is non-empty and printable",
+            ),
+            (
+                r#""upstream_clusters":["a","a"],"#,
+                "services[0].upstream_clusters[1]: cluster `a` is listed twice in service `web`",
+            ),
+            (
+                r#""hosts":[""],"#,
+                "services[0].hosts[0]: a host is non-empty and printable, without spaces",
+            ),
+            (
+                r#""hosts":["a b"],"#,
+                "services[0].hosts[0]: a host is non-empty and printable, without spaces",
+            ),
+            (
+                r#""hosts":["legacy.service.consul:8080"],"#,
+                "services[0].hosts[0]: write the host without a port",
+            ),
+            (
+                r#""hosts":["[fd00::1]:80"],"#,
+                "services[0].hosts[0]: write the host without a port",
+            ),
+            (
+                r#""hosts":["*.example.com"],"#,
+                "services[0].hosts[0]: wildcards are not supported",
+            ),
+            (
+                r#""hosts":["http://web/"],"#,
+                "services[0].hosts[0]: a host is a name or an IP, not a URL",
+            ),
+            (
+                r#""hosts":["web","WEB"],"#,
+                "services[0].hosts[1]: host `WEB` is listed twice in service `web`",
+            ),
+            (
+                r#""hosts":"web","#,
+                "services[0].hosts: invalid type: string",
+            ),
+        ] {
+            let e = web(extra).unwrap_err();
+            assert!(e.0.starts_with(want), "{extra}: {}", e.0);
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_cluster_or_host_claimed_by_two_services_names_both() {
+        let two = |a: &str, b: &str| {
+            let svc = |name: &str, extra: &str| {
+                format!(
+                    r#"{{"name":"{name}",{extra}"sources":[{{"static":{{"instances":[{{"address":"10.0.0.1","port":80}}]}}}}]}}"#
+                )
+            };
+            parse(&format!(
+                r#"{{"services":[{},{}]}}"#,
+                svc("web", a),
+                svc("api", b)
+            ))
+        };
+        let e = two(
+            r#""upstream_clusters":["x","outbound|80||web"],"#,
+            r#""upstream_clusters":["outbound|80||web"],"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.0,
+            "services[1].upstream_clusters[0]: cluster `outbound|80||web` is claimed by services `web` and `api`"
+        );
+        let e = two(
+            r#""hosts":["Legacy.Consul"],"#,
+            r#""hosts":["legacy.consul"],"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.0,
+            "services[1].hosts[0]: host `legacy.consul` is claimed by services `web` and `api`"
+        );
+        // The same name as a cluster of one and a host of the other is no conflict.
+        two(r#""upstream_clusters":["web"],"#, r#""hosts":["web"],"#).unwrap();
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn an_authority_loses_its_port_only() {
+        for (authority, host) in [
+            ("web", "web"),
+            ("web:8080", "web"),
+            ("web:", "web"),
+            ("Web.Example:80", "Web.Example"),
+            ("10.0.0.1:80", "10.0.0.1"),
+            ("[fd00::1]:443", "[fd00::1]"),
+            ("[fd00::1]", "[fd00::1]"),
+            ("fd00::1", "fd00::1"),
+            ("web:http", "web:http"),
+            ("a:1:2", "a:1:2"),
+            ("", ""),
+        ] {
+            assert_eq!(
+                authority_host(authority.as_bytes()),
+                host.as_bytes(),
+                "{authority}"
+            );
         }
     }
 }

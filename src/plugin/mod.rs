@@ -94,7 +94,7 @@ impl<H: Envoy> Plugin<H> {
         Ok(Plugin {
             host,
             tables: tables::Tables::new(&cfg),
-            requests: request::Requests::default(),
+            requests: request::Requests::new(&cfg),
             leader: leader::Leader::new(lease_ttl_ms),
             cfg: Rc::new(cfg),
             keys,

@@ -4,7 +4,7 @@
 //! (in-flight counts, peak EWMA, consecutive failures, ejections, trials).
 
 use super::{Action, Plugin};
-use crate::config::{Handoff, Policy, ServiceConfig};
+use crate::config::{authority_host, Handoff, PluginConfig, Policy, ServiceConfig};
 use crate::envoy::{int_property, Envoy, HostError};
 use crate::handoff;
 use crate::hash_key::{self, HashOn, RequestParts};
@@ -38,10 +38,10 @@ pub struct RequestKey {
     pub subset: Option<Vec<(String, String)>>,
 }
 
-/// What a route's name resolved to.
+/// What a request resolved to.
 #[derive(Clone, Debug)]
 enum RouteTarget {
-    /// No registry-lb metadata: not ours.
+    /// Not ours: no registry-lb metadata, and no service claims its cluster or host.
     None,
     /// A configured service, by index.
     Service(usize),
@@ -65,6 +65,49 @@ struct Reply(&'static str, String);
 /// Bound of the route-name cache (a route table larger than this is read uncached).
 const ROUTE_CACHE_MAX: usize = 1024;
 
+/// Bound of the authority cache: clients choose authorities, so past this many
+/// (until the next clearing) they are resolved uncached.
+const AUTHORITY_CACHE_MAX: usize = 1024;
+
+/// Authorities longer than this (a DNS name is at most 253 bytes) are resolved
+/// uncached, so the cache holds at most `AUTHORITY_CACHE_MAX` × this many bytes.
+const AUTHORITY_CACHE_KEY_MAX: usize = 260;
+
+/// What claims a request that route metadata does not, from the configuration:
+/// `upstream_clusters` and `hosts` → service index.
+#[derive(Default)]
+struct Claims {
+    /// Cluster name as written.
+    clusters: fnv::FnvHashMap<Vec<u8>, usize>,
+    /// Host, lowercase, without port.
+    hosts: fnv::FnvHashMap<Vec<u8>, usize>,
+}
+
+impl Claims {
+    fn of(cfg: &PluginConfig) -> Claims {
+        let mut c = Claims::default();
+        for (i, s) in cfg.services.iter().enumerate() {
+            for name in &s.upstream_clusters {
+                c.clusters.insert(name.as_bytes().to_vec(), i);
+            }
+            for h in &s.hosts {
+                c.hosts.insert(h.to_ascii_lowercase().into_bytes(), i);
+            }
+        }
+        c
+    }
+
+    /// The service whose `hosts` hold this authority's host.
+    fn host(&self, authority: &[u8]) -> Option<usize> {
+        let host = authority_host(authority);
+        if host.iter().any(u8::is_ascii_uppercase) {
+            self.hosts.get(&host.to_ascii_lowercase()).copied()
+        } else {
+            self.hosts.get(host).copied()
+        }
+    }
+}
+
 /// Per-VM request-path state.
 #[derive(Default)]
 pub(super) struct Requests {
@@ -75,6 +118,10 @@ pub(super) struct Requests {
     /// changed by RDS under the same name is picked up.
     route_cache: fnv::FnvHashMap<Vec<u8>, RouteTarget>,
     route_cache_until: u64,
+    claims: Claims,
+    /// `:authority` as the client sent it → the service whose `hosts` hold it;
+    /// bounded, forgotten with the route cache.
+    authority_cache: fnv::FnvHashMap<Vec<u8>, Option<usize>>,
     /// Routing from a timer (held requests) now.
     releasing: bool,
     /// Envoy refused filter state set from a timer: before 1.37 foreign functions
@@ -84,11 +131,39 @@ pub(super) struct Requests {
 }
 
 impl Requests {
+    pub fn new(cfg: &PluginConfig) -> Requests {
+        Requests {
+            claims: Claims::of(cfg),
+            ..Requests::default()
+        }
+    }
+
+    /// Forgets the route and authority caches every 10 s.
     pub fn expire_route_cache(&mut self, now: u64) {
         if now >= self.route_cache_until {
             self.route_cache.clear();
+            self.authority_cache.clear();
             self.route_cache_until = now + 10_000;
         }
+    }
+
+    /// The service whose `hosts` hold `authority`, cached while the cache has room.
+    fn authority_target(&mut self, authority: Vec<u8>) -> Option<usize> {
+        if let Some(v) = self.authority_cache.get(&authority) {
+            return *v;
+        }
+        let v = self.claims.host(&authority);
+        if self.authority_cache.len() < AUTHORITY_CACHE_MAX
+            && authority.len() <= AUTHORITY_CACHE_KEY_MAX
+        {
+            self.authority_cache.insert(authority, v);
+        }
+        v
+    }
+
+    #[cfg(test)]
+    pub(super) fn cache_sizes(&self) -> (usize, usize) {
+        (self.route_cache.len(), self.authority_cache.len())
     }
 }
 
@@ -164,10 +239,36 @@ impl<H: Envoy> Plugin<H> {
         }
     }
 
-    /// What the route names, cached per route name: reading the route's name costs
-    /// the host about a quarter of reading its metadata (measured with
-    /// `bench/hostcall-probe`). Unnamed routes are read every time.
+    /// The service this request belongs to: the one its route's metadata names,
+    /// else the one whose `upstream_clusters` hold the route's cluster, else the one
+    /// whose `hosts` hold its authority. The cluster is read only when some service
+    /// has `upstream_clusters`, the authority only when some service has `hosts`.
     fn route_target(&mut self) -> RouteTarget {
+        let by_metadata = self.route_metadata_target();
+        if !matches!(by_metadata, RouteTarget::None) {
+            return by_metadata;
+        }
+        // Not cached per route: with weighted clusters one route has several.
+        if !self.requests.claims.clusters.is_empty() {
+            let cluster = self.host.property(&["xds", "cluster_name"]);
+            if let Some(&i) = cluster.and_then(|c| self.requests.claims.clusters.get(&c)) {
+                return RouteTarget::Service(i);
+            }
+        }
+        if !self.requests.claims.hosts.is_empty() {
+            if let Some(authority) = self.host.request_header(":authority") {
+                if let Some(i) = self.requests.authority_target(authority) {
+                    return RouteTarget::Service(i);
+                }
+            }
+        }
+        RouteTarget::None
+    }
+
+    /// What the route's metadata names, cached per route name: reading the route's
+    /// name costs the host about a quarter of reading its metadata (measured with
+    /// `bench/hostcall-probe`). Unnamed routes are read every time.
+    fn route_metadata_target(&mut self) -> RouteTarget {
         let name = self
             .host
             .property(&["xds", "route_name"])

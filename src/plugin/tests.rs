@@ -543,3 +543,389 @@ fn an_envoy_that_refuses_filter_state_from_a_timer_stops_holding_requests() {
     assert_eq!(a, Action::Continue);
     assert!(routed.is_some());
 }
+
+// ---- Which service a request belongs to without route metadata ----
+
+const WEB_CLUSTER: &str = "outbound|80||web.default.svc.cluster.local";
+const LEGACY: [&str; 2] = ["10.0.1.1:8080", "10.0.1.2:8080"];
+
+/// Services "web" (instances `HOSTS`) and "legacy" (instances `LEGACY`), with
+/// `web` and `legacy` spliced into their service objects.
+fn two_services(web: &str, legacy: &str) -> String {
+    let list = |hosts: &[&str]| -> String {
+        hosts
+            .iter()
+            .map(|h| {
+                let (a, p) = h.split_once(':').unwrap_or((h, "80"));
+                format!(r#"{{ "address": "{a}", "port": {p} }}"#)
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!(
+        r#"{{ "services": [
+            {{ "name": "web", {web} "sources": [ {{ "static": {{ "instances": [{}] }} }} ] }},
+            {{ "name": "legacy", {legacy} "sources": [ {{ "static": {{ "instances": [{}] }} }} ] }} ] }}"#,
+        list(&HOSTS),
+        list(&LEGACY)
+    )
+}
+
+/// "web" claims `WEB_CLUSTER`, "legacy" claims host `legacy.service.consul`.
+fn claiming() -> Plugin<FakeEnvoy> {
+    let mut p = configure(
+        FakeEnvoy::new(),
+        &two_services(
+            &format!(r#""upstream_clusters": ["{WEB_CLUSTER}"],"#),
+            r#""hosts": ["legacy.service.consul"],"#,
+        ),
+        7,
+    );
+    publish(&mut p);
+    assert_eq!(p.host.stat("legacy.snapshot_version"), 1);
+    p
+}
+
+/// Starts request `id` on route `route` (no metadata) to `cluster`, with `authority`.
+fn begin_on(p: &Plugin<FakeEnvoy>, id: u32, route: &str, cluster: &str, authority: &str) {
+    p.host.begin(id, &[(":authority", authority)]);
+    p.host
+        .set_property(id, &["xds", "route_name"], route.as_bytes());
+    p.host
+        .set_property(id, &["xds", "cluster_name"], cluster.as_bytes());
+}
+
+/// The service request `id` was routed to (by what was handed to Envoy), or None
+/// when it was not touched.
+fn routed_to(p: &mut Plugin<FakeEnvoy>, id: u32) -> Option<&'static str> {
+    let (action, routed) = p.on_request_headers(id);
+    let r = p.host.request(id);
+    let Some(routed) = routed else {
+        assert_eq!(action, Action::Continue, "request {id}");
+        assert!(r.filter_state.is_empty() && r.reply.is_none(), "{r:?}");
+        return None;
+    };
+    assert_eq!(r.filter_state.len(), 1, "{r:?}");
+    let to = r.filter_state[0].as_str();
+    let service = if HOSTS.contains(&to) {
+        "web"
+    } else if LEGACY.contains(&to) {
+        "legacy"
+    } else {
+        panic!("handed {to}")
+    };
+    assert_eq!(p.cfg.services[routed.service].name, service);
+    end(p, id, Some(routed), 200, 0);
+    Some(service)
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_service_claims_the_requests_of_its_upstream_clusters() {
+    let mut p = claiming();
+    let mut seen = std::collections::HashSet::new();
+    for id in 1..=8 {
+        begin_on(&p, id, "outbound|80||web", WEB_CLUSTER, "web:80");
+        assert_eq!(routed_to(&mut p, id), Some("web"));
+        seen.extend(handed(&p, id));
+    }
+    assert_eq!(seen.len(), 4, "balanced over web's four: {seen:?}");
+    // Another cluster, or the name in another case, is not web's.
+    begin_on(
+        &p,
+        9,
+        "r",
+        "outbound|80||api.default.svc.cluster.local",
+        "api",
+    );
+    assert_eq!(routed_to(&mut p, 9), None);
+    begin_on(&p, 10, "r", &WEB_CLUSTER.to_uppercase(), "web");
+    assert_eq!(routed_to(&mut p, 10), None);
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_service_claims_its_hosts_in_any_case_with_any_port() {
+    let mut p = claiming();
+    let mut seen = std::collections::HashSet::new();
+    for (id, authority) in [
+        "legacy.service.consul",
+        "legacy.service.consul:8080",
+        "LEGACY.Service.Consul:80",
+        "Legacy.service.consul",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = id as u32 + 1;
+        begin_on(&p, id, "allow_any", "PassthroughCluster", authority);
+        assert_eq!(routed_to(&mut p, id), Some("legacy"), "{authority}");
+        seen.extend(handed(&p, id));
+    }
+    assert_eq!(seen.len(), 2, "balanced over legacy's two: {seen:?}");
+    for (id, authority) in [
+        (11, "legacy.service.consul.evil"),
+        (12, "x.legacy.service.consul"),
+        (13, "legacy.service.consul:http"),
+        (14, "legacy.service.consul:8080:80"),
+        (15, ""),
+    ] {
+        begin_on(&p, id, "allow_any", "PassthroughCluster", authority);
+        assert_eq!(routed_to(&mut p, id), None, "{authority:?}");
+    }
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn route_metadata_wins_over_clusters_and_clusters_over_hosts() {
+    let mut p = claiming();
+    // Metadata names legacy on a route to web's cluster with web's… and legacy's host.
+    begin_on(&p, 1, "r1", WEB_CLUSTER, "legacy.service.consul");
+    p.host.set_property(
+        1,
+        &[
+            "xds",
+            "route_metadata",
+            "filter_metadata",
+            "registry_lb",
+            "service",
+        ],
+        b"legacy",
+    );
+    assert_eq!(routed_to(&mut p, 1), Some("legacy"));
+    // Metadata naming web on a PassthroughCluster route with legacy's host.
+    begin_on(&p, 2, "r2", "PassthroughCluster", "legacy.service.consul");
+    p.host.set_property(
+        2,
+        &[
+            "xds",
+            "route_metadata",
+            "filter_metadata",
+            "registry_lb",
+            "service",
+        ],
+        b"web",
+    );
+    assert_eq!(routed_to(&mut p, 2), Some("web"));
+    // No metadata: web's cluster wins over legacy's host.
+    begin_on(&p, 3, "r3", WEB_CLUSTER, "legacy.service.consul:8080");
+    assert_eq!(routed_to(&mut p, 3), Some("web"));
+    // Neither metadata nor a claimed cluster: the host decides.
+    begin_on(
+        &p,
+        4,
+        "r4",
+        "PassthroughCluster",
+        "legacy.service.consul:8080",
+    );
+    assert_eq!(routed_to(&mut p, 4), Some("legacy"));
+    // Metadata naming an unknown service still answers 503, whatever else matches.
+    begin_on(&p, 5, "r5", WEB_CLUSTER, "legacy.service.consul");
+    p.host.set_property(
+        5,
+        &[
+            "xds",
+            "route_metadata",
+            "filter_metadata",
+            "registry_lb",
+            "service",
+        ],
+        b"nope",
+    );
+    assert_eq!(p.on_request_headers(5), (Action::Pause, None));
+    assert_eq!(
+        p.host.request(5).reply.map(|r| r.1),
+        Some("registry_lb_unknown_service".to_string())
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_request_claimed_by_nothing_is_not_touched() {
+    let mut p = claiming();
+    let stats = p.host.stat_names().len();
+    begin_on(&p, 1, "allow_any", "PassthroughCluster", "example.com:443");
+    p.host.set_property(
+        1,
+        &[
+            "xds",
+            "route_metadata",
+            "filter_metadata",
+            "other",
+            "service",
+        ],
+        b"web",
+    );
+    assert_eq!(p.on_request_headers(1), (Action::Continue, None));
+    let r = p.host.request(1);
+    assert!(r.filter_state.is_empty(), "{r:?}");
+    assert!(r.reply.is_none() && r.continued == 0, "{r:?}");
+    assert_eq!(r.headers.len(), 1, "headers unchanged: {:?}", r.headers);
+    end(&mut p, 1, None, 200, 0);
+    p.on_tick();
+    assert_eq!(p.host.stat_names().len(), stats, "no stat for it");
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn distinct_authorities_keep_the_caches_and_stats_bounded() {
+    let mut p = claiming();
+    let stats = p.host.stat_names();
+    // One request context reused: the fake keeps one request, the plugin its caches.
+    for n in 0..100_000u32 {
+        begin_on(
+            &p,
+            1,
+            "allow_any",
+            "PassthroughCluster",
+            &format!("h{n}.example:8080"),
+        );
+        assert_eq!(p.on_request_headers(1), (Action::Continue, None), "h{n}");
+        if n % 9_973 == 0 {
+            // Legacy's host resolves at any fill of the cache.
+            begin_on(
+                &p,
+                2,
+                "allow_any",
+                "PassthroughCluster",
+                "legacy.service.consul:8080",
+            );
+            assert_eq!(routed_to(&mut p, 2), Some("legacy"));
+        }
+    }
+    let (routes, authorities) = p.requests.cache_sizes();
+    assert_eq!(routes, 1, "one route name");
+    assert_eq!(authorities, 1024, "authority cache at its bound");
+    // Long authorities are resolved but never cached.
+    p.host.advance_ms(10_000);
+    p.on_tick();
+    assert_eq!(p.requests.cache_sizes(), (0, 0), "cleared every 10 s");
+    let long = format!("{}.legacy", "a".repeat(300));
+    begin_on(&p, 3, "allow_any", "PassthroughCluster", &long);
+    assert_eq!(routed_to(&mut p, 3), None);
+    assert_eq!(p.requests.cache_sizes().1, 0, "not cached");
+    begin_on(
+        &p,
+        4,
+        "allow_any",
+        "PassthroughCluster",
+        "legacy.service.consul",
+    );
+    assert_eq!(routed_to(&mut p, 4), Some("legacy"));
+    assert_eq!(p.requests.cache_sizes().1, 1);
+    p.on_tick();
+    // New stats: legacy's two instances (picks, failure runs) only.
+    let names = p.host.stat_names();
+    let new: Vec<&String> = names.iter().filter(|n| !stats.contains(n)).collect();
+    assert!(
+        new.len() <= 4 && new.iter().all(|n| n.starts_with("registry_lb.legacy.")),
+        "no stat per authority: {new:?}"
+    );
+}
+
+/// The fake Envoy, recording which properties and request headers are read.
+struct Reads {
+    fake: FakeEnvoy,
+    read: std::cell::RefCell<Vec<String>>,
+}
+
+impl crate::envoy::Envoy for Reads {
+    fn now_us(&self) -> u64 {
+        self.fake.now_us()
+    }
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        self.fake.shared_get(key)
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        self.fake.shared_set(key, value, cas)
+    }
+    fn define_metric(&self, kind: crate::envoy::MetricKind, name: &str) -> Result<u32, HostError> {
+        self.fake.define_metric(kind, name)
+    }
+    fn metric_get(&self, id: u32) -> i64 {
+        self.fake.metric_get(id)
+    }
+    fn metric_record(&self, id: u32, value: u64) {
+        self.fake.metric_record(id, value)
+    }
+    fn metric_add(&self, id: u32, by: i64) {
+        self.fake.metric_add(id, by)
+    }
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.read.borrow_mut().push(name.to_string());
+        self.fake.request_header(name)
+    }
+    fn set_request_header(&self, name: &str, value: Option<&[u8]>) -> Result<(), HostError> {
+        self.fake.set_request_header(name, value)
+    }
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.fake.response_header(name)
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.read.borrow_mut().push(path.join("."));
+        self.fake.property(path)
+    }
+    fn set_filter_state(&self, args: &[u8]) -> Result<(), HostError> {
+        self.fake.set_filter_state(args)
+    }
+    fn local_reply(&self, status: u32, details: &str, body: &str) {
+        self.fake.local_reply(status, details, body)
+    }
+    fn continue_request(&self) {
+        self.fake.continue_request()
+    }
+    fn set_effective_context(&self, context: u32) -> Result<(), HostError> {
+        self.fake.set_effective_context(context)
+    }
+    fn dispatch(&self, req: &crate::http_call::HttpRequest) -> Result<u32, HostError> {
+        self.fake.dispatch(req)
+    }
+    fn call_answer(&self, h: usize, b: usize, max: usize) -> crate::envoy::CallAnswer {
+        self.fake.call_answer(h, b, max)
+    }
+}
+
+/// What one request on a route without metadata reads from Envoy, with `web` and
+/// `legacy` spliced into the two services.
+fn reads_of_one_request(web: &str, legacy: &str) -> Vec<String> {
+    let host = Reads {
+        fake: FakeEnvoy::new(),
+        read: Default::default(),
+    };
+    let mut p = match Plugin::configure(host, two_services(web, legacy).as_bytes(), 7) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    for _ in 0..4 {
+        p.host.fake.enter(0);
+        p.on_tick();
+        p.host.fake.advance_ms(50);
+    }
+    // The route's name is cached after its first request: read the second.
+    let mut reads = Vec::new();
+    for id in 1..=2 {
+        p.host.fake.begin(id, &[(":authority", "example.com")]);
+        p.host
+            .fake
+            .set_property(id, &["xds", "route_name"], b"allow_any");
+        p.host
+            .fake
+            .set_property(id, &["xds", "cluster_name"], b"PassthroughCluster");
+        p.host.read.borrow_mut().clear();
+        assert_eq!(p.on_request_headers(id), (Action::Continue, None));
+        reads = p.host.read.borrow().clone();
+    }
+    reads
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn the_cluster_and_authority_are_read_only_when_a_service_claims_them() {
+    assert_eq!(reads_of_one_request("", ""), ["xds.route_name"]);
+    assert_eq!(
+        reads_of_one_request(r#""upstream_clusters": ["c"],"#, ""),
+        ["xds.route_name", "xds.cluster_name"]
+    );
+    assert_eq!(
+        reads_of_one_request("", r#""hosts": ["h"],"#),
+        ["xds.route_name", ":authority"]
+    );
+    assert_eq!(
+        reads_of_one_request(r#""upstream_clusters": ["c"],"#, r#""hosts": ["h"],"#),
+        ["xds.route_name", "xds.cluster_name", ":authority"]
+    );
+}
