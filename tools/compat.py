@@ -60,7 +60,7 @@ def runtimes(binary):
 def run_tests(binary):
     binaries = sorted({b for b, _, _ in TESTS})
     names = [n for _, n, _ in TESTS]
-    cmd = ["cargo", "test", "--quiet"]
+    cmd = ["cargo", "test"]
     for b in binaries:
         cmd += ["--test", b]
     cmd += ["--", "--test-threads", "2", "--exact"] + names
