@@ -54,10 +54,7 @@ fn print_split(title: &str, c: &BTreeMap<String, u32>, weights: &BTreeMap<&str, 
 
 fn main() {
     let consul = FakeConsul::start_on(8500);
-    let backends: Vec<Backend> = ["web-1", "web-2", "web-3", "web-4"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
+    let backends: Vec<Backend> = Backend::start_all(&["web-1", "web-2", "web-3", "web-4"]);
     let reg = |b: &Backend, w: u32| ConsulInstance::new(&b.name, "127.0.0.1", b.port).weights(w, 1);
     consul.set_service(
         "web",

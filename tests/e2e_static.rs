@@ -84,8 +84,8 @@ fn weighted_split_matches_weights_within_two_percent() {
     );
     let prom = envoy.prometheus();
     assert!(
-        prom.contains("registry_lb_web_instances_healthy"),
-        "metrics are exported to Prometheus"
+        prom.contains("registry_lb_instances_healthy{registry_lb_service=\"web\"} 3"),
+        "metrics are exported to Prometheus, the service as a label"
     );
 }
 
