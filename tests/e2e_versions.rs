@@ -229,14 +229,18 @@ fn stats_reach_admin_and_prometheus() {
     assert_eq!(envoy.stat(&lb::stat("web.instances_known")), Some(1));
     let prom = envoy.prometheus();
     let samples = support::prometheus::samples(&prom);
+    // The shipped configs' stats_tags make the service a label.
     let version = samples
         .iter()
-        .find(|s| s.name.ends_with("registry_lb_web_snapshot_version"))
+        .find(|s| {
+            s.name == "registry_lb_snapshot_version"
+                && s.labels.get("registry_lb_service").map(String::as_str) == Some("web")
+        })
         .map(|s| s.value);
     let names: Vec<&str> = samples
         .iter()
         .map(|s| s.name.as_str())
-        .filter(|n| n.contains("registry_lb_web_snapshot_version"))
+        .filter(|n| n.contains("snapshot_version"))
         .collect();
     println!(
         "Envoy {:?}: {} samples at /stats/prometheus; {names:?}",

@@ -109,9 +109,10 @@ def table(rows, commit):
         "- **1.38.3 from PyPI** is built without any wasm runtime (`envoy.wasm.runtime.null` only): "
         "Envoy refuses to create the VM (\"Envoy was compiled without support for it\"), so no "
         "wasm filter runs on it; nothing was run there.",
-        "- **1.39 and later** print Prometheus names without the `envoy_wasmcustom_` prefix "
-        "(`registry_lb_web_snapshot_version`); earlier versions print "
-        "`envoy_wasmcustom_registry_lb_web_snapshot_version`. Test 4 accepts both names.",
+        "- Every version that runs the filter prints its stats at `/stats/prometheus` as "
+        "`registry_lb_<stat>` with the service, slot and instance as labels (the shipped "
+        "configs' `stats_tags`), e.g. `registry_lb_snapshot_version{registry_lb_service=\"web\"}` "
+        "(test 4).",
     ]
     return "\n".join(lines) + "\n"
 
