@@ -242,6 +242,9 @@ fn kill_and_wait(child: &mut Child) -> Option<ExitStatus> {
     None
 }
 
+/// What Envoy logs when a port the test picked was taken before Envoy bound it.
+pub const PORT_TAKEN: &str = "Address already in use";
+
 impl Envoy {
     /// Start Envoy with `-l info` and wait (≤ 20 s) until admin `/ready` answers `LIVE`.
     pub fn start(
@@ -263,6 +266,28 @@ impl Envoy {
         log_level: &str,
         extra: &[&str],
     ) -> Envoy {
+        Self::try_start_with(
+            cfg,
+            admin_port,
+            listener_port,
+            concurrency,
+            log_level,
+            extra,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like `start_with`, but a start that failed is an error: Envoy exited, was not
+    /// ready in time, or could not bind a port (another process took it after the
+    /// test picked it: see `PORT_TAKEN`).
+    pub fn try_start_with(
+        cfg: &EnvoyConfig,
+        admin_port: u16,
+        listener_port: u16,
+        concurrency: u32,
+        log_level: &str,
+        extra: &[&str],
+    ) -> Result<Envoy, String> {
         let s = spawn(cfg, concurrency, log_level, extra);
         let mut envoy = Envoy {
             admin_port,
@@ -282,23 +307,27 @@ impl Envoy {
             if let Some(child) = envoy.child.as_mut() {
                 if let Ok(Some(st)) = child.try_wait() {
                     envoy.log_printed = true;
-                    panic!(
+                    return Err(format!(
                         "Envoy exited during startup ({st}); last 100 log lines:\n{}",
                         tail(&envoy.log(), 100)
-                    );
+                    ));
                 }
             }
             if is_live(&probe, admin_port) {
-                return envoy;
+                if envoy.log().contains(PORT_TAKEN) {
+                    envoy.log_printed = true;
+                    return Err(format!("{PORT_TAKEN}: {}", tail(&envoy.log(), 5)));
+                }
+                return Ok(envoy);
             }
             if Instant::now() >= deadline {
                 envoy.log_printed = true;
                 thread::sleep(Duration::from_millis(150));
-                panic!(
+                return Err(format!(
                     "Envoy not ready on admin port {admin_port} after {:?}; last 100 log lines:\n{}",
                     READY_TIMEOUT,
                     tail(&envoy.log(), 100)
-                );
+                ));
             }
             thread::sleep(Duration::from_millis(50));
         }

@@ -29,9 +29,19 @@ pub fn config(file: &str, ports: &[(u16, u16)], replace: &[(&str, &str)]) -> Env
 }
 
 pub fn start_cfg(cfg: EnvoyConfig, concurrency: u32) -> Envoy {
-    let (listener, admin) = (free_port(), free_port());
-    let cfg = cfg.port(10000, listener).port(9901, admin);
-    Envoy::start(&cfg, admin, listener, concurrency)
+    // A port picked free can be taken by another process before Envoy binds it
+    // (tests run in parallel): then Envoy starts again on other ports.
+    let mut last = String::new();
+    for _ in 0..3 {
+        let (listener, admin) = (free_port(), free_port());
+        let c = cfg.clone().port(10000, listener).port(9901, admin);
+        match Envoy::try_start_with(&c, admin, listener, concurrency, "info", &[]) {
+            Ok(e) => return e,
+            Err(e) if e.contains(super::envoy::PORT_TAKEN) => last = e,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("Envoy could not bind its ports three times: {last}")
 }
 
 /// Sends `n` GETs one after another and counts the answering backends by body.
