@@ -112,11 +112,10 @@ fn the_recipes_carry_the_configuration_the_tests_run() {
             json.starts_with("{\"services\":[") && json.ends_with("]}"),
             "{deploy}: {json}"
         );
-        let fixture = without_space(&EnvoyConfig::from_file(fixture).text);
+        let text = without_space(&EnvoyConfig::from_file(fixture).text);
         assert!(
-            fixture.contains(&json),
-            "{deploy} `{key}` differs from the configuration in {}",
-            fixture
+            text.contains(&json),
+            "{deploy} `{key}` ({json}) is not the configuration in {fixture}"
         );
     }
 }
