@@ -404,6 +404,7 @@ fn registry_text_with_control_characters_is_escaped_in_envoys_log() {
     let evil = ConsulInstance::new("evil\u{1b}[31m\n[critical] forged", "not-an-ip", 80);
     consul.set_service("web", vec![inst(&a), evil]);
     let envoy = start(&consul, &[], 1);
+    lb::wait_version(&envoy, "web", 1);
     assert_eq!(envoy.get("/", &[]).1, "a");
     assert!(
         envoy.wait_for_log("instance skipped", Duration::from_secs(5)),

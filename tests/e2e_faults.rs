@@ -211,36 +211,8 @@ fn start_override_host_envoy_on(
     cluster_hosts: &[&Backend],
     concurrency: u32,
 ) -> Envoy {
-    let endpoints: String = cluster_hosts
-        .iter()
-        .map(|x| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}\n", x.port))
-        .collect();
-    let cluster = format!(
-        r#"  clusters:
-  # override_host: the cluster knows the same hosts; attempt k goes to entry k of x-lb-host.
-  - name: web_hosts
-    type: STATIC
-    connect_timeout: 0.5s
-    load_balancing_policy:
-      policies:
-      - typed_extension_config:
-          name: envoy.load_balancing_policies.override_host
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
-            override_host_sources:
-            - header: x-lb-host
-            fallback_policy:
-              policies:
-              - typed_extension_config:
-                  name: envoy.load_balancing_policies.round_robin
-                  typed_config:
-                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
-    load_assignment:
-      cluster_name: web_hosts
-      endpoints:
-      - lb_endpoints:
-{endpoints}"#
-    );
+    let ports: Vec<u16> = cluster_hosts.iter().map(|x| x.port).collect();
+    let cluster = lb::override_host_cluster(&ports);
     start_consul_envoy(
         consul,
         &[

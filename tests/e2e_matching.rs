@@ -7,7 +7,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::time::Duration;
 use support::{lb, Backend, Envoy};
 
 /// Stand-in for a connection's original destination (restored by iptables and the
@@ -41,37 +40,6 @@ fn start_matching(b: &[Backend]) -> Envoy {
     envoy
 }
 
-/// Sends `n` GETs of `/` with `headers`; counts answers by body (`<status body>`
-/// when not 200).
-fn tally(envoy: &Envoy, n: usize, headers: &[(&str, &str)]) -> HashMap<String, u32> {
-    let mut c = HashMap::new();
-    for _ in 0..n {
-        let (status, body, _) = envoy.get("/", headers);
-        let key = if status == 200 {
-            body
-        } else {
-            format!("<{status} {}>", body.trim())
-        };
-        *c.entry(key).or_insert(0) += 1;
-    }
-    c
-}
-
-/// Picks counted for `service` on `backends` (once the workers' stats are flushed).
-fn picks(envoy: &Envoy, service: &str, backends: &[Backend]) -> i64 {
-    backends
-        .iter()
-        .map(|x| {
-            envoy
-                .stat(&lb::stat(&format!(
-                    "{service}.instance.127_0_0_1_{}.picks",
-                    x.port
-                )))
-                .unwrap_or(0)
-        })
-        .sum()
-}
-
 fn counts(pairs: &[(&str, u32)]) -> HashMap<String, u32> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
@@ -85,7 +53,7 @@ fn the_route_cluster_and_the_host_each_claim_their_service() {
     let b = Backend::start_all(&["a", "b", "c", "d", "other"]);
     let envoy = start_matching(&b);
     for host in ["web", "web.default.svc.cluster.local:80"] {
-        let c = tally(&envoy, 20, &[("host", host)]);
+        let c = lb::tally_with(&envoy, 20, &[("host", host)]);
         assert_eq!(c, counts(&[("a", 10), ("b", 10)]), "Host: {host}");
     }
     let other = b[4].addr();
@@ -94,18 +62,12 @@ fn the_route_cluster_and_the_host_each_claim_their_service() {
         "LEGACY.Service.Consul",
         "legacy.service.consul:80",
     ] {
-        let c = tally(&envoy, 20, &[("host", host), (ORIGINAL_DST, &other)]);
+        let c = lb::tally_with(&envoy, 20, &[("host", host), (ORIGINAL_DST, &other)]);
         assert_eq!(c, counts(&[("c", 10), ("d", 10)]), "Host: {host}");
     }
     assert_eq!(b[4].hits(), 0, "the client's destination was not used");
-    assert!(
-        support::wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
-            picks(&envoy, "web", &b[0..2]) == 40 && picks(&envoy, "legacy", &b[2..4]) == 60
-        }),
-        "picks web {} legacy {}",
-        picks(&envoy, "web", &b[0..2]),
-        picks(&envoy, "legacy", &b[2..4])
-    );
+    lb::wait_picks(&envoy, "web", &b[0..2], 40);
+    lb::wait_picks(&envoy, "legacy", &b[2..4], 60);
 }
 
 /// A request whose host no service claims reaches the destination it would have
@@ -120,7 +82,7 @@ fn a_request_for_an_unclaimed_host_passes_untouched() {
         "legacy.service.consul.example.com:8080",
         "consul",
     ] {
-        let c = tally(&envoy, 10, &[("host", host), (ORIGINAL_DST, &other)]);
+        let c = lb::tally_with(&envoy, 10, &[("host", host), (ORIGINAL_DST, &other)]);
         assert_eq!(c, counts(&[("other", 10)]), "Host: {host}");
     }
     // Without a destination it fails as Envoy's own ORIGINAL_DST does, not as
@@ -133,16 +95,10 @@ fn a_request_for_an_unclaimed_host_passes_untouched() {
         assert_eq!(support::header(&r.1, ORIGINAL_DST), Some(other.as_str()));
     }
     // A claimed host is still balanced; only its picks are counted.
-    let c = tally(&envoy, 4, &[("host", "legacy.service.consul")]);
+    let c = lb::tally_with(&envoy, 4, &[("host", "legacy.service.consul")]);
     assert_eq!(c, counts(&[("c", 2), ("d", 2)]));
-    assert!(
-        support::wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
-            picks(&envoy, "legacy", &b[2..4]) == 4
-        }),
-        "legacy picks {}",
-        picks(&envoy, "legacy", &b[2..4])
-    );
-    assert_eq!(picks(&envoy, "web", &b[0..2]), 0);
+    lb::wait_picks(&envoy, "legacy", &b[2..4], 4);
+    assert_eq!(lb::picks(&envoy, "web", &b[0..2]), 0);
 }
 
 /// envoy/static-per-route.yaml: the filter is `disabled: true` in the connection
@@ -186,13 +142,7 @@ fn only_the_route_that_enables_the_filter_is_balanced() {
         let (status, body, _) = envoy.get("/other", &[]);
         assert_eq!((status, body.as_str()), (200, "direct"));
     }
-    assert!(
-        support::wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
-            picks(&envoy, "web", &b[0..3]) == 30
-        }),
-        "picks {}",
-        picks(&envoy, "web", &b[0..3])
-    );
+    lb::wait_picks(&envoy, "web", &b[0..3], 30);
     assert_eq!(envoy.stat(&lb::stat("unknown_service")).unwrap_or(0), 0);
     assert_eq!(b[3].hits(), 20);
 }

@@ -10,7 +10,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::time::Duration;
 use support::{lb, Backend, ConsulInstance, Envoy, EnvoyConfig, FakeConsul};
 
 const ISTIO: &str = "tests/fixtures/mesh/istio-sidecar-outbound.yaml";
@@ -29,53 +28,12 @@ fn counts(pairs: &[(&str, u32)]) -> HashMap<String, u32> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
-/// Sends `n` GETs of `/` with `headers`; counts answers by body (`<status body>`
-/// when not 200).
-fn tally(envoy: &Envoy, n: usize, headers: &[(&str, &str)]) -> HashMap<String, u32> {
-    let mut c = HashMap::new();
-    for _ in 0..n {
-        let (status, body, _) = envoy.get("/", headers);
-        let key = if status == 200 {
-            body
-        } else {
-            format!("<{status} {}>", body.trim())
-        };
-        *c.entry(key).or_insert(0) += 1;
-    }
-    c
-}
-
 /// Sum of two tallies.
 fn add(mut a: HashMap<String, u32>, b: HashMap<String, u32>) -> HashMap<String, u32> {
     for (k, v) in b {
         *a.entry(k).or_insert(0) += v;
     }
     a
-}
-
-/// Picks counted for `service` on `backends` (once the workers' stats are flushed).
-fn picks(envoy: &Envoy, service: &str, backends: &[Backend]) -> i64 {
-    backends
-        .iter()
-        .map(|x| {
-            envoy
-                .stat(&lb::stat(&format!(
-                    "{service}.instance.127_0_0_1_{}.picks",
-                    x.port
-                )))
-                .unwrap_or(0)
-        })
-        .sum()
-}
-
-fn wait_picks(envoy: &Envoy, service: &str, backends: &[Backend], want: i64) {
-    assert!(
-        support::wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
-            picks(envoy, service, backends) == want
-        }),
-        "{service} picks {} (want {want})",
-        picks(envoy, service, backends)
-    );
 }
 
 /// The text of the block under `key:` (a line that is exactly `key:` after its
@@ -147,13 +105,13 @@ fn istio_sidecar_balances_the_service_claimed_by_its_outbound_cluster() {
     for host in ["web", "web.default.svc.cluster.local:80", "web.default"] {
         c = add(
             c,
-            tally(&envoy, 10, &[("host", host), (ORIGINAL_DST, &other)]),
+            lb::tally_with(&envoy, 10, &[("host", host), (ORIGINAL_DST, &other)]),
         );
     }
     assert_eq!(c, counts(&[("a", 10), ("b", 10), ("c", 10)]));
     assert_eq!(b[5].hits(), 0, "the client-named destination was used");
-    wait_picks(&envoy, "web", &b[0..3], 30);
-    wait_picks(&envoy, "legacy", &b[3..5], 0);
+    lb::wait_picks(&envoy, "web", &b[0..3], 30);
+    lb::wait_picks(&envoy, "legacy", &b[3..5], 0);
     // Istio's inclusion list is in effect: Envoy's own per-listener stats are dropped.
     let stats = envoy.stats();
     assert!(
@@ -182,13 +140,13 @@ fn istio_sidecar_balances_a_host_routed_to_passthrough_cluster() {
     ] {
         c = add(
             c,
-            tally(&envoy, 10, &[("host", host), (ORIGINAL_DST, &other)]),
+            lb::tally_with(&envoy, 10, &[("host", host), (ORIGINAL_DST, &other)]),
         );
     }
     assert_eq!(c, counts(&[("d", 15), ("e", 15)]));
     assert_eq!(b[5].hits(), 0, "the client-named destination was used");
-    wait_picks(&envoy, "legacy", &b[3..5], 30);
-    wait_picks(&envoy, "web", &b[0..3], 0);
+    lb::wait_picks(&envoy, "legacy", &b[3..5], 30);
+    lb::wait_picks(&envoy, "web", &b[0..3], 0);
 }
 
 /// Envoy Gateway's shape: the filter is in the listener disabled and enabled on
@@ -212,16 +170,16 @@ fn envoy_gateway_balances_the_targeted_route_and_leaves_the_other() {
     );
     lb::wait_version(&envoy, "web", 1);
     let spoof = b[4].addr();
-    let c = tally(
+    let c = lb::tally_with(
         &envoy,
         30,
         &[("host", "web.example.com"), (ORIGINAL_DST, &spoof)],
     );
     assert_eq!(c, counts(&[("a", 10), ("b", 10), ("c", 10)]));
-    let c = tally(&envoy, 20, &[("host", "other.example.com:8080")]);
+    let c = lb::tally_with(&envoy, 20, &[("host", "other.example.com:8080")]);
     assert_eq!(c, counts(&[("direct", 20)]));
     assert_eq!(b[4].hits(), 0, "the client-named destination was used");
     assert_eq!(b[3].hits(), 20);
-    wait_picks(&envoy, "web", &b[0..3], 30);
+    lb::wait_picks(&envoy, "web", &b[0..3], 30);
     assert_eq!(envoy.stat(&lb::stat("unknown_service")).unwrap_or(0), 0);
 }

@@ -173,7 +173,7 @@ fn subsets_by_header_and_by_config() {
     }
     // A subset nobody has: any endpoint (the fallback), v2 included — neither only
     // the configured v1 subset nor a failure.
-    let c = tally_with(&envoy, &[("x-subset", "version=v9")], 30);
+    let c = lb::tally_with(&envoy, 30, &[("x-subset", "version=v9")]);
     assert_eq!(
         (c.get("v1-a"), c.get("v1-b"), c.get("v2-a"), c.len()),
         (Some(&10), Some(&10), Some(&10), 3),
@@ -190,21 +190,6 @@ fn subsets_by_header_and_by_config() {
     );
 }
 
-/// `n` GETs with `headers`, counted by body (non-200 as `<status body>`).
-fn tally_with(envoy: &Envoy, headers: &[(&str, &str)], n: usize) -> HashMap<String, u32> {
-    let mut c = HashMap::new();
-    for _ in 0..n {
-        let (status, body, _) = envoy.get("/", headers);
-        let key = if status == 200 {
-            body
-        } else {
-            format!("<{status} {}>", body.trim())
-        };
-        *c.entry(key).or_insert(0) += 1;
-    }
-    c
-}
-
 #[test]
 fn subset_fallbacks_default_subset_and_no_fallback() {
     let (consul, b) = versioned_fleet();
@@ -215,14 +200,14 @@ fn subset_fallbacks_default_subset_and_no_fallback() {
         &format!("{sub}\"fallback\": \"default_subset\", \"default_subset\": \"version=v2\" }},"),
         1,
     );
-    let c = tally_with(&envoy, &[("x-subset", "version=v9")], 20);
+    let c = lb::tally_with(&envoy, 20, &[("x-subset", "version=v9")]);
     assert_eq!(
         (c.get("v2-a"), c.len()),
         (Some(&20), 1),
         "default_subset fallback: {c:?}"
     );
     // A subset that has instances is not affected.
-    let c = tally_with(&envoy, &[], 20);
+    let c = lb::tally_with(&envoy, 20, &[]);
     assert_eq!(
         (c.get("v1-a"), c.get("v1-b"), c.len()),
         (Some(&10), Some(&10), 2),
@@ -237,7 +222,7 @@ fn subset_fallbacks_default_subset_and_no_fallback() {
     );
     let hits = || b.iter().map(Backend::hits).sum::<u64>();
     let before = hits();
-    let c = tally_with(&envoy, &[("x-subset", "version=v9")], 10);
+    let c = lb::tally_with(&envoy, 10, &[("x-subset", "version=v9")]);
     assert_eq!(
         c.get("<503 registry-lb: no available instance for service `web`>"),
         Some(&10),
@@ -245,7 +230,7 @@ fn subset_fallbacks_default_subset_and_no_fallback() {
     );
     assert_eq!(hits(), before, "no backend was asked");
     assert_eq!(envoy.stat(&lb::stat("web.rq_no_instance")), Some(10));
-    let c = tally_with(&envoy, &[("x-subset", "version=v2")], 10);
+    let c = lb::tally_with(&envoy, 10, &[("x-subset", "version=v2")]);
     assert_eq!(c.get("v2-a"), Some(&10), "{c:?}");
 }
 

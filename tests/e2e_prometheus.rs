@@ -8,62 +8,10 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
+use support::prometheus::Sample;
 use support::{lb, repo_root, Backend};
-
-/// One sample as the parser reads it. Counters are families without `_total`, their
-/// samples with it (the parser's OpenMetrics representation).
-#[derive(Debug, serde::Deserialize)]
-struct Sample {
-    family: String,
-    #[serde(rename = "type")]
-    kind: String,
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-const PARSE: &str = r#"
-import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-out = []
-for fam in text_string_to_metric_families(sys.stdin.read()):
-    for s in fam.samples:
-        out.append({"family": fam.name, "type": fam.type, "name": s.name,
-                    "labels": s.labels, "value": s.value})
-json.dump(out, sys.stdout)
-"#;
-
-/// Parses Prometheus text exposition with `prometheus_client.parser`; panics if the
-/// parser is missing or refuses the text.
-fn parse_prometheus(text: &str) -> Vec<Sample> {
-    let py = repo_root().join(".tools/py");
-    let mut child = Command::new("python3")
-        .args(["-c", PARSE])
-        .env("PYTHONPATH", &py)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn python3");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the Prometheus parser failed (prometheus-client in {}? `./dev test` installs it):\n{}",
-        py.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -157,7 +105,7 @@ fn service_slot_and_instance_are_prometheus_labels() {
     );
 
     let text = envoy.prometheus();
-    let samples = parse_prometheus(&text);
+    let samples = support::prometheus::samples(&text);
     let ours: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.family.starts_with("registry_lb_"))

@@ -33,35 +33,8 @@ fn start(
     cluster_hosts: &[&Backend],
     concurrency: u32,
 ) -> Envoy {
-    let endpoints: String = cluster_hosts
-        .iter()
-        .map(|x| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}\n", x.port))
-        .collect();
-    let override_cluster = format!(
-        r#"  clusters:
-  - name: web_hosts
-    type: STATIC
-    connect_timeout: 0.5s
-    load_balancing_policy:
-      policies:
-      - typed_extension_config:
-          name: envoy.load_balancing_policies.override_host
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
-            override_host_sources:
-            - header: x-lb-host
-            fallback_policy:
-              policies:
-              - typed_extension_config:
-                  name: envoy.load_balancing_policies.round_robin
-                  typed_config:
-                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
-    load_assignment:
-      cluster_name: web_hosts
-      endpoints:
-      - lb_endpoints:
-{endpoints}"#
-    );
+    let ports: Vec<u16> = cluster_hosts.iter().map(|x| x.port).collect();
+    let override_cluster = lb::override_host_cluster(&ports);
     let replace: Vec<(&str, &str)> = match handoff {
         Handoff::FilterState => vec![],
         Handoff::Header => vec![

@@ -475,20 +475,11 @@ impl Envoy {
     /// Send SIGTERM and wait (≤ `timeout`) for exit. Returns the exit status, or None if it
     /// did not exit in time (it is then killed). Useful to check for crashes on shutdown.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
+        let pid = self.child.as_ref()?.id();
         let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &pid.to_string()])
             .status();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Some(st);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        kill_and_wait(child);
-        remove_shm(self.base_id);
-        None
+        self.wait_exit(timeout)
     }
 
     /// Any admin request: (status, body).

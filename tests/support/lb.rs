@@ -47,9 +47,14 @@ pub fn start_cfg(cfg: EnvoyConfig, concurrency: u32) -> Envoy {
 /// Sends `n` GETs one after another and counts the answering backends by body.
 /// Non-200 answers are counted under `"<status>"`.
 pub fn tally(envoy: &Envoy, n: usize) -> HashMap<String, u32> {
+    tally_with(envoy, n, &[])
+}
+
+/// `tally` with request headers.
+pub fn tally_with(envoy: &Envoy, n: usize, headers: &[(&str, &str)]) -> HashMap<String, u32> {
     let mut c = HashMap::new();
     for _ in 0..n {
-        let (status, body, _) = envoy.get("/", &[]);
+        let (status, body, _) = envoy.get("/", headers);
         let key = if status == 200 {
             body
         } else {
@@ -58,6 +63,33 @@ pub fn tally(envoy: &Envoy, n: usize) -> HashMap<String, u32> {
         *c.entry(key).or_insert(0) += 1;
     }
     c
+}
+
+/// Picks counted for `service` on `backends` (127.0.0.1; once the workers' pick
+/// counts are flushed, on their next tick).
+pub fn picks(envoy: &Envoy, service: &str, backends: &[super::Backend]) -> i64 {
+    backends
+        .iter()
+        .map(|x| {
+            envoy
+                .stat(&stat(&format!(
+                    "{service}.instance.127_0_0_1_{}.picks",
+                    x.port
+                )))
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Asserts that the picks of `service` on `backends` reach exactly `want` within 2 s.
+pub fn wait_picks(envoy: &Envoy, service: &str, backends: &[super::Backend], want: i64) {
+    assert!(
+        super::wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+            picks(envoy, service, backends) == want
+        }),
+        "{service} picks {} (want {want})",
+        picks(envoy, service, backends)
+    );
 }
 
 /// Waits until stat `name` satisfies `pred`.
@@ -199,4 +231,40 @@ pub fn connections_per_worker(envoy: &Envoy) -> Vec<i64> {
         .collect();
     v.sort();
     v.into_iter().map(|(_, n)| n).collect()
+}
+
+/// A STATIC cluster `web_hosts` over `ports` (127.0.0.1) with the `override_host` load
+/// balancing policy reading `x-lb-host` (round robin when absent), as a `clusters:`
+/// list opening to splice into a config.
+pub fn override_host_cluster(ports: &[u16]) -> String {
+    let endpoints: String = ports
+        .iter()
+        .map(|p| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}\n"))
+        .collect();
+    format!(
+        r#"  clusters:
+  # override_host: the cluster knows the same hosts; attempt k goes to entry k of x-lb-host.
+  - name: web_hosts
+    type: STATIC
+    connect_timeout: 0.5s
+    load_balancing_policy:
+      policies:
+      - typed_extension_config:
+          name: envoy.load_balancing_policies.override_host
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+            override_host_sources:
+            - header: x-lb-host
+            fallback_policy:
+              policies:
+              - typed_extension_config:
+                  name: envoy.load_balancing_policies.round_robin
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
+    load_assignment:
+      cluster_name: web_hosts
+      endpoints:
+      - lb_endpoints:
+{endpoints}"#
+    )
 }
