@@ -13,18 +13,24 @@ use support::{lb, Backend, Envoy};
 /// original_dst listener filter in a sidecar): the client names it in this header.
 const ORIGINAL_DST: &str = "x-envoy-original-dst-host";
 
+/// Replacements moving the config's instance ports 8081, 8082, … to `b`'s.
+fn port_moves(b: &[Backend]) -> Vec<(String, String)> {
+    b.iter()
+        .enumerate()
+        .map(|(i, x)| {
+            (
+                format!("\"port\": {}", 8081 + i),
+                format!("\"port\": {}", x.port),
+            )
+        })
+        .collect()
+}
+
 /// envoy/static-matching.yaml on one worker, "web" on `b[0..2]`, "legacy" on
 /// `b[2..4]`, `PassthroughCluster` reading the destination of untouched requests
 /// from `ORIGINAL_DST`.
 fn start_matching(b: &[Backend]) -> Envoy {
-    let ports: Vec<(String, String)> = (0..4)
-        .map(|i| {
-            (
-                format!("\"port\": {}", 8081 + i),
-                format!("\"port\": {}", b[i].port),
-            )
-        })
-        .collect();
+    let ports = port_moves(&b[..4]);
     let mut replace: Vec<(&str, &str)> = ports
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
@@ -107,14 +113,7 @@ fn a_request_for_an_unclaimed_host_passes_untouched() {
 #[test]
 fn only_the_route_that_enables_the_filter_is_balanced() {
     let b = Backend::start_all(&["a", "b", "c", "direct"]);
-    let ports: Vec<(String, String)> = (0..3)
-        .map(|i| {
-            (
-                format!("\"port\": {}", 8081 + i),
-                format!("\"port\": {}", b[i].port),
-            )
-        })
-        .collect();
+    let ports = port_moves(&b[..3]);
     let mut replace: Vec<(&str, &str)> = ports
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
