@@ -98,6 +98,25 @@ fn reply(status: u32, details: &str) -> (u32, String) {
     (status, details.to_string())
 }
 
+/// Sends requests from id `first` on, ending those handed `host` with `code` and
+/// `flags` and the others with 200, until `n` failed (at most 100 requests).
+fn fail_host(p: &mut Plugin<FakeEnvoy>, first: u32, host: &str, n: u32, code: u64, flags: u64) {
+    let mut failed = 0;
+    for id in first..first + 100 {
+        if failed == n {
+            return;
+        }
+        let (_, routed) = request(p, id, &[]);
+        if handed(p, id) == [host] {
+            failed += 1;
+            end(p, id, routed, code, flags);
+        } else {
+            end(p, id, routed, 200, 0);
+        }
+    }
+    panic!("{host} was handed only {failed} of {n} times in 100 requests");
+}
+
 fn handed(p: &Plugin<FakeEnvoy>, id: u32) -> Vec<String> {
     p.host.request(id).filter_state
 }
@@ -348,17 +367,7 @@ fn consecutive_failures_eject_an_instance_and_a_trial_brings_it_back() {
     );
     publish(&mut p);
     // Fail every request to 10.0.0.1 until it is ejected.
-    let mut id = 1;
-    let mut bad_failures = 0;
-    while bad_failures < 3 && id < 100 {
-        let (_, routed) = request(&mut p, id, &[]);
-        let bad = handed(&p, id) == ["10.0.0.1:80"];
-        if bad {
-            bad_failures += 1;
-        }
-        end(&mut p, id, routed, if bad { 503 } else { 200 }, 0);
-        id += 1;
-    }
+    fail_host(&mut p, 1, "10.0.0.1:80", 3, 503, 0);
     assert_eq!(p.host.stat("web.outlier_ejections"), 1);
     assert_eq!(p.host.stat("web.instances_ejected"), 1);
     for n in 0..20 {
@@ -395,24 +404,8 @@ fn connect_failures_count_without_a_response_code() {
     let mut p =
         plugin(r#""policy": "round_robin", "outlier_detection": { "consecutive_5xx": 2 },"#);
     publish(&mut p);
-    let mut id = 1;
-    let mut fails = 0;
-    while fails < 2 && id < 50 {
-        let (_, routed) = request(&mut p, id, &[]);
-        let bad = handed(&p, id) == ["10.0.0.2:80"];
-        if bad {
-            fails += 1;
-        }
-        // UF (upstream connection failure, 0x20) with no response code.
-        end(
-            &mut p,
-            id,
-            routed,
-            if bad { 0 } else { 200 },
-            if bad { 0x20 } else { 0 },
-        );
-        id += 1;
-    }
+    // UF (upstream connection failure, 0x20) with no response code.
+    fail_host(&mut p, 1, "10.0.0.2:80", 2, 0, 0x20);
     assert_eq!(p.host.stat("web.outlier_ejections"), 1);
 }
 
