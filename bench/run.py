@@ -1391,7 +1391,7 @@ def phase_memory(run):
                 log("time budget reached: memory phase stops")
                 break
             spec = static_yaml_spec(c["wasm"], backends, c["empty"], c["settings"])
-            e = Envoy(run, f"mem-{key.replace(' ', '').replace('+', '_')}-{rnd}", spec, concurrency=a.memory_concurrency)
+            e = Envoy(run, "mem-" + re.sub(r"[^A-Za-z0-9_-]+", "_", key) + f"-{rnd}", spec, concurrency=a.memory_concurrency)
             e.start()
             if not e.wait_ready():
                 raise SystemExit(f"Envoy ({key}) did not start:\n{e.log_tail()}")
