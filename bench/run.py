@@ -18,6 +18,10 @@ Phases:
   refresh   a 10,000-instance Consul answer parsed and published inside Envoy
   registry  registry requests per refresh interval at --concurrency 1, 2, 8, and memory
             per wasm VM (RSS of native / empty filter / registry-lb Envoys)
+  memory    (not in the default run; alone: `./dev bench --phases memory`, writes memory.*)
+            envoy/static.yaml at --concurrency 2 with the empty filter and registry-lb,
+            alternately: VmRSS and admin /memory idle, after 2,000 requests, and settled;
+            --memory-wasm adds builds, --memory-settings Envoy settings (overload manager)
   hostcalls (not in the default run) one host call repeated N times per request by
             bench/hostcall-probe, priced against the probe doing nothing
   floor     (not in the default run) the probe making registry-lb's per-request host
@@ -1272,6 +1276,196 @@ def phase_registry(run):
 
 
 # ---------------------------------------------------------------------------------------
+# Memory of a sidecar: envoy/static.yaml with the empty filter / registry-lb
+
+
+# Envoy settings the memory phase can add to both filters' configurations (--memory-settings).
+MEMORY_SETTINGS = {
+    # The overload manager's shrink_heap action: fixed_heap reports heap_size -
+    # pageheap_unmapped - pageheap_free over the max; at >= the threshold, Envoy calls
+    # tcmalloc's release of free memory on every refresh_interval.
+    "shrink_heap": {"overload_manager": {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [{"name": "envoy.resource_monitors.fixed_heap", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+            "max_heap_size_bytes": 1073741824}}],
+        "actions": [{"name": "envoy.overload_actions.shrink_heap", "triggers": [
+            {"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.0}}]}]}},
+    # tcmalloc releases up to bytes_to_release of free memory to the system every interval.
+    "release": {"memory_allocator_manager": {"bytes_to_release": 134217728, "memory_release_interval": "1s"}},
+}
+
+
+def static_yaml_spec(wasm, backends, empty=False, settings=()):
+    """envoy/static.yaml with its ports, .wasm and instances replaced; `empty`: the
+    empty filter instead, routing to a STATIC cluster of the same backends."""
+    import yaml
+    cfg = yaml.safe_load((ROOT / "envoy" / "static.yaml").read_text())
+    listen, admin = free_port(), free_port()
+    cfg["admin"]["address"] = sock("127.0.0.1", admin)
+    lst = cfg["static_resources"]["listeners"][0]
+    lst["address"] = sock("127.0.0.1", listen)
+    hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+    wf = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm")["typed_config"]["config"]
+    wf["vm_config"]["code"]["local"]["filename"] = str(wasm)
+    conf = json.loads(wf["configuration"]["value"])
+    insts = conf["services"][0]["sources"][0]["static"]["instances"]
+    for inst, (ip, port) in zip(insts, backends):
+        inst["address"], inst["port"] = ip, port
+    wf["configuration"]["value"] = json.dumps(conf)
+    if empty:
+        wf["name"] = wf["root_id"] = wf["vm_config"]["vm_id"] = "empty"
+        del wf["configuration"]
+        route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
+        route["route"]["cluster"] = "backends"
+        route.pop("metadata", None)
+        cfg["static_resources"]["clusters"] = [static_cluster("backends", "ROUND_ROBIN", backends)]
+    for s in settings:
+        cfg.update(json.loads(json.dumps(MEMORY_SETTINGS[s])))
+    return listen, admin, cfg
+
+
+def bounded_load(port, total, conns=8, timeout_s=60):
+    """`total` GET / over `conns` keep-alive connections; each connection stops at its
+    share or at the deadline. Returns (ok, failed)."""
+    import http.client
+    deadline = time.time() + timeout_s
+    counts = []
+
+    def worker(n):
+        ok = bad = 0
+        c = None
+        for _ in range(n):
+            if time.time() > deadline:
+                break
+            try:
+                if c is None:
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/")
+                r = c.getresponse()
+                r.read()
+                ok, bad = (ok + 1, bad) if r.status == 200 else (ok, bad + 1)
+            except (OSError, http.client.HTTPException):
+                bad += 1
+                c = None
+        counts.append((ok, bad))
+
+    ts = [threading.Thread(target=worker, args=(total // conns + (i < total % conns),)) for i in range(conns)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout_s + 10)
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+MEMORY_FIELDS = ("allocated", "heap_size", "pageheap_unmapped", "pageheap_free", "total_thread_cache")
+
+
+def phase_memory(run):
+    """envoy/static.yaml at --concurrency 2 with the empty filter and with registry-lb
+    (and any --memory-wasm builds, --memory-settings variants), alternately for
+    --memory-rounds rounds: VmRSS and admin /memory idle after start, after
+    --memory-requests requests, and --memory-settle s later."""
+    a = run.args
+    ips = ["127.0.0.1"]
+    base = pick_port_range(3, ips)
+    backends = [("127.0.0.1", base + i) for i in range(3)]
+    Nginx(run, backends).start()
+    builds = [("registry-lb", run.rlb_wasm)] + [(lbl, Path(p)) for lbl, p in run.memory_wasm]
+    configs = {}
+    for settings in [()] + [tuple(s.split("+")) for s in a.memory_settings]:
+        sfx = "" if not settings else " + " + "+".join(settings)
+        configs["empty" + sfx] = {"label": "empty filter" + sfx, "wasm": run.empty_wasm, "empty": True,
+                                  "settings": settings, "baseline": "empty" + sfx}
+        for lbl, path in builds:
+            configs[lbl + sfx] = {"label": lbl + sfx, "wasm": path, "empty": False, "settings": settings,
+                                  "baseline": "empty" + sfx}
+    if a.memory_configs:
+        keep = set(a.memory_configs.split(","))
+        keep |= {configs[k]["baseline"] for k in keep if k in configs}
+        configs = {k: v for k, v in configs.items() if k in keep}
+    runs = {k: [] for k in configs}
+    for rnd in range(a.memory_rounds):
+        for key, c in configs.items():
+            if run.time_left() < 40:
+                log("time budget reached: memory phase stops")
+                break
+            spec = static_yaml_spec(c["wasm"], backends, c["empty"], c["settings"])
+            e = Envoy(run, "mem-" + re.sub(r"[^A-Za-z0-9_-]+", "_", key) + f"-{rnd}", spec, concurrency=a.memory_concurrency)
+            e.start()
+            if not e.wait_ready():
+                raise SystemExit(f"Envoy ({key}) did not start:\n{e.log_tail()}")
+            time.sleep(a.memory_idle)
+            idle = e.mem_snapshot()
+            t0 = time.time()
+            ok, bad = bounded_load(e.listen, a.memory_requests)
+            load_s = time.time() - t0
+            time.sleep(1.0)
+            after = e.mem_snapshot()
+            time.sleep(a.memory_settle)
+            settled = e.mem_snapshot()
+            e.stop()
+            runs[key].append({"round": rnd, "idle": idle, "after_load": after, "settled": settled,
+                              "requests_ok": ok, "requests_failed": bad, "load_s": round(load_s, 2)})
+            log(f"memory {c['label']} round {rnd + 1}: RSS idle {idle['rss_kb'] / 1024:.1f} MB, after "
+                f"{ok} requests ({bad} failed) {after['rss_kb'] / 1024:.1f} MB, {a.memory_settle:g} s later "
+                f"{settled['rss_kb'] / 1024:.1f} MB; heap {settled['memory'].get('heap_size', 0) / 2**20:.1f} MB")
+
+    def summary(rs, when, field):
+        xs = [(r[when]["rss_kb"] if field == "rss_kb" else r[when]["memory"].get(field)) for r in rs]
+        xs = [x for x in xs if x is not None]
+        if not xs:
+            return None
+        kb = [x if field == "rss_kb" else x / 1024 for x in xs]
+        return {"median_kb": round(median(kb)), "min_kb": round(min(kb)), "max_kb": round(max(kb))}
+
+    out = {"config_file": "envoy/static.yaml", "concurrency": a.memory_concurrency, "requests": a.memory_requests,
+           "rounds": a.memory_rounds, "idle_s": a.memory_idle, "settle_s": a.memory_settle,
+           "wasm_bytes": {k: Path(c["wasm"]).stat().st_size for k, c in configs.items()},
+           "settings": {s: MEMORY_SETTINGS[s] for s in {x for c in configs.values() for x in c["settings"]}},
+           "configs": {}}
+    for key, c in configs.items():
+        rs = runs[key]
+        s = {"label": c["label"], "baseline": c["baseline"], "runs": rs,
+             "wasm_bytes": Path(c["wasm"]).stat().st_size}
+        for when in ("idle", "after_load", "settled"):
+            s[when] = {f: summary(rs, when, f) for f in ("rss_kb",) + MEMORY_FIELDS}
+        out["configs"][key] = s
+    # The figure of the goal: RSS over the empty filter (same settings), per round, median.
+    for key, s in out["configs"].items():
+        b = out["configs"].get(s["baseline"])
+        if not b or b is s:
+            continue
+        for when in ("idle", "after_load", "settled"):
+            d = [r[when]["rss_kb"] - q[when]["rss_kb"] for r, q in zip(s["runs"], b["runs"])
+                 if r[when]["rss_kb"] and q[when]["rss_kb"]]
+            s[f"{when}_rss_over_empty_kb"] = {"median": round(median(d)), "min": min(d), "max": max(d)} if d else None
+    run.results["memory"] = out
+
+
+def memory_tables(m):
+    mb = lambda v: "—" if v is None else f"{v['median_kb'] / 1024:.1f}"
+    sp = lambda v: "—" if v is None else f"{v['min_kb'] / 1024:.1f}–{v['max_kb'] / 1024:.1f}"
+    out = [f"Memory of one Envoy ({m['config_file']}, --concurrency {m['concurrency']}): medians of "
+           f"{m['rounds']} alternating rounds (min–max), MB. idle: {m['idle_s']:g} s after ready, no traffic; "
+           f"load: 1 s after {m['requests']:,} requests; settled: {m['settle_s']:g} s after that.", "",
+           "| configuration | .wasm bytes | RSS idle | RSS after load (min–max) | RSS settled | RSS over empty filter: idle / load / settled | "
+           "heap_size | allocated | pageheap_free | pageheap_unmapped | thread caches |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in m["configs"].values():
+        over = [s.get(f"{w}_rss_over_empty_kb") for w in ("idle", "after_load", "settled")]
+        ov = " / ".join("—" if o is None else f"{o['median'] / 1024:+.1f}" for o in over) if any(over) else "—"
+        al = s["after_load"]
+        out.append(f"| {s['label']} | {s['wasm_bytes']:,} | {mb(s['idle']['rss_kb'])} | {mb(al['rss_kb'])} ({sp(al['rss_kb'])}) | "
+                   f"{mb(s['settled']['rss_kb'])} | {ov} | {mb(al['heap_size'])} | {mb(al['allocated'])} | "
+                   f"{mb(al['pageheap_free'])} | {mb(al['pageheap_unmapped'])} | {mb(al['total_thread_cache'])} |")
+    out.append("")
+    out.append("/memory columns: after load, tcmalloc's figures (heap_size = allocated + page-heap free + "
+               "page-heap unmapped + caches).")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------
 # Report
 
 
@@ -1345,6 +1539,9 @@ def tables(res):
             out.append("")
             out.append(f"Memory per additional wasm VM (RSS slope from --concurrency 1 to 8): registry-lb "
                        f"{fmt(mg.get('registry_lb_kb_per_extra_vm'), ',')} KB, empty filter {fmt(mg.get('empty_kb_per_extra_vm'), ',')} KB.")
+    if "memory" in res:
+        out.append("")
+        out.append(memory_tables(res["memory"]))
     if "main" in res:
         out.append("")
         out.append("| configuration | wasm VMs | RSS before load | RSS after load | tcmalloc allocated after | snapshot bytes |")
@@ -1536,6 +1733,19 @@ def main():
     ap.add_argument("--max-seconds", type=float)
     ap.add_argument("--replot", metavar="JSON", help="only redo the tables and plots of a results file")
     ap.add_argument("--service-extra", help="JSON merged into every registry-lb service config (experiments)")
+    ap.add_argument("--memory-rounds", type=int, default=3, help="memory phase: alternating rounds (default 3)")
+    ap.add_argument("--memory-requests", type=int, default=2000, help="memory phase: requests per Envoy (default 2,000)")
+    ap.add_argument("--memory-concurrency", type=int, default=2, help="memory phase: Envoy --concurrency (default 2)")
+    ap.add_argument("--memory-idle", type=float, default=3.0, help="memory phase: seconds from ready to the idle reading")
+    ap.add_argument("--memory-settle", type=float, default=5.0,
+                    help="memory phase: seconds from the after-load reading to the settled one")
+    ap.add_argument("--memory-wasm", action="append", default=[], metavar="LABEL=PATH",
+                    help="memory phase: also this build of registry_lb.wasm (repeatable)")
+    ap.add_argument("--memory-settings", default="",
+                    help="memory phase: Envoy setting variants to add to both filters, comma-separated, "
+                         "from: " + ", ".join(MEMORY_SETTINGS) + " (a+b: both at once)")
+    ap.add_argument("--memory-configs", help="memory phase: only these configurations (keys; their empty-filter "
+                                             "baselines stay)")
     ap.add_argument("--quiet-wait", type=float,
                     help="seconds (whole run) to wait for other processes to go quiet before measurements")
     a = ap.parse_args()
@@ -1562,7 +1772,14 @@ def main():
     a.registry_interval_ms = 500 if q else 1000
     a.registry_window = 2 if q else 6
     a.concurrencies = (1, 8) if q else (1, 2, 8)
-    name = a.name or ("quick" if q else "full")
+    a.memory_settings = [x.strip() for x in a.memory_settings.split(",") if x.strip()]
+    for v in a.memory_settings:
+        for x in v.split("+"):
+            if x not in MEMORY_SETTINGS:
+                raise SystemExit(f"--memory-settings: unknown {x!r} (known: {', '.join(MEMORY_SETTINGS)})")
+    # A memory-only run writes memory.*, not over the full run's results.
+    only_memory = [p.strip() for p in a.phases.split(",") if p.strip()] == ["memory"]
+    name = a.name or ("quick" if q else "memory" if only_memory else "full")
     if a.service_extra:
         SERVICE_EXTRA.update(json.loads(a.service_extra))
     outdir = Path(a.out or (ROOT / ("target/bench" if q else "bench/results")))
@@ -1575,6 +1792,15 @@ def main():
         shutil.rmtree(run.work)
     run.work.mkdir(parents=True)
     # The measured binaries are copied first: a rebuild during the run must not change them.
+    run.memory_wasm = []
+    for spec in a.memory_wasm:
+        lbl, _, path = spec.partition("=")
+        src = Path(path).resolve()
+        if not lbl or not src.exists():
+            raise SystemExit(f"--memory-wasm {spec!r}: LABEL=PATH of an existing file")
+        dst = run.work / f"memory-{len(run.memory_wasm)}-{src.name}"
+        shutil.copy2(src, dst)
+        run.memory_wasm.append((lbl, dst))
     for attr in ("rlb_wasm", "empty_wasm", "compare_wasm", "probe_wasm"):
         src = getattr(run, attr)
         if src is None or not src.exists():
@@ -1598,7 +1824,7 @@ def main():
                 continue
             log(f"phase {p}")
             {"main": phase_main, "slow": phase_slow, "refresh": phase_refresh, "registry": phase_registry,
-             "hostcalls": phase_hostcalls, "floor": phase_floor}[p](run)
+             "hostcalls": phase_hostcalls, "floor": phase_floor, "memory": phase_memory}[p](run)
     finally:
         run.procs.stop_all()
     res = run.results
