@@ -93,6 +93,11 @@ fn reply_of(p: &Plugin<FakeEnvoy>, id: u32) -> (u32, String) {
     (status, details)
 }
 
+/// A local 503 reply as the fake records it: (status, details, body).
+fn local_503(details: &str, body: &str) -> Option<(u32, String, String)> {
+    Some((503, details.to_string(), body.to_string()))
+}
+
 /// `(status, details)` to compare with [`reply_of`].
 fn reply(status: u32, details: &str) -> (u32, String) {
     (status, details.to_string())
@@ -159,11 +164,10 @@ fn a_route_naming_an_unknown_service_gets_a_503_naming_it() {
     assert_eq!(p.on_request_headers(1), (Action::Pause, None));
     assert_eq!(
         p.host.request(1).reply,
-        Some((
-            503,
-            "registry_lb_unknown_service".into(),
-            "registry-lb: service `nope` is not configured\n".into()
-        ))
+        local_503(
+            "registry_lb_unknown_service",
+            "registry-lb: service `nope` is not configured\n"
+        )
     );
     assert_eq!(p.host.stat("unknown_service"), 1);
 }
@@ -238,11 +242,10 @@ fn held_requests_get_a_503_when_the_first_snapshot_never_comes() {
     p.on_tick();
     assert_eq!(
         p.host.request(1).reply,
-        Some((
-            503,
-            "registry_lb_no_instance".into(),
-            "registry-lb: no available instance for service `web`\n".into()
-        ))
+        local_503(
+            "registry_lb_no_instance",
+            "registry-lb: no available instance for service `web`\n"
+        )
     );
     assert!(
         !p.host.dispatched.borrow().is_empty(),
@@ -259,11 +262,10 @@ fn a_failed_hand_off_is_a_503_counted_not_a_request_sent_anywhere() {
     assert_eq!((a, routed), (Action::Pause, None));
     assert_eq!(
         p.host.request(1).reply,
-        Some((
-            503,
-            "registry_lb_handoff_failed".into(),
-            "registry-lb: cannot route to service `web`\n".into()
-        ))
+        local_503(
+            "registry_lb_handoff_failed",
+            "registry-lb: cannot route to service `web`\n"
+        )
     );
     assert_eq!(p.host.stat("web.handoff_failed"), 1);
 }
