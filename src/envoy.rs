@@ -98,15 +98,9 @@ pub trait Envoy {
 
 /// An integer property (8 bytes, little endian); 0 when absent or malformed.
 pub fn int_property(host: &impl Envoy, path: &[&str]) -> u64 {
-    match host.property(path) {
-        Some(b) => b
-            .get(..8)
-            .filter(|_| b.len() == 8)
-            .and_then(|s| <[u8; 8]>::try_from(s).ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(0),
-        None => 0,
-    }
+    host.property(path)
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 /// A test double for [`Envoy`]: shared data, stats and requests kept in memory,
@@ -144,8 +138,6 @@ pub mod fake {
         pub filter_state_on_root: Cell<u32>,
         pub dispatched: RefCell<Vec<HttpRequest>>,
         pub answer: RefCell<Option<CallAnswer>>,
-        /// Every shared-data write after this many fails its CAS once (contention).
-        pub fail_next_cas: Cell<u32>,
     }
 
     impl FakeEnvoy {
@@ -222,11 +214,6 @@ pub mod fake {
             match (m.get_mut(key), cas) {
                 (Some((v, c)), want) => {
                     if want.is_some_and(|w| w != *c) {
-                        return Err(HostError::CasMismatch);
-                    }
-                    if want.is_some() && self.fail_next_cas.get() > 0 {
-                        self.fail_next_cas.set(self.fail_next_cas.get() - 1);
-                        *c += 1; // someone else wrote in between
                         return Err(HostError::CasMismatch);
                     }
                     *v = value.to_vec();

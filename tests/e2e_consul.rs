@@ -246,13 +246,7 @@ fn holding_handoff() -> Vec<(&'static str, &'static str)> {
     if support::envoy_version() >= (1, 37, 0) {
         return Vec::new();
     }
-    vec![
-        ("\"services\": [", "\"handoff\": \"header\", \"services\": ["),
-        (
-            "    lb_policy: CLUSTER_PROVIDED\n",
-            "    lb_policy: CLUSTER_PROVIDED\n    original_dst_lb_config: { use_http_header: true }\n",
-        ),
-    ]
+    lb::HEADER_HANDOFF.to_vec()
 }
 
 #[test]

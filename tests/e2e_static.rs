@@ -116,14 +116,7 @@ fn client_headers_never_change_the_destination() {
 fn header_handoff_strips_client_values() {
     // The header hand-off: ORIGINAL_DST with use_http_header, and "handoff": "header".
     let b = three_backends();
-    let envoy = start_static(
-        &b,
-        &[
-            ("\"services\": [", "\"handoff\": \"header\", \"services\": ["),
-            ("    lb_policy: CLUSTER_PROVIDED\n", "    lb_policy: CLUSTER_PROVIDED\n    original_dst_lb_config: { use_http_header: true }\n"),
-        ],
-        1,
-    );
+    let envoy = start_static(&b, &lb::HEADER_HANDOFF, 1);
     lb::wait_version(&envoy, "web", 1);
     let admin = format!("127.0.0.1:{}", envoy.admin_port);
     let mut answered = HashMap::new();

@@ -37,13 +37,7 @@ fn start(
     let override_cluster = lb::override_host_cluster(&ports);
     let replace: Vec<(&str, &str)> = match handoff {
         Handoff::FilterState => vec![],
-        Handoff::Header => vec![
-            ("\"services\": [", "\"handoff\": \"header\", \"services\": ["),
-            (
-                "    lb_policy: CLUSTER_PROVIDED\n",
-                "    lb_policy: CLUSTER_PROVIDED\n    original_dst_lb_config: { use_http_header: true }\n",
-            ),
-        ],
+        Handoff::Header => lb::HEADER_HANDOFF.to_vec(),
         Handoff::OverrideHost => vec![
             (
                 "\"services\": [",

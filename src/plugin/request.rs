@@ -62,6 +62,16 @@ struct Held {
 /// A local reply instead of routing: (response code details, body).
 struct Reply(&'static str, String);
 
+impl Reply {
+    /// No instance of `service` to route to (none known yet, or none available).
+    fn no_instance(service: &str) -> Reply {
+        Reply(
+            "registry_lb_no_instance",
+            format!("registry-lb: no available instance for service `{service}`\n"),
+        )
+    }
+}
+
 /// Bound of the route-name cache (a route table larger than this is read uncached).
 const ROUTE_CACHE_MAX: usize = 1024;
 
@@ -201,34 +211,28 @@ impl<H: Envoy> Plugin<H> {
         let svc = &cfg.services[si];
         let key = self.request_key(svc);
         if self.unknown(si) {
-            // No snapshot seen yet: look now rather than at the next tick, and if
-            // none is published yet (Envoy just started), hold the request until
-            // the first one arrives or `initial_fetch_timeout` passes — unless this
-            // Envoy cannot hand a held request over (see `release_held`).
+            // No snapshot seen yet: look now rather than at the next tick.
             self.refresh(si, now);
-            if self.unknown(si) && self.requests.timer_filter_state_refused {
+        }
+        if self.unknown(si) {
+            // None is published yet (Envoy just started): hold the request until the
+            // first one arrives or `initial_fetch_timeout` passes — unless this Envoy
+            // cannot hand a held request over (see `release_held`).
+            if self.requests.timer_filter_state_refused {
                 self.stats.inc(&self.host, &svc.name, Stat::RqNoInstance);
-                self.host.local_reply(
-                    503,
-                    "registry_lb_no_instance",
-                    &format!(
-                        "registry-lb: no available instance for service `{}`\n",
-                        svc.name
-                    ),
-                );
+                let Reply(details, body) = Reply::no_instance(&svc.name);
+                self.host.local_reply(503, details, &body);
                 return (Action::Pause, None);
             }
-            if self.unknown(si) {
-                self.requests.held.push(Held {
-                    context,
-                    service: si,
-                    deadline_ms: now + svc.initial_fetch_timeout.0,
-                    key,
-                });
-                self.stats
-                    .inc(&self.host, &svc.name, Stat::RqWaitedForFirstSnapshot);
-                return (Action::Pause, None);
-            }
+            self.requests.held.push(Held {
+                context,
+                service: si,
+                deadline_ms: now + svc.initial_fetch_timeout.0,
+                key,
+            });
+            self.stats
+                .inc(&self.host, &svc.name, Stat::RqWaitedForFirstSnapshot);
+            return (Action::Pause, None);
         }
         match self.route(si, now, &key) {
             Ok(routed) => (Action::Continue, Some(routed)),
@@ -477,10 +481,7 @@ impl<H: Envoy> Plugin<H> {
         }
         let Some((slot, fallbacks, trial)) = chosen else {
             self.stats.inc(&self.host, name, Stat::RqNoInstance);
-            return Err(Reply(
-                "registry_lb_no_instance",
-                format!("registry-lb: no available instance for service `{name}`\n"),
-            ));
+            return Err(Reply::no_instance(name));
         };
         if let Err(e) = self.hand_off(si, slot, &fallbacks) {
             self.stats.inc(&self.host, name, Stat::HandoffFailed);

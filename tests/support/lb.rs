@@ -44,6 +44,19 @@ pub fn start_cfg(cfg: EnvoyConfig, concurrency: u32) -> Envoy {
     panic!("Envoy could not bind its ports three times: {last}")
 }
 
+/// Replacements turning a shipped config's filter-state hand-off into the header
+/// hand-off: `"handoff": "header"` and `use_http_header` on the ORIGINAL_DST cluster.
+pub const HEADER_HANDOFF: [(&str, &str); 2] = [
+    (
+        "\"services\": [",
+        "\"handoff\": \"header\", \"services\": [",
+    ),
+    (
+        "    lb_policy: CLUSTER_PROVIDED\n",
+        "    lb_policy: CLUSTER_PROVIDED\n    original_dst_lb_config: { use_http_header: true }\n",
+    ),
+];
+
 /// Sends `n` GETs one after another and counts the answering backends by body.
 /// Non-200 answers are counted under `"<status>"`.
 pub fn tally(envoy: &Envoy, n: usize) -> HashMap<String, u32> {
