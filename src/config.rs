@@ -135,8 +135,15 @@ pub struct ServiceConfig {
     pub choice_count: u32,
     /// Poll period for sources without blocking queries, and the pause between
     /// Consul blocking queries that returned nothing new is zero (they block instead).
-    #[serde(default = "default_refresh")]
+    /// Default 5s; 30s for a service whose sources are all Eureka (its server answers
+    /// from a cache refreshed every 30s, so polling faster reads the same bytes).
+    #[serde(default = "refresh_unset")]
     pub refresh_interval: Millis,
+    /// Delays the first registry call by a random time below this (default 0: at
+    /// once), so a fleet restarted together spreads even its first calls; requests
+    /// wait for the first snapshot up to `initial_fetch_timeout` meanwhile.
+    #[serde(default)]
+    pub start_jitter: Millis,
     /// How long a request may wait for the service's first snapshot after Envoy
     /// starts (as Envoy's own `initial_fetch_timeout` for EDS) before a 503.
     #[serde(default = "default_initial_fetch_timeout")]
@@ -520,8 +527,11 @@ fn default_metadata_namespace() -> String {
 fn default_max_instance_stats() -> usize {
     256
 }
-fn default_refresh() -> Millis {
-    Millis::from_secs(5)
+/// `refresh_interval` when not configured: replaced after parsing by 5s, or 30s for a
+/// service fed only by Eureka.
+const REFRESH_UNSET: Millis = Millis(u64::MAX);
+fn refresh_unset() -> Millis {
+    REFRESH_UNSET
 }
 fn default_initial_fetch_timeout() -> Millis {
     Millis::from_secs(5)
@@ -556,7 +566,7 @@ impl PluginConfig {
     /// Parses and validates. Every error names the field it is about.
     pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let cfg: PluginConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut cfg: PluginConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             if path == "." {
                 ConfigError(e.inner().to_string())
@@ -564,6 +574,50 @@ impl PluginConfig {
                 ConfigError(format!("{path}: {}", e.inner()))
             }
         })?;
+        // Eureka `fetch: auto`: `/apps` where two or more sources share a server.
+        let mut per_server: HashMap<_, usize> = HashMap::new();
+        for s in &cfg.services {
+            for src in &s.sources {
+                if let SourceConfig::Eureka(e) = src {
+                    *per_server.entry(e.server_key()).or_default() += 1;
+                }
+            }
+        }
+        let shared: Vec<_> = cfg
+            .services
+            .iter()
+            .map(|s| {
+                s.sources
+                    .iter()
+                    .map(|src| match src {
+                        SourceConfig::Eureka(e) => match e.fetch {
+                            crate::registry::eureka::Fetch::All => true,
+                            crate::registry::eureka::Fetch::App => false,
+                            crate::registry::eureka::Fetch::Auto => {
+                                per_server.get(&e.server_key()).copied().unwrap_or(0) > 1
+                            }
+                        },
+                        _ => false,
+                    })
+                    .collect::<Vec<bool>>()
+            })
+            .collect();
+        for (s, all) in cfg.services.iter_mut().zip(shared) {
+            for (src, all) in s.sources.iter_mut().zip(all) {
+                if let SourceConfig::Eureka(e) = src {
+                    e.fetch_all = all;
+                }
+            }
+        }
+        for s in &mut cfg.services {
+            if s.refresh_interval == REFRESH_UNSET {
+                let eureka_only = !s.sources.is_empty()
+                    && s.sources
+                        .iter()
+                        .all(|c| matches!(c, SourceConfig::Eureka(_)));
+                s.refresh_interval = Millis::from_secs(if eureka_only { 30 } else { 5 });
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -799,8 +853,14 @@ impl PluginConfig {
             if !(2..=16).contains(&s.choice_count) {
                 return err(format!("{at}.choice_count"), "must be between 2 and 16");
             }
-            if s.refresh_interval.0 < 100 {
-                return err(format!("{at}.refresh_interval"), "must be at least 100ms");
+            if s.refresh_interval.0 < 100 || s.refresh_interval.0 > 3_600_000 {
+                return err(
+                    format!("{at}.refresh_interval"),
+                    "must be between 100ms and 1h",
+                );
+            }
+            if s.start_jitter.0 > 60_000 {
+                return err(format!("{at}.start_jitter"), "must be at most 60s");
             }
             if s.initial_fetch_timeout.0 > 60_000 {
                 return err(format!("{at}.initial_fetch_timeout"), "must be at most 60s");

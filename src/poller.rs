@@ -1,10 +1,17 @@
 //! Refresh schedule of one service: when to call each source, what to do with the
 //! answer, and when a new snapshot is due. No host calls: time and randomness come in.
 //!
-//! - A success schedules the next call after `refresh_interval`, or at once for a
-//!   Consul blocking query (which waits in Consul, not here). A blocking query that
-//!   returns unchanged within a second is treated as non-blocking, so a registry
-//!   that ignores `index` is not hammered.
+//! - A success schedules the next call on this poller's grid: the first point
+//!   `phase + k × refresh_interval` at least `refresh_interval` after the call was
+//!   sent, or at once for a Consul blocking query (which waits in Consul, not here).
+//!   The phase is drawn at random once per leader ([`ServicePoller::set_phase`]), so
+//!   a fleet that starts together spreads its polls over the interval from the second
+//!   call on, keeps its spread through registry outages (a source returns to its own
+//!   grid after backing off), and every service of one Envoy with the same interval is
+//!   due in the same tick, which lets identical calls be made once (Eureka's `/apps`).
+//!   `start_jitter` also delays the first call by a random time (0 = at once). A
+//!   blocking query that returns unchanged within a second is treated as
+//!   non-blocking, so a registry that ignores `index` is not hammered.
 //! - A failure keeps the source's last good list (stale-on-error) and retries after
 //!   an exponential, jittered backoff.
 //! - Sources are merged by `ip:port`; on a conflict the earlier source wins. Nothing
@@ -73,6 +80,8 @@ struct SourcePoll {
     next_due_ms: u64,
     failures: u32,
     in_flight: Option<(u64, u64)>, // (sent at, timeout)
+    /// When the call in flight was due (0: at once, the first call).
+    scheduled_ms: u64,
     again: u32,
     answered: bool,
     failed_once: bool,
@@ -84,6 +93,9 @@ struct SourcePoll {
 #[derive(Debug)]
 pub struct ServicePoller {
     refresh_ms: u64,
+    /// Offset of this poller's grid of calls (see [`ServicePoller::set_phase`]).
+    phase_ms: u64,
+    start_jitter_ms: u64,
     backoff_base_ms: u64,
     backoff_max_ms: u64,
     max_response_bytes: usize,
@@ -101,6 +113,19 @@ pub struct ServicePoller {
     pub guard_events: Vec<(&'static str, String)>,
     /// Slow start's metadata key for registration times (`None` without slow start).
     registered_at_key: Option<String>,
+}
+
+/// The first point of the grid `phase + k × interval` at least one interval after
+/// `from_ms`: on the grid, the next point; off it (a first call, a retry after a
+/// failure), between one and two intervals later.
+pub fn grid_after(phase_ms: u64, interval_ms: u64, from_ms: u64) -> u64 {
+    let i = interval_ms.max(1);
+    let t = from_ms.saturating_add(i);
+    if t <= phase_ms {
+        return phase_ms;
+    }
+    let k = (t - phase_ms).div_ceil(i);
+    phase_ms.saturating_add(k.saturating_mul(i))
 }
 
 /// What one registry answer did.
@@ -135,6 +160,8 @@ impl ServicePoller {
     pub fn new(svc: &ServiceConfig) -> ServicePoller {
         ServicePoller {
             refresh_ms: svc.refresh_interval.0,
+            phase_ms: 0,
+            start_jitter_ms: svc.start_jitter.0,
             backoff_base_ms: svc.backoff_base.0,
             backoff_max_ms: svc.backoff_max.0,
             max_response_bytes: svc.max_response_bytes,
@@ -146,6 +173,7 @@ impl ServicePoller {
                     next_due_ms: 0,
                     failures: 0,
                     in_flight: None,
+                    scheduled_ms: 0,
                     again: 0,
                     answered: false,
                     failed_once: false,
@@ -165,6 +193,20 @@ impl ServicePoller {
                 .as_ref()
                 .map(|s| s.registered_at_key.clone())
                 .filter(|k| !k.is_empty()),
+        }
+    }
+
+    /// Places this poller's calls on the grid `phase + k × refresh_interval` and,
+    /// with `start_jitter`, delays the first calls by a random time below it. `phase`
+    /// is one random number per leader, shared by its services.
+    pub fn set_phase(&mut self, phase: u64, now_ms: u64, rng: &mut impl Rng) {
+        self.phase_ms = phase % self.refresh_ms.max(1);
+        if self.start_jitter_ms > 0 {
+            for sp in &mut self.sources {
+                if matches!(sp.source, Feed::Registry(_)) && sp.next_due_ms <= now_ms {
+                    sp.next_due_ms = now_ms + rng.below(self.start_jitter_ms);
+                }
+            }
         }
     }
 
@@ -208,6 +250,7 @@ impl ServicePoller {
                 Feed::Registry(source) => {
                     let req = source.request(now_ms);
                     sp.in_flight = Some((now_ms, req.timeout_ms));
+                    sp.scheduled_ms = sp.next_due_ms;
                     out.push((i, req));
                 }
                 Feed::Static(list) => {
@@ -260,6 +303,13 @@ impl ServicePoller {
             return Outcome::Unchanged;
         };
         let sent = sp.in_flight.take().map(|(s, _)| s).unwrap_or(now_ms);
+        // From when the call was due, not when a tick sent it: the grid does not slip
+        // by the tick's lag (bounded, for a call long overdue, to half an interval).
+        let base = match sp.scheduled_ms {
+            0 => sent,
+            due => due.max(sent.saturating_sub(self.refresh_ms / 2)),
+        };
+        let next_on_grid = grid_after(self.phase_ms, self.refresh_ms, base);
         match source.on_response(resp, self.max_response_bytes) {
             Ok(Step::Again(why)) => {
                 sp.again += 1;
@@ -284,7 +334,7 @@ impl ServicePoller {
                 sp.next_due_ms = if source.is_blocking() && !quick {
                     now_ms
                 } else {
-                    now_ms + self.refresh_ms
+                    next_on_grid
                 };
                 self.last_ok_ms = now_ms;
                 if self.held.is_some() {
@@ -305,7 +355,7 @@ impl ServicePoller {
                 sp.next_due_ms = if source.is_blocking() {
                     now_ms
                 } else {
-                    now_ms + self.refresh_ms
+                    next_on_grid
                 };
                 sp.last_good = instances;
                 self.last_ok_ms = now_ms;
@@ -504,6 +554,137 @@ mod tests {
         ]
     }
 
+    /// Drives a non-blocking Consul source for `until_ms` with a tick of `tick_ms`,
+    /// answering every call at once with the same list; the times calls were sent.
+    fn call_times(p: &mut ServicePoller, start_ms: u64, until_ms: u64, tick_ms: u64) -> Vec<u64> {
+        let h = consul_ok("7");
+        let body = consul_body(&["10.0.0.1"]);
+        let mut rng = SplitMix64(3);
+        let mut sent = Vec::new();
+        let mut now = start_ms;
+        while now < until_ms {
+            for (i, _) in p.due(now) {
+                sent.push(now);
+                let resp = HttpResponse {
+                    status: 200,
+                    headers: &h,
+                    body: body.as_bytes(),
+                };
+                let out = p.on_response(i, &resp, now + 3, &mut rng);
+                assert!(!matches!(out, Outcome::Failed(_)), "{out:?}");
+            }
+            now += tick_ms;
+        }
+        sent
+    }
+
+    const NON_BLOCKING: &str = r#"{"consul":{"cluster":"c","blocking":false}}"#;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn polls_stay_on_the_grid_of_their_phase_despite_the_tick() {
+        let mut p = poller(NON_BLOCKING);
+        let mut rng = SplitMix64(9);
+        // Phase 10,250 ms on a 1 s grid: 250 ms past each second.
+        p.set_phase(10_250, 100_000, &mut rng);
+        let sent = call_times(&mut p, 100_000, 106_000, 70);
+        // The first call at once; the second on the grid at least an interval later,
+        // then one per interval, each at the first tick at or after its grid point.
+        assert_eq!(sent[0], 100_000);
+        assert!(sent[1] - sent[0] >= 1000, "{sent:?}");
+        let grid: Vec<u64> = sent[1..].iter().map(|t| (t - 250) / 1000).collect();
+        for w in grid.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "a grid point skipped or doubled: {sent:?}");
+        }
+        for t in &sent[1..] {
+            assert!(
+                (t - 250) % 1000 < 70,
+                "{t} is not the first tick after its grid point"
+            );
+        }
+        assert_eq!(sent.len(), 6, "{sent:?}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_fleet_started_together_spreads_its_polls_and_never_polls_twice_in_an_interval() {
+        // 50 pollers started in the same millisecond, each with its own random phase.
+        let mut rng = SplitMix64(42);
+        let mut all: Vec<u64> = Vec::new();
+        for _ in 0..50 {
+            let mut p = poller(NON_BLOCKING);
+            p.set_phase(rng.next_u64(), 0, &mut rng);
+            let sent = call_times(&mut p, 0, 10_000, 10);
+            for w in sent.windows(2) {
+                assert!(w[1] - w[0] >= 990, "two calls within an interval: {sent:?}");
+            }
+            all.extend(sent);
+        }
+        // After the first second (every first call), each 100 ms slot of the second
+        // holds about 50/10 of the calls: none holds more than 3x its share.
+        let mut per_slot = [0u32; 10];
+        for t in all.iter().filter(|t| **t >= 1000) {
+            per_slot[((t % 1000) / 100) as usize] += 1;
+        }
+        let total: u32 = per_slot.iter().sum();
+        assert!(total >= 50 * 8, "{total}");
+        for n in per_slot {
+            assert!(n * 10 <= total * 3, "polls bunched: {per_slot:?}");
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn after_a_failure_the_source_returns_to_its_own_grid() {
+        let mut p = poller(NON_BLOCKING);
+        let mut rng = SplitMix64(5);
+        p.set_phase(400, 0, &mut rng);
+        assert_eq!(call_times(&mut p, 0, 1500, 10), vec![0, 1400]);
+        // The next call (due at 2,400) fails; the retry after backoff succeeds.
+        let calls = p.due(2400);
+        assert_eq!(calls.len(), 1);
+        let out = p.dispatch_failed(0, 2400, &mut rng, "down".into());
+        assert!(matches!(out, Outcome::Failed(_)));
+        let sent = call_times(&mut p, 2410, 9000, 10);
+        assert!(sent[0] > 2400 && sent[0] < 4400, "{sent:?}");
+        for t in &sent[1..] {
+            assert_eq!(t % 1000, 400, "off its grid: {sent:?}");
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn start_jitter_delays_the_first_call_below_its_bound() {
+        let c = PluginConfig::parse(
+            br#"{"services":[{"name":"web","refresh_interval":"1s","start_jitter":"2s",
+                "sources":[{"consul":{"cluster":"c","blocking":false}}]}]}"#,
+        )
+        .unwrap();
+        let mut rng = SplitMix64(11);
+        let firsts: Vec<u64> = (0..40)
+            .map(|_| {
+                let mut p = ServicePoller::new(&c.services[0]);
+                p.set_phase(rng.next_u64(), 1000, &mut rng);
+                call_times(&mut p, 1000, 4000, 1)[0]
+            })
+            .collect();
+        assert!(
+            firsts.iter().all(|t| (1000..3000).contains(t)),
+            "{firsts:?}"
+        );
+        let distinct: std::collections::HashSet<_> = firsts.iter().collect();
+        assert!(distinct.len() > 30, "{firsts:?}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn refresh_interval_defaults_to_30s_for_eureka_only_services() {
+        let c = PluginConfig::parse(
+            br#"{"services":[
+                {"name":"a","sources":[{"eureka":{"cluster":"e"}}]},
+                {"name":"b","sources":[{"eureka":{"cluster":"e"}},{"static":{"instances":[{"address":"10.0.0.1","port":80}]}}]},
+                {"name":"c","refresh_interval":"2s","sources":[{"eureka":{"cluster":"e"}}]}]}"#,
+        )
+        .unwrap();
+        let i: Vec<u64> = c.services.iter().map(|s| s.refresh_interval.0).collect();
+        assert_eq!(i, vec![30_000, 5_000, 2_000]);
+    }
+
     #[wasm_bindgen_test(unsupported = test)]
     fn registration_time_comes_from_metadata_with_slow_start() {
         let sources = r#"{"static":{"instances":[
@@ -626,8 +807,10 @@ mod tests {
             30_030,
             &mut r,
         );
-        assert!(p.due(30_040).is_empty());
-        assert_eq!(p.due(31_030).len(), 1);
+        // The call was due at 30,020 (off the grid of phase 0): the next grid point
+        // at least an interval later.
+        assert!(p.due(31_999).is_empty());
+        assert_eq!(p.due(32_000).len(), 1);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

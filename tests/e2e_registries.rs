@@ -481,9 +481,26 @@ fn kubernetes_terminating_endpoint_gets_no_traffic() {
         3,
         "a in two slices counts once"
     );
+    // Lists from the watch cache: the first asks any version (0), the next ones
+    // not older than the last seen; none reads through to etcd.
+    let base = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io/service-name%3Dweb";
+    let t = Instant::now();
+    while k8s.request_log().len() < 2 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = k8s.request_log();
+    assert!(log.len() >= 2, "{log:?}");
+    assert_eq!(
+        log[0].0,
+        format!("{base}&resourceVersion=0&resourceVersionMatch=NotOlderThan")
+    );
+    let seen = format!(
+        "{base}&resourceVersion={}&resourceVersionMatch=NotOlderThan",
+        k8s.revision()
+    );
+    assert!(log[1..].iter().all(|r| r.0 == seen), "{log:?}");
+    assert_eq!(k8s.lists().1, 0, "a list read through to etcd");
     let last = log.last().expect("a request");
-    assert_eq!(last.0, "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io/service-name%3Dweb");
     assert_eq!(
         support::header(&last.1, "authorization"),
         Some("Bearer sa-token")
@@ -550,6 +567,36 @@ fn kubernetes_terminating_endpoint_gets_no_traffic() {
         "ready endpoint never served again"
     );
     assert_no_failed_refresh(&envoy);
+
+    // An API server replica whose watch cache lags the version last seen answers
+    // 504 "Too large resource version": one failed refresh, the last good list kept,
+    // and the next list asks for any version again, which the lagging cache serves.
+    let rev = k8s.revision();
+    let n0 = k8s.request_log().len();
+    k8s.set_cache_behind(Some(rev - 1));
+    let asked = |v: u64| format!("{base}&resourceVersion={v}&resourceVersionMatch=NotOlderThan");
+    let t = Instant::now();
+    let after = loop {
+        let after: Vec<String> = k8s.request_log()[n0..]
+            .iter()
+            .map(|r| r.0.clone())
+            .collect();
+        if after.contains(&asked(0)) || t.elapsed() > Duration::from_secs(8) {
+            break after;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let first_zero = after.iter().position(|p| *p == asked(0));
+    assert!(
+        first_zero.is_some_and(|z| z >= 1 && after[..z].iter().all(|p| *p == asked(rev))),
+        "{after:?}"
+    );
+    assert!(stat(&envoy, "web.refresh_failed") >= 1);
+    assert!(envoy.wait_for_log("Too large resource version", Duration::from_secs(1)));
+    let c = lb::tally(&envoy, 30);
+    assert_eq!(c.len(), 3, "last good list kept: {c:?}");
+    k8s.set_cache_behind(None);
+    assert_eq!(k8s.lists().1, 0, "a list read through to etcd");
 
     // A token without the permission: 403 Status, its message in the log.
     let viewer = K8S_SRC.replace(

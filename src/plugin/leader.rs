@@ -5,19 +5,26 @@
 use super::Plugin;
 use crate::envoy::Envoy;
 use crate::health_check::{HealthChecker, Transition};
+use crate::http_call::HttpRequest;
 use crate::instance::State;
 use crate::lease::{self, Decision, Lease};
 use crate::poller::{Outcome, ServicePoller};
 use crate::registry::HttpResponse;
+use crate::rng::Rng;
 use crate::snapshot::Snapshot;
 use crate::stats::{Stat, Stats};
 use std::collections::HashMap;
 
 /// What an outstanding call was for.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Call {
-    Registry { service: usize, source: usize },
-    Health { service: usize, slot: u32 },
+    /// A registry call, for every `(service, source)` that was due with the very same
+    /// request (made once, answered to each).
+    Registry(Vec<(usize, usize)>),
+    Health {
+        service: usize,
+        slot: u32,
+    },
 }
 
 pub(super) struct Leader {
@@ -100,8 +107,12 @@ impl<H: Envoy> Plugin<H> {
     fn become_leader(&mut self, now: u64) {
         let cfg = self.cfg.clone();
         let mut pollers = Vec::with_capacity(cfg.services.len());
+        // One random grid phase for all services: a fleet's polls spread over the
+        // interval, one Envoy's services with the same interval are due together.
+        let phase = self.rng.next_u64();
         for (i, svc) in cfg.services.iter().enumerate() {
             let mut p = ServicePoller::new(svc);
+            p.set_phase(phase, now, &mut self.rng);
             if let (Some(bytes), _) = self.host.shared_get(&self.keys.snapshot[i]) {
                 if let Ok(snap) = Snapshot::decode(&bytes) {
                     p.adopt(snap);
@@ -176,27 +187,34 @@ impl<H: Envoy> Plugin<H> {
         log::warn!("registry-lb: service {name}: slot {slot} active health check {what} (last status {status})");
     }
 
-    /// Dispatch the registry calls that are due.
+    /// Dispatch the registry calls that are due. Identical calls due in the same tick
+    /// (several services read from one Eureka `/apps`) are made once.
     fn poll(&mut self, now: u64) {
         let Some(pollers) = self.leader.pollers.as_mut() else {
             return;
         };
+        let mut due: Vec<(HttpRequest, Vec<(usize, usize)>)> = Vec::new();
         for (si, p) in pollers.iter_mut().enumerate() {
             for (src, req) in p.due(now) {
-                match self.host.dispatch(&req) {
-                    Ok(token) => {
-                        self.leader.calls.insert(
-                            token,
-                            Call::Registry {
-                                service: si,
-                                source: src,
-                            },
-                        );
-                    }
-                    Err(e) => {
+                match due.iter_mut().find(|(r, _)| *r == req) {
+                    Some((_, who)) => who.push((si, src)),
+                    None => due.push((req, vec![(si, src)])),
+                }
+            }
+        }
+        for (req, who) in due {
+            match self.host.dispatch(&req) {
+                Ok(token) => {
+                    self.leader.calls.insert(token, Call::Registry(who));
+                }
+                Err(e) => {
+                    let why = format!("cannot call cluster `{}`: {e}", req.cluster);
+                    for (si, src) in who {
+                        let Some(p) = pollers.get_mut(si) else {
+                            continue;
+                        };
+                        let out = p.dispatch_failed(src, now, &mut self.rng, why.clone());
                         let name = &self.cfg.services[si].name;
-                        let why = format!("cannot call cluster `{}`: {e}", req.cluster);
-                        let out = p.dispatch_failed(src, now, &mut self.rng, why);
                         report(&mut self.stats, &self.host, name, src, &out);
                     }
                 }
@@ -301,8 +319,8 @@ impl<H: Envoy> Plugin<H> {
         };
         let started_us = self.host.now_us();
         let now = started_us / 1000;
-        let (si, src) = match call {
-            Call::Registry { service, source } => (service, source),
+        let who = match call {
+            Call::Registry(who) => who,
             Call::Health { service, slot } => {
                 let a = self.host.call_answer(num_headers, 0, 0);
                 self.on_health_result(service, slot, status_of(&a.headers), now);
@@ -310,62 +328,72 @@ impl<H: Envoy> Plugin<H> {
             }
         };
         let cfg = self.cfg.clone();
-        let Some(svc) = cfg.services.get(si) else {
-            return;
-        };
-        let Some(mut pollers) = self.leader.pollers.take() else {
-            return;
-        };
-        let Some(p) = pollers.get_mut(si) else {
-            self.leader.pollers = Some(pollers);
-            return;
-        };
-        let max = svc.max_response_bytes;
-        let name = &svc.name;
+        // The body is read once, up to the largest limit among the services it is for.
+        let max = who
+            .iter()
+            .filter_map(|&(si, _)| cfg.services.get(si))
+            .map(|s| s.max_response_bytes)
+            .max()
+            .unwrap_or(0);
         // No headers means a reset or an answer Envoy would not buffer (over its own
         // 32 MiB limit): the header map is then not read.
         let answer = self.host.call_answer(num_headers, body_size, max);
         let copied_us = self.host.now_us();
-        let out = if num_headers == 0 {
-            p.dispatch_failed(
-                src,
-                now,
-                &mut self.rng,
-                "call reset, or answer too large for Envoy to buffer".into(),
-            )
-        } else if body_size > max {
-            p.answer_too_large(src, now, &mut self.rng, body_size)
-        } else {
-            p.on_response(
-                src,
-                &HttpResponse {
-                    status: status_of(&answer.headers),
-                    headers: &answer.headers,
-                    body: &answer.body,
-                },
-                now,
-                &mut self.rng,
-            )
-        };
-        report(&mut self.stats, &self.host, name, src, &out);
-        let parsed_us = self.host.now_us();
-        // Publishing at once saves a tick; calls are only ever dispatched from on_tick.
-        self.publish_one(si, p, now);
-        self.leader.pollers = Some(pollers);
-        // This thread's time on the answer: copying the body in, parsing, publishing.
-        let done_us = self.host.now_us();
-        let took_us = done_us.saturating_sub(started_us);
-        self.stats
-            .set(&self.host, name, Stat::RefreshLastUs, took_us);
-        self.stats
-            .add(&self.host, name, Stat::RefreshTotalUs, took_us as i64);
-        log::debug!(
-            "registry-lb: service {name}: source {src}: answer of {body_size} bytes handled in {took_us} us ({}): copy {} us, parse {} us, publish {} us",
-            out.kind(),
-            copied_us.saturating_sub(started_us),
-            parsed_us.saturating_sub(copied_us),
-            done_us.saturating_sub(parsed_us),
-        );
+        for (si, src) in who {
+            let Some(svc) = cfg.services.get(si) else {
+                continue;
+            };
+            let Some(mut pollers) = self.leader.pollers.take() else {
+                return;
+            };
+            let Some(p) = pollers.get_mut(si) else {
+                self.leader.pollers = Some(pollers);
+                continue;
+            };
+            let name = &svc.name;
+            let begin_us = self.host.now_us();
+            let out = if num_headers == 0 {
+                p.dispatch_failed(
+                    src,
+                    now,
+                    &mut self.rng,
+                    "call reset, or answer too large for Envoy to buffer".into(),
+                )
+            } else if body_size > svc.max_response_bytes {
+                p.answer_too_large(src, now, &mut self.rng, body_size)
+            } else {
+                p.on_response(
+                    src,
+                    &HttpResponse {
+                        status: status_of(&answer.headers),
+                        headers: &answer.headers,
+                        body: &answer.body,
+                    },
+                    now,
+                    &mut self.rng,
+                )
+            };
+            report(&mut self.stats, &self.host, name, src, &out);
+            let parsed_us = self.host.now_us();
+            // Publishing at once saves a tick; calls are only ever dispatched from on_tick.
+            self.publish_one(si, p, now);
+            self.leader.pollers = Some(pollers);
+            // This thread's time on the answer for this service: copying the body in
+            // (once per call), parsing, publishing.
+            let done_us = self.host.now_us();
+            let took_us = done_us.saturating_sub(begin_us) + copied_us.saturating_sub(started_us);
+            self.stats
+                .set(&self.host, name, Stat::RefreshLastUs, took_us);
+            self.stats
+                .add(&self.host, name, Stat::RefreshTotalUs, took_us as i64);
+            log::debug!(
+                "registry-lb: service {name}: source {src}: answer of {body_size} bytes handled in {took_us} us ({}): copy {} us, parse {} us, publish {} us",
+                out.kind(),
+                copied_us.saturating_sub(started_us),
+                parsed_us.saturating_sub(begin_us),
+                done_us.saturating_sub(parsed_us),
+            );
+        }
     }
 }
 

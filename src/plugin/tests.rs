@@ -936,3 +936,106 @@ fn the_cluster_and_authority_are_read_only_when_a_service_claims_them() {
         ["xds.route_name", "xds.cluster_name", ":authority"]
     );
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn services_on_one_eureka_share_one_apps_call_per_interval() {
+    let src = r#"{ "eureka": { "cluster": "eureka", "app": "APPNAME" } }"#;
+    let svc = |name: &str, app: &str| {
+        format!(
+            r#"{{ "name": "{name}", "refresh_interval": "1s", "sources": [ {} ] }}"#,
+            src.replace("APPNAME", app)
+        )
+    };
+    let cfg = format!(
+        r#"{{ "tick": "50ms", "services": [ {}, {}, {} ] }}"#,
+        svc("web", "web"),
+        svc("api", "api"),
+        svc("pay", "pay")
+    );
+    let mut p = configure(FakeEnvoy::new(), &cfg, 7);
+    let instance = |ip: &str| {
+        format!(
+            r#"{{"instanceId":"{ip}","ipAddr":"{ip}","status":"UP","port":{{"$":8080,"@enabled":"true"}}}}"#
+        )
+    };
+    let body = format!(
+        r#"{{"applications":{{"versions__delta":"1","apps__hashcode":"UP_3_","application":[
+            {{"name":"WEB","instance":[{}]}},{{"name":"API","instance":[{}]}},{{"name":"PAY","instance":[{}]}}]}}}}"#,
+        instance("10.0.0.1"),
+        instance("10.0.0.2"),
+        instance("10.0.0.3")
+    );
+    // 5 s of ticks, every call answered at once.
+    let mut answered = 0;
+    for _ in 0..100 {
+        p.on_tick();
+        let n = p.host.dispatched.borrow().len() as u32;
+        while answered < n {
+            answered += 1;
+            *p.host.answer.borrow_mut() = Some(crate::envoy::CallAnswer {
+                headers: vec![
+                    (":status".into(), "200".into()),
+                    ("content-type".into(), "application/json".into()),
+                ],
+                body: body.clone().into_bytes(),
+            });
+            p.on_call_answer(answered, 2, body.len());
+        }
+        p.host.advance_ms(50);
+    }
+    let calls = p.host.dispatched.borrow().clone();
+    assert!(calls.iter().all(|c| c.path == "/eureka/apps"), "{calls:?}");
+    // One call per interval for the three services (the first at once, then on the
+    // grid): 5 or 6 in 5 s, not 15.
+    assert!((5..=6).contains(&calls.len()), "{} calls", calls.len());
+    for (i, (name, ip)) in [
+        ("web", "10.0.0.1"),
+        ("api", "10.0.0.2"),
+        ("pay", "10.0.0.3"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(
+            p.host.stat(&format!("{name}.snapshot_version")),
+            1,
+            "{name}"
+        );
+        assert_eq!(
+            p.host.stat(&format!("{name}.instances_healthy")),
+            1,
+            "{name}"
+        );
+        assert_eq!(
+            p.host.stat(&format!("{name}.refresh_unchanged")),
+            calls.len() as i64 - 1,
+            "{name}: every answer read for it"
+        );
+        let (bytes, _) = p.host.shared_get(&p.keys.snapshot[i]);
+        let snap = crate::snapshot::Snapshot::decode(&bytes.unwrap()).unwrap();
+        let addrs: Vec<String> = snap
+            .entries
+            .iter()
+            .map(|e| e.instance.addr.to_string())
+            .collect();
+        assert_eq!(
+            addrs,
+            [format!("{ip}:8080")],
+            "{name} got its own application"
+        );
+    }
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_lone_eureka_service_reads_its_own_application() {
+    let cfg = r#"{ "tick": "50ms", "services": [ { "name": "web",
+        "sources": [ { "eureka": { "cluster": "eureka" } } ] } ] }"#;
+    let mut p = configure(FakeEnvoy::new(), cfg, 7);
+    for _ in 0..3 {
+        p.on_tick();
+        p.host.advance_ms(50);
+    }
+    let calls = p.host.dispatched.borrow().clone();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].path, "/eureka/apps/WEB");
+}

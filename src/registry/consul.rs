@@ -6,6 +6,17 @@
 //! out: `TaggedAddresses` (lan/wan selection), Connect sidecar addresses, namespaces
 //! and partitions (Enterprise).
 //!
+//! Read load (`consistency`, `cached`), after Consul's "Consistency Modes" and "Agent
+//! Caching": by default the agent forwards each query to the leader server. With
+//! `consistency: "stale"` any server answers from its own state (`?stale`), which
+//! spreads a fleet's reads over every server for an answer that lags the leader by
+//! its replication delay (Consul reports it in `X-Consul-LastContact`, typically
+//! milliseconds). `consistency: "consistent"` (`?consistent`) makes the leader
+//! confirm its leadership first: one more round trip, only for readers that must
+//! never see an old list. `cached: true` (`?cached`) has the local agent answer from
+//! its cache, which the agent keeps current with its own blocking query: every
+//! proxy on a node then costs the servers one query per service, not one each.
+//!
 //! Auth: a fixed ACL `token` (`X-Consul-Token`), or an ACL auth method: `POST
 //! /v1/acl/login` with a bearer token yields a token (`SecretID`) that may expire;
 //! when Consul refuses it (403 "ACL not found"), the source logs in again at once.
@@ -55,6 +66,21 @@ pub struct ConsulConfig {
     /// `wait` of a blocking query.
     #[serde(default = "default_consul_wait")]
     pub wait: Millis,
+    /// `default` | `stale` | `consistent` (see the module doc).
+    #[serde(default)]
+    pub consistency: Consistency,
+    /// Answers from the local agent's cache (`?cached`; see the module doc).
+    #[serde(default)]
+    pub cached: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    #[default]
+    Default,
+    Stale,
+    Consistent,
 }
 
 fn default_true() -> bool {
@@ -89,6 +115,14 @@ impl ConsulConfig {
                 at,
                 "auth_method",
                 "auth_method and bearer_token go together",
+            );
+        }
+        if self.cached && self.consistency == Consistency::Consistent {
+            // Consul refuses `?cached` with `?consistent`: a cache cannot be linearizable.
+            return field_err(
+                at,
+                "cached",
+                "cannot be combined with consistency \"consistent\"",
             );
         }
         if self.auth_method.is_some() && self.token.is_some() {
@@ -160,6 +194,14 @@ impl Consul {
         }
         if let Some(tag) = &self.cfg.tag {
             q.push(format!("tag={}", encode_component(tag)));
+        }
+        match self.cfg.consistency {
+            Consistency::Default => {}
+            Consistency::Stale => q.push("stale".into()),
+            Consistency::Consistent => q.push("consistent".into()),
+        }
+        if self.cfg.cached {
+            q.push("cached".into());
         }
         let mut timeout_ms = self.request_timeout_ms;
         if self.cfg.blocking && self.index > 0 {
@@ -596,5 +638,33 @@ mod tests {
             let e = one_source(src).unwrap_err();
             assert_eq!(e.0, want, "{src}");
         }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn stale_consistent_and_cached_reads_are_asked_as_consul_spells_them() {
+        let path = |extra: &str| consul(extra).request().path;
+        assert_eq!(path(""), "/v1/health/service/web");
+        assert_eq!(
+            path(r#","consistency":"stale","cached":true,"passing_only":true"#),
+            "/v1/health/service/web?passing=1&stale&cached"
+        );
+        assert_eq!(
+            path(r#","consistency":"consistent""#),
+            "/v1/health/service/web?consistent"
+        );
+        // Blocking queries keep their index and wait with either.
+        let mut c = consul(r#","consistency":"stale","cached":true"#);
+        c.index = 42;
+        assert_eq!(
+            c.request().path,
+            "/v1/health/service/web?stale&cached&index=42&wait=30000ms"
+        );
+        // Consul refuses ?cached with ?consistent (400): refused here first.
+        let e =
+            one_source(r#"{"consul":{"cluster":"c","cached":true,"consistency":"consistent"}}"#)
+                .unwrap_err();
+        assert!(e.0.contains("cached"), "{e:?}");
+        let e = one_source(r#"{"consul":{"cluster":"c","consistency":"eventual"}}"#).unwrap_err();
+        assert!(e.0.contains("consistency"), "{e:?}");
     }
 }

@@ -13,6 +13,20 @@
 //! (else `metadata.zone`), `state` (`healthy` | `unhealthy` | `draining`, default
 //! healthy) and `metadata` are optional. The value etcd's own gRPC naming
 //! resolver writes, `{"Op":0,"Addr":"10.0.0.1:8080","Metadata":…}`, is accepted too.
+//! Change check (`change_check`, on by default): once a full range has been read at
+//! revision R with N keys, each poll first asks for the keys under the prefix
+//! modified after R (`keys_only`, `min_mod_revision: R+1`): etcd answers those keys
+//! (none when nothing changed) and `count`, the number of keys in the whole range
+//! (filters do not apply to it), so an unchanged prefix costs an answer of ~150
+//! bytes instead of every value, and a change (a key written, or the count moved
+//! by a delete) is followed at once by the full range. Unrelated writes elsewhere
+//! in etcd move the revision but not the check.
+//!
+//! `serializable: true` sends `serializable` ranges: any member answers from its own
+//! state without a round of consensus (etcd's "serializable read"), which spreads a
+//! fleet's reads over the cluster, at the price of an answer that may lag the
+//! leader by the member's replication delay.
+//!
 //! Left out: watches (a watch stream never ends; polling the range is simpler and
 //! bounded), ranges over 10,000 keys in pages.
 
@@ -41,6 +55,16 @@ pub struct EtcdConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// Serializable ranges: any member answers from local state (see the module doc).
+    #[serde(default)]
+    pub serializable: bool,
+    /// A cheap check for changes before each full range (see the module doc).
+    #[serde(default = "default_true")]
+    pub change_check: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl EtcdConfig {
@@ -79,11 +103,14 @@ pub struct Etcd {
     pending: Pending,
     /// Last `header.revision` applied; 0 = none.
     pub revision: i64,
+    /// Keys in the range at `revision`; -1 = unknown (the next poll reads it all).
+    pub count: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Pending {
     Login,
+    Check,
     Range,
 }
 
@@ -93,6 +120,8 @@ struct RangeHeaderOnly<'a> {
     header: Option<Header>,
     #[serde(borrow, default)]
     kvs: Option<&'a RawValue>,
+    #[serde(default)]
+    count: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -126,7 +155,19 @@ impl Etcd {
             token: None,
             pending: Pending::Range,
             revision: 0,
+            count: -1,
         }
+    }
+
+    /// Change token carried to another poller: `<revision>/<count>`.
+    pub fn token(&self) -> String {
+        format!("{}/{}", self.revision, self.count)
+    }
+
+    pub fn restore_token(&mut self, token: &str) {
+        let (rev, count) = token.split_once('/').unwrap_or((token, "-1"));
+        self.revision = rev.parse().unwrap_or(0);
+        self.count = count.parse().unwrap_or(-1);
     }
 
     pub fn request(&mut self) -> HttpRequest {
@@ -138,14 +179,29 @@ impl Etcd {
                 ("/v3/auth/authenticate", body.to_string())
             }
             _ => {
-                self.pending = Pending::Range;
                 if let Some(t) = &self.token {
                     headers.push(("authorization".to_string(), t.clone()));
                 }
-                let body = serde_json::json!({
+                let mut body = serde_json::json!({
                     "key": B64.encode(self.prefix.as_bytes()),
                     "range_end": B64.encode(prefix_end(self.prefix.as_bytes())),
                 });
+                let check = self.cfg.change_check
+                    && self.revision > 0
+                    && self.count >= 0
+                    && self.pending != Pending::Check;
+                if check {
+                    body["keys_only"] = true.into();
+                    body["min_mod_revision"] = self.revision.saturating_add(1).to_string().into();
+                }
+                if self.cfg.serializable {
+                    body["serializable"] = true.into();
+                }
+                self.pending = if check {
+                    Pending::Check
+                } else {
+                    Pending::Range
+                };
                 ("/v3/kv/range", body.to_string())
             }
         };
@@ -178,7 +234,8 @@ impl Etcd {
                     excerpt(resp.body)
                 ))),
             },
-            Pending::Range => match resp.status {
+            Pending::Check | Pending::Range => match resp.status {
+                200 if self.pending == Pending::Check => self.on_check(resp.body),
                 200 => self.on_range(resp.body),
                 401 if self.token.is_some() => {
                     // Expired or revoked token: log in again right away.
@@ -202,6 +259,23 @@ impl Etcd {
         }
     }
 
+    /// The change check's answer: keys modified since `revision`, and the range's count.
+    fn on_check(&mut self, body: &[u8]) -> Result<Step, RegistryError> {
+        let head: RangeHeaderOnly = serde_json::from_slice(body)
+            .map_err(|e| RegistryError::Malformed(format!("etcd range (change check): {e}")))?;
+        let count = head.count.as_deref().map_or(Ok(0), str::parse::<i64>);
+        let modified = head.kvs.is_some_and(|k| k.get().trim() != "[]");
+        match count {
+            Ok(c) if c == self.count && !modified => {
+                // Read the whole range next time only if something changes.
+                self.pending = Pending::Range;
+                Ok(Step::Unchanged)
+            }
+            // Changed (or an answer that cannot tell): the full range, at once.
+            _ => Ok(Step::Again("changed")),
+        }
+    }
+
     fn on_range(&mut self, body: &[u8]) -> Result<Step, RegistryError> {
         let head: RangeHeaderOnly = serde_json::from_slice(body)
             .map_err(|e| RegistryError::Malformed(format!("etcd range: {e}")))?;
@@ -210,7 +284,7 @@ impl Etcd {
             .and_then(|h| h.revision)
             .and_then(|r| r.parse().ok())
             .ok_or_else(|| RegistryError::Malformed("etcd range: no header.revision".into()))?;
-        if revision == self.revision {
+        if revision == self.revision && self.count >= 0 {
             return Ok(Step::Unchanged);
         }
         let kvs: Vec<Kv> = match head.kvs {
@@ -220,6 +294,11 @@ impl Etcd {
         };
         let (instances, rejected) = parse_kvs(&kvs);
         self.revision = revision;
+        self.count = head
+            .count
+            .as_deref()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(kvs.len() as i64);
         Ok(Step::Instances {
             instances,
             rejected,
@@ -380,7 +459,7 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn parses_captured_range_and_skips_unchanged_revision() {
-        let mut e = etcd("");
+        let mut e = etcd(r#","change_check":false"#);
         e.request();
         let step = e.on_response(&ok(RANGE)).unwrap();
         let Step::Instances {
@@ -406,6 +485,98 @@ mod tests {
         assert_eq!(e.revision, 4);
         e.request();
         assert_eq!(e.on_response(&ok(RANGE)).unwrap(), Step::Unchanged);
+    }
+
+    /// A check answer as etcd 3.4 gives it (recorded shape): the keys modified since
+    /// the revision asked, omitted when none, and the whole range's count, omitted at 0.
+    fn check_answer(revision: u64, keys: &[&str], count: u64) -> String {
+        let kvs: Vec<String> = keys
+            .iter()
+            .map(|k| {
+                format!(
+                    r#"{{"key":"{}","create_revision":"3","mod_revision":"6","version":"2"}}"#,
+                    B64.encode(k)
+                )
+            })
+            .collect();
+        let mut s = format!(
+            r#"{{"header":{{"cluster_id":"14841639068965178418","member_id":"10276657743932975437","revision":"{revision}","raft_term":"2"}}"#
+        );
+        if !kvs.is_empty() {
+            s.push_str(&format!(r#","kvs":[{}]"#, kvs.join(",")));
+        }
+        if count > 0 {
+            s.push_str(&format!(r#","count":"{count}""#));
+        }
+        s.push('}');
+        s
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn change_check_reads_the_range_only_when_the_prefix_changed() {
+        let mut e = etcd(r#","serializable":true"#);
+        let first: Value = serde_json::from_slice(&e.request().body).unwrap();
+        assert_eq!(
+            first.get("keys_only"),
+            None,
+            "the first call reads everything"
+        );
+        assert_eq!(first["serializable"], true);
+        assert!(matches!(
+            e.on_response(&ok(RANGE)).unwrap(),
+            Step::Instances { .. }
+        ));
+        assert_eq!((e.revision, e.count), (4, 2));
+        // Unrelated writes moved the revision to 9; nothing under the prefix changed.
+        let check: Value = serde_json::from_slice(&e.request().body).unwrap();
+        assert_eq!(check["keys_only"], true);
+        assert_eq!(check["min_mod_revision"], "5");
+        assert_eq!(check["serializable"], true);
+        assert_eq!(check["key"], first["key"]);
+        assert_eq!(
+            e.on_response(&ok(&check_answer(9, &[], 2))).unwrap(),
+            Step::Unchanged
+        );
+        // A key written under the prefix: the full range follows at once.
+        e.request();
+        assert_eq!(
+            e.on_response(&ok(&check_answer(10, &["/services/web/a"], 2)))
+                .unwrap(),
+            Step::Again("changed")
+        );
+        let full: Value = serde_json::from_slice(&e.request().body).unwrap();
+        assert_eq!(full.get("keys_only"), None);
+        assert!(matches!(
+            e.on_response(&ok(RANGE)).unwrap(),
+            Step::Unchanged | Step::Instances { .. }
+        ));
+        // A key deleted: nothing modified since, but the count moved.
+        e.request();
+        assert_eq!(
+            e.on_response(&ok(&check_answer(11, &[], 1))).unwrap(),
+            Step::Again("changed")
+        );
+        // Every key deleted: no kvs and no count (etcd omits zeros).
+        e.request();
+        assert!(matches!(
+            e.on_response(&ok(RANGE)).unwrap(),
+            Step::Unchanged | Step::Instances { .. }
+        ));
+        e.request();
+        assert_eq!(
+            e.on_response(&ok(&check_answer(12, &[], 0))).unwrap(),
+            Step::Again("changed")
+        );
+        // The change token carries the count to another poller.
+        let mut other = etcd("");
+        other.restore_token(&e.token());
+        let c: Value = serde_json::from_slice(&other.request().body).unwrap();
+        assert_eq!(c["keys_only"], true);
+        // An old token without a count: the next call reads the whole range.
+        let mut old = etcd("");
+        old.restore_token("4");
+        let c: Value = serde_json::from_slice(&old.request().body).unwrap();
+        assert_eq!(c.get("keys_only"), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -1,5 +1,15 @@
-//! Eureka: `GET <path_prefix>/apps/<APP>` with `Accept: application/json`, polled
-//! every `refresh_interval`.
+//! Eureka: `GET <path_prefix>/apps` (every application, one call shared by all the
+//! services an Envoy reads from one Eureka) or `GET <path_prefix>/apps/<APP>`, with
+//! `Accept: application/json`, polled every `refresh_interval` (30s by default for a
+//! service fed only by Eureka: the server answers both from a response cache it
+//! refreshes every 30s, `eureka.server.responseCacheUpdateIntervalMs`).
+//!
+//! `fetch`: `auto` (default) reads `/apps` when two or more services of the
+//! configuration read the same Eureka (same cluster, prefix and credentials) — one
+//! request per interval for all of them, as Eureka's own clients fetch — and
+//! `/apps/<APP>` when only one does (fewer bytes for the same one request); `all` and
+//! `app` force either. `/apps/delta` is left out: applying deltas needs the full
+//! list kept between calls and Eureka's hash-code check, for a saving in bytes only.
 //!
 //! Reference: Netflix Eureka REST operations and its JSON codec (`EurekaJacksonCodec`).
 //! The answer is `{"application":{"name":…,"instance":[…]}}`; older servers (the
@@ -29,6 +39,7 @@ use crate::validate::{field_err, printable, ConfigError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -59,6 +70,21 @@ pub struct EurekaConfig {
     /// Instance metadata key holding the zone.
     #[serde(default = "default_zone_key")]
     pub zone_key: String,
+    /// `auto` | `all` (`GET /apps`) | `app` (`GET /apps/<APP>`); see the module doc.
+    #[serde(default)]
+    pub fetch: Fetch,
+    /// What `fetch` resolved to for this configuration (set after parsing).
+    #[serde(skip)]
+    pub fetch_all: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Fetch {
+    #[default]
+    Auto,
+    All,
+    App,
 }
 
 fn default_eureka_prefix() -> String {
@@ -75,6 +101,18 @@ impl EurekaConfig {
     /// `:authority` of registry calls: `authority`, else the cluster name.
     pub fn authority(&self) -> &str {
         self.authority.as_deref().unwrap_or(&self.cluster)
+    }
+
+    /// Sources with the same key call the same Eureka the same way: `GET /apps` is
+    /// one call for all of them.
+    pub fn server_key(&self) -> (&str, &str, &str, Option<&str>, Option<&str>) {
+        (
+            &self.cluster,
+            self.authority(),
+            self.path_prefix.trim_end_matches('/'),
+            self.username.as_deref(),
+            self.password.as_deref(),
+        )
     }
 
     /// Checks what the types cannot; `at` names this source in errors
@@ -166,7 +204,11 @@ impl Eureka {
             cluster: self.cfg.cluster.clone(),
             method: "GET",
             authority: self.cfg.authority().to_string(),
-            path: format!("{prefix}/apps/{}", encode_component(&self.app)),
+            path: if self.cfg.fetch_all {
+                format!("{prefix}/apps")
+            } else {
+                format!("{prefix}/apps/{}", encode_component(&self.app))
+            },
             headers,
             body: Vec::new(),
             timeout_ms: self.request_timeout_ms,
@@ -197,7 +239,17 @@ impl Eureka {
             }
             s => return Err(RegistryError::Status(s, excerpt(resp.body))),
         }
-        let (instances, rejected) = parse(resp.body, &self.app, &self.cfg)?;
+        let Some((instances, rejected)) = parse_app(resp.body, &self.app, &self.cfg)? else {
+            // In `/apps`, an application without instances is left out, as `/apps/<APP>`
+            // answers 404: both keep the last good list.
+            return Err(RegistryError::Status(
+                404,
+                format!(
+                    "eureka lists no application `{}` (none registered, or all instances gone)",
+                    instance::truncate(&self.app, 64)
+                ),
+            ));
+        };
         let hash = snapshot::content_hash(instances.iter()) | 1;
         if hash == self.last_hash {
             return Ok(Step::Unchanged);
@@ -224,33 +276,84 @@ fn malformed(msg: impl Into<String>) -> RegistryError {
 }
 
 /// Parses `{"application":{…}}` (or a whole-registry `{"applications":{…}}`, taking
-/// the application named `app`).
+/// the application named `app`; none when it is not listed).
 pub fn parse(
     body: &[u8],
     app: &str,
     cfg: &EurekaConfig,
 ) -> Result<(Vec<Instance>, Vec<String>), RegistryError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
-    let application = if let Some(a) = v.get("application") {
-        Some(
-            a.as_object()
-                .ok_or_else(|| malformed("`application` is not an object"))?,
-        )
-    } else if let Some(apps) = v.get("applications") {
-        let list = apps.get("application").map(one_or_many).unwrap_or_default();
-        list.into_iter().filter_map(Value::as_object).find(|a| {
-            a.get("name")
-                .and_then(Value::as_str)
-                .is_some_and(|n| n.eq_ignore_ascii_case(app))
-        })
-    } else {
-        return Err(malformed(
-            "no `application` object (was the answer XML? `Accept: application/json` is sent)",
-        ));
-    };
-    let Some(application) = application else {
-        return Ok((Vec::new(), Vec::new()));
-    };
+    Ok(parse_app(body, app, cfg)?.unwrap_or_default())
+}
+
+/// A whole-registry answer, read only as far as each application's name: the
+/// instances of the others are skipped unparsed.
+#[derive(Deserialize)]
+struct Registry<'a> {
+    #[serde(borrow)]
+    applications: Option<Applications<'a>>,
+    #[serde(borrow)]
+    application: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Applications<'a> {
+    #[serde(borrow, default)]
+    application: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct NamedApp<'a> {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(borrow, default)]
+    instance: Option<&'a RawValue>,
+}
+
+/// Instances of one application, and the entries skipped (why, per entry).
+pub type Parsed = (Vec<Instance>, Vec<String>);
+
+/// As [`parse`], `None` when a whole-registry answer does not list `app`.
+pub fn parse_app(
+    body: &[u8],
+    app: &str,
+    cfg: &EurekaConfig,
+) -> Result<Option<Parsed>, RegistryError> {
+    let top: Registry = serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
+    let application: Value =
+        match (top.application, top.applications) {
+            (Some(a), _) => serde_json::from_str(a.get()).map_err(|e| malformed(e.to_string()))?,
+            (None, Some(apps)) => {
+                let Some(list) = apps.application else {
+                    return Ok(None);
+                };
+                // One application is written as an object by the older codec.
+                let list: Vec<NamedApp> = if list.get().trim_start().starts_with('{') {
+                    vec![serde_json::from_str(list.get()).map_err(|e| malformed(e.to_string()))?]
+                } else {
+                    serde_json::from_str(list.get()).map_err(|e| malformed(e.to_string()))?
+                };
+                let Some(found) = list.into_iter().find(|a| {
+                    a.name
+                        .as_deref()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(app))
+                }) else {
+                    return Ok(None);
+                };
+                let mut m = Map::new();
+                if let Some(i) = found.instance {
+                    let v: Value =
+                        serde_json::from_str(i.get()).map_err(|e| malformed(e.to_string()))?;
+                    m.insert("instance".to_string(), v);
+                }
+                Value::Object(m)
+            }
+            (None, None) => return Err(malformed(
+                "no `application` object (was the answer XML? `Accept: application/json` is sent)",
+            )),
+        };
+    let application = application
+        .as_object()
+        .ok_or_else(|| malformed("`application` is not an object"))?;
     let raw = match application.get("instance") {
         None | Some(Value::Null) => Vec::new(),
         Some(i @ (Value::Array(_) | Value::Object(_))) => one_or_many(i),
@@ -275,7 +378,7 @@ pub fn parse(
             Err(e) => rejected.push(format!("instance `{name}`: {e}")),
         }
     }
-    Ok((out, rejected))
+    Ok(Some((out, rejected)))
 }
 
 /// An array's elements, or the value itself (the older single-object shape).
@@ -488,13 +591,13 @@ mod tests {
         );
         // The same list again: unchanged.
         assert_eq!(e.on_response(&resp(200, FARGO)).unwrap(), Step::Unchanged);
-        // Another app in a whole-registry answer: empty.
+        // An app a whole-registry answer does not list: as `/apps/<APP>`'s 404, an
+        // error that keeps the last good list.
         let mut other = eureka(r#","app":"nope""#);
-        assert_eq!(
-            instances(other.on_response(&resp(200, FARGO)).unwrap())
-                .0
-                .len(),
-            0
+        let e = other.on_response(&resp(200, FARGO)).unwrap_err();
+        assert!(
+            matches!(&e, RegistryError::Status(404, m) if m.contains("eureka lists no application `NOPE`")),
+            "{e:?}"
         );
     }
 

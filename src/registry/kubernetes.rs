@@ -12,6 +12,17 @@
 //! `address:port` in several slices (possible while slices are rebalanced) counts
 //! once, in its best state. 401/403 answers are `Status` objects: their `message`
 //! is put in the auth error. FQDN slices are refused per address (IP literals only).
+//!
+//! Read load (`watch_cache`, on by default), after "API concepts — Resource versions":
+//! a list without `resourceVersion` is a quorum read through to etcd on every call.
+//! Each list here instead asks `resourceVersionMatch=NotOlderThan` with the last
+//! `resourceVersion` seen (`0` at first: any), which the API server answers from its
+//! watch cache — no etcd read — and which never goes back in time, even across API
+//! server replicas. A replica whose cache is behind waits up to 3s and answers 504
+//! "Too large resource version"; the source then forgets its version (the next list
+//! asks `0`) and keeps the last good list meanwhile. A watch (`watch=1`) is left out:
+//! `dispatch_http_call` hands over an answer only when the call ends, so a change in
+//! a long-poll watch would arrive only at its `timeoutSeconds`.
 
 use super::{
     encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError,
@@ -42,6 +53,14 @@ pub struct KubernetesConfig {
     /// Bearer token (e.g. a ServiceAccount token allowed to list endpointslices).
     #[serde(default)]
     pub token: Option<String>,
+    /// Lists served from the API server's watch cache (see the module doc); `false`
+    /// reads through to etcd every time.
+    #[serde(default = "default_true")]
+    pub watch_cache: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_k8s_namespace() -> String {
@@ -222,11 +241,24 @@ impl Kubernetes {
             cluster: self.cfg.cluster.clone(),
             method: "GET",
             authority: self.cfg.authority().to_string(),
-            path: format!(
-                "/apis/discovery.k8s.io/v1/namespaces/{}/endpointslices?labelSelector=kubernetes.io/service-name%3D{}",
-                encode_component(&self.cfg.namespace),
-                encode_component(&self.service)
-            ),
+            path: {
+                let mut p = format!(
+                    "/apis/discovery.k8s.io/v1/namespaces/{}/endpointslices?labelSelector=kubernetes.io/service-name%3D{}",
+                    encode_component(&self.cfg.namespace),
+                    encode_component(&self.service)
+                );
+                if self.cfg.watch_cache {
+                    let rv = if self.resource_version.is_empty() {
+                        "0"
+                    } else {
+                        &self.resource_version
+                    };
+                    p.push_str("&resourceVersion=");
+                    p.push_str(&encode_component(rv));
+                    p.push_str("&resourceVersionMatch=NotOlderThan");
+                }
+                p
+            },
             headers,
             body: Vec::new(),
             timeout_ms: self.request_timeout_ms,
@@ -234,6 +266,13 @@ impl Kubernetes {
     }
 
     pub fn on_response(&mut self, resp: &HttpResponse) -> Result<Step, RegistryError> {
+        // A cache behind the version asked for (504 "Too large resource version"), or
+        // a version the server no longer knows (410 Gone): ask for any version next.
+        let too_large =
+            || String::from_utf8_lossy(resp.body).contains("Too large resource version");
+        if resp.status == 410 || (resp.status == 504 && too_large()) {
+            self.resource_version.clear();
+        }
         if let Some(e) = envoy_local_failure(resp) {
             return Err(e);
         }
@@ -453,7 +492,7 @@ mod tests {
         let r = k.request();
         assert_eq!(
             r.path,
-            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io/service-name%3Dexample"
+            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io/service-name%3Dexample&resourceVersion=0&resourceVersionMatch=NotOlderThan"
         );
         assert!(r
             .headers
@@ -463,8 +502,62 @@ mod tests {
         assert!(r
             .path
             .starts_with("/apis/discovery.k8s.io/v1/namespaces/prod/endpointslices?"));
-        assert!(r.path.ends_with("service-name%3Dweb-v2"));
+        assert!(r.path.contains("service-name%3Dweb-v2&resourceVersion=0&"));
         assert!(!r.headers.iter().any(|(h, _)| h == "authorization"));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn lists_ask_the_watch_cache_for_no_older_than_the_last_version() {
+        let base = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io/service-name%3Dexample";
+        let mut k = k8s("");
+        k.on_response(&resp(200, &list("4711", &[]))).unwrap();
+        assert_eq!(
+            k.request().path,
+            format!("{base}&resourceVersion=4711&resourceVersionMatch=NotOlderThan")
+        );
+        // A replica whose cache is behind: 504, then any version again.
+        let too_large = r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"Too large resource version: 4711, current: 4700","reason":"Timeout","details":{"causes":[{"reason":"ResourceVersionTooLarge","message":"Too large resource version"}],"retryAfterSeconds":1},"code":504}"#;
+        // As the API server sends it (Envoy adds the last header); not a reply of Envoy's own.
+        let headers: Vec<(String, String)> = [
+            ("audit-id", "5b1c6c1e-3d1f-4a83-9f7e-0d1c2b3a4f5e"),
+            ("cache-control", "no-cache, private"),
+            ("content-type", "application/json"),
+            (
+                "x-kubernetes-pf-flowschema-uid",
+                "e3a1b5f0-7d3c-4d5e-8f9a-0b1c2d3e4f5a",
+            ),
+            (
+                "x-kubernetes-pf-prioritylevel-uid",
+                "1a2b3c4d-5e6f-4a8b-9c0d-1e2f3a4b5c6d",
+            ),
+            ("date", "Mon, 30 Nov 2026 14:00:00 GMT"),
+            ("x-envoy-upstream-service-time", "3001"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let answer = HttpResponse {
+            status: 504,
+            headers: &headers,
+            body: too_large.as_bytes(),
+        };
+        let e = k.on_response(&answer).unwrap_err();
+        assert!(
+            matches!(&e, RegistryError::Status(504, m) if m.contains("Too large resource version")),
+            "{e:?}"
+        );
+        assert_eq!(
+            k.request().path,
+            format!("{base}&resourceVersion=0&resourceVersionMatch=NotOlderThan")
+        );
+        // Another failure keeps the version.
+        k.on_response(&resp(200, &list("4712", &[]))).unwrap();
+        let _ = k.on_response(&resp(500, "{}"));
+        assert!(k.request().path.contains("resourceVersion=4712&"));
+        // watch_cache off: no version, a read through to etcd.
+        let mut k = k8s(r#","watch_cache":false"#);
+        k.on_response(&resp(200, &list("4711", &[]))).unwrap();
+        assert_eq!(k.request().path, base);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

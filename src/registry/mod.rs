@@ -151,7 +151,7 @@ impl Source {
     pub fn token(&self) -> String {
         match self {
             Source::Consul(c) => c.index.to_string(),
-            Source::Etcd(e) => e.revision.to_string(),
+            Source::Etcd(e) => e.token(),
             Source::Nacos(n) => n.token(),
             Source::Eureka(e) => e.token(),
             Source::Kubernetes(k) => k.resource_version.clone(),
@@ -161,7 +161,7 @@ impl Source {
     pub fn restore_token(&mut self, token: &str) {
         match self {
             Source::Consul(c) => c.index = token.parse().unwrap_or(0),
-            Source::Etcd(e) => e.revision = token.parse().unwrap_or(0),
+            Source::Etcd(e) => e.restore_token(token),
             Source::Nacos(n) => n.restore_token(token),
             Source::Eureka(e) => e.restore_token(token),
             Source::Kubernetes(k) => k.resource_version = token.to_string(),

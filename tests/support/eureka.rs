@@ -1,4 +1,6 @@
-//! A fake Eureka server: `GET <prefix>/apps/<APP>` as Eureka's REST API answers it.
+//! A fake Eureka server: `GET <prefix>/apps/<APP>` and `GET <prefix>/apps` (every
+//! application with instances, as `{"applications":{"versions__delta":…,
+//! "apps__hashcode":"UP_3_",…,"application":[…]}}`) as Eureka's REST API answers them.
 //! JSON only when `Accept` mentions json (XML otherwise, as Eureka's resources do);
 //! 404 with an empty body for an application it does not know (or that has lost its
 //! last instance); optional HTTP basic auth (401 with `WWW-Authenticate`, as Spring
@@ -141,6 +143,31 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
                 Response::new(401, "").header("WWW-Authenticate", "Basic realm=\"Realm\""),
             );
         }
+    }
+    if req.path == format!("{}/apps", st.prefix) || req.path == format!("{}/apps/", st.prefix) {
+        if req.method != "GET" {
+            return Some(Response::new(405, ""));
+        }
+        let shape = st.shape.unwrap_or(Shape::Modern);
+        let mut names: Vec<&String> = st.apps.keys().filter(|a| !st.apps[*a].is_empty()).collect();
+        names.sort();
+        let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+        let apps: Vec<Value> = names
+            .iter()
+            .map(|app| {
+                let list: Vec<Value> = st.apps[*app]
+                    .iter()
+                    .map(|i| {
+                        *counts.entry(i.status.as_str()).or_default() += 1;
+                        instance_json(app, i, shape)
+                    })
+                    .collect();
+                json!({"name": app, "instance": list})
+            })
+            .collect();
+        let hashcode: String = counts.iter().map(|(s, n)| format!("{s}_{n}_")).collect();
+        let body = json!({"applications": {"versions__delta": "1", "apps__hashcode": hashcode, "application": apps}});
+        return Some(Response::json(200, &body.to_string()));
     }
     let apps_path = format!("{}/apps/", st.prefix);
     let Some(app) = req.path.strip_prefix(&apps_path) else {

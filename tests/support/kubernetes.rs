@@ -4,6 +4,14 @@
 //! is the store's revision, bumped on every change. Bearer-token auth: no or a wrong
 //! token → 401 `Status` "Unauthorized"; a token without the permission → 403 `Status`
 //! with the RBAC "forbidden" message. Unknown paths → 404 `Status`.
+//!
+//! `resourceVersion`/`resourceVersionMatch` as the API server reads them: a match
+//! without a version is refused (400, "resourceVersionMatch is forbidden unless
+//! resourceVersion is provided"); a list with a version is counted as served from the
+//! watch cache, one without as a quorum read from etcd; `NotOlderThan` a version the
+//! cache has not reached answers 504 "Too large resource version" (at once: the real
+//! server waits up to 3s first). [`FakeKubernetes::set_cache_behind`] makes the cache
+//! lag the store, as a replica behind the others.
 
 use super::http::{HttpServer, Request, RequestRecord, Response};
 use serde_json::{json, Value};
@@ -94,6 +102,11 @@ struct State {
     forbidden: HashSet<String>,
     requests: u64,
     log: Vec<RequestRecord>,
+    /// Lists answered from the watch cache / read from etcd.
+    cache_lists: u64,
+    quorum_lists: u64,
+    /// The watch cache's revision while it lags the store.
+    cache_behind: Option<u64>,
 }
 
 type Inner = super::Locked<State>;
@@ -226,6 +239,41 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
             }
         }
     };
+    let param = |name: &str| {
+        req.query_params()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v)
+    };
+    let (rv, rv_match) = (param("resourceVersion"), param("resourceVersionMatch"));
+    if rv_match.is_some() && rv.as_deref().map_or(true, str::is_empty) {
+        return Some(status(
+            400,
+            "BadRequest",
+            "resourceVersionMatch is forbidden unless resourceVersion is provided",
+            json!({}),
+        ));
+    }
+    let revision = match rv.as_deref() {
+        Some(v) if !v.is_empty() => {
+            st.cache_lists += 1;
+            let cache = st.cache_behind.unwrap_or(st.revision);
+            let asked: u64 = v.parse().unwrap_or(0);
+            if rv_match.as_deref() == Some("NotOlderThan") && asked > cache {
+                return Some(status(
+                    504,
+                    "Timeout",
+                    &format!("Too large resource version: {asked}, current: {cache}"),
+                    json!({"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}], "retryAfterSeconds": 1}),
+                ));
+            }
+            cache
+        }
+        _ => {
+            st.quorum_lists += 1;
+            st.revision
+        }
+    };
     let items: Vec<Value> = st
         .services
         .iter()
@@ -235,7 +283,7 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
     let body = json!({
         "kind": "EndpointSliceList",
         "apiVersion": "discovery.k8s.io/v1",
-        "metadata": {"resourceVersion": st.revision.to_string()},
+        "metadata": {"resourceVersion": revision.to_string()},
         "items": items
     });
     Some(
@@ -292,6 +340,20 @@ impl FakeKubernetes {
 
     pub fn requests(&self) -> u64 {
         self.inner.lock().requests
+    }
+
+    /// Lists answered from the watch cache (a `resourceVersion` was given) and read
+    /// through to etcd (none given).
+    pub fn lists(&self) -> (u64, u64) {
+        let st = self.inner.lock();
+        (st.cache_lists, st.quorum_lists)
+    }
+
+    /// The watch cache lags at `revision` (`None`: caught up with the store). Its
+    /// lists then report that revision (its content is the store's: only the
+    /// version matters here).
+    pub fn set_cache_behind(&self, revision: Option<u64>) {
+        self.inner.lock().cache_behind = revision;
     }
 
     pub fn request_log(&self) -> Vec<RequestRecord> {
