@@ -423,7 +423,13 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
         let cur = svc_index(&st, &svc);
         // index > current: Consul resets to 0 and answers at once.
         if n > 0 && n <= cur {
-            let deadline = Instant::now() + wait;
+            // Consul adds a random stagger of up to wait/16 (its `JitterFraction`).
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let stagger = wait / 16 * (nanos % 1000) / 1000;
+            let deadline = Instant::now() + wait + stagger;
             st = wait_while(inner, st, deadline, |s| {
                 !s.stopped && svc_index(s, &svc) <= n
             });

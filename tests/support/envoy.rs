@@ -9,7 +9,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an Envoy may take to be ready, in seconds (20; a test that starts many
+/// at once on a small machine may raise it).
+pub static READY_TIMEOUT_S: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(20);
+
+fn ready_timeout() -> Duration {
+    Duration::from_secs(READY_TIMEOUT_S.load(std::sync::atomic::Ordering::Relaxed))
+}
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Envoy config text with substitutions.
@@ -302,7 +308,7 @@ impl Envoy {
             _tmp: s.tmp,
         };
         let probe = agent(Duration::from_secs(1));
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + ready_timeout();
         loop {
             if let Some(child) = envoy.child.as_mut() {
                 if let Ok(Some(st)) = child.try_wait() {
@@ -325,7 +331,7 @@ impl Envoy {
                 thread::sleep(Duration::from_millis(150));
                 return Err(format!(
                     "Envoy not ready on admin port {admin_port} after {:?}; last 100 log lines:\n{}",
-                    READY_TIMEOUT,
+                    ready_timeout(),
                     tail(&envoy.log(), 100)
                 ));
             }
@@ -384,7 +390,7 @@ impl Envoy {
         let mut s = spawn(cfg, concurrency, "info", &[]);
         let admin = cfg.admin_port();
         let probe = agent(Duration::from_secs(1));
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + ready_timeout();
         let mut dispatch_seen_at: Option<Instant> = None;
         let outcome = loop {
             match s.child.try_wait() {

@@ -368,9 +368,32 @@ impl Etcd {
         });
     }
 
-    /// Not countable server-side; always 0 (kept for API compatibility).
+    /// A counter of etcd's own /metrics (Prometheus text, read with the real parser).
+    fn metric(&self, name: &str) -> f64 {
+        let (code, text, _) = http_request(
+            &self.agent,
+            "GET",
+            &format!("{}/metrics", self.url()),
+            &[],
+            None,
+        );
+        assert_eq!(code, 200, "etcd /metrics: {text}");
+        super::prometheus::samples(&text)
+            .into_iter()
+            .filter(|s| s.name == name)
+            .map(|s| s.value)
+            .sum()
+    }
+
+    /// Ranges this member has served (`etcd_mvcc_range_total`).
     pub fn range_requests(&self) -> u64 {
-        0
+        self.metric("etcd_mvcc_range_total") as u64
+    }
+
+    /// Bytes this member has sent to its clients, the JSON gateway's answers included
+    /// (`etcd_network_client_grpc_sent_bytes_total`).
+    pub fn sent_bytes(&self) -> f64 {
+        self.metric("etcd_network_client_grpc_sent_bytes_total")
     }
 
     /// Kill the server (e.g. to test an unreachable registry).

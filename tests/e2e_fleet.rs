@@ -1,0 +1,287 @@
+//! The registry load of a fleet, measured at the registries: 20 Envoys (concurrency
+//! 1), each reading one service from every registry the project reads (a Consul
+//! agent with blocking queries, real etcd, Nacos, Eureka, the Kubernetes API), all
+//! with `refresh_interval: 1s`. The steady request rate at each registry is checked
+//! against the fleet model of docs/fleet.md (proxies × services / interval for the
+//! polled registries; proxies × services / (wait + Consul's wait/32 mean jitter) for
+//! blocking queries), and all 20 restarted at once are checked to stay within 1.5 ×
+//! the steady rate in every one-interval window. Figures are printed (`--nocapture`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::thread;
+use std::time::{Duration, Instant};
+use support::{
+    lb, Backend, ConsulInstance, Envoy, EurekaInstance, FakeConsul, FakeEureka, FakeKubernetes,
+    FakeNacos, NacosInstance,
+};
+use support::{Etcd, K8sEndpoint, K8sSlice};
+
+const N: usize = 20;
+const INTERVAL: Duration = Duration::from_secs(1);
+const CONSUL_WAIT_S: f64 = 2.0;
+const REGISTRIES: [&str; 5] = ["consul", "etcd", "nacos", "eureka", "kubernetes"];
+
+struct Registries {
+    consul: FakeConsul,
+    etcd: Etcd,
+    nacos: FakeNacos,
+    eureka: FakeEureka,
+    k8s: FakeKubernetes,
+}
+
+impl Registries {
+    /// Requests each registry has received so far (etcd: its own range counter,
+    /// read from its /metrics with the Prometheus parser).
+    fn counts(&self) -> BTreeMap<&'static str, f64> {
+        BTreeMap::from([
+            ("consul", self.consul.requests() as f64),
+            ("etcd", self.etcd.range_requests() as f64),
+            ("nacos", self.nacos.list_requests() as f64),
+            ("eureka", self.eureka.requests() as f64),
+            ("kubernetes", self.k8s.requests() as f64),
+        ])
+    }
+}
+
+fn services() -> String {
+    let svc = |name: &str, src: String| {
+        format!(
+            r#"{{ "name": "{name}", "policy": "round_robin", "refresh_interval": "1s", "sources": [ {src} ] }}"#
+        )
+    };
+    let list = [
+        svc(
+            "web",
+            format!(
+                r#"{{ "consul": {{ "cluster": "consul", "service": "web", "wait": "{}s" }} }}"#,
+                CONSUL_WAIT_S
+            ),
+        ),
+        svc("web-etcd", r#"{ "etcd": { "cluster": "etcd", "prefix": "/services/web/" } }"#.into()),
+        svc(
+            "web-nacos",
+            r#"{ "nacos": { "cluster": "nacos", "service": "web", "group": "DEFAULT_GROUP", "api": "v1" } }"#.into(),
+        ),
+        svc("web-eureka", r#"{ "eureka": { "cluster": "eureka", "app": "web" } }"#.into()),
+        svc(
+            "web-k8s",
+            r#"{ "kubernetes": { "cluster": "kubernetes", "namespace": "default", "service": "web", "token": "t" } }"#.into(),
+        ),
+    ];
+    format!("\"services\": [ {} ]", list.join(", "))
+}
+
+fn cluster(name: &str, port: u16) -> String {
+    format!(
+        "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
+    )
+}
+
+fn config(r: &Registries) -> support::EnvoyConfig {
+    let base = support::EnvoyConfig::from_file("envoy/consul.yaml");
+    let text = std::fs::read_to_string(support::repo_root().join("envoy/consul.yaml")).unwrap();
+    let start = text
+        .find("\"services\": [")
+        .expect("services in envoy/consul.yaml");
+    let end = text[start..]
+        .find("\n                      ]")
+        .expect("end of services")
+        + start;
+    let old = &text[start..end + "\n                      ]".len()];
+    let clusters = [
+        cluster("etcd", r.etcd.client_port),
+        cluster("nacos", r.nacos.port),
+        cluster("eureka", r.eureka.port),
+        cluster("kubernetes", r.k8s.port),
+    ]
+    .concat();
+    base.port(8500, r.consul.port)
+        .replace(old, &services())
+        .replace("admin:\n", &format!("{clusters}admin:\n"))
+}
+
+fn start_registries(b: &Backend) -> Registries {
+    let r = Registries {
+        consul: FakeConsul::start(),
+        etcd: Etcd::start(),
+        nacos: FakeNacos::start(),
+        eureka: FakeEureka::start(),
+        k8s: FakeKubernetes::start(),
+    };
+    r.consul
+        .set_service("web", vec![ConsulInstance::new("a", "127.0.0.1", b.port)]);
+    // 50 keys under the etcd prefix: what the change check saves is the values.
+    for i in 0..50 {
+        r.etcd.put(
+            &format!("/services/web/{i:02}"),
+            &format!(
+                r#"{{"address":"127.0.{}.{}","port":{},"weight":1,"zone":"z1","metadata":{{"version":"v1","owner":"team-{i}"}}}}"#,
+                1 + i / 200,
+                1 + i % 200,
+                b.port
+            ),
+        );
+    }
+    r.nacos
+        .set_service("web", vec![NacosInstance::new("127.0.0.1", b.port)]);
+    r.eureka.set_app(
+        "web",
+        vec![EurekaInstance::new("web-a", "127.0.0.1", b.port)],
+    );
+    r.k8s.allow_token("t");
+    r.k8s.set_slices(
+        "default",
+        "web",
+        vec![K8sSlice::new(
+            "web-1",
+            b.port,
+            vec![K8sEndpoint::new("127.0.0.1")],
+        )],
+    );
+    r
+}
+
+/// Starts `n` Envoys at once (one thread each).
+fn start_fleet(cfg: &support::EnvoyConfig, n: usize) -> Vec<Envoy> {
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let c = cfg.clone();
+            thread::spawn(move || lb::start_cfg(c, 1))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn all_published(fleet: &mut [Envoy]) -> bool {
+    for e in fleet.iter_mut() {
+        assert!(
+            e.is_running(),
+            "an Envoy exited:\n{}",
+            support::tail(&e.log(), 30)
+        );
+    }
+    fleet.iter().all(|e| {
+        ["web", "web-etcd", "web-nacos", "web-eureka", "web-k8s"]
+            .iter()
+            .all(|s| {
+                e.stat(&lb::stat(&format!("{s}.snapshot_version")))
+                    .unwrap_or(0)
+                    >= 1
+            })
+    })
+}
+
+#[test]
+fn a_fleet_of_20_polls_each_registry_at_the_modeled_rate_and_a_restart_stays_within_1_5x() {
+    // 20 V8 compilations of the module at once on a small machine take a while.
+    support::envoy::READY_TIMEOUT_S.store(120, std::sync::atomic::Ordering::Relaxed);
+    let b = Backend::start("a");
+    let r = start_registries(&b);
+    let cfg = config(&r);
+    let mut fleet = start_fleet(&cfg, N);
+    assert!(
+        support::wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+            all_published(&mut fleet)
+        }),
+        "not every Envoy published every service"
+    );
+    // Past every first call and the second (on each Envoy's grid, 1-2 intervals later).
+    thread::sleep(Duration::from_secs(3));
+
+    // Steady rate over 10 s, at each registry, against the model.
+    let window = Duration::from_secs(10);
+    let (t0, c0) = (Instant::now(), r.counts());
+    let (etcd_bytes0, etcd_ranges0) = (r.etcd.sent_bytes(), c0["etcd"]);
+    thread::sleep(window);
+    let (c1, secs) = (r.counts(), t0.elapsed().as_secs_f64());
+    let etcd_bytes = r.etcd.sent_bytes() - etcd_bytes0;
+    let mut steady = BTreeMap::new();
+    for reg in REGISTRIES {
+        let rate = (c1[reg] - c0[reg]) / secs;
+        let model = match reg {
+            // One parked query per proxy, re-issued when it returns after wait + jitter.
+            "consul" => N as f64 / (CONSUL_WAIT_S * (1.0 + 1.0 / 32.0)),
+            _ => N as f64 / INTERVAL.as_secs_f64(),
+        };
+        println!(
+            "fleet: {reg}: {rate:.2} requests/s over {secs:.1} s, model {model:.2} ({:+.1} %)",
+            (rate / model - 1.0) * 100.0
+        );
+        assert!(
+            (rate - model).abs() <= 0.10 * model,
+            "{reg}: {rate:.2}/s against a model of {model:.2}/s"
+        );
+        steady.insert(reg, rate);
+    }
+    let per_range = etcd_bytes / (c1["etcd"] - etcd_ranges0).max(1.0);
+    println!("fleet: etcd: {per_range:.0} bytes sent per range (50 keys, nothing changing: the change check)");
+    assert!(
+        per_range < 600.0,
+        "{per_range} bytes per range: the full range is read"
+    );
+
+    // All 20 restarted at once: requests in every window of one interval (sampled
+    // every 100 ms for 10 s) stay within 1.5 × the steady rate.
+    drop(fleet);
+    let restart = Instant::now();
+    let sampler = {
+        let stop_at = restart + Duration::from_secs(10);
+        thread::scope(|s| {
+            let samples = s.spawn(|| {
+                let mut out: Vec<(Duration, BTreeMap<&'static str, f64>)> = Vec::new();
+                while Instant::now() < stop_at {
+                    out.push((restart.elapsed(), r.counts()));
+                    thread::sleep(Duration::from_millis(100));
+                }
+                out
+            });
+            let mut fleet = start_fleet(&cfg, N);
+            let started = restart.elapsed();
+            let published =
+                support::wait_until(Duration::from_secs(9), Duration::from_millis(200), || {
+                    all_published(&mut fleet)
+                });
+            let samples = samples.join().unwrap();
+            (samples, started, published, fleet)
+        })
+    };
+    let (samples, started, published, fleet) = sampler;
+    assert!(
+        published,
+        "the restarted fleet did not publish every service"
+    );
+    println!(
+        "fleet: 20 Envoys restarted in {:.1} s",
+        started.as_secs_f64()
+    );
+    for reg in REGISTRIES {
+        let step = (INTERVAL.as_millis() / 100) as usize;
+        let peak = samples
+            .windows(step + 1)
+            .map(|w| w[step].1[reg] - w[0].1[reg])
+            .fold(0.0, f64::max);
+        let per_interval = steady[reg] * INTERVAL.as_secs_f64();
+        println!(
+            "fleet: {reg}: restart peak {peak} requests in one interval, steady {per_interval:.1} ({:.2} x)",
+            peak / per_interval
+        );
+        if reg == "consul" {
+            // Blocking queries: a restarted proxy reads once (index 0, answered at
+            // once) and parks its next query; nothing else until a change or the wait.
+            assert!(
+                peak <= 2.0 * N as f64,
+                "consul: {peak} requests in one interval"
+            );
+        } else {
+            assert!(
+                peak <= 1.5 * per_interval,
+                "{reg}: {peak} requests in one interval after the restart, steady {per_interval:.1}"
+            );
+        }
+    }
+    drop(fleet);
+}
