@@ -285,3 +285,161 @@ fn a_fleet_of_20_polls_each_registry_at_the_modeled_rate_and_a_restart_stays_wit
     }
     drop(fleet);
 }
+
+/// envoy/consul.yaml with `services` replaced, and without the route metadata that
+/// sends every request to "web": services claim requests by `hosts`.
+fn by_host_config(services: &str, extra_clusters: &str, consul_port: u16) -> support::EnvoyConfig {
+    let text = std::fs::read_to_string(support::repo_root().join("envoy/consul.yaml")).unwrap();
+    let start = text
+        .find("\"services\": [")
+        .expect("services in envoy/consul.yaml");
+    let end = text[start..]
+        .find("\n                      ]")
+        .expect("end of services")
+        + start;
+    let old = &text[start..end + "\n                      ]".len()];
+    support::EnvoyConfig::from_file("envoy/consul.yaml")
+        .port(8500, consul_port)
+        .replace(old, services)
+        .replace(
+            "                metadata:\n                  filter_metadata:\n                    registry_lb: { service: web }\n",
+            "",
+        )
+        .replace("admin:\n", &format!("{extra_clusters}admin:\n"))
+}
+
+#[test]
+fn services_on_one_eureka_share_one_apps_call_per_interval() {
+    let eureka = FakeEureka::start();
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c"]);
+    let names = ["web", "api", "pay"];
+    for (name, x) in names.iter().zip(&b) {
+        eureka.set_app(
+            name,
+            vec![EurekaInstance::new(
+                &format!("{name}-1"),
+                "127.0.0.1",
+                x.port,
+            )],
+        );
+    }
+    let services: Vec<String> = names
+        .iter()
+        .map(|n| {
+            format!(
+                r#"{{ "name": "{n}", "hosts": ["{n}"], "refresh_interval": "1s", "sources": [ {{ "eureka": {{ "cluster": "eureka", "app": "{n}" }} }} ] }}"#
+            )
+        })
+        .collect();
+    let cfg = by_host_config(
+        &format!("\"services\": [ {} ]", services.join(", ")),
+        &cluster("eureka", eureka.port),
+        consul.port,
+    );
+    let envoy = lb::start_cfg(cfg, 2);
+    for n in names {
+        lb::wait_version(&envoy, n, 1);
+    }
+    for (n, backend) in names.iter().zip(["a", "b", "c"]) {
+        let (status, body, _) = envoy.get("/", &[("host", n)]);
+        assert_eq!((status, body.as_str()), (200, backend), "{n}");
+    }
+    let before = eureka.requests();
+    thread::sleep(Duration::from_secs(4));
+    let calls = eureka.requests() - before;
+    let log = eureka.request_log();
+    println!("fleet: eureka: {calls} calls in 4 s for 3 services (refresh_interval 1 s)");
+    assert!(log.iter().all(|r| r.0 == "/eureka/apps"), "{log:?}");
+    // One call per interval for the three services, not three.
+    assert!((3..=5).contains(&calls), "{calls} calls in 4 s");
+    // A change to one application reaches its service through the shared call.
+    eureka.set_app(
+        "api",
+        vec![EurekaInstance::new("api-2", "127.0.0.1", b[2].port)],
+    );
+    lb::wait_version(&envoy, "api", 2);
+    assert_eq!(envoy.get("/", &[("host", "api")]).1, "c");
+    assert_eq!(envoy.get("/", &[("host", "web")]).1, "a");
+}
+
+#[test]
+fn etcd_change_check_follows_writes_and_deletes_with_serializable_ranges() {
+    let etcd = Etcd::start();
+    let consul = FakeConsul::start();
+    let b: Vec<Backend> = Backend::start_all(&["a", "b", "c"]);
+    let value = |x: &Backend| format!(r#"{{"address":"127.0.0.1","port":{}}}"#, x.port);
+    etcd.put("/services/web/a", &value(&b[0]));
+    etcd.put("/services/web/b", &value(&b[1]));
+    let svc = r#""services": [ { "name": "web", "hosts": ["web"], "refresh_interval": "1s", "policy": "round_robin", "sources": [ { "etcd": { "cluster": "etcd", "serializable": true } } ] } ]"#;
+    let envoy = lb::start_cfg(
+        by_host_config(svc, &cluster("etcd", etcd.client_port), consul.port),
+        2,
+    );
+    lb::wait_version(&envoy, "web", 1);
+    let web = [("host", "web")];
+    let c = lb::tally_with(&envoy, 20, &web);
+    assert_eq!((c.get("a"), c.get("b")), (Some(&10), Some(&10)), "{c:?}");
+    // Unrelated writes move etcd's revision, not the check: nothing re-read.
+    let ranges = etcd.range_requests();
+    let bytes = etcd.sent_bytes();
+    for i in 0..20 {
+        etcd.put(&format!("/services/other/{i}"), "{}");
+    }
+    thread::sleep(Duration::from_millis(2500));
+    let per_range = (etcd.sent_bytes() - bytes) / (etcd.range_requests() - ranges).max(1) as f64;
+    assert!(per_range < 600.0, "{per_range} bytes per range");
+    assert_eq!(
+        envoy.stat(&lb::stat("web.refresh_ok")),
+        Some(1),
+        "re-read without a change"
+    );
+    // A key written under the prefix: served within an interval, a tick and two calls.
+    let t0 = Instant::now();
+    etcd.put("/services/web/c", &value(&b[2]));
+    let mut seen = None;
+    while t0.elapsed() < Duration::from_secs(5) {
+        if envoy.get("/", &web).1 == "c" {
+            seen = Some(t0.elapsed());
+            break;
+        }
+    }
+    let seen = seen.expect("the written key was never served");
+    println!(
+        "fleet: etcd: written key served after {} ms (refresh_interval 1 s)",
+        seen.as_millis()
+    );
+    assert!(seen < Duration::from_millis(1500), "{seen:?}");
+    // A key deleted: nothing is modified after the last read, but the count moves.
+    etcd.delete("/services/web/a");
+    lb::wait_version(&envoy, "web", 3);
+    thread::sleep(Duration::from_millis(100));
+    let hits = b[0].hits();
+    let c = lb::tally_with(&envoy, 20, &web);
+    assert_eq!(b[0].hits(), hits, "{c:?}");
+    assert_eq!(envoy.stat(&lb::stat("web.refresh_failed")).unwrap_or(0), 0);
+}
+
+#[test]
+fn consul_stale_and_cached_queries_reach_the_agent() {
+    let consul = FakeConsul::start();
+    let b = Backend::start("a");
+    consul.set_service("web", vec![ConsulInstance::new("a", "127.0.0.1", b.port)]);
+    let svc = r#""services": [ { "name": "web", "hosts": ["web"], "policy": "round_robin", "sources": [ { "consul": { "cluster": "consul", "service": "web", "wait": "2s", "consistency": "stale", "cached": true } } ] } ]"#;
+    let envoy = lb::start_cfg(by_host_config(svc, "", consul.port), 1);
+    lb::wait_version(&envoy, "web", 1);
+    assert_eq!(envoy.get("/", &[("host", "web")]).1, "a");
+    assert!(support::wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || { consul.request_log().len() >= 2 }
+    ));
+    let log = consul.request_log();
+    assert_eq!(log[0].0, "/v1/health/service/web?stale&cached");
+    assert!(
+        log[1]
+            .0
+            .starts_with("/v1/health/service/web?stale&cached&index="),
+        "{log:?}"
+    );
+}
