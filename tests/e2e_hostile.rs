@@ -8,6 +8,8 @@
 //! Requests go over raw keep-alive sockets (a client library would refuse the invalid
 //! bytes some of them carry). Every load loop is bounded in count and time.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
@@ -93,12 +95,25 @@ fn config(mode: Mode, f: &Fleet, max_headers_kb: Option<u32>) -> EnvoyConfig {
             .unwrap_or_default();
         format!("              - {{ name: r{}, match: {{ prefix: \"{prefix}\" }}, route: {{ cluster: {cluster} }}{md} }}\n", &prefix[1..])
     };
+    // A control for the spoofing test: the same cluster with the filter off, where a
+    // spoofed header does reach its host (not in the filter-state mode, whose
+    // cluster would send it back to this listener).
+    let unfiltered = if mode == Mode::FilterState {
+        String::new()
+    } else {
+        format!("              - {{ name: runfiltered, match: {{ prefix: \"/unfiltered\" }}, route: {{ cluster: {dest} }}, typed_per_filter_config: {{ envoy.filters.http.wasm: {{ \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig, disabled: true }} }} }}\n")
+    };
     let routes = [
         route("/hash", None, dest),
         route("/cookie", Some("cookied"), dest),
         route("/subset", Some("subsetted"), dest),
         route("/ghost", Some("ghost"), dest),
         route("/pass", None, "passthrough"),
+        unfiltered,
+        // The bulk load: the filter claims (by host) and picks as on `/hash`, and
+        // Envoy answers itself, so the load measures the filter, not the backends.
+        "              - { name: rbulk, match: { prefix: \"/bulk/\" }, direct_response: { status: 200, body: { inline_string: bulk } } }\n".into(),
+        "              - { name: rbulkpass, match: { prefix: \"/bulkpass/\" }, direct_response: { status: 200, body: { inline_string: bulkpass } } }\n".into(),
     ]
     .concat();
     let static_ep = |port: u16| {
@@ -388,12 +403,6 @@ fn names(f: &Fleet) -> Vec<&str> {
     f.listed.iter().map(|b| b.name.as_str()).collect()
 }
 
-/// `true` when every entry of the tally is a 200 from a listed backend.
-fn all_listed(t: &Tally, f: &Fleet) -> bool {
-    let ok: Vec<String> = names(f).iter().map(|n| format!("200 {n}")).collect();
-    t.keys().all(|k| ok.contains(k))
-}
-
 fn get(envoy: &Envoy, path: &str, headers: &[(&str, &[u8])]) -> Resp {
     Conn::new(envoy.listener_port).get(path, headers)
 }
@@ -527,16 +536,25 @@ fn huge_keys_and_cookies_route_consistently_override_host() {
 // ---------------------------------------------------------------------------------
 // 100,000 distinct inputs: hash keys, subset selectors, authorities.
 
-/// Request `i` of the distinct-input load: four in five go to `/hash` with a distinct
-/// 200-byte hash key, a distinct 200-byte subset selector (no instance has it: the
-/// fallback serves) and a distinct authority naming `web.example` (port and letter
-/// case vary: the filter claims it); one in five goes to `/pass` with a distinct
-/// 200-byte authority no service claims (untouched: the `pass` backend answers).
+/// Request `i` of the distinct-input load. Six in eight go to `/bulk/` with a
+/// distinct 200-byte hash key, a distinct 200-byte subset selector (no instance has
+/// it: the fallback serves) and a distinct authority naming `web.example` (port and
+/// letter case vary: service `hashed` claims it and picks); one in eight goes to
+/// `/bulkpass/` with a distinct 200-byte authority no service claims (untouched); one
+/// in eight to `/ghost`, whose route names a service that is not configured. Envoy
+/// answers the first two itself (`direct_response`).
 fn distinct_request(i: usize) -> (String, Vec<(String, Vec<u8>)>) {
     let pad = "p".repeat(180);
-    if i % 5 == 4 {
-        let host = format!("svc-{i:09}-{pad}.unknown");
-        return ("/pass".into(), vec![("host".into(), host.into_bytes())]);
+    match i % 8 {
+        6 => {
+            let host = format!("svc-{i:09}-{pad}.unknown");
+            return (
+                "/bulkpass/".into(),
+                vec![("host".into(), host.into_bytes())],
+            );
+        }
+        7 => return ("/ghost".into(), vec![]),
+        _ => {}
     }
     let (port, case) = (1 + i % 65535, i / 65535);
     let host: String = "webexample"
@@ -552,7 +570,7 @@ fn distinct_request(i: usize) -> (String, Vec<(String, Vec<u8>)>) {
         .collect();
     let host = format!("{}.{}:{port}", &host[..3], &host[3..]);
     (
-        "/hash".into(),
+        "/bulk/".into(),
         vec![
             ("host".into(), host.into_bytes()),
             ("x-user".into(), format!("user-{i:09}-{pad}").into_bytes()),
@@ -564,57 +582,135 @@ fn distinct_request(i: usize) -> (String, Vec<(String, Vec<u8>)>) {
     )
 }
 
-/// Distinct inputs up to `n`: stat names and memory at 10,000 and at `n`.
+/// How many of requests `range` go to `/hash`, `/pass`, `/ghost`.
+fn distinct_split(range: std::ops::Range<usize>) -> (usize, usize, usize) {
+    let (mut h, mut p, mut g) = (0, 0, 0);
+    for i in range {
+        match i % 8 {
+            6 => p += 1,
+            7 => g += 1,
+            _ => h += 1,
+        }
+    }
+    (h, p, g)
+}
+
+/// Least bytes one more entry costs in any per-input cache (a 64-bit hash of the input
+/// and an 8-byte value at a hash map's load of at most one half): memory growing by
+/// less than this times the number of new distinct inputs holds no cache per input.
+const BYTES_PER_CACHED_INPUT: u64 = 32;
+
+/// Requests `0..n` of `distinct_request` (three client threads on keep-alive
+/// connections, at most `limit` per phase); stat names and memory at 10,000 requests
+/// and at `n`.
 fn distinct_inputs(mode: Mode, n: usize, limit: Duration) {
     let f = Fleet::start();
     let envoy = start(mode, &f);
+    let warm = 10_000;
     let t0 = Instant::now();
-    let (t, sent) = blast(&envoy, 3, 0..10_000, limit, distinct_request);
-    assert_eq!(sent, 10_000, "{mode:?}: {t:?}");
-    let first = t0.elapsed();
+    let (t1, sent1) = blast(&envoy, 3, 0..warm, limit, distinct_request);
+    let took1 = t0.elapsed();
+    assert_eq!(sent1, warm, "{mode:?}: load cut by the time limit: {t1:?}");
     std::thread::sleep(Duration::from_millis(200)); // pick counters flushed on a tick
-    let names_10k = stat_names(&envoy);
-    let mem_10k = memory(&envoy);
-    let t1 = Instant::now();
-    let (t2, sent2) = blast(&envoy, 3, 10_000..n, limit, distinct_request);
-    let rest = t1.elapsed();
+    let names_warm = stat_names(&envoy);
+    let mem_warm = memory(&envoy);
+    let t0 = Instant::now();
+    let (t2, sent2) = blast(&envoy, 3, warm..n, limit, distinct_request);
+    let took2 = t0.elapsed();
     std::thread::sleep(Duration::from_millis(200));
     let names_n = stat_names(&envoy);
     let mem_n = memory(&envoy);
+    let (hash2, pass2, _) = distinct_split(warm..n);
+    let inputs2 = (3 * hash2 + pass2) as u64;
+    let bound = inputs2 * BYTES_PER_CACHED_INPUT;
+    let ghost_lines = envoy.log_count("which is not configured");
     println!(
-        "{mode:?}: {} + {sent2} distinct-input requests in {first:.1?} + {rest:.1?}; answers {t:?} then {t2:?}",
-        10_000
+        "{mode:?}: {warm} + {sent2} requests in {took1:.1?} + {took2:.1?} ({:.0}/s); answers {t1:?} then {t2:?}",
+        sent2 as f64 / took2.as_secs_f64()
     );
     println!(
-        "{mode:?}: stat names {} at 10,000, {} at {}; RSS {:.1} -> {:.1} MiB, allocated {:.1} -> {:.1} MiB",
-        names_10k.len(),
+        "{mode:?}: stat names {} at {warm} requests, {} at {n}; VmRSS {:.1} -> {:.1} MiB, allocated {:.1} -> {:.1} MiB \
+         ({inputs2} new distinct inputs: bound {:.1} MiB); log lines about the unknown service: {ghost_lines} for {} requests",
+        names_warm.len(),
         names_n.len(),
-        10_000 + sent2,
-        mib(mem_10k.0),
+        mib(mem_warm.0),
         mib(mem_n.0),
-        mib(mem_10k.1),
-        mib(mem_n.1)
+        mib(mem_warm.1),
+        mib(mem_n.1),
+        mib(bound),
+        distinct_split(0..n).2,
     );
-    assert_eq!(sent2, n - 10_000, "{mode:?}: load cut by the time limit");
-    let mut all = t.clone();
+    assert_eq!(sent2, n - warm, "{mode:?}: load cut by the time limit");
+    let mut all = t1.clone();
     for (k, v) in t2 {
         *all.entry(k).or_insert(0) += v;
     }
-    let pass = all.remove("200 pass").unwrap_or(0);
-    assert_eq!(pass as usize, n / 5, "{mode:?}: {all:?}");
-    assert!(all_listed(&all, &f), "{mode:?}: {all:?}");
-    assert_eq!(all.values().sum::<u64>() as usize, n - n / 5);
-    assert_eq!(f.trap.hits(), 0);
-    let grew: Vec<&String> = names_n.difference(&names_10k).collect();
+    let (hash, pass, ghost) = distinct_split(0..n);
+    assert_eq!(
+        all.remove("200 bulkpass").unwrap_or(0) as usize,
+        pass,
+        "{mode:?}: {all:?}"
+    );
+    assert_eq!(
+        all.remove("200 bulk").unwrap_or(0) as usize,
+        hash,
+        "{mode:?}: {all:?}"
+    );
+    // Every claimed request was picked for (a listed instance).
+    lb::wait_picks(&envoy, "hashed", &f.listed, hash as i64);
+    let ghost_reply = "503 registry-lb: service `ghost` is not configured";
+    assert_eq!(
+        all.remove(ghost_reply).unwrap_or(0) as usize,
+        ghost,
+        "{mode:?}: {all:?}"
+    );
+    assert!(all.is_empty(), "{mode:?}: {all:?}");
+    assert_eq!(f.trap.hits() + f.pass.hits(), 0);
+    assert_eq!(
+        envoy.stat(&lb::stat("unknown_service")),
+        Some(ghost as i64),
+        "{mode:?}"
+    );
+    let grew: Vec<&String> = names_n.difference(&names_warm).collect();
     assert!(grew.is_empty(), "{mode:?}: new stat names {grew:?}");
+    let rss_growth = mem_n.0.saturating_sub(mem_warm.0);
+    let heap_growth = mem_n.1.saturating_sub(mem_warm.1);
+    assert!(
+        rss_growth < bound,
+        "{mode:?}: VmRSS grew {rss_growth} bytes over {inputs2} inputs"
+    );
+    assert!(
+        heap_growth < bound,
+        "{mode:?}: allocated grew {heap_growth} bytes over {inputs2} inputs"
+    );
+    // Two workers log at most one line per 10 s each (plus the one each writes at once).
+    let secs = (took1 + took2).as_secs() + 1;
+    assert!(
+        ghost_lines as u64 <= 2 * (secs / 10 + 1),
+        "{mode:?}: {ghost_lines} log lines in {secs} s for {ghost} requests naming an unknown service"
+    );
+    assert!(
+        ghost_lines >= 1,
+        "{mode:?}: the unknown service was never logged"
+    );
     let failures = vm_failures(&envoy);
     assert!(failures.is_empty(), "{mode:?}: {failures:?}");
-    let _ = (mem_10k, mem_n);
 }
 
 #[test]
-fn distinct_inputs_stay_bounded_filter_state() {
-    distinct_inputs(Mode::FilterState, 100_000, Duration::from_secs(90));
+fn distinct_inputs_keep_stats_and_memory_bounded_filter_state() {
+    // 100,000 distinct hash keys and subset selectors: 75,000 with the authorities.
+    distinct_inputs(Mode::FilterState, 134_000, Duration::from_secs(120));
+}
+
+#[test]
+fn distinct_inputs_keep_stats_and_memory_bounded_header() {
+    distinct_inputs(Mode::Header, 40_000, Duration::from_secs(60));
+}
+
+#[test]
+fn distinct_inputs_keep_stats_and_memory_bounded_override_host() {
+    distinct_inputs(Mode::OverrideHost, 40_000, Duration::from_secs(60));
 }
 
 // ---------------------------------------------------------------------------------
@@ -729,6 +825,13 @@ fn malformed_subset_headers_are_ignored_counted_and_logged_override_host() {
 // ---------------------------------------------------------------------------------
 // Every destination header spoofed.
 
+/// Raw request headers: name, value bytes.
+type Headers = Vec<(String, Vec<u8>)>;
+
+/// (path, authority, headers besides the spoofs, the body that must answer: `None`
+/// for any listed instance, `registry-lb…` for a 503).
+type SpoofCase = (String, String, Headers, Option<String>);
+
 /// Headers a client could hope to steer the destination with, each naming `target`.
 fn spoofs(target: &str) -> Vec<(String, Vec<u8>)> {
     let t = target.as_bytes().to_vec();
@@ -778,7 +881,7 @@ fn spoofed_destinations(mode: Mode) {
     let mut with_handoff_header = 0i64;
     for target in [trap.as_str(), b.as_str()] {
         let trap_port = target.rsplit(':').next().unwrap_or("1");
-        let cases: Vec<(String, String, Vec<(String, Vec<u8>)>, Option<String>)> = vec![
+        let cases: Vec<SpoofCase> = vec![
             (
                 "/subset".into(),
                 target.into(),
@@ -810,7 +913,7 @@ fn spoofed_destinations(mode: Mode) {
                 fixed.get("s3").cloned(),
             ),
             (
-                format!("/hash"),
+                "/hash".to_string(),
                 format!("web.example:{trap_port}"),
                 vec![("x-user".into(), b"u1".to_vec())],
                 None,
@@ -861,15 +964,31 @@ fn spoofed_destinations(mode: Mode) {
             }
         }
     }
-    println!(
-        "{mode:?}: {sent} spoofing requests; trap hits {}; client_handoff_header_removed {:?}",
-        f.trap.hits(),
-        envoy.stat(&removed)
-    );
     assert_eq!(
         f.trap.hits(),
         0,
         "{mode:?}: a spoofed header reached the trap"
+    );
+    // The control: with the filter off on a route to the same cluster, the header
+    // the cluster reads does choose the host (the trap above was reachable).
+    let control = match mode {
+        Mode::FilterState => None,
+        Mode::Header => Some("x-envoy-original-dst-host"),
+        Mode::OverrideHost => Some("x-lb-host"),
+    };
+    if let Some(h) = control {
+        let r = get(&envoy, "/unfiltered", &[(h, trap.as_bytes())]);
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "trap"),
+            "{mode:?} control"
+        );
+        assert_eq!(f.trap.hits(), 1);
+    }
+    println!(
+        "{mode:?}: {sent} spoofing requests; trap hits {} (control included); client_handoff_header_removed {:?}",
+        f.trap.hits(),
+        envoy.stat(&removed)
     );
     let want_removed = if mode == Mode::FilterState {
         0

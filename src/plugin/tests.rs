@@ -1034,3 +1034,35 @@ fn a_route_naming_an_unknown_service_at_a_high_rate_logs_once_per_interval() {
         "registry-lb: a route names service `ghost`, which is not configured: answering 503 (5999 more like it since the last one not logged)"
     );
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn made_up_subset_selectors_cost_one_shared_fallback_not_a_ring_per_ranked_entry() {
+    let mut p = plugin_with(
+        r#""handoff": "override_host", "handoff_header": "x-lb-host","#,
+        r#""policy": "ring_hash", "hash_on": { "header": "x-user" },
+           "subset": { "header": "x-subset" }, "override_host_count": 3,"#,
+    );
+    publish(&mut p);
+    let built = |p: &Plugin<FakeEnvoy>| {
+        p.tables.services[0]
+            .table
+            .as_ref()
+            .map_or(0, |t| t.groups_built.get())
+    };
+    let at_start = built(&p);
+    let mut lists = std::collections::BTreeSet::new();
+    for id in 1..=2000u32 {
+        let sel = format!("version=made-up-{id}");
+        let (_, routed) = request(&mut p, id, &[("x-user", "u1"), ("x-subset", &sel)]);
+        assert_eq!(routed.map(|r| r.fallbacks.len()), Some(2), "{sel}");
+        let r = p.host.request(id);
+        let list = r.headers.iter().find(|(k, _)| k == "x-lb-host");
+        lists.insert(list.map(|(_, v)| v.clone()).unwrap_or_default());
+    }
+    // The first 32 selectors get a group each in the table's subset cache; the
+    // other 1,968 share one fallback group: not one ring per ranked entry each.
+    assert_eq!(built(&p) - at_start, 33);
+    // One hash key, one ranked list, whatever the made-up selector.
+    assert_eq!(lists.len(), 1, "{lists:?}");
+    assert_eq!(p.host.stat("web.subset_header_invalid"), 0);
+}
