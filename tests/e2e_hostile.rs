@@ -452,7 +452,7 @@ fn huge_keys_and_cookies(mode: Mode, envoy: &Envoy, f: &Fleet) {
     {
         for _ in 0..6 {
             let r = get(
-                &envoy,
+                envoy,
                 "/hash",
                 &[("host", b"web.example"), ("x-user", key.as_bytes())],
             );
@@ -476,7 +476,7 @@ fn huge_keys_and_cookies(mode: Mode, envoy: &Envoy, f: &Fleet) {
         let before = format!("{}; session=s-{s}", junk(5000, "a"));
         let after = format!("session=s-{s}; {}", junk(5000, "b"));
         for cookie in [&plain, &before, &after, &plain] {
-            let r = get(&envoy, "/cookie", &[("cookie", cookie.as_bytes())]);
+            let r = get(envoy, "/cookie", &[("cookie", cookie.as_bytes())]);
             assert_eq!(
                 r.status,
                 200,
@@ -495,13 +495,13 @@ fn huge_keys_and_cookies(mode: Mode, envoy: &Envoy, f: &Fleet) {
         .stat(&lb::stat("cookied.rq_hash_key_missing"))
         .unwrap_or(0);
     let r = get(
-        &envoy,
+        envoy,
         "/cookie",
         &[("cookie", junk(10_000, "c").as_bytes())],
     );
     assert_eq!(r.status, 200, "{mode:?}: {} {}", r.status, r.body);
     assert!(lb::wait_stat(
-        &envoy,
+        envoy,
         &lb::stat("cookied.rq_hash_key_missing"),
         Duration::from_secs(2),
         |v| v == missing_before + 1
@@ -510,12 +510,12 @@ fn huge_keys_and_cookies(mode: Mode, envoy: &Envoy, f: &Fleet) {
     for (k, hosts) in &seen {
         assert_eq!(hosts.len(), 1, "{mode:?}: {k} went to {hosts:?}");
         assert!(
-            hosts.iter().all(|h| names(&f).contains(&h.as_str())),
+            hosts.iter().all(|h| names(f).contains(&h.as_str())),
             "{mode:?}: {k} {hosts:?}"
         );
     }
     assert_eq!(f.trap.hits() + f.pass.hits(), 0);
-    let failures = vm_failures(&envoy);
+    let failures = vm_failures(envoy);
     assert!(failures.is_empty(), "{mode:?}: {failures:?}");
 }
 
@@ -594,18 +594,18 @@ fn distinct_inputs(mode: Mode, envoy: &Envoy, f: &Fleet, n: usize, limit: Durati
     let picks_before = lb::picks(envoy, "hashed", &f.listed);
     let warm = 10_000;
     let t0 = Instant::now();
-    let (t1, sent1) = blast(&envoy, 3, 0..warm, limit, distinct_request);
+    let (t1, sent1) = blast(envoy, 3, 0..warm, limit, distinct_request);
     let took1 = t0.elapsed();
     assert_eq!(sent1, warm, "{mode:?}: load cut by the time limit: {t1:?}");
     std::thread::sleep(Duration::from_millis(200)); // pick counters flushed on a tick
-    let names_warm = stat_names(&envoy);
-    let mem_warm = memory(&envoy);
+    let names_warm = stat_names(envoy);
+    let mem_warm = memory(envoy);
     let t0 = Instant::now();
-    let (t2, sent2) = blast(&envoy, 3, warm..n, limit, distinct_request);
+    let (t2, sent2) = blast(envoy, 3, warm..n, limit, distinct_request);
     let took2 = t0.elapsed();
     std::thread::sleep(Duration::from_millis(200));
-    let names_n = stat_names(&envoy);
-    let mem_n = memory(&envoy);
+    let names_n = stat_names(envoy);
+    let mem_n = memory(envoy);
     let (hash2, pass2, _) = distinct_split(warm..n);
     let inputs2 = (3 * hash2 + pass2) as u64;
     let bound = inputs2 * BYTES_PER_CACHED_INPUT;
@@ -679,7 +679,7 @@ fn distinct_inputs(mode: Mode, envoy: &Envoy, f: &Fleet, n: usize, limit: Durati
         ghost_lines >= 1,
         "{mode:?}: the unknown service was never logged"
     );
-    let failures = vm_failures(&envoy);
+    let failures = vm_failures(envoy);
     assert!(failures.is_empty(), "{mode:?}: {failures:?}");
 }
 
@@ -713,7 +713,7 @@ fn malformed_subset_headers(mode: Mode, envoy: &Envoy, f: &Fleet) {
     let mut counted = 0;
     for (what, value, malformed) in &cases {
         let before = envoy.stat(&invalid).unwrap_or(0);
-        let r = get(&envoy, "/subset", &[("x-subset", value)]);
+        let r = get(envoy, "/subset", &[("x-subset", value)]);
         println!(
             "{mode:?}: subset header {what}: {} {:?}",
             r.status,
@@ -731,12 +731,12 @@ fn malformed_subset_headers(mode: Mode, envoy: &Envoy, f: &Fleet) {
         }
         assert_eq!(r.status, 200, "{mode:?} {what}: {r:?}");
         assert!(
-            names(&f).contains(&r.body.as_str()),
+            names(f).contains(&r.body.as_str()),
             "{mode:?} {what}: {r:?}"
         );
         let want = before + i64::from(*malformed);
         assert!(
-            lb::wait_stat(&envoy, &invalid, Duration::from_secs(2), |v| v == want),
+            lb::wait_stat(envoy, &invalid, Duration::from_secs(2), |v| v == want),
             "{mode:?} {what}: subset_header_invalid {:?}, want {want}",
             envoy.stat(&invalid)
         );
@@ -744,7 +744,7 @@ fn malformed_subset_headers(mode: Mode, envoy: &Envoy, f: &Fleet) {
     }
     // A well-formed selector still selects.
     for _ in 0..5 {
-        let r = get(&envoy, "/subset", &[("x-subset", b"version=v1")]);
+        let r = get(envoy, "/subset", &[("x-subset", b"version=v1")]);
         assert_eq!((r.status, r.body.as_str()), (200, "a"), "{mode:?}");
     }
     assert!(
@@ -777,7 +777,7 @@ fn malformed_subset_headers(mode: Mode, envoy: &Envoy, f: &Fleet) {
         lines.len()
     );
     assert_eq!(f.trap.hits() + f.pass.hits(), 0);
-    let failures = vm_failures(&envoy);
+    let failures = vm_failures(envoy);
     assert!(failures.is_empty(), "{mode:?}: {failures:?}");
 }
 
@@ -827,7 +827,7 @@ fn spoofed_destinations(mode: Mode, envoy: &Envoy, f: &Fleet) {
     let mut fixed: HashMap<String, String> = HashMap::new();
     for s in ["s1", "s2", "s3", "s4"] {
         let r = get(
-            &envoy,
+            envoy,
             "/cookie",
             &[("cookie", format!("session={s}").as_bytes())],
         );
@@ -902,7 +902,7 @@ fn spoofed_destinations(mode: Mode, envoy: &Envoy, f: &Fleet) {
                 with_handoff_header += i64::from(carries);
                 let hs: Vec<(&str, &[u8])> =
                     hs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-                let r = get(&envoy, &path, &hs);
+                let r = get(envoy, &path, &hs);
                 sent += 1;
                 let what = format!(
                     "{mode:?} {path} host {authority} spoofing {:?}",
@@ -915,7 +915,7 @@ fn spoofed_destinations(mode: Mode, envoy: &Envoy, f: &Fleet) {
                     Some(w) => assert_eq!((r.status, r.body.as_str()), (200, w.as_str()), "{what}"),
                     None => {
                         assert_eq!(r.status, 200, "{what}: {r:?}");
-                        assert!(names(&f).contains(&r.body.as_str()), "{what}: {r:?}");
+                        assert!(names(f).contains(&r.body.as_str()), "{what}: {r:?}");
                     }
                 }
             }
@@ -934,7 +934,7 @@ fn spoofed_destinations(mode: Mode, envoy: &Envoy, f: &Fleet) {
         Mode::OverrideHost => Some("x-lb-host"),
     };
     if let Some(h) = control {
-        let r = get(&envoy, "/unfiltered", &[(h, trap.as_bytes())]);
+        let r = get(envoy, "/unfiltered", &[(h, trap.as_bytes())]);
         assert_eq!(
             (r.status, r.body.as_str()),
             (200, "trap"),
@@ -953,14 +953,14 @@ fn spoofed_destinations(mode: Mode, envoy: &Envoy, f: &Fleet) {
         with_handoff_header
     };
     assert!(
-        lb::wait_stat(&envoy, &removed, Duration::from_secs(2), |v| v
+        lb::wait_stat(envoy, &removed, Duration::from_secs(2), |v| v
             - removed_before
             == want_removed)
             || (want_removed == 0 && envoy.stat(&removed).is_none()),
         "{mode:?}: client_handoff_header_removed {:?}, want {want_removed}",
         envoy.stat(&removed)
     );
-    let failures = vm_failures(&envoy);
+    let failures = vm_failures(envoy);
     assert!(failures.is_empty(), "{mode:?}: {failures:?}");
 }
 
