@@ -395,7 +395,8 @@ fn vm_failures(envoy: &Envoy) -> Vec<String> {
             l.contains("registry-lb: panic")
                 || l.contains("Function: proxy_on_")
                 || l.contains("wasm trap")
-                || (l.contains("wasm") && l.contains("failed"))
+                // Envoy's own wasm messages (a VM that failed), not the filter's lines.
+                || (l.contains("wasm") && l.contains("failed") && !l.contains("wasm log "))
                 || l.contains("[critical]")
         })
         .map(str::to_string)
