@@ -25,7 +25,9 @@
 //! routed the same way. Each set's zone shares and per-zone pools are built with
 //! its pool (the configured subset when the table is built, a header's subset on
 //! its first request; at most `MAX_CACHED_SUBSETS` are kept, further ones are
-//! built for their request and dropped), so a pick from a kept set stays a draw
+//! built for their request and dropped — once per request, however many ranked
+//! entries it needs — and every further selector that matches nothing shares one
+//! fallback set), so a pick from a kept set stays a draw
 //! over the zones plus the policy's own pick. Left out: Envoy's
 //! `locality_weight_aware` / `scale_locality_weight` subset options and subset
 //! keys (a selector is matched against every instance's metadata).
@@ -205,7 +207,21 @@ pub struct Table {
     /// Routing per subset selector (config selector, header selectors), built
     /// lazily; `None`: no endpoint, even after the fallback.
     subsets: HashMap<Pairs, Option<Group>>,
+    /// Routing of the fallback set for selectors past the subset cache (every such
+    /// selector that matches nothing shares it), built on first use.
+    fallback: Option<Option<Group>>,
     peak: Option<PeakEwma>,
+    /// Groups (pools, rings, zone splits) built so far.
+    #[cfg(test)]
+    pub groups_built: std::cell::Cell<usize>,
+}
+
+/// A request's subset routing when its selector is not in the subset cache.
+enum Uncached {
+    /// Its selector matches nothing: the table's fallback group.
+    Fallback,
+    /// Its own group, built for this request (`None`: no endpoint).
+    Built(Option<Group>),
 }
 
 /// Header-selected subsets kept per table; more are built per request, not kept.
@@ -249,7 +265,10 @@ impl Table {
             main: None,
             rr_ahead: 0,
             subsets: HashMap::new(),
+            fallback: None,
             peak: None,
+            #[cfg(test)]
+            groups_built: std::cell::Cell::new(0),
         };
         t.apply(&Outliers::default(), &|_: u32, w: u32| w, 0, rng);
         t
@@ -335,6 +354,7 @@ impl Table {
         let all: Vec<usize> = (0..self.endpoints.len()).collect();
         self.main = self.group(all, None, rng);
         self.subsets.clear();
+        self.fallback = None;
         if let Some(sel) = self.options.subset.clone() {
             let group = self.subset_group(&sel, rng);
             self.subsets.insert(sel, group);
@@ -355,6 +375,8 @@ impl Table {
         matcher: Option<&[(String, String)]>,
         rng: &mut impl Rng,
     ) -> Option<Group> {
+        #[cfg(test)]
+        self.groups_built.set(self.groups_built.get() + 1);
         let zones = self.build_zones(&members, matcher, rng);
         let all = self.pool(members, rng)?;
         Some(Group { all, zones })
@@ -536,17 +558,27 @@ impl Table {
         &mut self,
         req: &mut Request<'_, R, A>,
     ) -> Option<usize> {
+        self.pick_index_with(req, &mut None)
+    }
+
+    /// [`Self::pick_index`]; `uncached` keeps, across the picks of one request
+    /// ([`Self::ranked`]), the routing of a selector the subset cache has no room
+    /// for, so it is worked out once per request, not once per pick.
+    fn pick_index_with<R: Rng, A: FnMut(u32) -> i64>(
+        &mut self,
+        req: &mut Request<'_, R, A>,
+        uncached: &mut Option<Uncached>,
+    ) -> Option<usize> {
         let subset_key: Option<Pairs> = match req.subset {
             Some(s) if !s.is_empty() => Some(s.to_vec()),
             _ => self.options.subset.clone(),
         };
         if let Some(key) = subset_key {
             if !self.subsets.contains_key(&key) {
-                let group = self.subset_group(&key, req.rng);
                 if self.subsets.len() >= MAX_CACHED_SUBSETS {
-                    let mut group = group?;
-                    return self.pick_in_group(&mut group, req);
+                    return self.pick_uncached(&key, req, uncached);
                 }
+                let group = self.subset_group(&key, req.rng);
                 self.subsets.insert(key.clone(), group);
             }
             let group = self.subsets.remove(&key)?;
@@ -562,6 +594,41 @@ impl Table {
         let picked = self.pick_in_group(&mut main, req);
         self.main = Some(main);
         picked
+    }
+
+    /// A pick for selector `key` when the subset cache is full. A selector that
+    /// matches nothing (say, one of a client's endless made-up values) is routed by
+    /// the table's one fallback group; one that matches instances gets a group built
+    /// for this request. Either way nothing more is kept per selector.
+    fn pick_uncached<R: Rng, A: FnMut(u32) -> i64>(
+        &mut self,
+        key: &[(String, String)],
+        req: &mut Request<'_, R, A>,
+        uncached: &mut Option<Uncached>,
+    ) -> Option<usize> {
+        if uncached.is_none() {
+            let (members, matcher) = self.select(key)?;
+            *uncached = Some(if matcher.as_deref() == Some(key) {
+                Uncached::Built(self.group(members, matcher.as_deref(), req.rng))
+            } else {
+                if self.fallback.is_none() {
+                    self.fallback = Some(self.group(members, matcher.as_deref(), req.rng));
+                }
+                Uncached::Fallback
+            });
+        }
+        match uncached.as_mut()? {
+            Uncached::Built(group) => {
+                let group = group.as_mut()?;
+                self.pick_in_group(group, req)
+            }
+            Uncached::Fallback => {
+                let mut group = self.fallback.take()?;
+                let picked = group.as_mut().and_then(|g| self.pick_in_group(g, req));
+                self.fallback = Some(group);
+                picked
+            }
+        }
     }
 
     /// A pick in `group`: in the zone its split draws, else (no share, or that
@@ -665,6 +732,7 @@ impl Table {
         let mut out: Vec<usize> = Vec::with_capacity(n);
         let want = n.min(self.endpoints.len());
         let first_hash = req.hash;
+        let mut uncached = None;
         for attempt in 0..want * 4 {
             if out.len() >= want {
                 break;
@@ -675,7 +743,7 @@ impl Table {
                     .map(|h| crate::hash_key::hash_bytes(&(h ^ attempt as u64).to_le_bytes()));
             }
             self.rr_ahead = attempt;
-            let picked = self.pick_index(req);
+            let picked = self.pick_index_with(req, &mut uncached);
             self.rr_ahead = 0;
             match picked {
                 Some(i) if !out.contains(&i) => out.push(i),
@@ -1020,6 +1088,79 @@ mod tests {
         };
         let other = t.pick(&mut req).unwrap().host();
         assert_ne!(other, home);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn selectors_past_the_subset_cache_build_once_per_request_and_share_the_fallback() {
+        let s = Snapshot {
+            version: 1,
+            entries: (0..3u8)
+                .map(|i| {
+                    let v = if i == 0 { "v1" } else { "v2" };
+                    entry(
+                        &format!("10.0.0.{}", i + 1),
+                        1,
+                        State::Healthy,
+                        u32::from(i),
+                        "",
+                        &[("version", v)],
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let mut r = SplitMix64(1);
+        let mut t = Table::build(
+            s,
+            Options {
+                subset_fallback: Fallback::AnyEndpoint,
+                ..opts(Policy::RingHash)
+            },
+            &mut r,
+        );
+        let ranked = |t: &mut Table, sel: &Pairs, r: &mut SplitMix64| {
+            let mut req = Request {
+                rng: r,
+                now_ms: 0,
+                hash: Some(7),
+                subset: Some(sel),
+                active: |_| 0,
+                total_active: 0,
+            };
+            t.ranked(3, &mut req)
+        };
+        let made_up = |i: usize| -> Pairs { vec![("version".into(), format!("v-{i}"))] };
+        // Fill the cache with made-up selectors: a group each.
+        for i in 0..MAX_CACHED_SUBSETS {
+            assert_eq!(ranked(&mut t, &made_up(i), &mut r).len(), 3);
+        }
+        let built = t.groups_built.get();
+        // 1,000 more made-up selectors: all share one fallback group.
+        let mut firsts = std::collections::BTreeSet::new();
+        for i in MAX_CACHED_SUBSETS..MAX_CACHED_SUBSETS + 1000 {
+            let got = ranked(&mut t, &made_up(i), &mut r);
+            assert_eq!(got.len(), 3);
+            firsts.insert(got[0]);
+        }
+        assert_eq!(t.groups_built.get(), built + 1);
+        assert_eq!(firsts.len(), 1, "one hash key, one ring: {firsts:?}");
+        // A selector that matches, past the cache: one group for its three entries.
+        let v2: Pairs = vec![("version".into(), "v2".into())];
+        let got = ranked(&mut t, &v2, &mut r);
+        assert_eq!(t.groups_built.get(), built + 2);
+        let mut first_two: Vec<String> = got[..2].iter().map(|&i| t.endpoints[i].host()).collect();
+        first_two.sort();
+        assert_eq!(first_two, ["10.0.0.2:80", "10.0.0.3:80"]);
+        // A new table forgets the fallback group.
+        t.apply(&Outliers::default(), &|_, w| w, 0, &mut r);
+        let before = t.groups_built.get();
+        ranked(&mut t, &made_up(5000), &mut r);
+        ranked(&mut t, &made_up(5001), &mut r);
+        assert_eq!(
+            t.groups_built.get(),
+            before + 2,
+            "the cache has room again: one group each"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]

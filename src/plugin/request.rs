@@ -9,6 +9,7 @@ use crate::envoy::{int_property, Envoy, HostError};
 use crate::handoff;
 use crate::hash_key::{self, HashOn, RequestParts};
 use crate::instance::truncate;
+use crate::log_text::{suppressed_note, LogLimit};
 use crate::outlier;
 use crate::picker::Request;
 use crate::stats::{GlobalStat, SlotStat, Stat};
@@ -118,6 +119,18 @@ impl Claims {
     }
 }
 
+/// Which rate-limited line a request causes.
+#[derive(Clone, Copy)]
+enum RequestLog {
+    UnknownService,
+    SubsetHeaderInvalid,
+    HandoffFailed,
+}
+
+/// One rate limit per [`RequestLog`] kind.
+#[derive(Default)]
+struct RequestLogs([LogLimit; 3]);
+
 /// Per-VM request-path state.
 #[derive(Default)]
 pub(super) struct Requests {
@@ -134,6 +147,11 @@ pub(super) struct Requests {
     authority_cache: fnv::FnvHashMap<Vec<u8>, Option<usize>>,
     /// Routing from a timer (held requests) now.
     releasing: bool,
+    /// Rate limits of the log lines requests cause (see `log_text`).
+    logs: RequestLogs,
+    /// Rate-limited lines written, for tests.
+    #[cfg(test)]
+    pub(super) logged: Vec<String>,
     /// Envoy refused filter state set from a timer: before 1.37 foreign functions
     /// act on the root context, not the request made effective. Held requests then
     /// cannot be handed over; new ones are not held.
@@ -198,7 +216,9 @@ impl<H: Envoy> Plugin<H> {
                 self.stats
                     .inc_global(&self.host, GlobalStat::UnknownService);
                 let shown = truncate(&service, 64);
-                log::warn!("registry-lb: a route names service `{shown}`, which is not configured");
+                self.log_limited(log::Level::Warn, RequestLog::UnknownService, || {
+                    format!("registry-lb: a route names service `{shown}`, which is not configured: answering 503")
+                });
                 self.host.local_reply(
                     503,
                     "registry_lb_unknown_service",
@@ -350,20 +370,43 @@ impl<H: Envoy> Plugin<H> {
             }
         }
         if let Some(header) = svc.subset.as_ref().and_then(|s| s.header.as_deref()) {
-            if let Some(v) = self
-                .host
-                .request_header(header)
-                .and_then(|b| String::from_utf8(b).ok())
-            {
-                match crate::subset::parse_selector(&v) {
+            if let Some(raw) = self.host.request_header(header) {
+                let parsed = match std::str::from_utf8(&raw) {
+                    Ok(text) => crate::subset::parse_selector(text).map_err(|e| e.to_string()),
+                    Err(_) => Err("selector is not UTF-8".to_string()),
+                };
+                match parsed {
                     Ok(sel) => key.subset = Some(sel),
-                    Err(_) => self
-                        .stats
-                        .inc(&self.host, &svc.name, Stat::SubsetHeaderInvalid),
+                    Err(why) => {
+                        // Ignored, as if absent: the fallback serves the request.
+                        self.stats
+                            .inc(&self.host, &svc.name, Stat::SubsetHeaderInvalid);
+                        let name = &svc.name;
+                        self.log_limited(log::Level::Warn, RequestLog::SubsetHeaderInvalid, || {
+                            let shown = truncate(&String::from_utf8_lossy(&raw), 64);
+                            format!("registry-lb: service {name}: ignoring a malformed subset header `{header}` ({why}): `{shown}`")
+                        });
+                    }
                 }
             }
         }
         key
+    }
+
+    /// Logs a line a request caused, at most once per `LOG_INTERVAL_MS` per kind in
+    /// this VM (the clock is read only for such requests).
+    fn log_limited(&mut self, level: log::Level, kind: RequestLog, line: impl FnOnce() -> String) {
+        let now = self.host.now_ms();
+        let Some(limit) = self.requests.logs.0.get_mut(kind as usize) else {
+            return;
+        };
+        let Some(left_out) = limit.allow(now) else {
+            return;
+        };
+        let line = format!("{}{}", line(), suppressed_note(left_out));
+        log::log!(level, "{line}");
+        #[cfg(test)]
+        self.requests.logged.push(line);
     }
 
     /// Picks an instance of service `si` for the current request and hands it to
@@ -493,7 +536,9 @@ impl<H: Envoy> Plugin<H> {
                 }
             } else {
                 let host = self.host_of(si, slot).unwrap_or_else(|| "?".into());
-                log::error!("registry-lb: service {name}: cannot hand {host} to Envoy: {e}");
+                self.log_limited(log::Level::Error, RequestLog::HandoffFailed, || {
+                    format!("registry-lb: service {name}: cannot hand {host} to Envoy: {e}")
+                });
             }
             return Err(Reply(
                 "registry_lb_handoff_failed",

@@ -1039,3 +1039,133 @@ fn a_lone_eureka_service_reads_its_own_application() {
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].path, "/eureka/apps/WEB");
 }
+
+/// Sets header `name` of request `id` to raw bytes (not necessarily UTF-8).
+fn set_raw_header(p: &Plugin<FakeEnvoy>, id: u32, name: &str, value: &[u8]) {
+    if let Some(r) = p.host.requests.borrow_mut().get_mut(&id) {
+        r.headers.push((name.to_string(), value.to_vec()));
+    }
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn malformed_subset_headers_are_served_by_the_fallback_counted_and_logged_once_per_interval() {
+    let mut p = plugin(r#""subset": { "header": "x-subset", "fallback": "any_endpoint" },"#);
+    publish(&mut p);
+    let bad: [&[u8]; 6] = [
+        b"version=\xff\xfe",
+        b"=\tinjected",
+        b"a=1,a=2",
+        b"k0,k1,k2,k3,k4,k5,k6,k7,k8,k9,k10,k11,k12,k13,k14,k15,k16",
+        &[b'x'; 2000],
+        b"\xc3",
+    ];
+    let mut id = 1;
+    for round in 0..100 {
+        for value in bad {
+            begin(&p, id, "web", &[]);
+            set_raw_header(&p, id, "x-subset", value);
+            let (action, routed) = p.on_request_headers(id);
+            assert_eq!(action, Action::Continue, "{value:?}");
+            assert!(routed.is_some(), "{value:?}");
+            assert_eq!(handed(&p, id).len(), 1, "{value:?}");
+            id += 1;
+            if round == 0 {
+                // Each is counted as it comes.
+                assert_eq!(p.host.stat("web.subset_header_invalid"), i64::from(id - 1));
+            }
+        }
+        p.host.advance_ms(10);
+    }
+    assert_eq!(p.host.stat("web.subset_header_invalid"), 600);
+    // 600 in one second: one line, naming the first (its bytes shown lossily).
+    assert_eq!(
+        p.requests.logged,
+        ["registry-lb: service web: ignoring a malformed subset header `x-subset` (selector is not UTF-8): `version=\u{fffd}\u{fffd}`"]
+    );
+    // Well-formed selectors are neither counted nor logged.
+    request(&mut p, id, &[("x-subset", "version=v1")]);
+    request(&mut p, id + 1, &[("x-subset", "")]);
+    assert_eq!(p.host.stat("web.subset_header_invalid"), 600);
+    // Ten seconds after the first line, the next says how many were left out.
+    p.host.advance_ms(crate::log_text::LOG_INTERVAL_MS);
+    begin(&p, id + 2, "web", &[]);
+    set_raw_header(&p, id + 2, "x-subset", b"=\tinjected");
+    p.on_request_headers(id + 2);
+    assert_eq!(p.requests.logged.len(), 2);
+    assert_eq!(
+        p.requests.logged[1],
+        "registry-lb: service web: ignoring a malformed subset header `x-subset` (selector has an empty key): `=\tinjected` (599 more like it since the last one not logged)"
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_route_naming_an_unknown_service_at_a_high_rate_logs_once_per_interval() {
+    let mut p = plugin("");
+    publish(&mut p);
+    for id in 1..=5000 {
+        begin(&p, id, "ghost", &[]);
+        assert_eq!(p.on_request_headers(id), (Action::Pause, None));
+        if id % 50 == 0 {
+            p.host.advance_ms(1);
+        }
+    }
+    assert_eq!(p.host.stat("unknown_service"), 5000);
+    assert_eq!(
+        p.requests.logged,
+        ["registry-lb: a route names service `ghost`, which is not configured: answering 503"]
+    );
+    assert_eq!(
+        p.host.request(5000).reply,
+        local_503(
+            "registry_lb_unknown_service",
+            "registry-lb: service `ghost` is not configured\n"
+        )
+    );
+    // No stat per name: a thousand names cost no stat.
+    let names_before = p.host.stat_names().len();
+    for id in 5001..=6000 {
+        begin(&p, id, &format!("ghost-{id}"), &[]);
+        p.on_request_headers(id);
+    }
+    assert_eq!(p.host.stat_names().len(), names_before);
+    assert_eq!(p.requests.logged.len(), 1);
+    p.host.advance_ms(crate::log_text::LOG_INTERVAL_MS);
+    begin(&p, 6001, "ghost", &[]);
+    p.on_request_headers(6001);
+    assert_eq!(
+        p.requests.logged[1],
+        "registry-lb: a route names service `ghost`, which is not configured: answering 503 (5999 more like it since the last one not logged)"
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn made_up_subset_selectors_cost_one_shared_fallback_not_a_ring_per_ranked_entry() {
+    let mut p = plugin_with(
+        r#""handoff": "override_host", "handoff_header": "x-lb-host","#,
+        r#""policy": "ring_hash", "hash_on": { "header": "x-user" },
+           "subset": { "header": "x-subset" }, "override_host_count": 3,"#,
+    );
+    publish(&mut p);
+    let built = |p: &Plugin<FakeEnvoy>| {
+        p.tables.services[0]
+            .table
+            .as_ref()
+            .map_or(0, |t| t.groups_built.get())
+    };
+    let at_start = built(&p);
+    let mut lists = std::collections::BTreeSet::new();
+    for id in 1..=2000u32 {
+        let sel = format!("version=made-up-{id}");
+        let (_, routed) = request(&mut p, id, &[("x-user", "u1"), ("x-subset", &sel)]);
+        assert_eq!(routed.map(|r| r.fallbacks.len()), Some(2), "{sel}");
+        let r = p.host.request(id);
+        let list = r.headers.iter().find(|(k, _)| k == "x-lb-host");
+        lists.insert(list.map(|(_, v)| v.clone()).unwrap_or_default());
+    }
+    // The first 32 selectors get a group each in the table's subset cache; the
+    // other 1,968 share one fallback group: not one ring per ranked entry each.
+    assert_eq!(built(&p) - at_start, 33);
+    // One hash key, one ranked list, whatever the made-up selector.
+    assert_eq!(lists.len(), 1, "{lists:?}");
+    assert_eq!(p.host.stat("web.subset_header_invalid"), 0);
+}
