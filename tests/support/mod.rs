@@ -117,10 +117,20 @@ pub fn wasm_path() -> PathBuf {
     p
 }
 
-/// A currently free TCP port on 127.0.0.1 (bind :0, read, drop).
+/// A currently free TCP port on 127.0.0.1 (bind :0, read, drop), never one this
+/// test process has handed out before: Envoy binds its listeners with SO_REUSEPORT, so
+/// two Envoys given the same port would both start and share its connections.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local_addr").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Poll `cond` every `every` until it is true or `timeout` passes. Returns whether it became true.
