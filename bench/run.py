@@ -854,6 +854,16 @@ def phase_main(run):
         specs["host_call_floor_10k_random"] = ("host-call-floor-10k-random",
                                                envoy_spec("probe_odst", hbig, f"mimic {large} {base} spread random",
                                                           empty_wasm=run.probe_wasm, warm_route=True))
+    for sname in a.memory_settings:
+        # least_request (100) with an Envoy memory setting of the memory phase: what it
+        # costs per request, side by side.
+        key = "rlb_lr_100_" + sname.replace("+", "_")
+        listen, admin, cfg = envoy_spec("rlb", h100, "least_request", rlb_wasm=W)
+        for x in sname.split("+"):
+            cfg.update(json.loads(json.dumps(MEMORY_SETTINGS[x])))
+        specs[key] = (key.replace("_", "-"), (listen, admin, cfg))
+        labels[key] = f"registry-lb least_request (100) + {sname}"
+        instances[key] = 100
     if run.compare_wasm:
         specs["rlb_lr_100_cmp"] = ("rlb-lr-100-cmp", envoy_spec("rlb", h100, "least_request", rlb_wasm=run.compare_wasm))
     if a.configs:
@@ -1362,8 +1372,11 @@ MEMORY_SETTINGS = {
             "max_heap_size_bytes": 1073741824}}],
         "actions": [{"name": "envoy.overload_actions.shrink_heap", "triggers": [
             {"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.0}}]}]}},
-    # tcmalloc releases up to bytes_to_release of free memory to the system every interval.
+    # tcmalloc releases up to bytes_to_release of free memory to the system every interval
+    # (what the shipped configs set).
     "release": {"memory_allocator_manager": {"bytes_to_release": 134217728, "memory_release_interval": "1s"}},
+    # No release: the shipped configs without their memory_allocator_manager.
+    "no_release": {"memory_allocator_manager": {"bytes_to_release": 0}},
 }
 
 
@@ -1830,7 +1843,7 @@ def main():
     ap.add_argument("--memory-wasm", action="append", default=[], metavar="LABEL=PATH",
                     help="memory phase: also this build of registry_lb.wasm (repeatable)")
     ap.add_argument("--memory-settings", default="",
-                    help="memory phase: Envoy setting variants to add to both filters, comma-separated, "
+                    help="memory phase: Envoy setting variants to add to both filters (main phase: to least_request (100) as rlb_lr_100_<name>), comma-separated, "
                          "from: " + ", ".join(MEMORY_SETTINGS) + " (a+b: both at once)")
     ap.add_argument("--memory-configs", help="memory phase: only these configurations (keys; their empty-filter "
                                              "baselines stay)")
