@@ -24,7 +24,9 @@ Phases:
             --memory-wasm adds builds, --memory-settings Envoy settings (overload manager)
   matching  (not in the default run; `--phases matching --name matching`) the service
             chosen by route metadata, by `upstream_clusters`, by `hosts`, and a request
-            no service claims: Envoy CPU per request against route metadata's
+            no service claims: Envoy CPU per request against route metadata's; and the
+            host calls they differ by (route name, cluster name, :authority) priced
+            with the probe in the same run
   hostcalls (not in the default run) one host call repeated N times per request by
             bench/hostcall-probe, priced against the probe doing nothing
   floor     (not in the default run) the probe making registry-lb's per-request host
@@ -1147,6 +1149,15 @@ MATCHING_CONFIGS = {
     "empty_filter": "empty wasm filter, Envoy's ROUND_ROBIN (reference)",
 }
 
+# The host calls the ways differ by, priced with bench/hostcall-probe in the same run:
+# (op, calls per request); ns per call = (CPU per request − probe_none's) / calls.
+MATCHING_PROBES = {
+    "probe_none": ("none", 1),
+    "probe_route_name": ("route_name", 20),
+    "probe_cluster_name": ("cluster_name", 20),
+    "probe_authority": ("authority", 20),
+}
+
 
 def matching_spec(kind, hosts, wasm):
     """One named route (as envoy/static.yaml's, Istio's and Envoy Gateway's are), the
@@ -1177,10 +1188,26 @@ def phase_matching(run):
     specs = {k: (f"match-{k.replace('_', '-')}", matching_spec(k, hosts, run.rlb_wasm))
              for k in MATCHING_CONFIGS if k != "empty_filter"}
     specs["empty_filter"] = ("match-empty", envoy_spec("empty", hosts, empty_wasm=run.empty_wasm))
+    labels = dict(MATCHING_CONFIGS)
+    if run.probe_wasm:
+        for k, (op, n) in MATCHING_PROBES.items():
+            specs[k] = (k.replace("_", "-"), envoy_spec("probe", hosts, f"{op} {n}", empty_wasm=run.probe_wasm))
+            labels[k] = f"probe: {op} x {n} per request"
     runs = alternate_on_nginx(run, hosts, specs, run.args.rounds)
-    summary = {k: summarize(v, MATCHING_CONFIGS[k]) for k, v in runs.items()}
+    summary = {k: summarize(v, labels[k]) for k, v in runs.items()}
+    for k, s in summary.items():
+        if k not in MATCHING_PROBES or k == "probe_none":
+            continue
+        n = MATCHING_PROBES[k][1]
+        d = [(x["envoy_cpu_us_per_rq"] - y["envoy_cpu_us_per_rq"]) * 1000 / n
+             for x, y in zip(runs[k], runs["probe_none"]) if x["envoy_cpu_us_per_rq"] and y["envoy_cpu_us_per_rq"]]
+        if d:
+            s["ns_per_call"] = round(statistics.median(d))
+            s["ns_per_call_min_max"] = [round(min(d)), round(max(d))]
     ref = runs["metadata"]
     for k, s in summary.items():
+        if k in MATCHING_PROBES:
+            continue
         d = [x["envoy_cpu_us_per_rq"] - y["envoy_cpu_us_per_rq"] for x, y in zip(runs[k], ref)
              if x["envoy_cpu_us_per_rq"] and y["envoy_cpu_us_per_rq"]]
         if d and k != "metadata":
@@ -1601,12 +1628,23 @@ def tables(res):
         out.append("| configuration | req/s (median) | min–max | p99 ms | Envoy CPU µs/req | µs/req over route metadata (min–max) | req/s vs route metadata (min–max) | non-2xx |")
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for k, s in g["summary"].items():
+            if k.startswith("probe_"):
+                continue
             d, dr, vr = s.get("cpu_us_over_metadata"), s.get("cpu_us_over_metadata_min_max"), s.get("vs_metadata_min_max")
             over = "—" if d is None else f"{d:+.2f} ({dr[0]:+.2f} … {dr[1]:+.2f})"
             vs = "—" if k == "metadata" or s.get("vs_metadata") is None else f"{s['vs_metadata']:.3f} ({vr[0]:.3f}–{vr[1]:.3f})"
             out.append(f"| {s['label']} | {fmt(s['rps'], ',.0f')} | {fmt(s['rps_min'], ',.0f')}–{fmt(s['rps_max'], ',.0f')} | "
                        f"{fmt(s['p99_ms'], '.2f')} | {fmt(s['cpu_us_per_rq'], '.1f')} | {over} | {vs} | "
                        f"{s['non2xx'] + s['errors']} |")
+        probes = {k: s for k, s in g["summary"].items() if k.startswith("probe_")}
+        if probes:
+            out.append("")
+            out.append("| host call (probe filter, same run) | Envoy CPU µs/req | ns per call: median of rounds | per-round range |")
+            out.append("|---|---:|---:|---:|")
+            for s in probes.values():
+                rng = s.get("ns_per_call_min_max")
+                out.append(f"| {s['label']} | {fmt(s['cpu_us_per_rq'], '.1f')} | {fmt(s.get('ns_per_call'), ',')} | "
+                           f"{'—' if not rng else f'{rng[0]:,} … {rng[1]:,}'} |")
     if "hostcalls" in res:
         out.append("")
         out.append("| host call (probe filter, N per request) | N | Envoy CPU µs/req | ns per call: median of rounds | per-round range | req/s |")
