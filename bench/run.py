@@ -22,6 +22,11 @@ Phases:
             envoy/static.yaml at --concurrency 2 with the empty filter and registry-lb,
             alternately: VmRSS and admin /memory idle, after 2,000 requests, and settled;
             --memory-wasm adds builds, --memory-settings Envoy settings (overload manager)
+  matching  (not in the default run; `--phases matching --name matching`) the service
+            chosen by route metadata, by `upstream_clusters`, by `hosts`, and a request
+            no service claims: Envoy CPU per request against route metadata's; and the
+            host calls they differ by (route name, cluster name, :authority) priced
+            with the probe in the same run
   hostcalls (not in the default run) one host call repeated N times per request by
             bench/hostcall-probe, priced against the probe doing nothing
   floor     (not in the default run) the probe making registry-lb's per-request host
@@ -405,9 +410,23 @@ class Envoy:
                 pass
         return out
 
+    def code_space_kb(self):
+        """RSS of the process's writable and executable mappings: V8's wasm code space
+        (Envoy's own code is read-only and executable)."""
+        try:
+            total, rwx = 0, False
+            for line in Path(f"/proc/{self.proc.pid}/smaps").read_text().splitlines():
+                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                    rwx = line.split()[1].startswith("rwx")
+                elif rwx and line.startswith("Rss:"):
+                    total += int(line.split()[1])
+            return total
+        except (OSError, IndexError, ValueError):
+            return None
+
     def mem_snapshot(self):
         st = self.stats(r"^wasm\.|wasmcustom\.registry_lb\.web\.(snapshot_bytes|instances_known)")
-        return {"rss_kb": self.rss_kb(), "memory": self.memory(),
+        return {"rss_kb": self.rss_kb(), "code_space_kb": self.code_space_kb(), "memory": self.memory(),
                 "wasm_vms_active": sum(v for k, v in st.items() if k.endswith(".active")),
                 "snapshot_bytes": st.get("wasmcustom.registry_lb.web.snapshot_bytes")}
 
@@ -837,6 +856,16 @@ def phase_main(run):
         specs["host_call_floor_10k_random"] = ("host-call-floor-10k-random",
                                                envoy_spec("probe_odst", hbig, f"mimic {large} {base} spread random",
                                                           empty_wasm=run.probe_wasm, warm_route=True))
+    for sname in a.memory_settings:
+        # least_request (100) with an Envoy memory setting of the memory phase: what it
+        # costs per request, side by side.
+        key = "rlb_lr_100_" + sname.replace("+", "_")
+        listen, admin, cfg = envoy_spec("rlb", h100, "least_request", rlb_wasm=W)
+        for x in sname.split("+"):
+            cfg.update(json.loads(json.dumps(MEMORY_SETTINGS[x])))
+        specs[key] = (key.replace("_", "-"), (listen, admin, cfg))
+        labels[key] = f"registry-lb least_request (100) + {sname}"
+        instances[key] = 100
     if run.compare_wasm:
         specs["rlb_lr_100_cmp"] = ("rlb-lr-100-cmp", envoy_spec("rlb", h100, "least_request", rlb_wasm=run.compare_wasm))
     if a.configs:
@@ -1111,6 +1140,85 @@ def phase_floor(run):
     run.results["floor"] = {"summary": summary, "runs": runs}
 
 
+MATCHING_CONFIGS = {
+    "metadata": "route metadata names the service",
+    "metadata_2": "the same, a second Envoy (noise between identical configurations)",
+    "clusters": "`upstream_clusters` holds the route's cluster (xds.cluster_name)",
+    "hosts": "`hosts` holds the request's authority",
+    "untouched": "no service claims the request (routed by Envoy's ROUND_ROBIN)",
+    "empty_filter": "empty wasm filter, Envoy's ROUND_ROBIN (reference)",
+}
+
+# The host calls the ways differ by, priced with bench/hostcall-probe in the same run:
+# (op, calls per request); ns per call = (CPU per request − probe_none's) / calls.
+MATCHING_PROBES = {
+    "probe_none": ("none", 1),
+    "probe_route_name": ("route_name", 20),
+    "probe_cluster_name": ("cluster_name", 20),
+    "probe_authority": ("authority", 20),
+}
+
+
+def matching_spec(kind, hosts, wasm):
+    """One named route (as envoy/static.yaml's, Istio's and Envoy Gateway's are), the
+    registry-lb service `web` round_robin over `hosts`, claimed by: route metadata
+    (`metadata`), `upstream_clusters` (`clusters`), `hosts` (`hosts`), or nothing
+    (`untouched`: the route goes to a STATIC cluster of the same hosts)."""
+    listen, admin = free_port(), free_port()
+    claim = {"clusters": {"upstream_clusters": ["registry_lb_original_dst"]}, "hosts": {"hosts": ["127.0.0.1"]}}
+    conf = rlb_configuration("round_robin", static_source(hosts), extra=claim.get(kind))
+    cluster = "backends" if kind == "untouched" else "registry_lb_original_dst"
+    cfg = bootstrap(listen, admin, [wasm_filter("registry_lb", wasm, conf)], cluster,
+                    [original_dst_cluster(), static_cluster("backends", "ROUND_ROBIN", hosts)],
+                    kind in ("metadata", "metadata_2"))
+    route = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"]["virtual_hosts"][0]["routes"][0]
+    route["name"] = "web"
+    return listen, admin, cfg
+
+
+def phase_matching(run):
+    """What choosing the service costs per request, by the way it is chosen: the same
+    10 nginx backends and load through registry-lb with the service named by route
+    metadata, by `upstream_clusters`, by `hosts`, and a request no service claims
+    (plus a second metadata Envoy, the noise between identical configurations, and the
+    empty filter); alternating rounds, Envoy CPU per request against metadata's."""
+    base = pick_port_range(10, ["127.0.0.1"])
+    hosts = [("127.0.0.1", base + i) for i in range(10)]
+    specs = {k: (f"match-{k.replace('_', '-')}", matching_spec(k, hosts, run.rlb_wasm))
+             for k in MATCHING_CONFIGS if k != "empty_filter"}
+    specs["empty_filter"] = ("match-empty", envoy_spec("empty", hosts, empty_wasm=run.empty_wasm))
+    labels = dict(MATCHING_CONFIGS)
+    if run.probe_wasm:
+        for k, (op, n) in MATCHING_PROBES.items():
+            specs[k] = (k.replace("_", "-"), envoy_spec("probe", hosts, f"{op} {n}", empty_wasm=run.probe_wasm))
+            labels[k] = f"probe: {op} x {n} per request"
+    runs = alternate_on_nginx(run, hosts, specs, run.args.rounds)
+    summary = {k: summarize(v, labels[k]) for k, v in runs.items()}
+    for k, s in summary.items():
+        if k not in MATCHING_PROBES or k == "probe_none":
+            continue
+        n = MATCHING_PROBES[k][1]
+        d = [(x["envoy_cpu_us_per_rq"] - y["envoy_cpu_us_per_rq"]) * 1000 / n
+             for x, y in zip(runs[k], runs["probe_none"]) if x["envoy_cpu_us_per_rq"] and y["envoy_cpu_us_per_rq"]]
+        if d:
+            s["ns_per_call"] = round(statistics.median(d))
+            s["ns_per_call_min_max"] = [round(min(d)), round(max(d))]
+    ref = runs["metadata"]
+    for k, s in summary.items():
+        if k in MATCHING_PROBES:
+            continue
+        d = [x["envoy_cpu_us_per_rq"] - y["envoy_cpu_us_per_rq"] for x, y in zip(runs[k], ref)
+             if x["envoy_cpu_us_per_rq"] and y["envoy_cpu_us_per_rq"]]
+        if d and k != "metadata":
+            s["cpu_us_over_metadata"] = round(statistics.median(d), 2)
+            s["cpu_us_over_metadata_min_max"] = [round(min(d), 2), round(max(d), 2)]
+        s["vs_metadata"] = paired(runs[k], ref, "rps")
+        r = [x["rps"] / y["rps"] for x, y in zip(runs[k], ref) if x["rps"] and y["rps"]]
+        s["vs_metadata_min_max"] = [round(min(r), 3), round(max(r), 3)] if r else None
+    run.results["matching"] = {"summary": summary, "runs": runs, "instances": len(hosts), "policy": "round_robin"}
+
+
 def wait_log(path, pattern, count, timeout):
     """Lines matching `pattern` once at least `count` exist (or what there is at timeout)."""
     rx = re.compile(pattern)
@@ -1291,8 +1399,11 @@ MEMORY_SETTINGS = {
             "max_heap_size_bytes": 1073741824}}],
         "actions": [{"name": "envoy.overload_actions.shrink_heap", "triggers": [
             {"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.0}}]}]}},
-    # tcmalloc releases up to bytes_to_release of free memory to the system every interval.
+    # tcmalloc releases up to bytes_to_release of free memory to the system every interval
+    # (what the shipped configs set).
     "release": {"memory_allocator_manager": {"bytes_to_release": 134217728, "memory_release_interval": "1s"}},
+    # No release: the shipped configs without their memory_allocator_manager.
+    "no_release": {"memory_allocator_manager": {"bytes_to_release": 0}},
 }
 
 
@@ -1412,11 +1523,11 @@ def phase_memory(run):
                 f"{settled['rss_kb'] / 1024:.1f} MB; heap {settled['memory'].get('heap_size', 0) / 2**20:.1f} MB")
 
     def summary(rs, when, field):
-        xs = [(r[when]["rss_kb"] if field == "rss_kb" else r[when]["memory"].get(field)) for r in rs]
+        xs = [(r[when].get(field) if field.endswith("_kb") else r[when]["memory"].get(field)) for r in rs]
         xs = [x for x in xs if x is not None]
         if not xs:
             return None
-        kb = [x if field == "rss_kb" else x / 1024 for x in xs]
+        kb = [x if field.endswith("_kb") else x / 1024 for x in xs]
         return {"median_kb": round(median(kb)), "min_kb": round(min(kb)), "max_kb": round(max(kb))}
 
     out = {"config_file": "envoy/static.yaml", "concurrency": a.memory_concurrency, "requests": a.memory_requests,
@@ -1429,7 +1540,7 @@ def phase_memory(run):
         s = {"label": c["label"], "baseline": c["baseline"], "runs": rs,
              "wasm_bytes": Path(c["wasm"]).stat().st_size}
         for when in ("idle", "after_load", "settled"):
-            s[when] = {f: summary(rs, when, f) for f in ("rss_kb",) + MEMORY_FIELDS}
+            s[when] = {f: summary(rs, when, f) for f in ("rss_kb", "code_space_kb") + MEMORY_FIELDS}
         out["configs"][key] = s
     # The figure of the goal: RSS over the empty filter (same settings), per round, median.
     for key, s in out["configs"].items():
@@ -1450,18 +1561,19 @@ def memory_tables(m):
            f"{m['rounds']} alternating rounds (min–max), MB. idle: {m['idle_s']:g} s after ready, no traffic; "
            f"load: 1 s after {m['requests']:,} requests; settled: {m['settle_s']:g} s after that.", "",
            "| configuration | .wasm bytes | RSS idle | RSS after load (min–max) | RSS settled | RSS over empty filter: idle / load / settled | "
-           "heap_size | allocated | pageheap_free | pageheap_unmapped | thread caches |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "wasm code space | heap_size | allocated | pageheap_free | pageheap_unmapped | thread caches |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in m["configs"].values():
         over = [s.get(f"{w}_rss_over_empty_kb") for w in ("idle", "after_load", "settled")]
         ov = " / ".join("—" if o is None else f"{o['median'] / 1024:+.1f}" for o in over) if any(over) else "—"
         al = s["after_load"]
         out.append(f"| {s['label']} | {s['wasm_bytes']:,} | {mb(s['idle']['rss_kb'])} | {mb(al['rss_kb'])} ({sp(al['rss_kb'])}) | "
-                   f"{mb(s['settled']['rss_kb'])} | {ov} | {mb(al['heap_size'])} | {mb(al['allocated'])} | "
+                   f"{mb(s['settled']['rss_kb'])} | {ov} | {mb(al.get('code_space_kb'))} | {mb(al['heap_size'])} | {mb(al['allocated'])} | "
                    f"{mb(al['pageheap_free'])} | {mb(al['pageheap_unmapped'])} | {mb(al['total_thread_cache'])} |")
     out.append("")
-    out.append("/memory columns: after load, tcmalloc's figures (heap_size = allocated + page-heap free + "
-               "page-heap unmapped + caches).")
+    out.append("After load: wasm code space = RSS of the writable+executable mappings (V8's compiled wasm, "
+               "outside tcmalloc); the other columns are admin /memory, tcmalloc's figures (heap_size = allocated + "
+               "page-heap free + page-heap unmapped + caches).")
     return "\n".join(out)
 
 
@@ -1506,6 +1618,33 @@ def tables(res):
         for s in res["floor"]["summary"].values():
             out.append(f"| {s['label']} | {fmt(s['rps'], ',.0f')} | {fmt(s['cpu_us_per_rq'], '.1f')} | "
                        f"{fmt(s.get('cpu_us_over_empty'), '.1f')} | {fmt(s.get('vs_empty'), '.3f')} |")
+    if "matching" in res:
+        g = res["matching"]
+        out.append("")
+        out.append(f"How the service is chosen: {g['instances']} nginx backends, registry-lb {g['policy']}, one named "
+                   f"route; medians of {max((s['rounds'] for s in g['summary'].values()), default=0)} alternating "
+                   f"rounds (per-round min–max).")
+        out.append("")
+        out.append("| configuration | req/s (median) | min–max | p99 ms | Envoy CPU µs/req | µs/req over route metadata (min–max) | req/s vs route metadata (min–max) | non-2xx |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for k, s in g["summary"].items():
+            if k.startswith("probe_"):
+                continue
+            d, dr, vr = s.get("cpu_us_over_metadata"), s.get("cpu_us_over_metadata_min_max"), s.get("vs_metadata_min_max")
+            over = "—" if d is None else f"{d:+.2f} ({dr[0]:+.2f} … {dr[1]:+.2f})"
+            vs = "—" if k == "metadata" or s.get("vs_metadata") is None else f"{s['vs_metadata']:.3f} ({vr[0]:.3f}–{vr[1]:.3f})"
+            out.append(f"| {s['label']} | {fmt(s['rps'], ',.0f')} | {fmt(s['rps_min'], ',.0f')}–{fmt(s['rps_max'], ',.0f')} | "
+                       f"{fmt(s['p99_ms'], '.2f')} | {fmt(s['cpu_us_per_rq'], '.1f')} | {over} | {vs} | "
+                       f"{s['non2xx'] + s['errors']} |")
+        probes = {k: s for k, s in g["summary"].items() if k.startswith("probe_")}
+        if probes:
+            out.append("")
+            out.append("| host call (probe filter, same run) | Envoy CPU µs/req | ns per call: median of rounds | per-round range |")
+            out.append("|---|---:|---:|---:|")
+            for s in probes.values():
+                rng = s.get("ns_per_call_min_max")
+                out.append(f"| {s['label']} | {fmt(s['cpu_us_per_rq'], '.1f')} | {fmt(s.get('ns_per_call'), ',')} | "
+                           f"{'—' if not rng else f'{rng[0]:,} … {rng[1]:,}'} |")
     if "hostcalls" in res:
         out.append("")
         out.append("| host call (probe filter, N per request) | N | Envoy CPU µs/req | ns per call: median of rounds | per-round range | req/s |")
@@ -1566,7 +1705,7 @@ def write_csv(path, res):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
-        for phase in ("main", "slow", "degrade"):
+        for phase in ("main", "slow", "degrade", "matching"):
             for k, s in res.get(phase, {}).get("summary", {}).items():
                 row = {"phase": phase, "config": k, **s}
                 w.writerow([("" if row.get(c) is None else (round(row[c], 4) if isinstance(row.get(c), float) else row[c])) for c in cols])
@@ -1742,7 +1881,7 @@ def main():
     ap.add_argument("--memory-wasm", action="append", default=[], metavar="LABEL=PATH",
                     help="memory phase: also this build of registry_lb.wasm (repeatable)")
     ap.add_argument("--memory-settings", default="",
-                    help="memory phase: Envoy setting variants to add to both filters, comma-separated, "
+                    help="memory phase: Envoy setting variants to add to both filters (main phase: to least_request (100) as rlb_lr_100_<name>), comma-separated, "
                          "from: " + ", ".join(MEMORY_SETTINGS) + " (a+b: both at once)")
     ap.add_argument("--memory-configs", help="memory phase: only these configurations (keys; their empty-filter "
                                              "baselines stay)")
@@ -1777,9 +1916,10 @@ def main():
         for x in v.split("+"):
             if x not in MEMORY_SETTINGS:
                 raise SystemExit(f"--memory-settings: unknown {x!r} (known: {', '.join(MEMORY_SETTINGS)})")
-    # A memory-only run writes memory.*, not over the full run's results.
-    only_memory = [p.strip() for p in a.phases.split(",") if p.strip()] == ["memory"]
-    name = a.name or ("quick" if q else "memory" if only_memory else "full")
+    # A memory-only or matching-only run writes memory.* or matching.*, not over the
+    # full run's results.
+    only = [p.strip() for p in a.phases.split(",") if p.strip()]
+    name = a.name or ("quick" if q else only[0] if only in (["memory"], ["matching"]) else "full")
     if a.service_extra:
         SERVICE_EXTRA.update(json.loads(a.service_extra))
     outdir = Path(a.out or (ROOT / ("target/bench" if q else "bench/results")))
@@ -1824,7 +1964,8 @@ def main():
                 continue
             log(f"phase {p}")
             {"main": phase_main, "slow": phase_slow, "refresh": phase_refresh, "registry": phase_registry,
-             "hostcalls": phase_hostcalls, "floor": phase_floor, "memory": phase_memory}[p](run)
+             "hostcalls": phase_hostcalls, "floor": phase_floor, "memory": phase_memory,
+             "matching": phase_matching}[p](run)
     finally:
         run.procs.stop_all()
     res = run.results

@@ -10,6 +10,8 @@
 //! - `response_code`: `get_property(response.code)` in `on_log`
 //! - `status_header`: `get_map_value(response headers, ":status")` in response headers
 //! - `route_name`: `get_property(xds.route_name)`
+//! - `cluster_name`: `get_property(xds.cluster_name)` (services claimed by `upstream_clusters`)
+//! - `authority`: `get_map_value(request headers, ":authority")` (services claimed by `hosts`)
 //! - `current_time`: `get_current_time` (proxy_get_current_time_nanoseconds)
 //! - `guest_format`: no host call: a stat name built with `format!` and looked up in
 //!   a `HashMap<String, _>`, as registry-lb's per-instance pick counter does
@@ -47,6 +49,8 @@ enum Op {
     ResponseCode,
     StatusHeader,
     RouteName,
+    ClusterName,
+    Authority,
     CurrentTime,
     GuestFormat,
     Mimic,
@@ -92,6 +96,8 @@ impl RootContext for Root {
             "response_code" => Op::ResponseCode,
             "status_header" => Op::StatusHeader,
             "route_name" => Op::RouteName,
+            "cluster_name" => Op::ClusterName,
+            "authority" => Op::Authority,
             "current_time" => Op::CurrentTime,
             "guest_format" => Op::GuestFormat,
             "mimic" => Op::Mimic,
@@ -273,6 +279,14 @@ impl HttpContext for Http {
                 }
                 Op::RouteName => {
                     let v = hostcalls::get_property(vec!["xds", "route_name"]);
+                    sink += v.ok().flatten().map(|v| v.len() as u64).unwrap_or(0);
+                }
+                Op::ClusterName => {
+                    let v = hostcalls::get_property(vec!["xds", "cluster_name"]);
+                    sink += v.ok().flatten().map(|v| v.len() as u64).unwrap_or(0);
+                }
+                Op::Authority => {
+                    let v = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":authority");
                     sink += v.ok().flatten().map(|v| v.len() as u64).unwrap_or(0);
                 }
                 Op::CurrentTime => {
