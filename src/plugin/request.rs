@@ -485,6 +485,12 @@ impl<H: Envoy> Plugin<H> {
         };
         if let Err(e) = self.hand_off(si, slot, &fallbacks) {
             self.stats.inc(&self.host, name, Stat::HandoffFailed);
+            if trial {
+                // The instance was never asked: a later request makes the trial,
+                // instead of the slot staying out (and counting against
+                // `max_ejection_percent`) until the trial times out.
+                self.update_outliers(si, now, |o| o.abandon_trial(slot));
+            }
             let from_timer = self.requests.releasing && cfg.handoff == Handoff::FilterState;
             if from_timer && matches!(e, HostError::NotFound | HostError::BadArgument) {
                 if !self.requests.timer_filter_state_refused {

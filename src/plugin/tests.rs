@@ -527,6 +527,44 @@ fn a_trial_after_a_new_snapshot_is_handed_to_its_instance_override_host() {
     trial_after_a_new_snapshot(r#""handoff": "override_host", "handoff_header": "x-lb-host","#);
 }
 
+/// A trial whose hand-off fails never reached its instance: the slot is half-open
+/// again at once, not out (and counted against `max_ejection_percent`) until the
+/// trial times out 30 s later.
+#[wasm_bindgen_test(unsupported = test)]
+fn a_trial_whose_handoff_failed_is_offered_to_the_next_request() {
+    let mut p = plugin(
+        r#""policy": "round_robin", "outlier_detection": { "consecutive_5xx": 3, "base_ejection_time": "1s" },"#,
+    );
+    publish(&mut p);
+    fail_host(&mut p, 1, "10.0.0.1:80", 3, 503, 0);
+    assert_eq!(p.host.stat("web.outlier_ejections"), 1);
+    p.host.advance_ms(1100);
+    p.host.enter(0);
+    p.on_tick();
+    // Envoy refuses every hand-off for a moment: four requests, one of them the
+    // trial's (round robin over four instances).
+    p.host.filter_state_error.set(Some(HostError::Other(10)));
+    for id in 100..104 {
+        request(&mut p, id, &[]);
+        assert_eq!(reply_of(&p, id), reply(503, "registry_lb_handoff_failed"));
+    }
+    assert_eq!(p.host.stat("web.instances_ejected"), 0, "trial still held");
+    p.host.filter_state_error.set(None);
+    let mut trial = None;
+    for id in 200..204 {
+        let (_, routed) = request(&mut p, id, &[]);
+        if handed(&p, id) == ["10.0.0.1:80"] {
+            trial = Some((id, routed));
+        }
+    }
+    let Some((tid, routed)) = trial else {
+        panic!("the instance got no trial after a failed hand-off");
+    };
+    assert!(routed.as_ref().is_some_and(|r| r.trial));
+    end(&mut p, tid, routed, 200, 0);
+    assert_eq!(p.host.stat("web.outlier_trial_ok"), 1);
+}
+
 #[wasm_bindgen_test(unsupported = test)]
 fn connect_failures_count_without_a_response_code() {
     let mut p =
