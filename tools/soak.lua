@@ -4,7 +4,7 @@
 -- summary only, printed by done() as one JSON line. The second the load ends in is not
 -- written (done() runs in another Lua state); the summary has every request.
 local out
-local sec, ok, bad = 0, 0, 0
+local sec, ok, bad, shown = 0, 0, 0, 0
 local delay_ms = tonumber(os.getenv("SOAK_DELAY_MS") or "0")
 
 init = function(args)
@@ -24,7 +24,18 @@ response = function(status, headers, body)
     end
     sec, ok, bad = now, 0, 0
   end
-  if status >= 200 and status < 300 then ok = ok + 1 else bad = bad + 1 end
+  if status >= 200 and status < 300 then
+    ok = ok + 1
+  else
+    bad = bad + 1
+    -- The first few non-2xx answers in full, for their cause.
+    if shown < 20 then
+      shown = shown + 1
+      local h = {}
+      for k, v in pairs(headers) do h[#h + 1] = k .. "=" .. v end
+      out:write(string.format("# %d %d %s | %s\n", now, status, table.concat(h, " "), (body or ""):sub(1, 200):gsub("\n", " ")))
+    end
+  end
 end
 
 done = function(summary, latency, requests)

@@ -5,12 +5,14 @@ Two Envoys side by side, each `--concurrency 2` with registry-lb reading service
 one real etcd (Debian etcd-server 3.4), under the same churn, each loaded by its own wrk
 (1 thread, 16 connections) for --duration seconds:
 
-  filter_state   the default hand-off: filter state -> ORIGINAL_DST cluster
+  filter_state   the default hand-off: filter state -> ORIGINAL_DST cluster; no route
+                 retries (they would go to the same host)
   override_host  a ranked list in `x-lb-host` -> a STATIC cluster of the whole pool with
-                 Envoy's override_host policy; retries go to the next entry
+                 Envoy's override_host policy; route retries (connect-failure, reset,
+                 5xx; 2) go to the next entries
 
-Both have the same route retry policy (connect-failure, reset, 5xx; 2 retries) and the
-same outlier detection (consecutive_5xx 5, base_ejection_time 3 s, max_ejection_time 6 s).
+Both have the same outlier detection (consecutive_5xx 5, base_ejection_time 3 s,
+max_ejection_time 6 s, max_ejection_percent 10).
 What happens during the run, on one schedule for both:
 
   churn     every 200 ms one change in etcd: an instance joins, leaves, changes weight, or
@@ -35,11 +37,14 @@ HTTP/1 listener lets clients go) is no failure: wrk reconnects and loses nothing
 connection closed under a request in flight is a read error and counts.
 
 Budget (a run over budget exits 1):
-  failures   filter_state: <= consecutive_5xx x backends killed; override_host: 0
+  failures   filter_state: <= consecutive_5xx x backends killed + the requests already
+             handed to a killed instance when it was ejected, none routed to it after
+             its ejection, none that no kill explains (kill_accounting); override_host: 0
   RSS        end <= 1.05 x end of warm-up (each a median of the 5 samples up to then)
   stats      no stat name appears after the warm-up other than per-instance and per-slot
              registry-lb stats, and those stay within what the pool explains: one
-             `picks` per pool address (+ overflow), slots below 2 x the pool size
+             `picks` per pool address (+ overflow), slots below 2 x the pool size; and
+             Envoy's per-response-code `upstream_rq_<code>` (bounded by the codes)
 
 Every load loop is bounded: wrk by -d and a timeout, backends by BENCH_BACKEND_MAX_SECS,
 the run by its duration plus a fixed margin.
@@ -75,6 +80,12 @@ OUTLIER = {"consecutive_5xx": CONSECUTIVE_5XX, "base_ejection_time": "3s", "max_
 MIN_REGISTERED = 6
 MAX_NOT_HEALTHY = 2
 RSS_GROWTH_MAX = 0.05
+# Envoy's per-response-code stats appear at a code's first answer (e.g. etcd's first 408
+# while it shuts down): bounded by the codes HTTP has, not by anything that churns.
+# registry-lb's per-service and global stats are one fixed list (src/stats.rs), each
+# defined at its first use (e.g. outlier_trial_failed at the first failed trial).
+SERVICE_STAT = re.compile(r"^wasmcustom\.registry_lb\.(web\.)?[a-z0-9_]+$")
+CODE_STAT = re.compile(r"(^|\.|_)(upstream|downstream)_rq_\d{3}$")
 INSTANCE_STAT = re.compile(r"^wasmcustom\.registry_lb\.web\.(instance\.[^.]+\.picks|slot_(\d+)\.[a-z0-9_]+)$")
 
 
@@ -114,18 +125,26 @@ class Backend:
     def addr(self):
         return f"127.0.0.1:{self.port}"
 
-    def start(self):
+    def spawn(self):
+        """Starts the process; `ready()` says when it answers."""
+        if self.proc is not None:
+            self.soak.procs.stop(self.proc)
         env = dict(os.environ, BENCH_BACKEND_MAX_SECS=str(int(self.soak.args.duration + 600)))
+        self.proc = self.soak.procs.start([str(self.soak.backend_bin), self.addr],
+                                          self.soak.work / f"backend-{self.port}.log", env=env)
+
+    def ready(self):
+        return self.alive() and bench.http_get(f"http://{self.addr}/", 0.3)[0] == 200
+
+    def start(self):
         for _ in range(20):
-            self.proc = self.soak.procs.start([str(self.soak.backend_bin), self.addr],
-                                              self.soak.work / f"backend-{self.port}.log", env=env)
+            self.spawn()
             deadline = time.time() + 5
             while time.time() < deadline and self.proc.poll() is None:
-                if bench.http_get(f"http://{self.addr}/", 1)[0] == 200:
+                if self.ready():
                     return
                 time.sleep(0.05)
-            self.soak.procs.stop(self.proc)  # could not bind (port busy a moment): again
-            time.sleep(0.2)
+            time.sleep(0.2)  # could not bind (port busy a moment): again
         raise SystemExit(f"backend {self.addr} did not start; see {self.soak.work}/backend-{self.port}.log")
 
     def alive(self):
@@ -150,7 +169,8 @@ class Etcd:
     def url(self, path):
         return f"http://127.0.0.1:{self.client}{path}"
 
-    def start(self):
+    def spawn(self):
+        """Starts etcd; `ready()` says when it answers."""
         c, p = f"http://127.0.0.1:{self.client}", f"http://127.0.0.1:{self.peer}"
         cmd = ["etcd", "--name", "soak", "--data-dir", str(self.data), "--listen-client-urls", c,
                "--advertise-client-urls", c, "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
@@ -159,12 +179,18 @@ class Etcd:
         self.starts += 1
         log_path = self.soak.work / f"etcd-{self.starts}.log"
         self.proc = self.soak.procs.start(cmd, log_path)
+
+    def ready(self):
+        return self.proc.poll() is None and post_json(self.url("/v3/kv/range"), {"key": b64("/")}, 0.3)[0] == 200
+
+    def start(self):
+        self.spawn()
         deadline = time.time() + 20
         while time.time() < deadline and self.proc.poll() is None:
-            if post_json(self.url("/v3/kv/range"), {"key": b64("/")}, 1)[0] == 200:
+            if self.ready():
                 return
             time.sleep(0.1)
-        raise SystemExit(f"etcd did not start; see {log_path}")
+        raise SystemExit(f"etcd did not start; see {self.soak.work}/etcd-{self.starts}.log")
 
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
@@ -227,8 +253,10 @@ def listener(soak, env, generation):
            "stat_prefix": "ingress", "access_log": [access_log],
            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
            "http_filters": [bench.wasm_filter("registry_lb", soak.wasm, rlb_config(env.handoff)), router]}
+    # enable_reuse_port off: with SO_REUSEPORT another process of the same user (other
+    # Envoys on this machine) could bind the same port and take some of the connections.
     return {"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", "name": "ingress",
-            "address": bench.sock("127.0.0.1", env.listen),
+            "address": bench.sock("127.0.0.1", env.listen), "enable_reuse_port": False,
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                             "typed_config": hcm}]}]}
 
@@ -439,11 +467,21 @@ def wrk_series(path, t0):
     out = {}
     try:
         for line in path.read_text().splitlines():
+            if line.startswith("#"):
+                continue
             s, ok, bad = (int(x) for x in line.split())
             out[s - int(t0)] = (ok, bad)
     except (OSError, ValueError):
         pass
     return out
+
+
+def wrk_samples(path):
+    """The non-2xx answers the wrk script wrote in full (the first 20)."""
+    try:
+        return [l[2:] for l in path.read_text().splitlines() if l.startswith("# ")]
+    except OSError:
+        return []
 
 
 def read_access_log(path, t0):
@@ -466,24 +504,25 @@ def read_access_log(path, t0):
     return out
 
 
-def ejections(log_path, t0):
-    """Times (s since t0) at which Envoy logged an ejection (`--log-format %E.%f`)."""
-    out = []
+def breaker_log(log_path, t0):
+    """Times (s since t0) at which Envoy logged ejections and failed half-open trials
+    (`--log-format %E.%f`)."""
+    out = {"ejected": [], "trial_failed": []}
     try:
         for line in log_path.read_text(errors="replace").splitlines():
-            m = re.match(r"^(\d+\.\d+) .*ejecting slot \d+", line)
+            m = re.match(r"^(\d+\.\d+) .*(ejecting slot \d+|trial request failed)", line)
             if m:
-                out.append(float(m.group(1)) - t0)
+                out["ejected" if m.group(2).startswith("ejecting") else "trial_failed"].append(float(m.group(1)) - t0)
     except OSError:
         pass
-    return sorted(out)
+    return {k: sorted(v) for k, v in out.items()}
 
 
 # The other worker reads the ejection state at most once per millisecond.
 SYNC_S = 0.001
 
 
-def kill_accounting(soak, access, ejected):
+def kill_accounting(soak, access, breaker):
     """Each failed request of the filter_state Envoy, put against the kill it belongs to.
 
     A kill's failures are requests to the killed address that started between the kill
@@ -493,8 +532,11 @@ def kill_accounting(soak, access, ejected):
     time, not the request's end: under load Envoy's on_log runs milliseconds after the
     answer was sent). A later failure that started before that log time (+ SYNC_S, the
     other worker's delay) was `in_flight`: already handed to the instance, beyond any
-    filter's reach. One that started after it is `after`: the filter routed to an
-    ejected instance, a defect. Failures of no kill are `unexplained`."""
+    filter's reach. One that started after it is a `trial` if the filter logged a
+    failed half-open trial then (the one probe the breaker sends when the ejection
+    ends; it fails when the backend is not back yet), else `after`: the filter routed
+    to an ejected instance, a defect. Failures of no kill are `unexplained`."""
+    ejected = breaker["ejected"]
     kills = []
     for i, (t, kind, addr) in enumerate(soak.events):
         if kind != "backend_killed":
@@ -516,10 +558,12 @@ def kill_accounting(soak, access, ejected):
         rest = mine[CONSECUTIVE_5XX:]
         if te is None:
             # Never ejected: every failure beyond consecutive_5xx is over budget.
-            k["in_flight"], k["after"] = 0, len(rest)
+            k["in_flight"], k["trial"], k["after"] = 0, 0, len(rest)
             continue
         k["in_flight"] = sum(1 for j in rest if failed[j]["t"] <= te + SYNC_S)
-        k["after"] = len(rest) - k["in_flight"]
+        trials = sum(1 for x in breaker["trial_failed"] if te < x <= until)
+        k["trial"] = min(trials, len(rest) - k["in_flight"])
+        k["after"] = len(rest) - k["in_flight"] - k["trial"]
     unexplained = [a for j, a in enumerate(failed) if j not in used]
     return kills, unexplained
 
@@ -542,7 +586,7 @@ def median_at(series, key, handoff, t_end, n=5):
     return statistics.median(vals) if vals else None
 
 
-def judge(soak, series, wrk, warm_t, access, ejected):
+def judge(soak, series, wrk, warm_t, access, breaker):
     budget = {}
     for h in HANDOFFS:
         w = wrk[h]
@@ -551,9 +595,8 @@ def judge(soak, series, wrk, warm_t, access, ejected):
         literal = CONSECUTIVE_5XX * kills if h == "filter_state" else 0
         limit, per_kill, unexplained, kills_ok = literal, [], [], True
         if h == "filter_state":
-            per_kill, unexplained = kill_accounting(soak, access[h], ejected[h])
-            in_flight = sum(k["in_flight"] for k in per_kill)
-            limit = literal + in_flight
+            per_kill, unexplained = kill_accounting(soak, access[h], breaker[h])
+            limit = literal + sum(k["in_flight"] + k["trial"] for k in per_kill)
             kills_ok = all(k["after"] == 0 for k in per_kill) and not unexplained
         rss_warm = median_at(series, "rss_kb", h, warm_t)
         rss_end = median_at(series, "rss_kb", h, series[-1]["t"])
@@ -561,7 +604,8 @@ def judge(soak, series, wrk, warm_t, access, ejected):
         warm_names = soak.stat_names_at_warm.get(h, set())
         end_names = set(soak.last_stats.get(h, {}))
         new = sorted(end_names - warm_names)
-        new_other = [n for n in new if not INSTANCE_STAT.match(n)]
+        new_other = [n for n in new
+                     if not INSTANCE_STAT.match(n) and not CODE_STAT.search(n) and not SERVICE_STAT.match(n)]
         picks = [n for n in end_names if re.match(r"^wasmcustom\.registry_lb\.web\.instance\.[^.]+\.picks$", n)]
         slots = {int(m.group(2)) for n in end_names for m in [INSTANCE_STAT.match(n)] if m and m.group(2)}
         pool = len(soak.pool)
@@ -600,7 +644,7 @@ def run(args):
     base = bench.pick_port_range(args.pool, ["127.0.0.1"])
     soak.pool = [Backend(soak, base + i) for i in range(args.pool)]
     soak.last_stats, soak.stat_names_at_warm = {}, {}
-    series = []
+    series, wrks = [], {}
     try:
         soak.etcd = Etcd(soak)
         soak.etcd.start()
@@ -618,7 +662,6 @@ def run(args):
                 raise SystemExit(f"Envoy {e.handoff} did not serve; log {e.log_path}:\n{e.log_tail()}")
         log(f"pool {soak.pool[0].addr}..{soak.pool[-1].port}, etcd :{soak.etcd.client}, "
             + ", ".join(f"{e.handoff} :{e.listen} (admin :{e.admin})" for e in soak.envoys))
-        wrks = {}
         for e in soak.envoys:
             e.series_path = e.dir / "wrk-series.txt"
             env = dict(os.environ, SOAK_SERIES=str(e.series_path), SOAK_DELAY_MS=str(args.delay_ms))
@@ -654,6 +697,10 @@ def run(args):
             final[e.handoff] = {"registered": want, "instances_known": got, "ok": got == want}
         series.append(soak.sample())
     finally:
+        for p in wrks.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
         soak.procs.stop_all()
     return soak, series, results, final, out
 
@@ -674,16 +721,21 @@ def schedule(soak, args, series):
             if not soak.stat_names_at_warm and t >= args.warmup:
                 soak.stat_names_at_warm = {h: set(s) for h, s in soak.last_stats.items()}
             next_sample += 1.0
+        # Restarts do not block the loop: started when due, "restarted" once answering.
         for item in list(restart_backend):
             at, b = item
             if t >= at:
-                b.start()
-                soak.event("backend_restarted", b.addr)
-                restart_backend.remove(item)
+                if b.proc is None or b.proc.poll() is not None:
+                    b.spawn()
+                elif b.ready():
+                    soak.event("backend_restarted", b.addr)
+                    restart_backend.remove(item)
         if etcd_down and t >= restart_etcd:
-            soak.etcd.start()
-            etcd_down = False
-            soak.event("etcd_restarted")
+            if soak.etcd.proc.poll() is not None:
+                soak.etcd.spawn()
+            elif soak.etcd.ready():
+                etcd_down = False
+                soak.event("etcd_restarted")
         if t >= next_churn and t < d - 1:
             if not etcd_down:
                 soak.churn_once()
@@ -691,7 +743,7 @@ def schedule(soak, args, series):
                 with soak.lock:
                     soak.churn_ops["refused"] += 1
             next_churn += 0.2
-        if t >= next_kill and t < d - args.kill_down - 1:
+        if t >= next_kill and t < d - args.kill_down - 1 and not restart_backend:
             b = soak.kill_one()
             if b is not None:
                 restart_backend.append((t + args.kill_down, b))
@@ -715,6 +767,8 @@ def schedule(soak, args, series):
         b.start()
         soak.event("backend_restarted", b.addr)
     if etcd_down:
+        if soak.etcd.proc.poll() is None:
+            soak.etcd.kill()
         soak.etcd.start()
         soak.event("etcd_restarted")
 
@@ -727,8 +781,8 @@ def report(soak, series, wrk, final, out, args):
     warm_t = args.warmup
     per_sec = {e.handoff: wrk_series(e.series_path, soak.t0) for e in soak.envoys}
     access = {e.handoff: read_access_log(e.access_log, soak.t0) for e in soak.envoys}
-    ejected = {e.handoff: ejections(e.log_path, soak.t0) for e in soak.envoys}
-    budget = judge(soak, series, wrk, warm_t, access, ejected)
+    breaker = {e.handoff: breaker_log(e.log_path, soak.t0) for e in soak.envoys}
+    budget = judge(soak, series, wrk, warm_t, access, breaker)
     failures = {}
     for h, entries in access.items():
         by = {}
@@ -740,6 +794,7 @@ def report(soak, series, wrk, final, out, args):
             key = f"{a['code']} {a['flags']} ({cause_of(a, soak.events).split(' at ')[0].split(' 127')[0]})"
             by[key] = by.get(key, 0) + 1
         failures[h] = {"non_2xx_logged_by_envoy": sum(by.values()), "by_code_flags_cause": by,
+                       "non_2xx_seen_by_wrk": wrk_samples(next(e.series_path for e in soak.envoys if e.handoff == h)),
                        "client_gone": sum(1 for a in entries if a["code"] == "0"),
                        "first": [a for a in entries if a["code"][0] not in "20"][:50]}
     ok = all(b["ok"] for b in budget.values()) and all(f["ok"] for f in final.values())
@@ -806,10 +861,10 @@ def summary_md(res):
         if h != "filter_state":
             return "–"
         k = x["kills"]
-        return (f"{sum(v['counted'] for v in k)} / {sum(v['in_flight'] for v in k)} / {sum(v['after'] for v in k)}"
-                f" / {len(x['failures_unexplained'])}")
+        return (f"{sum(v['counted'] for v in k)} / {sum(v['in_flight'] for v in k)} / {sum(v['trial'] for v in k)}"
+                f" / {sum(v['after'] for v in k)} / {len(x['failures_unexplained'])}")
 
-    row("  failures: causing ejections / in flight at them / after them / of no kill", kill_sums)
+    row("  failures: causing ejections / in flight at them / failed trials / after them / of no kill", kill_sums)
     row("  of which status / connect / read / write / timeout",
         lambda x, h: " / ".join(str(v) for v in x["failures_detail"].values()))
     row("RSS MB end of warm-up → end (growth)",
