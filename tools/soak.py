@@ -375,9 +375,9 @@ class Soak:
     def now(self):
         return time.time() - self.t0 if self.t0 else 0.0
 
-    def event(self, kind, detail=""):
+    def event(self, kind, detail="", t=None):
         with self.lock:
-            self.events.append((round(self.now(), 3), kind, detail))
+            self.events.append((round(self.now() if t is None else t, 3), kind, detail))
 
     # -- the registry ---------------------------------------------------------------------
 
@@ -435,9 +435,11 @@ class Soak:
                 return None
             least = min(b.kills for b in cands)
             b = self.rng.choice([x for x in cands if x.kills == least])
+            # The time before the signal: under load kill() can take a while to return,
+            # and the failures (and the ejection) start at the signal.
             b.last_kill = self.now()
             b.kill()
-        self.event("backend_killed", b.addr)
+        self.event("backend_killed", b.addr, t=b.last_kill)
         return b
 
     # -- sampling -------------------------------------------------------------------------
@@ -525,8 +527,9 @@ SYNC_S = 0.001
 def kill_accounting(soak, access, breaker):
     """Each failed request of the filter_state Envoy, put against the kill it belongs to.
 
-    A kill's failures are requests to the killed address that started between the kill
-    and one second after the restart. In the order they ended, the first
+    A kill's failures are requests to the killed address that started between one
+    second before the kill (requests in flight when it died) and one second after
+    the restart. In the order they ended, the first
     consecutive_5xx are `counted` (they cause the ejection). The ejection takes effect
     when the filter judges the last of them, which it logs (`ejecting slot`; the log
     time, not the request's end: under load Envoy's on_log runs milliseconds after the
@@ -548,10 +551,10 @@ def kill_accounting(soak, access, breaker):
     for k in kills:
         until = (k["restarted"] if k["restarted"] is not None else 1e9) + 1.0
         mine = sorted((j for j, a in enumerate(failed)
-                       if a["upstream"] == k["addr"] and k["t"] - 0.05 <= a["t"] <= until),
+                       if a["upstream"] == k["addr"] and k["t"] - 1.0 <= a["t"] <= until),
                       key=lambda j: failed[j]["end"])
         used.update(mine)
-        te = next((e for e in ejected if k["t"] <= e <= until), None)
+        te = next((e for e in ejected if k["t"] - 0.5 <= e <= until), None)
         k["ejected_after_s"] = None if te is None else round(te - k["t"], 4)
         k["failures"] = len(mine)
         k["counted"] = min(len(mine), CONSECUTIVE_5XX)
