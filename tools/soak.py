@@ -821,7 +821,7 @@ def report(soak, series, wrk, final, out, args):
         "client_per_second": {h: {str(k): v for k, v in sorted(s.items())} for h, s in per_sec.items()},
         "passed": ok,
     }
-    (out / "soak.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "soak.json").write_text(dump_json(res))
     write_csv(out / "soak.csv", series, per_sec)
     md = summary_md(res)
     (out / "soak.md").write_text(md + "\n")
@@ -829,6 +829,18 @@ def report(soak, series, wrk, final, out, args):
     print(md)
     print(f"\nresults: {out}/soak.json, soak.csv, soak.md" + (", soak.png" if made else "") + f"; logs in {soak.work}")
     return ok
+
+
+def dump_json(res):
+    """One line per top-level key, per series row, per event (small, still diffable)."""
+    c = lambda v: json.dumps(v, separators=(",", ":"))  # noqa: E731
+    parts = []
+    for k, v in res.items():
+        if k in ("series", "events") and isinstance(v, list):
+            parts.append(f'"{k}":[\n' + ",\n".join(c(x) for x in v) + "\n]")
+        else:
+            parts.append(f'"{k}":{c(v)}')
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def write_csv(path, series, per_sec):
