@@ -297,6 +297,19 @@ impl Outliers {
         }
     }
 
+    /// The trial request never reached its instance (its hand-off to Envoy failed):
+    /// the slot is half-open again, so the next request to pick it is the trial.
+    pub fn abandon_trial(&mut self, slot: u32) -> bool {
+        match self.slots.get_mut(&slot) {
+            Some(s) if s.breaker == Breaker::Trial => {
+                s.breaker = Breaker::HalfOpen;
+                self.generation += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The trial request finished.
     pub fn end_trial(&mut self, slot: u32, result: Result_, p: &Policy, now_ms: u64) -> bool {
         let Some(s) = self.slots.get(&slot).copied() else {

@@ -767,6 +767,21 @@ impl Table {
         self.slot_index.get(&slot).copied()
     }
 
+    /// The address of `slot`'s instance, routable now or not: an instance on its
+    /// half-open trial is out of `endpoints` while the trial runs, and the trial
+    /// request must still be handed to it. A scan of the candidates when `slot` is
+    /// not routable (once per trial per table).
+    pub fn addr_of_slot(&self, slot: u32) -> Option<SocketAddr> {
+        match self.index_of_slot(slot) {
+            Some(i) => self.endpoints.get(i).map(|e| e.addr),
+            None => self
+                .candidates
+                .iter()
+                .find(|c| c.ep.slot == slot)
+                .map(|c| c.ep.addr),
+        }
+    }
+
     /// `peak_ewma` bookkeeping: a request to `slot` starts.
     pub fn peak_start(&mut self, slot: u32) {
         let Some(i) = self.index_of_slot(slot) else {

@@ -528,6 +528,12 @@ impl<H: Envoy> Plugin<H> {
         };
         if let Err(e) = self.hand_off(si, slot, &fallbacks) {
             self.stats.inc(&self.host, name, Stat::HandoffFailed);
+            if trial {
+                // The instance was never asked: a later request makes the trial,
+                // instead of the slot staying out (and counting against
+                // `max_ejection_percent`) until the trial times out.
+                self.update_outliers(si, now, |o| o.abandon_trial(slot));
+            }
             let from_timer = self.requests.releasing && cfg.handoff == Handoff::FilterState;
             if from_timer && matches!(e, HostError::NotFound | HostError::BadArgument) {
                 if !self.requests.timer_filter_state_refused {
@@ -605,13 +611,12 @@ impl<H: Envoy> Plugin<H> {
         }
     }
 
-    /// `ip:port` of the routable instance in `slot` of service `si` (formatted:
-    /// the request path uses the per-slot cached bytes of `handoff_payload`).
+    /// `ip:port` of the instance in `slot` of service `si`, routable or on its
+    /// half-open trial (formatted: the request path uses the per-slot cached bytes
+    /// of `handoff_payload`).
     pub(super) fn host_of(&self, si: usize, slot: u32) -> Option<String> {
         let t = self.tables.services.get(si)?.table.as_ref()?;
-        t.index_of_slot(slot)
-            .and_then(|i| t.endpoints.get(i))
-            .map(|e| e.host())
+        t.addr_of_slot(slot).map(|a| a.to_string())
     }
 
     /// The bytes that hand `slot`'s instance to Envoy (filter-state arguments or

@@ -401,6 +401,170 @@ fn consecutive_failures_eject_an_instance_and_a_trial_brings_it_back() {
     assert_eq!(p.host.stat("web.instances_ejected"), 0);
 }
 
+/// A Consul health answer at `index` listing `HOSTS` with these passing weights.
+fn consul_answer(index: u32, weights: [u32; 4]) -> crate::envoy::CallAnswer {
+    let entries: Vec<String> = HOSTS
+        .iter()
+        .zip(weights)
+        .enumerate()
+        .map(|(i, (h, w))| {
+            let (a, port) = h.split_once(':').unwrap_or((h, "80"));
+            format!(
+                r#"{{"Node":{{"Node":"n{i}","Address":"{a}"}},"Service":{{"ID":"web-{i}","Service":"web","Address":"{a}","Port":{port},"Weights":{{"Passing":{w},"Warning":1}}}},"Checks":[]}}"#
+            )
+        })
+        .collect();
+    crate::envoy::CallAnswer {
+        headers: vec![
+            (":status".into(), "200".into()),
+            ("x-consul-index".into(), index.to_string()),
+        ],
+        body: format!("[{}]", entries.join(",")).into_bytes(),
+    }
+}
+
+/// Answers the newest registry call with `a`, then ticks until the worker's table
+/// is at snapshot `version`.
+fn registry_answers(p: &mut Plugin<FakeEnvoy>, a: crate::envoy::CallAnswer, version: i64) {
+    for _ in 0..4 {
+        p.host.enter(0);
+        p.on_tick();
+        p.host.advance_ms(50);
+    }
+    let token = p.host.dispatched.borrow().len() as u32;
+    let (h, b) = (a.headers.len(), a.body.len());
+    *p.host.answer.borrow_mut() = Some(a);
+    p.host.enter(0);
+    p.on_call_answer(token, h, b);
+    p.on_tick();
+    assert_eq!(p.host.stat("web.snapshot_version"), version);
+}
+
+/// The entries `x-lb-host` of request `id` names (`override_host` hand-off).
+fn override_list(p: &Plugin<FakeEnvoy>, id: u32) -> Vec<String> {
+    p.host
+        .request(id)
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "x-lb-host")
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Registry churn between an ejection and its trial: the new snapshot gives the
+/// worker a new table (the per-slot hand-off bytes are built again), and the
+/// instance on trial is not routable while its trial runs. The trial request
+/// must still be handed to it — as the first entry with `override_host`.
+fn trial_after_a_new_snapshot(top: &str) {
+    let cfg = format!(
+        r#"{{ {top} "tick": "50ms", "services": [ {{ "name": "web", "policy": "round_robin",
+            "outlier_detection": {{ "consecutive_5xx": 3, "base_ejection_time": "1s" }},
+            "sources": [ {{ "consul": {{ "cluster": "consul", "service": "web" }} }} ] }} ] }}"#
+    );
+    let override_host = top.contains("override_host");
+    let mut p = configure(FakeEnvoy::new(), &cfg, 7);
+    registry_answers(&mut p, consul_answer(10, [1, 1, 1, 1]), 1);
+    let first = |p: &Plugin<FakeEnvoy>, id: u32| -> Vec<String> {
+        if override_host {
+            override_list(p, id).into_iter().take(1).collect()
+        } else {
+            handed(p, id)
+        }
+    };
+    let mut failed = 0;
+    for id in 1..100 {
+        let (_, routed) = request(&mut p, id, &[]);
+        let ok = first(&p, id) != ["10.0.0.1:80"];
+        failed += u32::from(!ok);
+        end(&mut p, id, routed, if ok { 200 } else { 503 }, 0);
+        if failed == 3 {
+            break;
+        }
+    }
+    assert_eq!(p.host.stat("web.outlier_ejections"), 1);
+    // Another instance's weight changes: snapshot 2, a new table on this worker.
+    registry_answers(&mut p, consul_answer(11, [1, 2, 1, 1]), 2);
+    p.host.advance_ms(1100);
+    p.host.enter(0);
+    p.on_tick();
+    let mut trial = None;
+    for id in 2000..2008 {
+        let (_, routed) = request(&mut p, id, &[]);
+        assert_eq!(
+            reply_of(&p, id),
+            (0, String::new()),
+            "request {id} answered locally"
+        );
+        if first(&p, id) == ["10.0.0.1:80"] {
+            assert!(trial.is_none(), "only one trial at a time");
+            trial = Some((id, routed));
+        } else {
+            end(&mut p, id, routed, 200, 0);
+        }
+    }
+    assert_eq!(p.host.stat("web.handoff_failed"), 0);
+    let Some((tid, routed)) = trial else {
+        panic!("no request was handed to the instance on trial");
+    };
+    assert!(routed.as_ref().is_some_and(|r| r.trial));
+    end(&mut p, tid, routed, 200, 0);
+    assert_eq!(p.host.stat("web.outlier_trial_ok"), 1);
+    assert_eq!(p.host.stat("web.instances_ejected"), 0);
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_trial_after_a_new_snapshot_is_handed_to_its_instance_filter_state() {
+    trial_after_a_new_snapshot("");
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_trial_after_a_new_snapshot_is_handed_to_its_instance_override_host() {
+    trial_after_a_new_snapshot(r#""handoff": "override_host", "handoff_header": "x-lb-host","#);
+}
+
+/// A trial whose hand-off fails never reached its instance: the slot is half-open
+/// again at once, not out (and counted against `max_ejection_percent`) until the
+/// trial times out 30 s later.
+#[wasm_bindgen_test(unsupported = test)]
+fn a_trial_whose_handoff_failed_is_offered_to_the_next_request() {
+    let mut p = plugin(
+        r#""policy": "round_robin", "outlier_detection": { "consecutive_5xx": 3, "base_ejection_time": "1s" },"#,
+    );
+    publish(&mut p);
+    fail_host(&mut p, 1, "10.0.0.1:80", 3, 503, 0);
+    assert_eq!(p.host.stat("web.outlier_ejections"), 1);
+    p.host.advance_ms(1100);
+    p.host.enter(0);
+    p.on_tick();
+    // Envoy refuses every hand-off for a moment: four requests, one of them the
+    // trial's (round robin over four instances).
+    p.host.filter_state_error.set(Some(HostError::Other(10)));
+    for id in 100..104 {
+        request(&mut p, id, &[]);
+        assert_eq!(reply_of(&p, id), reply(503, "registry_lb_handoff_failed"));
+    }
+    assert_eq!(p.host.stat("web.instances_ejected"), 0, "trial still held");
+    p.host.filter_state_error.set(None);
+    let mut trial = None;
+    for id in 200..204 {
+        let (_, routed) = request(&mut p, id, &[]);
+        if handed(&p, id) == ["10.0.0.1:80"] {
+            trial = Some((id, routed));
+        }
+    }
+    let Some((tid, routed)) = trial else {
+        panic!("the instance got no trial after a failed hand-off");
+    };
+    assert!(routed.as_ref().is_some_and(|r| r.trial));
+    end(&mut p, tid, routed, 200, 0);
+    assert_eq!(p.host.stat("web.outlier_trial_ok"), 1);
+}
+
 #[wasm_bindgen_test(unsupported = test)]
 fn connect_failures_count_without_a_response_code() {
     let mut p =
