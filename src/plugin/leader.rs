@@ -8,6 +8,7 @@ use crate::health_check::{HealthChecker, Transition};
 use crate::instance::State;
 use crate::lease::{self, Decision, Lease};
 use crate::poller::{Outcome, ServicePoller};
+use crate::registrar::{Registrar, Who};
 use crate::registry::HttpResponse;
 use crate::snapshot::Snapshot;
 use crate::stats::{Stat, Stats};
@@ -15,15 +16,25 @@ use std::collections::HashMap;
 
 /// What an outstanding call was for.
 #[derive(Clone, Copy, Debug)]
-enum Call {
-    Registry { service: usize, source: usize },
-    Health { service: usize, slot: u32 },
+pub(super) enum Call {
+    Registry {
+        service: usize,
+        source: usize,
+    },
+    Health {
+        service: usize,
+        slot: u32,
+    },
+    /// The registrar's (see `plugin::register`).
+    Register(Who),
 }
 
 pub(super) struct Leader {
     /// Set while this root holds the lease.
     pollers: Option<Vec<ServicePoller>>,
-    calls: HashMap<u32, Call>,
+    pub(super) calls: HashMap<u32, Call>,
+    /// The local instance's registration, while this root holds the lease.
+    pub(super) registrar: Option<Registrar>,
     /// Active health checkers per service (None where not configured).
     checkers: Vec<Option<HealthChecker>>,
     lease_ttl_ms: u64,
@@ -34,6 +45,7 @@ impl Leader {
         Leader {
             pollers: None,
             calls: HashMap::new(),
+            registrar: None,
             checkers: Vec::new(),
             lease_ttl_ms,
         }
@@ -56,6 +68,8 @@ impl<H: Envoy> Plugin<H> {
                 self.leader.pollers = None;
                 self.leader.checkers.clear();
                 self.leader.calls.clear();
+                // The next leader registers the same id again (idempotent).
+                self.leader.registrar = None;
             }
             _ => {}
         }
@@ -64,6 +78,7 @@ impl<H: Envoy> Plugin<H> {
             self.publish(now);
             self.expire_outliers(now);
             self.check_health(now);
+            self.register(now);
         }
     }
 
@@ -131,6 +146,9 @@ impl<H: Envoy> Plugin<H> {
             })
             .collect();
         self.leader.pollers = Some(pollers);
+        if let Some(r) = &cfg.register {
+            self.leader.registrar = Some(Registrar::new(r, now));
+        }
     }
 
     /// Start the health checks that are due.
@@ -308,6 +326,10 @@ impl<H: Envoy> Plugin<H> {
                 self.on_health_result(service, slot, status_of(&a.headers), now);
                 return;
             }
+            Call::Register(who) => {
+                self.on_register_answer(who, num_headers, body_size, now);
+                return;
+            }
         };
         let cfg = self.cfg.clone();
         let Some(svc) = cfg.services.get(si) else {
@@ -370,7 +392,7 @@ impl<H: Envoy> Plugin<H> {
 }
 
 /// `:status` of an answer; 0 when absent (a reset).
-fn status_of(headers: &[(String, String)]) -> u16 {
+pub(super) fn status_of(headers: &[(String, String)]) -> u16 {
     headers
         .iter()
         .find(|(k, _)| k == ":status")

@@ -1,0 +1,833 @@
+//! `registrar`: the other half of discovery — the local instance registered in the
+//! registry, kept alive while the local application answers its health check, marked
+//! down when it stops answering, and removed (best effort) when Envoy stops.
+//!
+//! A state machine per target with no host calls: [`Registrar::due`] says which HTTP
+//! calls to make now (the application's health check and each target's next step),
+//! [`Registrar::on_app_result`] and [`Registrar::on_answer`] take their answers, and
+//! [`Registrar::leave`] gives the deregistration calls. It runs in the one root per
+//! Envoy that holds the poller lease (`plugin::leader`).
+//!
+//! References: Consul agent HTTP API ("Register Service" with a TTL `Check`, "TTL
+//! Check Pass/Fail" — `Unknown check ID` is 404 since Consul 1.11 and 500 before —
+//! "Deregister Service"); etcd 3.4 gRPC gateway (`/v3/lease/grant`, `/v3/kv/put`
+//! with `lease`, `/v3/lease/keepalive` — a lease etcd no longer knows answers 200
+//! with no `TTL`, a put with it 404 `requested lease not found` — and
+//! `/v3/lease/revoke`, which deletes the key with the lease). The etcd value is the
+//! schema `registry::etcd` reads.
+//!
+//! Marking down: Consul `check/fail` (then `fail` again every heartbeat, which also
+//! finds out when the agent forgot the check); etcd rewrites the value with
+//! `"state":"unhealthy"` under the same lease and keeps the lease alive, so the
+//! instance stays listed as down (as Consul's failing check) instead of vanishing
+//! when the TTL runs out. A registry that forgot the instance gets it registered
+//! again at once. The first passing health check registers the instance; nothing
+//! is registered before it.
+//!
+//! Left out: Nacos and Eureka targets, Kubernetes (the kubelet owns endpoints:
+//! there is no self-registration), Consul ACL auth-method logins (a fixed `token`
+//! only), several instances per Envoy.
+
+use crate::config::HealthCheckConfig;
+use crate::duration::Millis;
+use crate::http_call::{HttpRequest, HttpResponse};
+use crate::registry::excerpt;
+use crate::validate::{field_err, printable, ConfigError};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// `"register"` of the plugin configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterConfig {
+    /// Service name in the registry.
+    pub service: String,
+    /// Instance id; defaults to `<service>-<address>-<port>` (`.`/`:` as `-`).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// IP literal registered for the instance (the only address ever registered).
+    pub address: String,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Time the registry keeps the instance without a heartbeat (whole seconds).
+    #[serde(default = "default_ttl")]
+    pub ttl: Millis,
+    /// Time between heartbeats; defaults to a third of `ttl`.
+    #[serde(default)]
+    pub heartbeat_interval: Option<Millis>,
+    /// Timeout of one registry call.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Millis,
+    /// The local application's health check; by default through the
+    /// `registry_lb_health` cluster to `address:port`.
+    pub health_check: HealthCheckConfig,
+    pub targets: Vec<TargetConfig>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_ttl() -> Millis {
+    Millis::from_secs(10)
+}
+fn default_request_timeout() -> Millis {
+    Millis::from_secs(2)
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TargetConfig {
+    Consul(ConsulTarget),
+    Etcd(EtcdTarget),
+    /// Parsed only to be refused with a clear error.
+    Nacos(serde_json::Value),
+    Eureka(serde_json::Value),
+    Kubernetes(serde_json::Value),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulTarget {
+    /// Envoy cluster that reaches the local Consul agent.
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// ACL token (`X-Consul-Token`) with `service:write` on the service.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Consul removes the service after its check has been critical this long.
+    #[serde(default = "default_deregister_after")]
+    pub deregister_critical_service_after: Millis,
+}
+
+fn default_deregister_after() -> Millis {
+    Millis::from_secs(60)
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTarget {
+    /// Envoy cluster that reaches etcd's JSON gateway.
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Key prefix; the key is `<prefix><id>`. Defaults to `/services/<service>/`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl RegisterConfig {
+    /// The instance id (configured or derived).
+    pub fn instance_id(&self) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            format!("{}-{}-{}", self.service, self.address, self.port)
+                .chars()
+                .map(|c| if c == '.' || c == ':' { '-' } else { c })
+                .collect()
+        })
+    }
+
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.heartbeat_interval
+            .map_or(self.ttl.0 / 3, |h| h.0)
+            .max(1)
+    }
+
+    /// Checks what the types cannot; errors name the field (`register.<field>`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at = "register";
+        let id_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if !id_ok(&self.service) {
+            return field_err(
+                at,
+                "service",
+                "must be 1..128 letters, digits, '-', '_', '.'",
+            );
+        }
+        if self.id.is_some() && !id_ok(&self.instance_id()) {
+            return field_err(at, "id", "must be 1..128 letters, digits, '-', '_', '.'");
+        }
+        if self.address.parse::<std::net::IpAddr>().is_err() {
+            return field_err(
+                at,
+                "address",
+                "must be an IP literal (it is what readers route to)",
+            );
+        }
+        if self.port == 0 {
+            return field_err(at, "port", "must be 1..65535");
+        }
+        if !(1..=crate::instance::MAX_WEIGHT).contains(&self.weight) {
+            return field_err(at, "weight", "must be 1..100000");
+        }
+        if self
+            .zone
+            .as_deref()
+            .is_some_and(|z| z.is_empty() || !printable(z))
+        {
+            return field_err(at, "zone", "must be non-empty printable text");
+        }
+        for (k, v) in &self.metadata {
+            if k.is_empty() || !printable(k) || !printable(v) {
+                return field_err(
+                    at,
+                    "metadata",
+                    "keys must be non-empty, keys and values printable",
+                );
+            }
+        }
+        if self.ttl.0 < 2000 || self.ttl.0 % 1000 != 0 || self.ttl.0 > 3_600_000 {
+            return field_err(
+                at,
+                "ttl",
+                "must be whole seconds between 2s and 1h (etcd leases and Consul TTLs count seconds)",
+            );
+        }
+        if self.heartbeat_ms() < 100 || self.heartbeat_ms() >= self.ttl.0 {
+            return field_err(
+                at,
+                "heartbeat_interval",
+                "must be at least 100ms and below ttl",
+            );
+        }
+        if self.request_timeout.0 == 0 || self.request_timeout.0 > self.ttl.0 {
+            return field_err(at, "request_timeout", "must be in (0, ttl]");
+        }
+        self.health_check.validate(&format!("{at}.health_check"))?;
+        if self.targets.is_empty() {
+            return field_err(at, "targets", "name at least one registry (consul or etcd)");
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            let at = format!("{at}.targets[{i}]");
+            match t {
+                TargetConfig::Consul(c) => {
+                    if c.cluster.is_empty() {
+                        return field_err(&at, "consul.cluster", "must name an Envoy cluster");
+                    }
+                    if c.token.as_deref().is_some_and(|t| !printable(t)) {
+                        return field_err(&at, "consul.token", "must be printable");
+                    }
+                    let d = c.deregister_critical_service_after.0;
+                    if d < 60_000 || d % 1000 != 0 {
+                        return field_err(
+                            &at,
+                            "consul.deregister_critical_service_after",
+                            "must be whole seconds, at least 1m (Consul's minimum)",
+                        );
+                    }
+                }
+                TargetConfig::Etcd(e) => {
+                    if e.cluster.is_empty() {
+                        return field_err(&at, "etcd.cluster", "must name an Envoy cluster");
+                    }
+                    if e.prefix.as_deref().is_some_and(|p| p.is_empty() || !printable(p)) {
+                        return field_err(&at, "etcd.prefix", "must be non-empty printable text");
+                    }
+                    if e.username.is_some() != e.password.is_some() {
+                        return field_err(&at, "etcd.username", "username and password go together");
+                    }
+                }
+                TargetConfig::Kubernetes(_) => {
+                    return field_err(
+                        &at,
+                        "kubernetes",
+                        "Kubernetes has no self-registration: the kubelet owns a pod's endpoints (use a readiness probe)",
+                    )
+                }
+                TargetConfig::Nacos(_) | TargetConfig::Eureka(_) => {
+                    return field_err(
+                        &at,
+                        t.kind(),
+                        "registration is implemented for consul and etcd only (see docs/registration.md)",
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TargetConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TargetConfig::Consul(_) => "consul",
+            TargetConfig::Etcd(_) => "etcd",
+            TargetConfig::Nacos(_) => "nacos",
+            TargetConfig::Eureka(_) => "eureka",
+            TargetConfig::Kubernetes(_) => "kubernetes",
+        }
+    }
+}
+
+/// Which call an answer belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Who {
+    /// The application's health check.
+    App,
+    /// Target `i` of `targets`.
+    Target(usize),
+}
+
+/// What an answer meant, for logs and stats.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Nothing worth reporting (a login, a lease granted).
+    Step,
+    /// The instance is in the registry (first time or again), up or down.
+    Registered {
+        up: bool,
+    },
+    Heartbeat,
+    /// The registry now shows the instance down (true) or up again (false).
+    Marked {
+        down: bool,
+    },
+    /// The registry no longer knows the instance: it is registered again at once.
+    Forgotten(String),
+    /// The call failed; tried again after `retry` ms.
+    Failed(String),
+    Deregistered,
+}
+
+/// A change of the application's health.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum AppChange {
+    Up,
+    Down,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Login,
+    Grant,
+    Put(bool),
+    KeepAlive,
+    Register(bool),
+    Check(bool),
+    Leave,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Consul(ConsulTarget),
+    Etcd {
+        cfg: EtcdTarget,
+        key: String,
+        lease: Option<String>,
+        token: Option<String>,
+    },
+}
+
+#[derive(Debug)]
+struct Target {
+    kind: Kind,
+    /// What the registry shows now: `Some(up)` once registered.
+    shown: Option<bool>,
+    next_ms: u64,
+    in_flight: Option<Op>,
+}
+
+#[derive(Debug)]
+pub struct Registrar {
+    cfg: RegisterConfig,
+    id: String,
+    hb_ms: u64,
+    retry_ms: u64,
+    /// `None` until the first check answers.
+    app: Option<bool>,
+    app_run: u32,
+    app_next_ms: u64,
+    app_in_flight: bool,
+    targets: Vec<Target>,
+    leaving: bool,
+}
+
+impl Registrar {
+    pub fn new(cfg: &RegisterConfig, now_ms: u64) -> Registrar {
+        let id = cfg.instance_id();
+        let targets = cfg
+            .targets
+            .iter()
+            .filter_map(|t| {
+                let kind = match t {
+                    TargetConfig::Consul(c) => Kind::Consul(c.clone()),
+                    TargetConfig::Etcd(e) => {
+                        let prefix = e
+                            .prefix
+                            .clone()
+                            .unwrap_or_else(|| format!("/services/{}/", cfg.service));
+                        Kind::Etcd {
+                            cfg: e.clone(),
+                            key: format!("{prefix}{id}"),
+                            lease: None,
+                            token: None,
+                        }
+                    }
+                    // Refused by validation.
+                    _ => return None,
+                };
+                Some(Target {
+                    kind,
+                    shown: None,
+                    next_ms: now_ms,
+                    in_flight: None,
+                })
+            })
+            .collect();
+        let hb_ms = cfg.heartbeat_ms();
+        Registrar {
+            id,
+            hb_ms,
+            retry_ms: hb_ms.min(1000),
+            cfg: cfg.clone(),
+            app: None,
+            app_run: 0,
+            app_next_ms: now_ms,
+            app_in_flight: false,
+            targets,
+            leaving: false,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The application's health as last decided (`None` before the first check).
+    pub fn app_healthy(&self) -> Option<bool> {
+        self.app
+    }
+
+    /// `(kind, cluster)` of target `i`, for logs.
+    pub fn target_name(&self, i: usize) -> String {
+        match self.targets.get(i).map(|t| &t.kind) {
+            Some(Kind::Consul(c)) => format!("consul via cluster `{}`", c.cluster),
+            Some(Kind::Etcd { cfg, .. }) => format!("etcd via cluster `{}`", cfg.cluster),
+            None => format!("target {i}"),
+        }
+    }
+
+    /// Calls to make now.
+    pub fn due(&mut self, now_ms: u64) -> Vec<(Who, HttpRequest)> {
+        let mut out = Vec::new();
+        if self.leaving {
+            return out;
+        }
+        if !self.app_in_flight && now_ms >= self.app_next_ms {
+            self.app_in_flight = true;
+            out.push((Who::App, self.app_request()));
+        }
+        let Some(up) = self.app else { return out };
+        for i in 0..self.targets.len() {
+            let t = &self.targets[i];
+            let changed = t.shown.is_some_and(|s| s != up);
+            if t.in_flight.is_some() || (now_ms < t.next_ms && !changed) {
+                continue;
+            }
+            let op = next_op(t, up);
+            if let Some(req) = self.request(i, op) {
+                self.targets[i].in_flight = Some(op);
+                out.push((Who::Target(i), req));
+            }
+        }
+        out
+    }
+
+    fn app_request(&self) -> HttpRequest {
+        let s = self.cfg.health_check.settings(&self.cfg.service);
+        HttpRequest {
+            cluster: s.cluster,
+            method: "GET",
+            authority: s.authority,
+            path: s.path,
+            headers: vec![(
+                s.header,
+                self.cfg
+                    .address
+                    .parse::<std::net::IpAddr>()
+                    .map(|ip| std::net::SocketAddr::new(ip, self.cfg.port).to_string())
+                    .unwrap_or_default(),
+            )],
+            body: Vec::new(),
+            timeout_ms: s.timeout_ms,
+        }
+    }
+
+    /// The application's check answered `status` (0: no answer). The first answer
+    /// decides at once; later ones need the thresholds in a row.
+    pub fn on_app_result(&mut self, status: u16, now_ms: u64) -> Option<AppChange> {
+        self.app_in_flight = false;
+        self.app_next_ms = now_ms + self.cfg.health_check.interval.0;
+        let ok = (200..400).contains(&status);
+        let change = match self.app {
+            None => Some(ok),
+            Some(cur) if cur == ok => {
+                self.app_run = 0;
+                None
+            }
+            Some(cur) => {
+                self.app_run += 1;
+                let hc = &self.cfg.health_check;
+                let needed = if cur {
+                    hc.unhealthy_threshold
+                } else {
+                    hc.healthy_threshold
+                };
+                (self.app_run >= needed.max(1)).then_some(ok)
+            }
+        }?;
+        self.app = Some(change);
+        self.app_run = 0;
+        Some(if change {
+            AppChange::Up
+        } else {
+            AppChange::Down
+        })
+    }
+
+    /// A target's call could not be sent or got no answer.
+    pub fn on_failure(&mut self, i: usize, why: String, now_ms: u64) -> Event {
+        let retry = self.retry_ms;
+        let Some(t) = self.targets.get_mut(i) else {
+            return Event::Step;
+        };
+        let op = t.in_flight.take();
+        if op == Some(Op::Leave) {
+            return Event::Failed(why);
+        }
+        t.next_ms = now_ms + retry;
+        Event::Failed(why)
+    }
+
+    /// The answer to target `i`'s call.
+    pub fn on_answer(&mut self, i: usize, resp: &HttpResponse, now_ms: u64) -> Event {
+        let (hb, retry) = (self.hb_ms, self.retry_ms);
+        let Some(t) = self.targets.get_mut(i) else {
+            return Event::Step;
+        };
+        let Some(op) = t.in_flight.take() else {
+            return Event::Step;
+        };
+        let body = resp.body;
+        let status = resp.status;
+        let fail = |t: &mut Target, what: &str| {
+            t.next_ms = now_ms + retry;
+            Event::Failed(format!("{what}: {status} {}", excerpt(body)))
+        };
+        if op == Op::Leave {
+            t.shown = None;
+            return if (200..300).contains(&status) || status == 404 {
+                Event::Deregistered
+            } else {
+                Event::Failed(format!("deregister: {status} {}", excerpt(body)))
+            };
+        }
+        match &mut t.kind {
+            Kind::Etcd { lease, token, .. } => {
+                if status == 401 && token.is_some() {
+                    *token = None;
+                    t.next_ms = now_ms;
+                    return Event::Step;
+                }
+                match (op, status) {
+                    (Op::Login, 200) => {
+                        match serde_json::from_slice::<serde_json::Value>(body)
+                            .ok()
+                            .and_then(|v| v.get("token")?.as_str().map(str::to_string))
+                        {
+                            Some(tk) => {
+                                *token = Some(tk);
+                                t.next_ms = now_ms;
+                                Event::Step
+                            }
+                            None => fail(t, "etcd authenticate"),
+                        }
+                    }
+                    (Op::Grant, 200) => match json_str(body, &["ID"]) {
+                        Some(id) => {
+                            *lease = Some(id);
+                            t.shown = None;
+                            t.next_ms = now_ms;
+                            Event::Step
+                        }
+                        None => fail(t, "etcd lease grant without ID"),
+                    },
+                    (Op::Put(up), 200) => {
+                        let before = t.shown.replace(up);
+                        t.next_ms = now_ms + hb;
+                        match before {
+                            None => Event::Registered { up },
+                            Some(_) => Event::Marked { down: !up },
+                        }
+                    }
+                    (Op::Put(_), 404) if lease_not_found(body) => {
+                        forget(t, now_ms, "etcd: requested lease not found".into())
+                    }
+                    (Op::KeepAlive, 200) => {
+                        let ttl = json_str(body, &["result", "TTL"])
+                            .and_then(|s| s.parse::<i64>().ok())
+                            .unwrap_or(0);
+                        if ttl > 0 {
+                            t.next_ms = now_ms + hb;
+                            Event::Heartbeat
+                        } else {
+                            forget(
+                                t,
+                                now_ms,
+                                "etcd: the lease expired (keepalive without TTL)".into(),
+                            )
+                        }
+                    }
+                    (Op::KeepAlive, 404) if lease_not_found(body) => {
+                        forget(t, now_ms, "etcd: requested lease not found".into())
+                    }
+                    (Op::Login, _) => fail(t, "etcd authenticate"),
+                    (Op::Grant, _) => fail(t, "etcd lease grant"),
+                    (Op::Put(_), _) => fail(t, "etcd put"),
+                    _ => fail(t, "etcd keepalive"),
+                }
+            }
+            Kind::Consul(_) => match (op, status) {
+                (Op::Register(up), 200) => {
+                    t.shown = Some(up);
+                    t.next_ms = now_ms + hb;
+                    Event::Registered { up }
+                }
+                (Op::Check(up), 200) => {
+                    let before = t.shown.replace(up);
+                    t.next_ms = now_ms + hb;
+                    if before == Some(up) {
+                        Event::Heartbeat
+                    } else {
+                        Event::Marked { down: !up }
+                    }
+                }
+                (Op::Check(_), 404 | 500)
+                    if String::from_utf8_lossy(body).contains("Unknown check") =>
+                {
+                    forget(t, now_ms, format!("consul: {}", excerpt(body)))
+                }
+                (Op::Register(_), _) => fail(t, "consul register"),
+                _ => fail(t, "consul check update"),
+            },
+        }
+    }
+
+    /// Deregistration calls for every target that shows the instance; no further
+    /// calls after this. Best effort: the TTL removes what these miss.
+    pub fn leave(&mut self) -> Vec<(usize, HttpRequest)> {
+        self.leaving = true;
+        let mut out = Vec::new();
+        for i in 0..self.targets.len() {
+            let t = &self.targets[i];
+            let registered = match &t.kind {
+                Kind::Etcd { lease, .. } => lease.is_some(),
+                Kind::Consul(_) => t.shown.is_some(),
+            };
+            if !registered {
+                continue;
+            }
+            if let Some(req) = self.request(i, Op::Leave) {
+                self.targets[i].in_flight = Some(Op::Leave);
+                out.push((i, req));
+            }
+        }
+        out
+    }
+
+    /// Calls still awaited.
+    pub fn in_flight(&self) -> usize {
+        self.targets
+            .iter()
+            .filter(|t| t.in_flight.is_some())
+            .count()
+            + usize::from(self.app_in_flight)
+    }
+
+    /// The call of `op` for target `i`.
+    fn request(&self, i: usize, op: Op) -> Option<HttpRequest> {
+        let t = self.targets.get(i)?;
+        let c = &self.cfg;
+        let timeout_ms = c.request_timeout.0;
+        match &t.kind {
+            Kind::Consul(k) => {
+                let mut headers =
+                    vec![("content-type".to_string(), "application/json".to_string())];
+                if let Some(tok) = &k.token {
+                    headers.push(("x-consul-token".to_string(), tok.clone()));
+                }
+                let check = format!("service:{}", self.id);
+                let (path, body) = match op {
+                    Op::Register(up) => {
+                        let mut meta = c.metadata.clone();
+                        if let Some(z) = &c.zone {
+                            meta.insert("zone".into(), z.clone());
+                        }
+                        let body = serde_json::json!({
+                            "ID": self.id,
+                            "Name": c.service,
+                            "Address": c.address,
+                            "Port": c.port,
+                            "Meta": meta,
+                            "Weights": { "Passing": c.weight, "Warning": 1 },
+                            "Check": {
+                                "CheckID": check,
+                                "Name": "registry-lb heartbeat",
+                                "TTL": format!("{}s", c.ttl.0 / 1000),
+                                "Status": if up { "passing" } else { "critical" },
+                                "DeregisterCriticalServiceAfter":
+                                    format!("{}s", k.deregister_critical_service_after.0 / 1000),
+                            },
+                        });
+                        ("/v1/agent/service/register".to_string(), body.to_string())
+                    }
+                    Op::Check(up) => (
+                        format!(
+                            "/v1/agent/check/{}/{check}",
+                            if up { "pass" } else { "fail" }
+                        ),
+                        String::new(),
+                    ),
+                    Op::Leave => (
+                        format!("/v1/agent/service/deregister/{}", self.id),
+                        String::new(),
+                    ),
+                    _ => return None,
+                };
+                Some(HttpRequest {
+                    cluster: k.cluster.clone(),
+                    method: "PUT",
+                    authority: k.authority.clone().unwrap_or_else(|| k.cluster.clone()),
+                    path,
+                    headers,
+                    body: body.into_bytes(),
+                    timeout_ms,
+                })
+            }
+            Kind::Etcd {
+                cfg,
+                key,
+                lease,
+                token,
+            } => {
+                let mut headers =
+                    vec![("content-type".to_string(), "application/json".to_string())];
+                if let (Some(tk), false) = (token, op == Op::Login) {
+                    headers.push(("authorization".to_string(), tk.clone()));
+                }
+                let lease_id = lease.clone().unwrap_or_default();
+                let (path, body) = match op {
+                    Op::Login => (
+                        "/v3/auth/authenticate",
+                        serde_json::json!({
+                            "name": cfg.username.clone().unwrap_or_default(),
+                            "password": cfg.password.clone().unwrap_or_default(),
+                        }),
+                    ),
+                    Op::Grant => (
+                        "/v3/lease/grant",
+                        serde_json::json!({ "TTL": (c.ttl.0 / 1000).to_string() }),
+                    ),
+                    Op::Put(up) => {
+                        let mut value = serde_json::json!({
+                            "address": c.address,
+                            "port": c.port,
+                            "weight": c.weight,
+                            "state": if up { "healthy" } else { "unhealthy" },
+                            "metadata": c.metadata,
+                        });
+                        if let (Some(z), Some(obj)) = (&c.zone, value.as_object_mut()) {
+                            obj.insert("zone".into(), serde_json::Value::String(z.clone()));
+                        }
+                        (
+                            "/v3/kv/put",
+                            serde_json::json!({
+                                "key": B64.encode(key.as_bytes()),
+                                "value": B64.encode(value.to_string().as_bytes()),
+                                "lease": lease_id,
+                            }),
+                        )
+                    }
+                    Op::KeepAlive => ("/v3/lease/keepalive", serde_json::json!({ "ID": lease_id })),
+                    Op::Leave => ("/v3/lease/revoke", serde_json::json!({ "ID": lease_id })),
+                    _ => return None,
+                };
+                Some(HttpRequest {
+                    cluster: cfg.cluster.clone(),
+                    method: "POST",
+                    authority: cfg.authority.clone().unwrap_or_else(|| cfg.cluster.clone()),
+                    path: path.to_string(),
+                    headers,
+                    body: body.to_string().into_bytes(),
+                    timeout_ms,
+                })
+            }
+        }
+    }
+}
+
+/// The next step of a target that is due, with the application `up` or not.
+fn next_op(t: &Target, up: bool) -> Op {
+    match &t.kind {
+        Kind::Etcd {
+            cfg, lease, token, ..
+        } => {
+            if cfg.username.is_some() && token.is_none() {
+                Op::Login
+            } else if lease.is_none() {
+                Op::Grant
+            } else if t.shown != Some(up) {
+                Op::Put(up)
+            } else {
+                Op::KeepAlive
+            }
+        }
+        Kind::Consul(_) => match t.shown {
+            None => Op::Register(up),
+            Some(_) => Op::Check(up),
+        },
+    }
+}
+
+/// The registry forgot the instance: register again now.
+fn forget(t: &mut Target, now_ms: u64, why: String) -> Event {
+    t.shown = None;
+    if let Kind::Etcd { lease, .. } = &mut t.kind {
+        *lease = None;
+    }
+    t.next_ms = now_ms;
+    Event::Forgotten(why)
+}
+
+fn lease_not_found(body: &[u8]) -> bool {
+    String::from_utf8_lossy(body).contains("lease not found")
+}
+
+/// A string (or number) at `path` of a JSON body.
+fn json_str(body: &[u8], path: &[&str]) -> Option<String> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    for p in path {
+        v = v.get_mut(*p)?.take();
+    }
+    match v {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
