@@ -354,6 +354,8 @@ pub struct Registrar {
     app_run: u32,
     app_next_ms: u64,
     app_in_flight: bool,
+    /// The application has passed a check once: registrations may start.
+    ever_up: bool,
     targets: Vec<Target>,
     leaving: bool,
 }
@@ -400,6 +402,7 @@ impl Registrar {
             app_run: 0,
             app_next_ms: now_ms,
             app_in_flight: false,
+            ever_up: false,
             targets,
             leaving: false,
         }
@@ -434,6 +437,9 @@ impl Registrar {
             out.push((Who::App, self.app_request()));
         }
         let Some(up) = self.app else { return out };
+        if !self.ever_up {
+            return out;
+        }
         for i in 0..self.targets.len() {
             let t = &self.targets[i];
             let changed = t.shown.is_some_and(|s| s != up);
@@ -493,6 +499,7 @@ impl Registrar {
             }
         }?;
         self.app = Some(change);
+        self.ever_up |= change;
         self.app_run = 0;
         Some(if change {
             AppChange::Up
@@ -829,5 +836,386 @@ fn json_str(body: &[u8], path: &[&str]) -> Option<String> {
         serde_json::Value::String(s) => Some(s),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    fn cfg(targets: &str, extra: &str) -> Result<RegisterConfig, ConfigError> {
+        let text = format!(
+            r#"{{ "service": "web", "address": "10.0.0.7", "port": 8080, "weight": 3,
+                "zone": "z1", "metadata": {{ "version": "v2" }}, "ttl": "3s",
+                "heartbeat_interval": "1s", {extra}
+                "health_check": {{ "cluster": "app", "path": "/healthz", "interval": "500ms",
+                                  "timeout": "200ms", "healthy_threshold": 2, "unhealthy_threshold": 2 }},
+                "targets": [{targets}] }}"#
+        );
+        let c: RegisterConfig =
+            serde_json::from_str(&text).map_err(|e| ConfigError(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn ok(status: u16, body: &str) -> (u16, Vec<u8>) {
+        (status, body.as_bytes().to_vec())
+    }
+
+    fn answer(r: &mut Registrar, i: usize, (status, body): (u16, Vec<u8>), now: u64) -> Event {
+        r.on_answer(
+            i,
+            &HttpResponse {
+                status,
+                headers: &[],
+                body: &body,
+            },
+            now,
+        )
+    }
+
+    /// The target calls due at `now` (the application's check is answered 200 at
+    /// once; its first answer makes the registration due at the same instant).
+    fn calls(r: &mut Registrar, now: u64) -> Vec<HttpRequest> {
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            for (who, req) in r.due(now) {
+                match who {
+                    Who::App => {
+                        let _ = r.on_app_result(200, now);
+                    }
+                    Who::Target(_) => out.push(req),
+                }
+            }
+        }
+        out
+    }
+
+    fn json(req: &HttpRequest) -> serde_json::Value {
+        serde_json::from_slice(&req.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn unb64(v: &serde_json::Value) -> String {
+        String::from_utf8(B64.decode(v.as_str().unwrap_or("")).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    const ETCD: &str = r#"{ "etcd": { "cluster": "etcd" } }"#;
+    const CONSUL: &str = r#"{ "consul": { "cluster": "consul", "token": "s3cret" } }"#;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn errors_name_the_field_and_kubernetes_is_refused() {
+        let err = |targets: &str, extra: &str| cfg(targets, extra).err().map(|e| e.0);
+        assert_eq!(err(ETCD, ""), None);
+        assert!(err(r#"{ "kubernetes": {} }"#, "").is_some_and(|e| e
+            .starts_with("register.targets[0].kubernetes: Kubernetes has no self-registration")));
+        assert!(err(r#"{ "nacos": {} }"#, "").is_some_and(|e| e.starts_with(
+            "register.targets[0].nacos: registration is implemented for consul and etcd only"
+        )));
+        assert!(err(ETCD, r#""id": "a/b","#).is_some_and(|e| e.starts_with("register.id:")));
+        assert!(err(ETCD, r#""request_timeout": "4s","#)
+            .is_some_and(|e| e.starts_with("register.request_timeout:")));
+        assert!(err("", "").is_some_and(|e| e.starts_with("register.targets:")));
+        assert!(
+            err(r#"{ "etcd": { "cluster": "etcd", "username": "u" } }"#, "")
+                .is_some_and(|e| e.starts_with("register.targets[0].etcd.username:"))
+        );
+        let ttl = r#"{ "service": "web", "address": "10.0.0.7", "port": 1, "ttl": "2500ms",
+            "health_check": { "path": "/" }, "targets": [{ "etcd": { "cluster": "e" } }] }"#;
+        let c: RegisterConfig = serde_json::from_str(ttl).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c
+            .validate()
+            .is_err_and(|e| e.0.starts_with("register.ttl:")));
+        let host = ttl.replace("10.0.0.7", "app.local").replace("2500ms", "3s");
+        let c: RegisterConfig = serde_json::from_str(&host).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c
+            .validate()
+            .is_err_and(|e| e.0.starts_with("register.address:")));
+        assert_eq!(c.instance_id(), "web-app-local-1");
+        assert_eq!(c.heartbeat_ms(), 1000, "a third of ttl by default");
+        let hc = r#""health_check": { "path": "/", "interval": "50ms" }"#;
+        let bad_hc = host
+            .replace("app.local", "10.0.0.7")
+            .replace(r#""health_check": { "path": "/" }"#, hc);
+        let c: RegisterConfig = serde_json::from_str(&bad_hc).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c
+            .validate()
+            .is_err_and(|e| e.0.starts_with("register.health_check.interval:")));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn nothing_is_registered_before_the_application_answers_its_check() {
+        let c = cfg(ETCD, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let due = r.due(0);
+        assert_eq!(due.len(), 1, "only the application's check");
+        assert_eq!(due[0].0, Who::App);
+        let check = &due[0].1;
+        assert_eq!(
+            (check.cluster.as_str(), check.path.as_str()),
+            ("app", "/healthz")
+        );
+        assert_eq!(check.headers[0].1, "10.0.0.7:8080");
+        assert!(
+            r.due(100).is_empty(),
+            "one check at a time, no registration yet"
+        );
+        assert_eq!(r.on_app_result(503, 100), Some(AppChange::Down));
+        assert!(
+            r.due(200).is_empty(),
+            "a failing application is not registered (first check at 600)"
+        );
+        assert!(r.due(600).iter().all(|(w, _)| *w == Who::App));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn etcd_lease_value_keepalive_mark_down_and_forgotten_lease() {
+        let c = cfg(ETCD, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let grant = calls(&mut r, 0);
+        assert_eq!(grant.len(), 1);
+        assert_eq!(grant[0].path, "/v3/lease/grant");
+        assert_eq!(json(&grant[0])["TTL"], "3");
+        assert_eq!(
+            answer(&mut r, 0, ok(200, r#"{"ID":"7587","TTL":"3"}"#), 10),
+            Event::Step
+        );
+        let put = calls(&mut r, 10);
+        assert_eq!(put[0].path, "/v3/kv/put");
+        let body = json(&put[0]);
+        assert_eq!(body["lease"], "7587");
+        assert_eq!(unb64(&body["key"]), "/services/web/web-10-0-0-7-8080");
+        let value: serde_json::Value =
+            serde_json::from_str(&unb64(&body["value"])).unwrap_or_default();
+        assert_eq!(
+            value,
+            serde_json::json!({"address":"10.0.0.7","port":8080,"weight":3,"zone":"z1",
+                "state":"healthy","metadata":{"version":"v2"}})
+        );
+        // The value is one registry-lb's etcd reader takes.
+        let inst = crate::registry::etcd::parse_value(value.to_string().as_bytes());
+        assert!(inst.is_ok_and(|i| i.is_some_and(|i| i.weight == 3
+            && i.zone == "z1"
+            && i.addr.to_string() == "10.0.0.7:8080")));
+        assert_eq!(
+            answer(&mut r, 0, ok(200, "{}"), 20),
+            Event::Registered { up: true }
+        );
+        assert!(calls(&mut r, 500).is_empty(), "next heartbeat at 1020");
+        let ka = calls(&mut r, 1020);
+        assert_eq!(
+            (ka[0].path.as_str(), json(&ka[0])["ID"].as_str()),
+            ("/v3/lease/keepalive", Some("7587"))
+        );
+        let alive = r#"{"result":{"header":{"revision":"2"},"ID":"7587","TTL":"3"}}"#;
+        assert_eq!(answer(&mut r, 0, ok(200, alive), 1030), Event::Heartbeat);
+        // Two failed checks in a row: marked down at once, not at the next heartbeat.
+        assert_eq!(r.on_app_result(0, 1100), None);
+        assert_eq!(r.on_app_result(503, 1200), Some(AppChange::Down));
+        let down = r.due(1210);
+        let put = &down
+            .iter()
+            .find(|(w, _)| *w == Who::Target(0))
+            .unwrap_or_else(|| panic!("{down:?}"))
+            .1;
+        let value = unb64(&json(put)["value"]);
+        assert!(value.contains(r#""state":"unhealthy""#), "{value}");
+        assert_eq!(
+            json(put)["lease"],
+            "7587",
+            "same lease: listed as down, not deleted"
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, "{}"), 1220),
+            Event::Marked { down: true }
+        );
+        // Down, the lease is still kept alive; etcd forgot it (TTL absent): grant again at once.
+        let ka = r.due(2300);
+        assert!(ka
+            .iter()
+            .any(|(w, q)| *w == Who::Target(0) && q.path == "/v3/lease/keepalive"));
+        let expired = r#"{"result":{"header":{"revision":"3"},"ID":"7587"}}"#;
+        assert!(matches!(
+            answer(&mut r, 0, ok(200, expired), 2310),
+            Event::Forgotten(_)
+        ));
+        let again = r.due(2310);
+        assert!(
+            again
+                .iter()
+                .any(|(w, q)| *w == Who::Target(0) && q.path == "/v3/lease/grant"),
+            "{again:?}"
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, r#"{"ID":"99","TTL":"3"}"#), 2320),
+            Event::Step
+        );
+        let put = r.due(2320);
+        assert!(put
+            .iter()
+            .any(|(_, q)| q.path == "/v3/kv/put" && json(q)["lease"] == "99"));
+        assert_eq!(
+            answer(&mut r, 0, ok(200, "{}"), 2330),
+            Event::Registered { up: false }
+        );
+        // A put whose lease etcd lost (404) also registers again.
+        assert_eq!(r.on_app_result(200, 2400), None);
+        assert_eq!(r.on_app_result(200, 2500), Some(AppChange::Up));
+        let up = r.due(2510);
+        assert!(up.iter().any(|(_, q)| q.path == "/v3/kv/put"
+            && unb64(&json(q)["value"]).contains(r#""state":"healthy""#)));
+        let lost = r#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#;
+        assert!(matches!(
+            answer(&mut r, 0, ok(404, lost), 2520),
+            Event::Forgotten(_)
+        ));
+        // Leaving: no lease, nothing to revoke until one is granted.
+        assert!(r.leave().is_empty());
+        assert!(r.due(9999).is_empty(), "no calls once leaving");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn etcd_failures_retry_and_leaving_revokes_the_lease() {
+        let c = cfg(ETCD, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        assert_eq!(calls(&mut r, 0).len(), 1);
+        assert!(matches!(
+            r.on_failure(0, "reset".into(), 5),
+            Event::Failed(_)
+        ));
+        assert!(
+            calls(&mut r, 500).is_empty(),
+            "retried after one second at most"
+        );
+        assert_eq!(calls(&mut r, 1005)[0].path, "/v3/lease/grant");
+        assert!(
+            matches!(answer(&mut r, 0, ok(500, "boom"), 1010), Event::Failed(e) if e.contains("500 boom"))
+        );
+        assert_eq!(calls(&mut r, 2010)[0].path, "/v3/lease/grant");
+        answer(&mut r, 0, ok(200, r#"{"ID":"5","TTL":"3"}"#), 2020);
+        assert_eq!(calls(&mut r, 2020)[0].path, "/v3/kv/put");
+        let leave = r.leave();
+        assert_eq!(leave.len(), 1, "the put in flight does not stop the revoke");
+        assert_eq!(
+            (leave[0].1.path.as_str(), json(&leave[0].1)["ID"].as_str()),
+            ("/v3/lease/revoke", Some("5"))
+        );
+        assert_eq!(answer(&mut r, 0, ok(200, "{}"), 2030), Event::Deregistered);
+        assert_eq!(r.in_flight(), 0);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn etcd_logs_in_and_again_when_the_token_is_refused() {
+        let t = r#"{ "etcd": { "cluster": "etcd", "prefix": "/svc/", "username": "u", "password": "p" } }"#;
+        let c = cfg(t, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let login = calls(&mut r, 0);
+        assert_eq!(login[0].path, "/v3/auth/authenticate");
+        assert_eq!(
+            json(&login[0]),
+            serde_json::json!({"name":"u","password":"p"})
+        );
+        answer(&mut r, 0, ok(200, r#"{"token":"tok.1"}"#), 1);
+        let grant = calls(&mut r, 1);
+        assert!(grant[0]
+            .headers
+            .contains(&("authorization".into(), "tok.1".into())));
+        assert_eq!(
+            answer(&mut r, 0, ok(401, "invalid auth token"), 2),
+            Event::Step
+        );
+        assert_eq!(calls(&mut r, 2)[0].path, "/v3/auth/authenticate");
+        answer(&mut r, 0, ok(200, r#"{"token":"tok.2"}"#), 3);
+        answer(&mut r, 0, ok(200, r#"{"ID":"1"}"#), 3);
+        let grant = calls(&mut r, 3);
+        answer(&mut r, 0, ok(200, r#"{"ID":"1"}"#), 4);
+        assert!(grant[0]
+            .headers
+            .contains(&("authorization".into(), "tok.2".into())));
+        let put = calls(&mut r, 4);
+        assert_eq!(unb64(&json(&put[0])["key"]), "/svc/web-10-0-0-7-8080");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn consul_ttl_check_pass_fail_unknown_check_and_deregister() {
+        let c = cfg(CONSUL, r#""id": "web-a","#).unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let reg = calls(&mut r, 0);
+        assert_eq!(
+            (reg[0].method, reg[0].path.as_str()),
+            ("PUT", "/v1/agent/service/register")
+        );
+        assert!(reg[0]
+            .headers
+            .contains(&("x-consul-token".into(), "s3cret".into())));
+        assert_eq!(
+            json(&reg[0]),
+            serde_json::json!({"ID":"web-a","Name":"web","Address":"10.0.0.7","Port":8080,
+                "Meta":{"version":"v2","zone":"z1"},"Weights":{"Passing":3,"Warning":1},
+                "Check":{"CheckID":"service:web-a","Name":"registry-lb heartbeat","TTL":"3s",
+                    "Status":"passing","DeregisterCriticalServiceAfter":"60s"}})
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, ""), 10),
+            Event::Registered { up: true }
+        );
+        let pass = calls(&mut r, 1010);
+        assert_eq!(pass[0].path, "/v1/agent/check/pass/service:web-a");
+        assert_eq!(answer(&mut r, 0, ok(200, ""), 1020), Event::Heartbeat);
+        r.on_app_result(0, 1100);
+        assert_eq!(r.on_app_result(0, 1200), Some(AppChange::Down));
+        let fail = r.due(1201);
+        assert!(
+            fail.iter()
+                .any(|(_, q)| q.path == "/v1/agent/check/fail/service:web-a"),
+            "{fail:?}"
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, ""), 1210),
+            Event::Marked { down: true }
+        );
+        // Agent restarted: Consul 1.11+ answers 404, older agents 500.
+        let unknown = r#"Unknown check ID "service:web-a". Ensure that the check ID is passed, not the check name."#;
+        calls(&mut r, 2210);
+        assert!(matches!(
+            answer(&mut r, 0, ok(404, unknown), 2220),
+            Event::Forgotten(_)
+        ));
+        let reg = r.due(2220);
+        let reg = &reg
+            .iter()
+            .find(|(w, _)| *w == Who::Target(0))
+            .unwrap_or_else(|| panic!("{reg:?}"))
+            .1;
+        assert_eq!(reg.path, "/v1/agent/service/register");
+        assert_eq!(
+            json(reg)["Check"]["Status"],
+            "critical",
+            "registered again as down"
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, ""), 2230),
+            Event::Registered { up: false }
+        );
+        calls(&mut r, 3230);
+        assert!(matches!(
+            answer(&mut r, 0, ok(500, r#"Unknown check "service:web-a""#), 3240),
+            Event::Forgotten(_)
+        ));
+        calls(&mut r, 3240);
+        answer(&mut r, 0, ok(200, ""), 3250);
+        // An ACL refusal is a failure, not a forgotten instance.
+        calls(&mut r, 4250);
+        assert!(matches!(
+            answer(&mut r, 0, ok(403, "Permission denied"), 4260),
+            Event::Failed(_)
+        ));
+        let leave = r.leave();
+        assert_eq!(
+            (leave[0].1.method, leave[0].1.path.as_str()),
+            ("PUT", "/v1/agent/service/deregister/web-a")
+        );
+        assert_eq!(answer(&mut r, 0, ok(200, ""), 4300), Event::Deregistered);
     }
 }
