@@ -1,0 +1,345 @@
+//! End to end: Envoy A registers its local application (a `Backend`) in the
+//! registry, Envoy B routes to it through the registry. The application dies and
+//! comes back, the registry restarts, and A leaves in the documented order
+//! (docs/operations.md): mark down, wait one refresh, stop Envoy, stop the app —
+//! with B's clients counting every failed request.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+use support::{lb, wait_until, Backend, Envoy, Etcd};
+
+/// Registration TTL and the readers' refresh interval (B's `refresh_interval`).
+const TTL: Duration = Duration::from_secs(3);
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// The `"register"` block of A (one line: it goes inside a YAML block scalar) and the `app` cluster it checks the application through.
+fn register_block(app: &Backend, targets: &str) -> String {
+    format!(
+        concat!(
+            r#""register": {{ "service": "web", "address": "127.0.0.1", "port": {port}, "#,
+            r#""zone": "z1", "metadata": {{ "version": "v1" }}, "ttl": "3s", "heartbeat_interval": "1s", "#,
+            r#""health_check": {{ "cluster": "app", "path": "/healthz", "interval": "250ms", "#,
+            r#""timeout": "200ms", "healthy_threshold": 2, "unhealthy_threshold": 2 }}, "#,
+            r#""targets": [ {targets} ] }}, "services": ["#
+        ),
+        port = app.port,
+        targets = targets
+    )
+}
+
+fn app_cluster(app: &Backend) -> String {
+    format!(
+        "  clusters:\n  - name: app\n    type: STATIC\n    connect_timeout: 0.25s\n    load_assignment:\n      cluster_name: app\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {} }}\n",
+        app.port
+    )
+}
+
+/// Requests at B, one after another every 10 ms, bounded by `limit`; counts answers
+/// by backend and the failed ones (anything not a 200).
+struct Load {
+    stop: Arc<AtomicBool>,
+    failed: Arc<AtomicU64>,
+    app: Arc<AtomicU64>,
+    /// Milliseconds since `t0` of the last answer from the app (or failure).
+    last_app_ms: Arc<AtomicU64>,
+    t0: Instant,
+    handle: Option<thread::JoinHandle<u64>>,
+}
+
+impl Load {
+    fn start(b: &Envoy, limit: Duration) -> Load {
+        let url = format!("http://127.0.0.1:{}/", b.listener_port);
+        let (stop, failed, app, last) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let t0 = Instant::now();
+        let (s, f, a, l) = (stop.clone(), failed.clone(), app.clone(), last.clone());
+        let handle = thread::spawn(move || {
+            let mut n = 0;
+            while !s.load(Ordering::SeqCst) && t0.elapsed() < limit && n < 20_000 {
+                let (code, body, _) = support::http_get(&url, &[]);
+                n += 1;
+                if code != 200 {
+                    f.fetch_add(1, Ordering::SeqCst);
+                    eprintln!(
+                        "B answered {code}: {body:?} at {} ms",
+                        t0.elapsed().as_millis()
+                    );
+                }
+                if code != 200 || body == "app" {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    l.store(t0.elapsed().as_millis() as u64, Ordering::SeqCst);
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            n
+        });
+        Load {
+            stop,
+            failed,
+            app,
+            last_app_ms: last,
+            t0,
+            handle: Some(handle),
+        }
+    }
+
+    /// Milliseconds since the load started.
+    fn now_ms(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64
+    }
+
+    /// Waits until B has not sent to the app (nor failed) for `quiet`; returns the
+    /// time of the last such answer, relative to the load's start.
+    fn wait_app_gone(&self, quiet: Duration, within: Duration) -> Option<u64> {
+        let ok = wait_until(within, Duration::from_millis(20), || {
+            self.now_ms() >= self.last_app_ms.load(Ordering::SeqCst) + quiet.as_millis() as u64
+        });
+        ok.then(|| self.last_app_ms.load(Ordering::SeqCst))
+    }
+
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        let n = self.handle.take().map(|h| h.join().unwrap()).unwrap_or(0);
+        (n, self.failed.load(Ordering::SeqCst))
+    }
+}
+
+fn etcd_value(b: &Backend) -> String {
+    format!(
+        r#"{{"address":"127.0.0.1","port":{},"weight":1,"zone":"z1"}}"#,
+        b.port
+    )
+}
+
+fn key(app: &Backend) -> String {
+    format!("/services/web/web-127-0-0-1-{}", app.port)
+}
+
+fn start_a_etcd(etcd: &Etcd, app: &Backend) -> Envoy {
+    let reg = register_block(app, r#"{ "etcd": { "cluster": "etcd" } }"#);
+    let cluster = app_cluster(app);
+    lb::start(
+        "envoy/etcd.yaml",
+        &[(2379, etcd.client_port)],
+        &[("\"services\": [", &reg), ("  clusters:\n", &cluster)],
+        2,
+    )
+}
+
+#[test]
+fn etcd_registration_follows_the_app_the_registry_and_a_graceful_leave() {
+    let mut etcd = Etcd::start();
+    let other = Backend::start("other");
+    let mut app = Backend::start("app");
+    etcd.put("/services/web/other", &etcd_value(&other));
+    let a = start_a_etcd(&etcd, &app);
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || etcd
+            .get(&key(&app))
+            .is_some()),
+        "A never registered the app; A's log:\n{}",
+        support::tail(&a.log(), 30)
+    );
+    println!(
+        "etcd: registered {} ms after A started",
+        t0.elapsed().as_millis()
+    );
+    let value = etcd.get(&key(&app)).unwrap();
+    assert!(value.contains(r#""state":"healthy""#), "{value}");
+    assert!(value.contains(r#""metadata":{"version":"v1"}"#), "{value}");
+    let b = lb::start("envoy/etcd.yaml", &[(2379, etcd.client_port)], &[], 2);
+    lb::wait_version(&b, "web", 1);
+    let c = lb::tally(&b, 40);
+    assert_eq!(
+        (c.get("app"), c.get("other")),
+        (Some(&20), Some(&20)),
+        "{c:?}"
+    );
+    // Heartbeats keep the 3 s lease alive well past its TTL.
+    thread::sleep(TTL + REFRESH);
+    assert!(etcd.get(&key(&app)).is_some(), "the lease was kept alive");
+    assert!(a.stat(&lb::stat("register_heartbeat_ok")).unwrap_or(0) >= 3);
+
+    // The app dies: A marks it down, B stops sending to it within TTL + one refresh.
+    // B's own outlier detection may stop it sooner; what B's registry view says is
+    // measured apart (its instances_healthy gauge, set when it publishes).
+    assert_eq!(b.stat(&lb::stat("web.instances_healthy")), Some(2));
+    let load = Load::start(&b, Duration::from_secs(60));
+    thread::sleep(Duration::from_millis(300));
+    let killed_ms = load.now_ms();
+    let killed = Instant::now();
+    app.stop();
+    assert!(
+        lb::wait_stat(&b, &lb::stat("web.instances_healthy"), TTL + REFRESH, |v| v
+            == 1),
+        "B's registry view still had the dead app healthy after TTL + one refresh"
+    );
+    let view = killed.elapsed();
+    let gone = load
+        .wait_app_gone(Duration::from_millis(1500), Duration::from_secs(10))
+        .expect("B kept sending to the dead app");
+    let took = gone.saturating_sub(killed_ms);
+    println!(
+        "etcd: app killed -> down in B's registry view after {} ms, B's last request to it after {took} ms (bound: TTL {} ms + refresh {} ms)",
+        view.as_millis(),
+        TTL.as_millis(),
+        REFRESH.as_millis()
+    );
+    assert!(took <= (TTL + REFRESH).as_millis() as u64, "{took} ms");
+    let value = etcd.get(&key(&app)).expect("marked down, not deleted");
+    assert!(value.contains(r#""state":"unhealthy""#), "{value}");
+    assert!(a.stat(&lb::stat("register_marked_down")).unwrap_or(0) >= 1);
+    assert_eq!(a.stat(&lb::stat("register_app_healthy")), Some(0));
+
+    // It comes back on its port: marked up, B sends to it again.
+    let port = app.port;
+    drop(app);
+    let app = Backend::start_on("app", port);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            app.hits() > 0 && load.app.load(Ordering::SeqCst) > 0 && {
+                let v = etcd.get(&key(&app)).unwrap_or_default();
+                v.contains(r#""state":"healthy""#)
+            }
+        }),
+        "the recovered app was not marked up"
+    );
+    let served_before = app.hits();
+    thread::sleep(REFRESH * 2);
+    assert!(
+        app.hits() > served_before + 5,
+        "B sends to the recovered app"
+    );
+    assert!(a.stat(&lb::stat("register_marked_up")).unwrap_or(0) >= 1);
+    let (_, failed) = load.finish();
+    println!(
+        "etcd: {failed} request(s) failed at B while the app was dead (before A marked it down)"
+    );
+
+    // etcd restarts with an empty data dir: A finds its lease gone and registers again.
+    let port = etcd.client_port;
+    etcd.kill();
+    drop(etcd);
+    let restarted = Instant::now();
+    let etcd = Etcd::start_on(port);
+    etcd.put("/services/web/other", &etcd_value(&other));
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(20), || etcd
+            .get(&key(&app))
+            .is_some()),
+        "A did not register again after the etcd restart; A's log:\n{}",
+        support::tail(&a.log(), 30)
+    );
+    let again = restarted.elapsed();
+    println!(
+        "etcd: restarted with an empty data dir; A registered again {} ms after the restart began",
+        again.as_millis()
+    );
+    assert!(a.stat(&lb::stat("register_forgotten")).unwrap_or(0) >= 1);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            let c = lb::tally(&b, 20);
+            c.get("app").is_some() && c.get("other").is_some()
+        }),
+        "B does not route to the app again; etcd holds {:?}; B's log:\n{}",
+        etcd.range_prefix("/services/web/"),
+        support::tail(&b.log(), 20)
+    );
+
+    // The documented leave: mark down (the app's health check fails), wait one
+    // refresh, stop Envoy A (deregisters), then stop the app. Nothing fails at B.
+    let load = Load::start(&b, Duration::from_secs(60));
+    thread::sleep(Duration::from_millis(300));
+    app.set_health_status(503);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || etcd
+            .get(&key(&app))
+            .is_some_and(|v| v.contains(r#""state":"unhealthy""#))
+    ));
+    let marked_ms = load.now_ms();
+    thread::sleep(REFRESH + Duration::from_millis(200));
+    let mut a = a;
+    let stop_ms = load.now_ms();
+    a.terminate(Duration::from_secs(10));
+    let removed = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        etcd.get(&key(&app)).is_none()
+    });
+    let removed_ms = load.now_ms() - stop_ms;
+    assert!(removed, "the key outlived A by more than 10 s");
+    println!(
+        "etcd: key removed {removed_ms} ms after Envoy A was told to stop (deregistration in on_done; TTL {} ms)",
+        TTL.as_millis()
+    );
+    assert!(
+        removed_ms <= (TTL + REFRESH).as_millis() as u64,
+        "{removed_ms}"
+    );
+    let mut app = app;
+    app.stop();
+    thread::sleep(REFRESH * 2);
+    let last_app = load.last_app_ms.load(Ordering::SeqCst);
+    let (n, failed) = load.finish();
+    println!(
+        "etcd: graceful leave: {n} requests at B, {failed} failed; B's last request to the app {} ms after it was marked down",
+        last_app.saturating_sub(marked_ms)
+    );
+    assert_eq!(failed, 0, "the documented leave order loses no request");
+    assert!(last_app <= marked_ms + (REFRESH + Duration::from_millis(200)).as_millis() as u64);
+
+    // A crashes (SIGKILL: no deregistration): the lease runs out, and B's registry
+    // view drops the app within TTL + one refresh.
+    let app2 = Backend::start("app2");
+    let a2 = start_a_etcd(&etcd, &app2);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || etcd.get(&key(&app2)).is_some()
+    ));
+    assert!(lb::wait_stat(
+        &b,
+        &lb::stat("web.instances_healthy"),
+        Duration::from_secs(3),
+        |v| v == 2
+    ));
+    let pid = a2.pid().expect("A2 runs");
+    let killed = Instant::now();
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    assert!(st.is_ok_and(|s| s.success()));
+    assert!(wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || etcd.get(&key(&app2)).is_none()
+    ));
+    let expired = killed.elapsed();
+    assert!(
+        lb::wait_stat(&b, &lb::stat("web.instances_known"), TTL + REFRESH, |v| v
+            == 1),
+        "B still lists the crashed sidecar's app"
+    );
+    let view = killed.elapsed();
+    println!(
+        "etcd: Envoy A killed -> lease expired after {} ms, gone from B's view after {} ms (bound: TTL + refresh = {} ms)",
+        expired.as_millis(),
+        view.as_millis(),
+        (TTL + REFRESH).as_millis()
+    );
+    assert!(
+        view <= TTL + REFRESH + Duration::from_millis(500),
+        "{view:?}"
+    );
+}
