@@ -250,7 +250,7 @@ fn etcd_registration_follows_the_app_the_registry_and_a_graceful_leave() {
     assert!(
         wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
             let c = lb::tally(&b, 20);
-            c.get("app").is_some() && c.get("other").is_some()
+            c.contains_key("app") && c.contains_key("other")
         }),
         "B does not route to the app again; etcd holds {:?}; B's log:\n{}",
         etcd.range_prefix("/services/web/"),
