@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-use support::{lb, wait_until, Backend, Envoy, Etcd};
+use support::{lb, wait_until, Backend, ConsulInstance, Envoy, Etcd, FakeConsul};
 
 /// Registration TTL and the readers' refresh interval (B's `refresh_interval`).
 const TTL: Duration = Duration::from_secs(3);
@@ -342,4 +342,239 @@ fn etcd_registration_follows_the_app_the_registry_and_a_graceful_leave() {
         view <= TTL + REFRESH + Duration::from_millis(500),
         "{view:?}"
     );
+}
+
+fn start_a_consul(consul: &FakeConsul, app: &Backend) -> Envoy {
+    let reg = register_block(
+        app,
+        r#"{ "consul": { "cluster": "consul", "token": "t0k" } }"#,
+    );
+    let cluster = app_cluster(app);
+    lb::start(
+        "envoy/consul.yaml",
+        &[(8500, consul.port)],
+        &[("\"services\": [", &reg), ("  clusters:\n", &cluster)],
+        2,
+    )
+}
+
+fn app_id(app: &Backend) -> String {
+    format!("web-127-0-0-1-{}", app.port)
+}
+
+/// The stand-in's status of `app`'s registration, if it is registered.
+fn consul_status(consul: &FakeConsul, app: &Backend) -> Option<String> {
+    let id = app_id(app);
+    consul
+        .instances("web")
+        .into_iter()
+        .find(|(i, _)| *i == id)
+        .map(|(_, s)| s)
+}
+
+#[test]
+fn consul_registration_follows_the_app_the_agent_and_a_graceful_leave() {
+    let consul = FakeConsul::start();
+    consul.set_token(Some("t0k"));
+    let other = Backend::start("other");
+    let mut app = Backend::start("app");
+    consul.set_service(
+        "web",
+        vec![ConsulInstance::new("other", "127.0.0.1", other.port)],
+    );
+    let a = start_a_consul(&consul, &app);
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            consul_status(&consul, &app).as_deref() == Some("passing")
+        }),
+        "A never registered the app; A's log:\n{}",
+        support::tail(&a.log(), 30)
+    );
+    println!(
+        "consul: registered {} ms after A started",
+        t0.elapsed().as_millis()
+    );
+    let log = consul.request_log();
+    let reg = log
+        .iter()
+        .find(|(t, _)| t == "/v1/agent/service/register")
+        .expect("a registration");
+    assert!(
+        support::header(&reg.1, "x-consul-token") == Some("t0k"),
+        "{reg:?}"
+    );
+    // B reads with blocking queries and the same ACL token.
+    let b = lb::start(
+        "envoy/consul.yaml",
+        &[(8500, consul.port)],
+        &[(
+            "\"wait\": \"30s\" }",
+            "\"wait\": \"30s\", \"token\": \"t0k\" }",
+        )],
+        2,
+    );
+    lb::wait_version(&b, "web", 1);
+    let c = lb::tally(&b, 40);
+    assert_eq!(
+        (c.get("app"), c.get("other")),
+        (Some(&20), Some(&20)),
+        "{c:?}"
+    );
+    // Heartbeats (check/pass every second) keep the 3 s TTL check passing.
+    thread::sleep(TTL + REFRESH);
+    assert_eq!(consul_status(&consul, &app).as_deref(), Some("passing"));
+    assert!(a.stat(&lb::stat("register_heartbeat_ok")).unwrap_or(0) >= 3);
+
+    // The app dies: check/fail, B's blocking query sees it at once. Bound: TTL + 0.5 s.
+    assert_eq!(b.stat(&lb::stat("web.instances_healthy")), Some(2));
+    let killed = Instant::now();
+    app.stop();
+    assert!(
+        lb::wait_stat(
+            &b,
+            &lb::stat("web.instances_healthy"),
+            TTL + Duration::from_millis(500),
+            |v| v == 1
+        ),
+        "B's registry view still had the dead app healthy after TTL + 0.5 s"
+    );
+    println!(
+        "consul: app killed -> down in B's registry view after {} ms (bound: TTL {} ms + 0.5 s)",
+        killed.elapsed().as_millis(),
+        TTL.as_millis()
+    );
+    assert_eq!(
+        consul_status(&consul, &app).as_deref(),
+        Some("critical"),
+        "marked down, not deleted"
+    );
+    assert!(a.stat(&lb::stat("register_marked_down")).unwrap_or(0) >= 1);
+
+    // It comes back: check/pass, B routes to it again.
+    let port = app.port;
+    drop(app);
+    let app = Backend::start_on("app", port);
+    assert!(lb::wait_stat(
+        &b,
+        &lb::stat("web.instances_healthy"),
+        Duration::from_secs(5),
+        |v| v == 2
+    ));
+    // Both serve again (workers pick the snapshot up on their next tick).
+    assert!(wait_until(
+        Duration::from_secs(3),
+        Duration::from_millis(50),
+        || {
+            let c = lb::tally(&b, 20);
+            c.get("app").is_some_and(|n| *n >= 5) && c.contains_key("other")
+        }
+    ));
+
+    // The agent restarts and forgets the service: the next check/pass gets 404
+    // "Unknown check ID", and A registers again at once.
+    let restarted = Instant::now();
+    consul.restart_agent();
+    assert_eq!(consul_status(&consul, &app), None);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            consul_status(&consul, &app).as_deref() == Some("passing")
+        }),
+        "A did not register again; A's log:\n{}",
+        support::tail(&a.log(), 30)
+    );
+    println!(
+        "consul: agent restarted -> registered again after {} ms (heartbeat interval 1 s)",
+        restarted.elapsed().as_millis()
+    );
+    assert!(a.stat(&lb::stat("register_forgotten")).unwrap_or(0) >= 1);
+    assert!(lb::wait_stat(
+        &b,
+        &lb::stat("web.instances_healthy"),
+        Duration::from_secs(5),
+        |v| v == 2
+    ));
+
+    // The documented leave: mark down, wait one refresh, stop Envoy A, stop the app.
+    let load = Load::start(&b, Duration::from_secs(60));
+    thread::sleep(Duration::from_millis(300));
+    app.set_health_status(503);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        || { consul_status(&consul, &app).as_deref() == Some("critical") }
+    ));
+    let marked_ms = load.now_ms();
+    thread::sleep(REFRESH);
+    let mut a = a;
+    a.terminate(Duration::from_secs(10));
+    // Deregistration is best effort (Envoy may stop before the call leaves): the
+    // instance is gone, or still marked down, never up again.
+    thread::sleep(Duration::from_millis(500));
+    let left = consul_status(&consul, &app);
+    let dereg = consul
+        .request_log()
+        .iter()
+        .filter(|(t, _)| t.starts_with("/v1/agent/service/deregister/"))
+        .count();
+    println!(
+        "consul: Envoy A stopped: {dereg} deregistration request(s) reached the agent; the instance is {}",
+        left.as_deref().unwrap_or("gone")
+    );
+    assert!(
+        left.is_none() || left.as_deref() == Some("critical"),
+        "{left:?}"
+    );
+    let mut app = app;
+    app.stop();
+    thread::sleep(REFRESH * 2);
+    let last_app = load.last_app_ms.load(Ordering::SeqCst);
+    let (n, failed) = load.finish();
+    println!(
+        "consul: graceful leave: {n} requests at B, {failed} failed; B's last request to the app {} ms after it was marked down",
+        last_app.saturating_sub(marked_ms)
+    );
+    assert_eq!(failed, 0, "the documented leave order loses no request");
+    assert!(
+        last_app <= marked_ms + 500,
+        "B sent to the app {} ms after it was marked down",
+        last_app.saturating_sub(marked_ms)
+    );
+
+    // A crashes: no deregistration; the TTL check turns critical, B stops routing.
+    let app2 = Backend::start("app2");
+    let a2 = start_a_consul(&consul, &app2);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || { consul_status(&consul, &app2).as_deref() == Some("passing") }
+    ));
+    assert!(lb::wait_stat(
+        &b,
+        &lb::stat("web.instances_healthy"),
+        Duration::from_secs(3),
+        |v| v == 2
+    ));
+    let pid = a2.pid().expect("A2 runs");
+    let killed = Instant::now();
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    assert!(st.is_ok_and(|s| s.success()));
+    assert!(
+        lb::wait_stat(
+            &b,
+            &lb::stat("web.instances_healthy"),
+            TTL + Duration::from_secs(2),
+            |v| v == 1
+        ),
+        "B still routes to the crashed sidecar's app"
+    );
+    let view = killed.elapsed();
+    println!(
+        "consul: Envoy A killed -> TTL check critical, app down in B's view after {} ms (bound: TTL + 0.5 s = {} ms)",
+        view.as_millis(),
+        (TTL + Duration::from_millis(500)).as_millis()
+    );
+    assert!(view <= TTL + Duration::from_millis(500), "{view:?}");
 }
