@@ -282,6 +282,8 @@ pub enum Who {
     App,
     /// Target `i` of `targets`.
     Target(usize),
+    /// Target `i`'s deregistration.
+    Leave(usize),
 }
 
 /// What an answer meant, for logs and stats.
@@ -341,6 +343,8 @@ struct Target {
     shown: Option<bool>,
     next_ms: u64,
     in_flight: Option<Op>,
+    /// A deregistration is awaited.
+    leave_pending: bool,
 }
 
 #[derive(Debug)]
@@ -389,6 +393,7 @@ impl Registrar {
                     shown: None,
                     next_ms: now_ms,
                     in_flight: None,
+                    leave_pending: false,
                 })
             })
             .collect();
@@ -510,13 +515,14 @@ impl Registrar {
 
     /// A target's call could not be sent or got no answer.
     pub fn on_failure(&mut self, i: usize, why: String, now_ms: u64) -> Event {
-        let retry = self.retry_ms;
+        let (retry, leaving) = (self.retry_ms, self.leaving);
         let Some(t) = self.targets.get_mut(i) else {
             return Event::Step;
         };
-        let op = t.in_flight.take();
-        if op == Some(Op::Leave) {
-            return Event::Failed(why);
+        t.in_flight = None;
+        if leaving {
+            // Only the deregistration matters now.
+            return Event::Step;
         }
         t.next_ms = now_ms + retry;
         Event::Failed(why)
@@ -524,27 +530,23 @@ impl Registrar {
 
     /// The answer to target `i`'s call.
     pub fn on_answer(&mut self, i: usize, resp: &HttpResponse, now_ms: u64) -> Event {
-        let (hb, retry) = (self.hb_ms, self.retry_ms);
+        let (hb, retry, leaving) = (self.hb_ms, self.retry_ms, self.leaving);
         let Some(t) = self.targets.get_mut(i) else {
             return Event::Step;
         };
         let Some(op) = t.in_flight.take() else {
             return Event::Step;
         };
+        if leaving {
+            // An answer to a call sent before the deregistration: nothing follows.
+            return Event::Step;
+        }
         let body = resp.body;
         let status = resp.status;
         let fail = |t: &mut Target, what: &str| {
             t.next_ms = now_ms + retry;
             Event::Failed(format!("{what}: {status} {}", excerpt(body)))
         };
-        if op == Op::Leave {
-            t.shown = None;
-            return if (200..300).contains(&status) || status == 404 {
-                Event::Deregistered
-            } else {
-                Event::Failed(format!("deregister: {status} {}", excerpt(body)))
-            };
-        }
         match &mut t.kind {
             Kind::Etcd { lease, token, .. } => {
                 if status == 401 && token.is_some() {
@@ -651,20 +653,31 @@ impl Registrar {
                 continue;
             }
             if let Some(req) = self.request(i, Op::Leave) {
-                self.targets[i].in_flight = Some(Op::Leave);
+                self.targets[i].leave_pending = true;
                 out.push((i, req));
             }
         }
         out
     }
 
-    /// Calls still awaited.
-    pub fn in_flight(&self) -> usize {
-        self.targets
-            .iter()
-            .filter(|t| t.in_flight.is_some())
-            .count()
-            + usize::from(self.app_in_flight)
+    /// The answer to target `i`'s deregistration (`status` 0: none). 404 counts as
+    /// done: the registry no longer knows the instance.
+    pub fn on_leave_answer(&mut self, i: usize, status: u16, body: &[u8]) -> Event {
+        let Some(t) = self.targets.get_mut(i) else {
+            return Event::Step;
+        };
+        t.leave_pending = false;
+        t.shown = None;
+        if (200..300).contains(&status) || status == 404 {
+            Event::Deregistered
+        } else {
+            Event::Failed(format!("deregister: {status} {}", excerpt(body)))
+        }
+    }
+
+    /// Deregistrations still awaited.
+    pub fn leaving(&self) -> usize {
+        self.targets.iter().filter(|t| t.leave_pending).count()
     }
 
     /// The call of `op` for target `i`.
@@ -885,7 +898,7 @@ mod tests {
                     Who::App => {
                         let _ = r.on_app_result(200, now);
                     }
-                    Who::Target(_) => out.push(req),
+                    Who::Target(_) | Who::Leave(_) => out.push(req),
                 }
             }
         }
@@ -1101,8 +1114,12 @@ mod tests {
             (leave[0].1.path.as_str(), json(&leave[0].1)["ID"].as_str()),
             ("/v3/lease/revoke", Some("5"))
         );
-        assert_eq!(answer(&mut r, 0, ok(200, "{}"), 2030), Event::Deregistered);
-        assert_eq!(r.in_flight(), 0);
+        assert_eq!(r.leaving(), 1);
+        // The put's answer arrives after: nothing follows from it, the revoke is still awaited.
+        assert_eq!(answer(&mut r, 0, ok(200, "{}"), 2030), Event::Step);
+        assert_eq!(r.leaving(), 1);
+        assert_eq!(r.on_leave_answer(0, 200, b"{}"), Event::Deregistered);
+        assert_eq!(r.leaving(), 0);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -1216,6 +1233,14 @@ mod tests {
             (leave[0].1.method, leave[0].1.path.as_str()),
             ("PUT", "/v1/agent/service/deregister/web-a")
         );
-        assert_eq!(answer(&mut r, 0, ok(200, ""), 4300), Event::Deregistered);
+        assert!(r.due(99_999).is_empty(), "no heartbeats once leaving");
+        assert!(
+            matches!(r.on_leave_answer(0, 500, b"rpc error"), Event::Failed(e) if e.contains("500 rpc error"))
+        );
+        assert_eq!(
+            r.leaving(),
+            0,
+            "a failed deregistration is not retried: the TTL removes it"
+        );
     }
 }

@@ -32,7 +32,7 @@ impl<H: Envoy> Plugin<H> {
                             );
                             self.app_result(&mut r, 0, now);
                         }
-                        Who::Target(i) => {
+                        Who::Target(i) | Who::Leave(i) => {
                             let ev = r.on_failure(i, why, now);
                             self.report_registration(&r, i, ev);
                         }
@@ -75,6 +75,13 @@ impl<H: Envoy> Plugin<H> {
                         now,
                     )
                 };
+                self.report_registration(&r, i, ev);
+            }
+            Who::Leave(i) => {
+                let a = self
+                    .host
+                    .call_answer(num_headers, body_size, MAX_ANSWER_BYTES);
+                let ev = r.on_leave_answer(i, status_of(&a.headers), &a.body);
                 self.report_registration(&r, i, ev);
             }
         }
@@ -147,15 +154,15 @@ impl<H: Envoy> Plugin<H> {
                 Ok(token) => {
                     self.leader
                         .calls
-                        .insert(token, Call::Register(Who::Target(i)));
+                        .insert(token, Call::Register(Who::Leave(i)));
                     sent += 1;
                 }
                 Err(e) => {
-                    let ev = r.on_failure(
-                        i,
-                        format!("deregister: cannot call cluster `{}`: {e}", req.cluster),
-                        0,
+                    log::warn!(
+                        "registry-lb: register: deregistration cannot call cluster `{}`: {e}",
+                        req.cluster
                     );
+                    let ev = r.on_leave_answer(i, 0, b"");
                     self.report_registration(&r, i, ev);
                 }
             }
@@ -175,6 +182,6 @@ impl<H: Envoy> Plugin<H> {
             .leader
             .calls
             .values()
-            .any(|c| matches!(c, Call::Register(Who::Target(_))))
+            .any(|c| matches!(c, Call::Register(Who::Leave(_))))
     }
 }
