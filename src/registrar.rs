@@ -8,7 +8,8 @@
 //! [`Registrar::leave`] gives the deregistration calls. It runs in the one root per
 //! Envoy that holds the poller lease (`plugin::leader`).
 //!
-//! References: Consul agent HTTP API ("Register Service" with a TTL `Check`, "TTL
+//! References: Eureka REST operations (register, renew, status override, cancel);
+//! Consul agent HTTP API ("Register Service" with a TTL `Check`, "TTL
 //! Check Pass/Fail" — `Unknown check ID` is 404 since Consul 1.11 and 500 before —
 //! "Deregister Service"); etcd 3.4 gRPC gateway (`/v3/lease/grant`, `/v3/kv/put`
 //! with `lease`, `/v3/lease/keepalive` — a lease etcd no longer knows answers 200
@@ -24,7 +25,12 @@
 //! again at once. The first passing health check registers the instance; nothing
 //! is registered before it.
 //!
-//! Left out: Nacos and Eureka targets, Kubernetes (the kubelet owns endpoints:
+//! Eureka (REST API, as Spring Cloud's and Netflix's clients use it): `POST
+//! /apps/<APP>` with `leaseInfo.durationInSecs` = `ttl`, renewals `PUT
+//! /apps/<APP>/<id>` (404: evicted → register again), `PUT .../status?value=DOWN|UP`
+//! to mark down and up (renewals go on while down), `DELETE` to leave.
+//!
+//! Left out: Nacos targets, Kubernetes (the kubelet owns endpoints:
 //! there is no self-registration), Consul ACL auth-method logins (a fixed `token`
 //! only), several instances per Envoy.
 
@@ -86,9 +92,9 @@ fn default_request_timeout() -> Millis {
 pub enum TargetConfig {
     Consul(ConsulTarget),
     Etcd(EtcdTarget),
+    Eureka(EurekaTarget),
     /// Parsed only to be refused with a clear error.
     Nacos(serde_json::Value),
-    Eureka(serde_json::Value),
     Kubernetes(serde_json::Value),
 }
 
@@ -125,6 +131,30 @@ pub struct EtcdTarget {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EurekaTarget {
+    /// Envoy cluster that reaches the Eureka server.
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Application name; defaults to `service`. Sent with ASCII letters uppercased.
+    #[serde(default)]
+    pub app: Option<String>,
+    /// Path of the REST API (`/eureka` for Spring Cloud, `/eureka/v2` for Netflix's war).
+    #[serde(default = "default_eureka_prefix")]
+    pub path_prefix: String,
+    /// HTTP basic auth.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+fn default_eureka_prefix() -> String {
+    "/eureka".to_string()
 }
 
 impl RegisterConfig {
@@ -211,7 +241,11 @@ impl RegisterConfig {
         }
         self.health_check.validate(&format!("{at}.health_check"))?;
         if self.targets.is_empty() {
-            return field_err(at, "targets", "name at least one registry (consul or etcd)");
+            return field_err(
+                at,
+                "targets",
+                "name at least one registry (consul, etcd or eureka)",
+            );
         }
         for (i, t) in self.targets.iter().enumerate() {
             let at = format!("{at}.targets[{i}]");
@@ -250,11 +284,30 @@ impl RegisterConfig {
                         "Kubernetes has no self-registration: the kubelet owns a pod's endpoints (use a readiness probe)",
                     )
                 }
-                TargetConfig::Nacos(_) | TargetConfig::Eureka(_) => {
+                TargetConfig::Eureka(e) => {
+                    if e.cluster.is_empty() {
+                        return field_err(&at, "eureka.cluster", "must name an Envoy cluster");
+                    }
+                    let app_ok = |a: &str| {
+                        !a.is_empty()
+                            && a.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    };
+                    if e.app.as_deref().is_some_and(|a| !app_ok(a)) {
+                        return field_err(&at, "eureka.app", "must be letters, digits, '-', '_', '.'");
+                    }
+                    if !e.path_prefix.starts_with('/') || !printable(&e.path_prefix) || e.path_prefix.contains(' ') {
+                        return field_err(&at, "eureka.path_prefix", "must start with '/' and contain no spaces");
+                    }
+                    if e.username.is_some() != e.password.is_some() {
+                        return field_err(&at, "eureka.username", "username and password go together");
+                    }
+                }
+                TargetConfig::Nacos(_) => {
                     return field_err(
                         &at,
-                        t.kind(),
-                        "registration is implemented for consul and etcd only (see docs/registration.md)",
+                        "nacos",
+                        "registration is implemented for consul, etcd and eureka only (see docs/registration.md)",
                     )
                 }
             }
@@ -328,6 +381,13 @@ enum Op {
 #[derive(Debug)]
 enum Kind {
     Consul(ConsulTarget),
+    Eureka {
+        cfg: EurekaTarget,
+        /// The application name, uppercased.
+        app: String,
+        /// `Authorization` of HTTP basic auth.
+        authorization: Option<String>,
+    },
     Etcd {
         cfg: EtcdTarget,
         key: String,
@@ -373,6 +433,20 @@ impl Registrar {
             .filter_map(|t| {
                 let kind = match t {
                     TargetConfig::Consul(c) => Kind::Consul(c.clone()),
+                    TargetConfig::Eureka(e) => Kind::Eureka {
+                        cfg: e.clone(),
+                        app: e
+                            .app
+                            .as_deref()
+                            .unwrap_or(&cfg.service)
+                            .to_ascii_uppercase(),
+                        authorization: match (&e.username, &e.password) {
+                            (Some(u), Some(p)) => {
+                                Some(format!("Basic {}", B64.encode(format!("{u}:{p}"))))
+                            }
+                            _ => None,
+                        },
+                    },
                     TargetConfig::Etcd(e) => {
                         let prefix = e
                             .prefix
@@ -426,6 +500,7 @@ impl Registrar {
     pub fn target_name(&self, i: usize) -> String {
         match self.targets.get(i).map(|t| &t.kind) {
             Some(Kind::Consul(c)) => format!("consul via cluster `{}`", c.cluster),
+            Some(Kind::Eureka { cfg, .. }) => format!("eureka via cluster `{}`", cfg.cluster),
             Some(Kind::Etcd { cfg, .. }) => format!("etcd via cluster `{}`", cfg.cluster),
             None => format!("target {i}"),
         }
@@ -612,6 +687,30 @@ impl Registrar {
                     _ => fail(t, "etcd keepalive"),
                 }
             }
+            Kind::Eureka { .. } => match (op, status) {
+                (Op::Register(up), 200 | 204) => {
+                    t.shown = Some(up);
+                    t.next_ms = now_ms + hb;
+                    Event::Registered { up }
+                }
+                (Op::KeepAlive, 200) => {
+                    t.next_ms = now_ms + hb;
+                    Event::Heartbeat
+                }
+                (Op::Check(up), 200) => {
+                    t.shown = Some(up);
+                    t.next_ms = now_ms + hb;
+                    Event::Marked { down: !up }
+                }
+                // Eureka answers 404 to a renewal or status change of an instance it
+                // does not know (evicted, or the server restarted).
+                (Op::KeepAlive | Op::Check(_), 404) => {
+                    forget(t, now_ms, "eureka: instance not found (404)".into())
+                }
+                (Op::Register(_), _) => fail(t, "eureka register"),
+                (Op::Check(_), _) => fail(t, "eureka status"),
+                _ => fail(t, "eureka renew"),
+            },
             Kind::Consul(_) => match (op, status) {
                 (Op::Register(up), 200) => {
                     t.shown = Some(up);
@@ -647,7 +746,7 @@ impl Registrar {
             let t = &self.targets[i];
             let registered = match &t.kind {
                 Kind::Etcd { lease, .. } => lease.is_some(),
-                Kind::Consul(_) => t.shown.is_some(),
+                Kind::Consul(_) | Kind::Eureka { .. } => t.shown.is_some(),
             };
             if !registered {
                 continue;
@@ -740,6 +839,67 @@ impl Registrar {
                     timeout_ms,
                 })
             }
+            Kind::Eureka {
+                cfg,
+                app,
+                authorization,
+            } => {
+                let mut headers = vec![
+                    ("content-type".to_string(), "application/json".to_string()),
+                    ("accept".to_string(), "application/json".to_string()),
+                ];
+                if let Some(a) = authorization {
+                    headers.push(("authorization".to_string(), a.clone()));
+                }
+                let base = format!("{}/apps/{app}", cfg.path_prefix.trim_end_matches('/'));
+                let one = format!("{base}/{}", self.id);
+                let (method, path, body) = match op {
+                    Op::Register(up) => {
+                        let mut meta = c.metadata.clone();
+                        if let Some(z) = &c.zone {
+                            meta.insert("zone".into(), z.clone());
+                        }
+                        meta.insert("weight".into(), c.weight.to_string());
+                        let body = serde_json::json!({ "instance": {
+                            "instanceId": self.id,
+                            "hostName": c.address,
+                            "app": app,
+                            "ipAddr": c.address,
+                            "vipAddress": c.service,
+                            "status": if up { "UP" } else { "DOWN" },
+                            "port": { "$": c.port, "@enabled": "true" },
+                            "securePort": { "$": 443, "@enabled": "false" },
+                            "dataCenterInfo": {
+                                "@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo",
+                                "name": "MyOwn",
+                            },
+                            "leaseInfo": {
+                                "renewalIntervalInSecs": (self.hb_ms / 1000).max(1),
+                                "durationInSecs": c.ttl.0 / 1000,
+                            },
+                            "metadata": meta,
+                        }});
+                        ("POST", base, body.to_string())
+                    }
+                    Op::KeepAlive => ("PUT", one, String::new()),
+                    Op::Check(up) => (
+                        "PUT",
+                        format!("{one}/status?value={}", if up { "UP" } else { "DOWN" }),
+                        String::new(),
+                    ),
+                    Op::Leave => ("DELETE", one, String::new()),
+                    _ => return None,
+                };
+                Some(HttpRequest {
+                    cluster: cfg.cluster.clone(),
+                    method,
+                    authority: cfg.authority.clone().unwrap_or_else(|| cfg.cluster.clone()),
+                    path,
+                    headers,
+                    body: body.into_bytes(),
+                    timeout_ms,
+                })
+            }
             Kind::Etcd {
                 cfg,
                 key,
@@ -821,6 +981,11 @@ fn next_op(t: &Target, up: bool) -> Op {
         Kind::Consul(_) => match t.shown {
             None => Op::Register(up),
             Some(_) => Op::Check(up),
+        },
+        Kind::Eureka { .. } => match t.shown {
+            None => Op::Register(up),
+            Some(s) if s != up => Op::Check(up),
+            Some(_) => Op::KeepAlive,
         },
     }
 }
@@ -924,7 +1089,7 @@ mod tests {
         assert!(err(r#"{ "kubernetes": {} }"#, "").is_some_and(|e| e
             .starts_with("register.targets[0].kubernetes: Kubernetes has no self-registration")));
         assert!(err(r#"{ "nacos": {} }"#, "").is_some_and(|e| e.starts_with(
-            "register.targets[0].nacos: registration is implemented for consul and etcd only"
+            "register.targets[0].nacos: registration is implemented for consul, etcd and eureka only"
         )));
         assert!(err(ETCD, r#""id": "a/b","#).is_some_and(|e| e.starts_with("register.id:")));
         assert!(err(ETCD, r#""request_timeout": "4s","#)
@@ -1242,5 +1407,107 @@ mod tests {
             0,
             "a failed deregistration is not retried: the TTL removes it"
         );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn eureka_register_renew_status_evicted_and_cancel() {
+        let t = r#"{ "eureka": { "cluster": "eureka", "username": "u", "password": "p" } }"#;
+        let c = cfg(t, r#""id": "web-a","#).unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let reg = calls(&mut r, 0);
+        assert_eq!(
+            (reg[0].method, reg[0].path.as_str()),
+            ("POST", "/eureka/apps/WEB")
+        );
+        let basic = format!("Basic {}", B64.encode("u:p"));
+        assert!(reg[0].headers.contains(&("authorization".into(), basic)));
+        let inst = &json(&reg[0])["instance"];
+        assert_eq!(
+            (
+                &inst["instanceId"],
+                &inst["ipAddr"],
+                &inst["status"],
+                &inst["port"]["$"]
+            ),
+            (
+                &serde_json::json!("web-a"),
+                &serde_json::json!("10.0.0.7"),
+                &serde_json::json!("UP"),
+                &serde_json::json!(8080)
+            )
+        );
+        assert_eq!(inst["leaseInfo"]["durationInSecs"], 3);
+        assert_eq!(
+            inst["metadata"],
+            serde_json::json!({"version":"v2","zone":"z1","weight":"3"})
+        );
+        // What registry-lb's Eureka reader makes of it.
+        let listed = serde_json::json!({"application":{"name":"WEB","instance":[inst]}});
+        let ecfg: crate::config::EurekaConfig =
+            serde_json::from_str(r#"{ "cluster": "eureka" }"#).unwrap_or_else(|e| panic!("{e}"));
+        let (got, rejected) =
+            crate::registry::eureka::parse(listed.to_string().as_bytes(), "WEB", &ecfg)
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(
+            (got[0].addr.to_string(), got[0].weight, got[0].zone.as_str()),
+            ("10.0.0.7:8080".into(), 3, "z1")
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(204, ""), 10),
+            Event::Registered { up: true }
+        );
+        let renew = calls(&mut r, 1010);
+        assert_eq!(
+            (renew[0].method, renew[0].path.as_str()),
+            ("PUT", "/eureka/apps/WEB/web-a")
+        );
+        assert_eq!(answer(&mut r, 0, ok(200, ""), 1020), Event::Heartbeat);
+        r.on_app_result(0, 1100);
+        assert_eq!(r.on_app_result(0, 1200), Some(AppChange::Down));
+        let down = r.due(1201);
+        let down = &down
+            .iter()
+            .find(|(w, _)| *w == Who::Target(0))
+            .unwrap_or_else(|| panic!("{down:?}"))
+            .1;
+        assert_eq!(
+            (down.method, down.path.as_str()),
+            ("PUT", "/eureka/apps/WEB/web-a/status?value=DOWN")
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, ""), 1210),
+            Event::Marked { down: true }
+        );
+        // Down, renewals go on; evicted (404) → registered again, as DOWN.
+        let renew = r.due(2300);
+        assert!(
+            renew
+                .iter()
+                .any(|(_, q)| q.method == "PUT" && q.path == "/eureka/apps/WEB/web-a"),
+            "{renew:?}"
+        );
+        assert!(matches!(
+            answer(&mut r, 0, ok(404, ""), 2310),
+            Event::Forgotten(_)
+        ));
+        let again = r.due(2310);
+        let again = &again
+            .iter()
+            .find(|(w, _)| *w == Who::Target(0))
+            .unwrap_or_else(|| panic!("{again:?}"))
+            .1;
+        assert_eq!(again.method, "POST");
+        assert_eq!(json(again)["instance"]["status"], "DOWN");
+        assert_eq!(
+            answer(&mut r, 0, ok(204, ""), 2320),
+            Event::Registered { up: false }
+        );
+        let leave = r.leave();
+        assert_eq!(
+            (leave[0].1.method, leave[0].1.path.as_str()),
+            ("DELETE", "/eureka/apps/WEB/web-a")
+        );
+        assert_eq!(r.on_leave_answer(0, 200, b""), Event::Deregistered);
     }
 }

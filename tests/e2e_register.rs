@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-use support::{lb, wait_until, Backend, ConsulInstance, Envoy, Etcd, FakeConsul};
+use support::{
+    lb, wait_until, Backend, ConsulInstance, Envoy, Etcd, EurekaInstance, FakeConsul, FakeEureka,
+};
 
 /// Registration TTL and the readers' refresh interval (B's `refresh_interval`).
 const TTL: Duration = Duration::from_secs(3);
@@ -590,4 +592,225 @@ fn consul_registration_follows_the_app_the_agent_and_a_graceful_leave() {
         (TTL + Duration::from_millis(500)).as_millis()
     );
     assert!(view <= TTL + Duration::from_millis(500), "{view:?}");
+}
+
+fn start_a_eureka(eureka: &FakeEureka, app: &Backend) -> Envoy {
+    let reg = register_block(
+        app,
+        r#"{ "eureka": { "cluster": "eureka", "username": "reg", "password": "pw" } }"#,
+    );
+    let cluster = app_cluster(app);
+    lb::start(
+        "envoy/eureka.yaml",
+        &[(8761, eureka.port)],
+        &[("\"services\": [", &reg), ("  clusters:\n", &cluster)],
+        2,
+    )
+}
+
+/// The stand-in's status of `app`'s registration, if it is registered.
+fn eureka_status(eureka: &FakeEureka, app: &Backend) -> Option<String> {
+    let id = app_id(app);
+    eureka
+        .instances("web")
+        .into_iter()
+        .find(|(i, _)| *i == id)
+        .map(|(_, s)| s)
+}
+
+#[test]
+fn eureka_registration_follows_the_app_the_server_and_a_graceful_leave() {
+    let eureka = FakeEureka::start();
+    eureka.set_basic_auth("reg", "pw");
+    let other = Backend::start("other");
+    let mut app = Backend::start("app");
+    eureka.set_app(
+        "web",
+        vec![EurekaInstance::new("other", "127.0.0.1", other.port)],
+    );
+    let a = start_a_eureka(&eureka, &app);
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            eureka_status(&eureka, &app).as_deref() == Some("UP")
+        }),
+        "A never registered the app; A's log:\n{}",
+        support::tail(&a.log(), 30)
+    );
+    println!(
+        "eureka: registered {} ms after A started",
+        t0.elapsed().as_millis()
+    );
+    // B: basic auth, a refresh every second, no outlier detection.
+    let b = lb::start(
+        "envoy/eureka.yaml",
+        &[(8761, eureka.port)],
+        &[
+            (
+                "\"path_prefix\": \"/eureka\" }",
+                "\"path_prefix\": \"/eureka\", \"username\": \"reg\", \"password\": \"pw\" }",
+            ),
+            (
+                "\"refresh_interval\": \"1s\",",
+                "\"refresh_interval\": \"1s\", \"outlier_detection\": { \"consecutive_5xx\": 0 },",
+            ),
+        ],
+        2,
+    );
+    lb::wait_version(&b, "web", 1);
+    let c = lb::tally(&b, 40);
+    assert_eq!(
+        (c.get("app"), c.get("other")),
+        (Some(&20), Some(&20)),
+        "{c:?}"
+    );
+    // Renewals keep the 3 s lease.
+    thread::sleep(TTL + REFRESH);
+    assert_eq!(eureka_status(&eureka, &app).as_deref(), Some("UP"));
+    assert!(a.stat(&lb::stat("register_heartbeat_ok")).unwrap_or(0) >= 3);
+
+    // The app dies: status DOWN, B stops routing within TTL + one refresh.
+    assert_eq!(b.stat(&lb::stat("web.instances_healthy")), Some(2));
+    let killed = Instant::now();
+    app.stop();
+    assert!(
+        lb::wait_stat(&b, &lb::stat("web.instances_healthy"), TTL + REFRESH, |v| v
+            == 1),
+        "B's registry view still had the dead app healthy after TTL + one refresh"
+    );
+    println!(
+        "eureka: app killed -> down in B's registry view after {} ms (bound: TTL {} ms + refresh {} ms)",
+        killed.elapsed().as_millis(),
+        TTL.as_millis(),
+        REFRESH.as_millis()
+    );
+    assert_eq!(
+        eureka_status(&eureka, &app).as_deref(),
+        Some("DOWN"),
+        "marked down, not deleted"
+    );
+
+    // It comes back: status UP, B routes to it again.
+    let port = app.port;
+    drop(app);
+    let app = Backend::start_on("app", port);
+    assert!(lb::wait_stat(
+        &b,
+        &lb::stat("web.instances_healthy"),
+        Duration::from_secs(5),
+        |v| v == 2
+    ));
+    assert!(wait_until(
+        Duration::from_secs(3),
+        Duration::from_millis(50),
+        || {
+            let c = lb::tally(&b, 20);
+            c.get("app").is_some_and(|n| *n >= 5) && c.contains_key("other")
+        }
+    ));
+
+    // The server restarts without its registry: the next renewal gets 404 and A
+    // registers again at once.
+    let restarted = Instant::now();
+    eureka.restart();
+    assert_eq!(eureka_status(&eureka, &app), None);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            eureka_status(&eureka, &app).as_deref() == Some("UP")
+        }),
+        "A did not register again; A's log:\n{}",
+        support::tail(&a.log(), 30)
+    );
+    println!(
+        "eureka: server restarted -> registered again after {} ms (heartbeat interval 1 s)",
+        restarted.elapsed().as_millis()
+    );
+    assert!(a.stat(&lb::stat("register_forgotten")).unwrap_or(0) >= 1);
+    assert!(lb::wait_stat(
+        &b,
+        &lb::stat("web.instances_healthy"),
+        Duration::from_secs(5),
+        |v| v == 2
+    ));
+
+    // The documented leave: mark down, wait one refresh, stop Envoy A, stop the app.
+    let load = Load::start(&b, Duration::from_secs(60));
+    thread::sleep(Duration::from_millis(300));
+    app.set_health_status(503);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        || { eureka_status(&eureka, &app).as_deref() == Some("DOWN") }
+    ));
+    let marked_ms = load.now_ms();
+    thread::sleep(REFRESH + Duration::from_millis(200));
+    let mut a = a;
+    a.terminate(Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(500));
+    let left = eureka_status(&eureka, &app);
+    // The lease (3 s) was renewed under a second before: gone now means the
+    // DELETE sent from on_done arrived.
+    println!(
+        "eureka: Envoy A stopped: {}",
+        if left.is_none() {
+            "deregistered (the DELETE arrived)"
+        } else {
+            "the DELETE did not arrive; the instance stays DOWN until its lease runs out"
+        }
+    );
+    assert!(
+        left.is_none() || left.as_deref() == Some("DOWN"),
+        "{left:?}"
+    );
+    let mut app = app;
+    app.stop();
+    thread::sleep(REFRESH * 2);
+    let last_app = load.last_app_ms.load(Ordering::SeqCst);
+    let (n, failed) = load.finish();
+    println!(
+        "eureka: graceful leave: {n} requests at B, {failed} failed; B's last request to the app {} ms after it was marked down",
+        last_app.saturating_sub(marked_ms)
+    );
+    assert_eq!(failed, 0, "the documented leave order loses no request");
+    assert!(last_app <= marked_ms + (REFRESH + Duration::from_millis(200)).as_millis() as u64);
+
+    // A crashes: no renewals; the lease runs out and B drops the app.
+    let app2 = Backend::start("app2");
+    let a2 = start_a_eureka(&eureka, &app2);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || { eureka_status(&eureka, &app2).as_deref() == Some("UP") }
+    ));
+    assert!(lb::wait_stat(
+        &b,
+        &lb::stat("web.instances_healthy"),
+        Duration::from_secs(3),
+        |v| v == 2
+    ));
+    let pid = a2.pid().expect("A2 runs");
+    let killed = Instant::now();
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    assert!(st.is_ok_and(|s| s.success()));
+    assert!(
+        lb::wait_stat(
+            &b,
+            &lb::stat("web.instances_known"),
+            TTL + Duration::from_secs(2),
+            |v| v == 1
+        ),
+        "B still lists the crashed sidecar's app"
+    );
+    let view = killed.elapsed();
+    println!(
+        "eureka: Envoy A killed -> lease ran out, gone from B's view after {} ms (bound: TTL + refresh = {} ms)",
+        view.as_millis(),
+        (TTL + REFRESH).as_millis()
+    );
+    assert!(
+        view <= TTL + REFRESH + Duration::from_millis(500),
+        "{view:?}"
+    );
 }
