@@ -10,7 +10,7 @@
 //!
 //! References: Eureka REST operations (register, renew, status override, cancel);
 //! Consul agent HTTP API ("Register Service" with a TTL `Check`, "TTL
-//! Check Pass/Fail" — `Unknown check ID` is 404 since Consul 1.11 and 500 before —
+//! Check Pass/Fail" — current agents answer 404 `Unknown check ID`, older ones 500 `Unknown check` —
 //! "Deregister Service"); etcd 3.4 gRPC gateway (`/v3/lease/grant`, `/v3/kv/put`
 //! with `lease`, `/v3/lease/keepalive` — a lease etcd no longer knows answers 200
 //! with no `TTL`, a put with it 404 `requested lease not found` — and
@@ -1357,7 +1357,7 @@ mod tests {
             answer(&mut r, 0, ok(200, ""), 1210),
             Event::Marked { down: true }
         );
-        // Agent restarted: Consul 1.11+ answers 404, older agents 500.
+        // Agent restarted: current agents answer 404, older ones 500.
         let unknown = r#"Unknown check ID "service:web-a". Ensure that the check ID is passed, not the check name."#;
         calls(&mut r, 2210);
         assert!(matches!(

@@ -1,7 +1,7 @@
 //! A fake Consul agent for `GET /v1/health/service/<svc>` in the modern (1.21) wire shape,
 //! and the agent's registration API: `PUT /v1/agent/service/register` with a TTL
 //! `Check`, `PUT /v1/agent/check/{pass,fail}/<check id>` (404 `Unknown check ID` for a
-//! check the agent does not know, as Consul 1.11+), `PUT
+//! check the agent does not know, as current agents answer), `PUT
 //! /v1/agent/service/deregister/<id>`. A TTL check not updated in time turns
 //! critical; one critical for `DeregisterCriticalServiceAfter` is removed with its
 //! service. [`FakeConsul::restart_agent`] forgets what the API registered.
