@@ -42,6 +42,9 @@ pub struct PluginConfig {
     /// per service, so instance churn cannot grow Envoy's stat table without bound.
     #[serde(default = "default_max_instance_stats")]
     pub max_instance_stats: usize,
+    /// The local instance to register in a registry (see `registrar`); off when absent.
+    #[serde(default)]
+    pub register: Option<crate::registrar::RegisterConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -450,6 +453,47 @@ impl Default for OutlierConfig {
 }
 
 impl HealthCheckConfig {
+    /// Checks what the types cannot; `at` names this section in errors.
+    pub fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let err = |field: String, msg: &str| Err(ConfigError(format!("{field}: {msg}")));
+        if self.cluster.is_empty() {
+            return err(
+                format!("{at}.cluster"),
+                "must name an ORIGINAL_DST cluster with use_http_header",
+            );
+        }
+        if !self.path.starts_with('/')
+            || self
+                .path
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return err(
+                format!("{at}.path"),
+                "must start with '/' and contain no spaces",
+            );
+        }
+        if self.interval.0 < 100 || self.timeout.0 == 0 || self.timeout > self.interval {
+            return err(
+                format!("{at}.interval"),
+                "interval must be >= 100ms and timeout in (0, interval]",
+            );
+        }
+        if self.healthy_threshold == 0 || self.unhealthy_threshold == 0 || self.max_in_flight == 0 {
+            return err(
+                at.to_string(),
+                "thresholds and max_in_flight must be at least 1",
+            );
+        }
+        if !valid_header_name(&self.header) {
+            return err(
+                format!("{at}.header"),
+                "must be a lowercase HTTP header name",
+            );
+        }
+        Ok(())
+    }
+
     pub fn settings(&self, service: &str) -> crate::health_check::Settings {
         crate::health_check::Settings {
             cluster: self.cluster.clone(),
@@ -642,6 +686,9 @@ impl PluginConfig {
                 "must be a lowercase HTTP header name",
             );
         }
+        if let Some(r) = &self.register {
+            r.validate()?;
+        }
         let mut seen = HashSet::new();
         // Cluster (as written) and host (lowercase) → the service that claims it.
         let mut clusters: HashMap<&str, &str> = HashMap::new();
@@ -801,39 +848,7 @@ impl PluginConfig {
                 }
             }
             if let Some(hc) = &s.health_check {
-                if hc.cluster.is_empty() {
-                    return err(
-                        format!("{at}.health_check.cluster"),
-                        "must name an ORIGINAL_DST cluster with use_http_header",
-                    );
-                }
-                if !hc.path.starts_with('/')
-                    || hc.path.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
-                    return err(
-                        format!("{at}.health_check.path"),
-                        "must start with '/' and contain no spaces",
-                    );
-                }
-                if hc.interval.0 < 100 || hc.timeout.0 == 0 || hc.timeout > hc.interval {
-                    return err(
-                        format!("{at}.health_check.interval"),
-                        "interval must be >= 100ms and timeout in (0, interval]",
-                    );
-                }
-                if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 || hc.max_in_flight == 0
-                {
-                    return err(
-                        format!("{at}.health_check"),
-                        "thresholds and max_in_flight must be at least 1",
-                    );
-                }
-                if !valid_header_name(&hc.header) {
-                    return err(
-                        format!("{at}.health_check.header"),
-                        "must be a lowercase HTTP header name",
-                    );
-                }
+                hc.validate(&format!("{at}.health_check"))?;
             }
             let od = &s.outlier_detection;
             if od.max_ejection_percent > 100 {

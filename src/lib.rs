@@ -23,6 +23,7 @@ pub mod outlier;
 pub mod picker;
 pub mod plugin;
 pub mod poller;
+pub mod registrar;
 pub mod registry;
 pub mod rng;
 pub mod slow_start;

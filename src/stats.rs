@@ -99,6 +99,14 @@ stats! {
     GlobalStat {
         ClientHandoffHeaderRemoved = "client_handoff_header_removed", Counter;
         UnknownService = "unknown_service", Counter;
+        RegisterAppHealthy = "register_app_healthy", Gauge;
+        RegisterRegistered = "register_registered", Counter;
+        RegisterHeartbeatOk = "register_heartbeat_ok", Counter;
+        RegisterFailed = "register_failed", Counter;
+        RegisterForgotten = "register_forgotten", Counter;
+        RegisterMarkedDown = "register_marked_down", Counter;
+        RegisterMarkedUp = "register_marked_up", Counter;
+        RegisterDeregistered = "register_deregistered", Counter;
     }
 }
 
@@ -195,6 +203,13 @@ impl Stats {
     /// Sets gauge `<service>.<stat>`.
     pub fn set(&mut self, host: &impl Envoy, service: &str, s: Stat, v: u64) {
         if let Some(id) = self.id(host, service, s) {
+            host.metric_record(id, v);
+        }
+    }
+
+    /// Sets global gauge `<stat>`.
+    pub fn set_global(&mut self, host: &impl Envoy, s: GlobalStat, v: u64) {
+        if let Some(id) = self.id_of(host, s.kind(), s.name().to_string()) {
             host.metric_record(id, v);
         }
     }

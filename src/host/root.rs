@@ -18,6 +18,8 @@ pub type Shared = Rc<RefCell<Plugin<ProxyWasm>>>;
 pub struct Root {
     seed: u64,
     plugin: Option<Shared>,
+    /// `on_done` was called.
+    stopping: bool,
 }
 
 impl Root {
@@ -28,6 +30,7 @@ impl Root {
         Root {
             seed: h.finish(),
             plugin: None,
+            stopping: false,
         }
     }
 
@@ -50,7 +53,24 @@ impl Context for Root {
         body_size: usize,
         _: usize,
     ) {
-        self.with(|p| p.on_call_answer(token, num_headers, body_size));
+        let mut finished = false;
+        self.with(|p| {
+            p.on_call_answer(token, num_headers, body_size);
+            finished = self.stopping && p.leaving_done();
+        });
+        if finished {
+            // The deregistrations are answered: Envoy may delete this context now.
+            let _ = hostcalls::done();
+        }
+    }
+
+    /// Envoy stops or the configuration is removed: deregister (best effort: Envoy
+    /// may not wait for the answers; the registration's TTL is the guarantee).
+    fn on_done(&mut self) -> bool {
+        self.stopping = true;
+        let mut done = true;
+        self.with(|p| done = p.on_done());
+        done
     }
 }
 

@@ -9,6 +9,7 @@ use crate::http_call::HttpRequest;
 use crate::instance::State;
 use crate::lease::{self, Decision, Lease};
 use crate::poller::{Outcome, ServicePoller};
+use crate::registrar::{Registrar, Who};
 use crate::registry::HttpResponse;
 use crate::rng::Rng;
 use crate::snapshot::Snapshot;
@@ -17,7 +18,7 @@ use std::collections::HashMap;
 
 /// What an outstanding call was for.
 #[derive(Clone, Debug)]
-enum Call {
+pub(super) enum Call {
     /// A registry call, for every `(service, source)` that was due with the very same
     /// request (made once, answered to each).
     Registry(Vec<(usize, usize)>),
@@ -25,12 +26,16 @@ enum Call {
         service: usize,
         slot: u32,
     },
+    /// The registrar's (see `plugin::register`).
+    Register(Who),
 }
 
 pub(super) struct Leader {
     /// Set while this root holds the lease.
     pollers: Option<Vec<ServicePoller>>,
-    calls: HashMap<u32, Call>,
+    pub(super) calls: HashMap<u32, Call>,
+    /// The local instance's registration, while this root holds the lease.
+    pub(super) registrar: Option<Registrar>,
     /// Active health checkers per service (None where not configured).
     checkers: Vec<Option<HealthChecker>>,
     lease_ttl_ms: u64,
@@ -41,6 +46,7 @@ impl Leader {
         Leader {
             pollers: None,
             calls: HashMap::new(),
+            registrar: None,
             checkers: Vec::new(),
             lease_ttl_ms,
         }
@@ -63,6 +69,8 @@ impl<H: Envoy> Plugin<H> {
                 self.leader.pollers = None;
                 self.leader.checkers.clear();
                 self.leader.calls.clear();
+                // The next leader registers the same id again (idempotent).
+                self.leader.registrar = None;
             }
             _ => {}
         }
@@ -71,6 +79,7 @@ impl<H: Envoy> Plugin<H> {
             self.publish(now);
             self.expire_outliers(now);
             self.check_health(now);
+            self.register(now);
         }
     }
 
@@ -142,6 +151,9 @@ impl<H: Envoy> Plugin<H> {
             })
             .collect();
         self.leader.pollers = Some(pollers);
+        if let Some(r) = &cfg.register {
+            self.leader.registrar = Some(Registrar::new(r, now));
+        }
     }
 
     /// Start the health checks that are due.
@@ -326,6 +338,10 @@ impl<H: Envoy> Plugin<H> {
                 self.on_health_result(service, slot, status_of(&a.headers), now);
                 return;
             }
+            Call::Register(who) => {
+                self.on_register_answer(who, num_headers, body_size, now);
+                return;
+            }
         };
         let cfg = self.cfg.clone();
         // The body is read once, up to the largest limit among the services it is for.
@@ -398,7 +414,7 @@ impl<H: Envoy> Plugin<H> {
 }
 
 /// `:status` of an answer; 0 when absent (a reset).
-fn status_of(headers: &[(String, String)]) -> u16 {
+pub(super) fn status_of(headers: &[(String, String)]) -> u16 {
     headers
         .iter()
         .find(|(k, _)| k == ":status")

@@ -13,12 +13,15 @@
 //! | HTTP `on_http_request_headers` | [`Plugin::on_request_headers`] |
 //! | HTTP `on_http_response_headers` | [`Plugin::on_response_headers`] |
 //! | HTTP `on_log` | [`Plugin::on_log`] |
+//! | root `on_done` | [`Plugin::on_done`]: the registrar deregisters (best effort) |
 //!
 //! Submodules: [`tables`] keeps the worker's tables current from shared data
 //! (snapshots, ejections, weights), [`request`] routes and accounts for requests,
-//! [`leader`] polls the registries and publishes snapshots.
+//! [`leader`] polls the registries and publishes snapshots, [`register`] runs the
+//! registrar (see `registrar`) in the leader.
 
 mod leader;
+mod register;
 mod request;
 mod tables;
 

@@ -1333,3 +1333,65 @@ fn made_up_subset_selectors_cost_one_shared_fallback_not_a_ring_per_ranked_entry
     assert_eq!(lists.len(), 1, "{lists:?}");
     assert_eq!(p.host.stat("web.subset_header_invalid"), 0);
 }
+
+/// Answers the last dispatched call with `status` and `body`.
+fn answer_last(
+    p: &mut Plugin<FakeEnvoy>,
+    status: u16,
+    body: &str,
+) -> crate::http_call::HttpRequest {
+    let (token, req) = {
+        let d = p.host.dispatched.borrow();
+        (d.len() as u32, d[d.len() - 1].clone())
+    };
+    *p.host.answer.borrow_mut() = Some(crate::envoy::CallAnswer {
+        headers: vec![(":status".into(), status.to_string())],
+        body: body.as_bytes().to_vec(),
+    });
+    p.on_call_answer(token, 1, body.len());
+    req
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn the_leader_registers_the_local_instance_and_deregisters_when_done() {
+    let register = r#""register": { "service": "web", "address": "10.0.0.9", "port": 80, "ttl": "3s",
+        "health_check": { "cluster": "app", "path": "/healthz", "interval": "1s", "timeout": "500ms" },
+        "targets": [ { "etcd": { "cluster": "etcd" } } ] },"#;
+    let mut p = plugin_with(register, "");
+    publish(&mut p);
+    let check = answer_last(&mut p, 200, "");
+    assert_eq!(
+        (check.cluster.as_str(), check.path.as_str()),
+        ("app", "/healthz")
+    );
+    assert_eq!(p.host.stat("register_app_healthy"), 1);
+    p.on_tick();
+    let grant = answer_last(&mut p, 200, r#"{"ID":"42","TTL":"3"}"#);
+    assert_eq!(
+        (grant.cluster.as_str(), grant.path.as_str()),
+        ("etcd", "/v3/lease/grant")
+    );
+    p.on_tick();
+    let put = answer_last(&mut p, 200, "{}");
+    assert_eq!(put.path, "/v3/kv/put");
+    assert_eq!(p.host.stat("register_registered"), 1);
+    // A second root of the same Envoy, without the lease, registers nothing.
+    let b_host = FakeEnvoy::new();
+    *b_host.shared.borrow_mut() = p.host.shared.borrow().clone();
+    b_host.now_us.set(p.host.now_us.get());
+    let mut b = configure(b_host, &config(register, ""), 99);
+    for _ in 0..3 {
+        b.on_tick();
+    }
+    assert!(!b.is_leader());
+    assert!(b.host.dispatched.borrow().is_empty());
+    // Stopping: one revoke of the lease, and done once it is answered.
+    let before = p.host.dispatched.borrow().len();
+    assert!(!p.on_done(), "a deregistration is awaited");
+    assert!(!p.leaving_done());
+    assert_eq!(p.host.dispatched.borrow().len(), before + 1);
+    let revoke = answer_last(&mut p, 200, "{}");
+    assert_eq!(revoke.path, "/v3/lease/revoke");
+    assert!(p.leaving_done());
+    assert_eq!(p.host.stat("register_deregistered"), 1);
+}

@@ -13,6 +13,8 @@ struct State {
     name: String,
     delay_ms: AtomicU64,
     status: AtomicU16,
+    /// Status of `/healthz` only; 0 = the same as every other path.
+    health_status: AtomicU16,
     hits: AtomicU64,
     stopped: AtomicBool,
     log: Mutex<Vec<RequestRecord>>,
@@ -45,6 +47,7 @@ impl Backend {
             name: name.to_string(),
             delay_ms: AtomicU64::new(0),
             status: AtomicU16::new(200),
+            health_status: AtomicU16::new(0),
             hits: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
@@ -68,7 +71,12 @@ impl Backend {
                     }
                     thread::sleep((until - Instant::now()).min(Duration::from_millis(10)));
                 }
-                let status = st.status.load(Ordering::SeqCst);
+                let health = st.health_status.load(Ordering::SeqCst);
+                let status = if health != 0 && req.target.starts_with("/healthz") {
+                    health
+                } else {
+                    st.status.load(Ordering::SeqCst)
+                };
                 Some(
                     Response::new(status, st.name.clone())
                         .header("Content-Type", "text/plain")
@@ -101,6 +109,12 @@ impl Backend {
     /// Status code for every response (200 = normal).
     pub fn set_status(&self, code: u16) {
         self.state.status.store(code, Ordering::SeqCst);
+    }
+
+    /// Status of `/healthz` only (an application that reports itself not ready while
+    /// it still serves); 0 = the same as every other path.
+    pub fn set_health_status(&self, code: u16) {
+        self.state.health_status.store(code, Ordering::SeqCst);
     }
 
     /// Requests received (counted on arrival, before any delay).

@@ -1,4 +1,10 @@
-//! A fake Consul agent for `GET /v1/health/service/<svc>` in the modern (1.21) wire shape.
+//! A fake Consul agent for `GET /v1/health/service/<svc>` in the modern (1.21) wire shape,
+//! and the agent's registration API: `PUT /v1/agent/service/register` with a TTL
+//! `Check`, `PUT /v1/agent/check/{pass,fail}/<check id>` (404 `Unknown check ID` for a
+//! check the agent does not know, as current agents answer), `PUT
+//! /v1/agent/service/deregister/<id>`. A TTL check not updated in time turns
+//! critical; one critical for `DeregisterCriticalServiceAfter` is removed with its
+//! service. [`FakeConsul::restart_agent`] forgets what the API registered.
 
 use super::http::{percent_decode, HttpServer, Request, RequestRecord, Response};
 use serde_json::{json, Map, Value};
@@ -86,6 +92,18 @@ struct State {
     auth_method: Option<(String, String, Duration)>,
     /// Tokens issued by /v1/acl/login with their expiry.
     logins: Vec<(String, Instant)>,
+    /// TTL checks registered through the agent API, by check id.
+    agent_checks: HashMap<String, AgentCheck>,
+}
+
+struct AgentCheck {
+    service: String,
+    service_id: String,
+    ttl: Duration,
+    /// When the check turns critical without an update.
+    expires: Instant,
+    deregister_after: Option<Duration>,
+    critical_since: Option<Instant>,
 }
 
 struct Inner {
@@ -350,6 +368,16 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
             return Some(Response::text(403, "ACL not found"));
         }
     }
+    if req.path.starts_with("/v1/agent/") {
+        if let Some(want) = &token_cfg {
+            if req.header("X-Consul-Token") != Some(want.as_str()) {
+                return Some(Response::text(403, "Permission denied"));
+            }
+        }
+        let resp = agent(inner, req);
+        inner.cv.notify_all();
+        return Some(resp);
+    }
     if !req.method.eq_ignore_ascii_case("GET") && !req.method.eq_ignore_ascii_case("HEAD") {
         return Some(Response::text(405, "method not allowed"));
     }
@@ -457,6 +485,182 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
     Some(consul_headers(Response::json(200, &body), idx))
 }
 
+/// Sets `status` of service instance `id` of `svc`; bumps the index on a change.
+fn set_instance_status(st: &mut State, svc: &str, id: &str, status: &str) {
+    let Some(s) = st.services.get_mut(svc) else {
+        return;
+    };
+    let mut changed = false;
+    for i in s.instances.iter_mut().filter(|i| i.id == id) {
+        changed |= i.status != status;
+        i.status = status.to_string();
+    }
+    if changed {
+        st.raft_index += 1;
+        let index = st.raft_index;
+        if let Some(s) = st.services.get_mut(svc) {
+            s.index = index;
+        }
+    }
+}
+
+/// Removes service instance `id` of `svc` (bumps the index when it was there).
+fn remove_instance(st: &mut State, svc: &str, id: &str) -> bool {
+    let Some(s) = st.services.get_mut(svc) else {
+        return false;
+    };
+    let before = s.instances.len();
+    s.instances.retain(|i| i.id != id);
+    if s.instances.len() == before {
+        return false;
+    }
+    st.raft_index += 1;
+    let index = st.raft_index;
+    if let Some(s) = st.services.get_mut(svc) {
+        s.index = index;
+    }
+    true
+}
+
+/// TTL checks past their deadline turn critical; critical ones past
+/// `DeregisterCriticalServiceAfter` are removed with their service.
+fn expire_checks(st: &mut State) {
+    let now = Instant::now();
+    let mut critical = Vec::new();
+    let mut removed = Vec::new();
+    for (id, c) in st.agent_checks.iter_mut() {
+        if now >= c.expires && c.critical_since.is_none() {
+            c.critical_since = Some(c.expires);
+            critical.push((c.service.clone(), c.service_id.clone()));
+        }
+        if let (Some(since), Some(after)) = (c.critical_since, c.deregister_after) {
+            if now >= since + after {
+                removed.push((id.clone(), c.service.clone(), c.service_id.clone()));
+            }
+        }
+    }
+    for (svc, id) in critical {
+        set_instance_status(st, &svc, &id, "critical");
+    }
+    for (check, svc, id) in removed {
+        st.agent_checks.remove(&check);
+        remove_instance(st, &svc, &id);
+    }
+}
+
+/// The agent registration API (see the module docs).
+fn agent(inner: &Inner, req: &Request) -> Response {
+    if !req.method.eq_ignore_ascii_case("PUT") {
+        return Response::text(405, "method not allowed");
+    }
+    let mut st = inner.lock();
+    if req.path == "/v1/agent/service/register" {
+        let b: Value = match serde_json::from_slice(&req.body) {
+            Ok(v) => v,
+            Err(e) => return Response::text(400, &format!("Request decode failed: {e}")),
+        };
+        let (Some(name), Some(port)) = (b["Name"].as_str(), b["Port"].as_u64()) else {
+            return Response::text(400, "Invalid service: missing Name or Port");
+        };
+        let id = b["ID"].as_str().unwrap_or(name).to_string();
+        let mut inst = ConsulInstance::new(&id, b["Address"].as_str().unwrap_or(""), port as u16)
+            .weights(
+                b["Weights"]["Passing"].as_u64().unwrap_or(1) as u32,
+                b["Weights"]["Warning"].as_u64().unwrap_or(1) as u32,
+            );
+        if let Some(meta) = b["Meta"].as_object() {
+            for (k, v) in meta {
+                inst = inst.meta(k, v.as_str().unwrap_or(""));
+            }
+        }
+        let check = &b["Check"];
+        if let Some(ttl) = check["TTL"].as_str() {
+            let Some(ttl) = parse_wait(ttl) else {
+                return Response::text(400, "Invalid check: TTL");
+            };
+            // A TTL check starts critical unless its Status says otherwise.
+            let status = check["Status"].as_str().unwrap_or("critical");
+            inst.status = status.to_string();
+            let check_id = check["CheckID"]
+                .as_str()
+                .map_or_else(|| format!("service:{id}"), str::to_string);
+            let now = Instant::now();
+            st.agent_checks.insert(
+                check_id,
+                AgentCheck {
+                    service: name.to_string(),
+                    service_id: id.clone(),
+                    ttl,
+                    expires: now + ttl,
+                    deregister_after: check["DeregisterCriticalServiceAfter"]
+                        .as_str()
+                        .and_then(parse_wait),
+                    critical_since: (status == "critical").then_some(now),
+                },
+            );
+        }
+        let mut v = st
+            .services
+            .get(name)
+            .map(|s| s.instances.clone())
+            .unwrap_or_default();
+        v.retain(|i| i.id != id);
+        v.push(inst);
+        st.raft_index += 1;
+        let index = st.raft_index;
+        st.services.insert(
+            name.to_string(),
+            Svc {
+                index,
+                instances: v,
+            },
+        );
+        return Response::new(200, "");
+    }
+    for (prefix, status) in [
+        ("/v1/agent/check/pass/", "passing"),
+        ("/v1/agent/check/fail/", "critical"),
+        ("/v1/agent/check/warn/", "warning"),
+    ] {
+        let Some(raw) = req.path.strip_prefix(prefix) else {
+            continue;
+        };
+        let check_id = percent_decode(raw);
+        let Some(c) = st.agent_checks.get_mut(&check_id) else {
+            return Response::text(
+                404,
+                &format!("Unknown check ID \"{check_id}\". Ensure that the check ID is passed, not the check name."),
+            );
+        };
+        c.expires = Instant::now() + c.ttl;
+        c.critical_since = (status == "critical").then(Instant::now);
+        let (svc, id) = (c.service.clone(), c.service_id.clone());
+        set_instance_status(&mut st, &svc, &id, status);
+        return Response::new(200, "");
+    }
+    if let Some(raw) = req.path.strip_prefix("/v1/agent/service/deregister/") {
+        let id = percent_decode(raw);
+        let svc = st
+            .agent_checks
+            .values()
+            .find(|c| c.service_id == id)
+            .map(|c| c.service.clone())
+            .or_else(|| {
+                st.services
+                    .iter()
+                    .find(|(_, s)| s.instances.iter().any(|i| i.id == id))
+                    .map(|(n, _)| n.clone())
+            });
+        let Some(svc) = svc else {
+            return Response::text(404, &format!("Unknown service ID \"{id}\""));
+        };
+        st.agent_checks.retain(|_, c| c.service_id != id);
+        remove_instance(&mut st, &svc, &id);
+        return Response::new(200, "");
+    }
+    Response::text(404, "404 page not found")
+}
+
 /// Wait on the condvar while `cond` holds, until `deadline`. Bounded by the deadline.
 fn wait_while<'a>(
     inner: &'a Inner,
@@ -491,6 +695,7 @@ impl FakeConsul {
                 token: None,
                 auth_method: None,
                 logins: Vec::new(),
+                agent_checks: HashMap::new(),
                 datacenter: "dc1".to_string(),
                 stopped: false,
                 health_requests: 0,
@@ -502,6 +707,22 @@ impl FakeConsul {
             cv: Condvar::new(),
         });
         let i2 = inner.clone();
+        // TTL checks expire on their own, waking blocked queries; bounded by `stop`.
+        let i3 = inner.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let mut st = i3.lock();
+            if st.stopped {
+                break;
+            }
+            let before = st.raft_index;
+            expire_checks(&mut st);
+            let moved = st.raft_index != before;
+            drop(st);
+            if moved {
+                i3.cv.notify_all();
+            }
+        });
         let server = HttpServer::start(port, Arc::new(move |req| handle(&i2, req)))
             .unwrap_or_else(|e| panic!("fake consul: cannot bind 127.0.0.1:{port}: {e}"));
         FakeConsul {
@@ -601,6 +822,37 @@ impl FakeConsul {
     /// Every request as (path?query, headers as sent), oldest first.
     pub fn request_log(&self) -> Vec<RequestRecord> {
         self.inner.lock().log.clone()
+    }
+
+    /// The agent restarts without its state: services and checks registered through
+    /// the API are forgotten (removed from the catalog too).
+    pub fn restart_agent(&self) {
+        let mut st = self.inner.lock();
+        let checks: Vec<(String, String)> = st
+            .agent_checks
+            .drain()
+            .map(|(_, c)| (c.service, c.service_id))
+            .collect();
+        for (svc, id) in checks {
+            remove_instance(&mut st, &svc, &id);
+        }
+        drop(st);
+        self.inner.cv.notify_all();
+    }
+
+    /// The instances of `svc` as (id, status).
+    pub fn instances(&self, svc: &str) -> Vec<(String, String)> {
+        self.inner
+            .lock()
+            .services
+            .get(svc)
+            .map(|s| {
+                s.instances
+                    .iter()
+                    .map(|i| (i.id.clone(), i.status.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Close the listener and all connections; blocked queries end without an answer.

@@ -10,6 +10,13 @@
 //!   `{"@class":"java.util.Collections$EmptyMap"}`;
 //! - `Old`: the older XStream/Jettison codec — `port.$` a string, and a single
 //!   instance written as an object instead of an array.
+//!
+//! Registration, as Eureka's REST operations: `POST <prefix>/apps/<APP>` with
+//! `{"instance":{…}}` → 204; renew `PUT <prefix>/apps/<APP>/<id>` → 200, or 404 for an
+//! instance it does not know; `PUT …/<id>/status?value=DOWN|UP` → 200 / 404; `DELETE
+//! …/<id>` → 200 / 404. An instance not renewed within its `leaseInfo.durationInSecs`
+//! is evicted at once (the real server's eviction task runs every 60 s by default and
+//! self-preservation may hold it back). [`FakeEureka::restart`] forgets registrations.
 
 use super::http::{HttpServer, Request, RequestRecord, Response};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -17,6 +24,7 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const LOG_CAP: usize = 100_000;
 
@@ -80,6 +88,90 @@ struct State {
     shape: Option<Shape>,
     requests: u64,
     log: Vec<RequestRecord>,
+    /// Registered instances' leases: (APP, id) → (duration, expiry).
+    leases: HashMap<(String, String), (Duration, Instant)>,
+    stopped: bool,
+}
+
+/// Evicts the instances whose lease ran out.
+fn evict(st: &mut State) {
+    let now = Instant::now();
+    let gone: Vec<(String, String)> = st
+        .leases
+        .iter()
+        .filter(|(_, (_, exp))| *exp <= now)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for (app, id) in gone {
+        st.leases.remove(&(app.clone(), id.clone()));
+        if let Some(v) = st.apps.get_mut(&app) {
+            v.retain(|i| i.id != id);
+        }
+    }
+}
+
+/// The registration operations (see the module docs).
+fn registration(st: &mut State, req: &Request, rest: &str) -> Response {
+    let parts: Vec<String> = rest.split('/').map(super::http::percent_decode).collect();
+    let app = parts[0].to_uppercase();
+    match (req.method.as_str(), parts.len()) {
+        ("POST", 1) => {
+            let Ok(b) = serde_json::from_slice::<Value>(&req.body) else {
+                return Response::new(400, "");
+            };
+            let i = &b["instance"];
+            let (Some(id), Some(ip)) = (i["instanceId"].as_str(), i["ipAddr"].as_str()) else {
+                return Response::new(400, "");
+            };
+            let port = i["port"]["$"].as_u64().unwrap_or(0) as u16;
+            let mut inst =
+                EurekaInstance::new(id, ip, port).status(i["status"].as_str().unwrap_or("UP"));
+            if let Some(m) = i["metadata"].as_object() {
+                for (k, v) in m {
+                    inst = inst.meta(k, v.as_str().unwrap_or(""));
+                }
+            }
+            let ttl = Duration::from_secs(i["leaseInfo"]["durationInSecs"].as_u64().unwrap_or(90));
+            st.leases
+                .insert((app.clone(), id.to_string()), (ttl, Instant::now() + ttl));
+            let v = st.apps.entry(app).or_default();
+            v.retain(|x| x.id != id);
+            v.push(inst);
+            Response::new(204, "")
+        }
+        ("PUT", 2) => match st.leases.get_mut(&(app, parts[1].clone())) {
+            Some((ttl, exp)) => {
+                *exp = Instant::now() + *ttl;
+                Response::new(200, "")
+            }
+            None => Response::new(404, ""),
+        },
+        ("PUT", 3) if parts[2] == "status" => {
+            let value = req
+                .query_params()
+                .into_iter()
+                .find(|(k, _)| k == "value")
+                .and_then(|(_, v)| v)
+                .unwrap_or_default();
+            let Some(inst) = st
+                .apps
+                .get_mut(&app)
+                .and_then(|v| v.iter_mut().find(|i| i.id == parts[1]))
+            else {
+                return Response::new(404, "");
+            };
+            inst.status = value;
+            Response::new(200, "")
+        }
+        ("DELETE", 2) => {
+            let known = st.leases.remove(&(app.clone(), parts[1].clone())).is_some();
+            if let Some(v) = st.apps.get_mut(&app) {
+                v.retain(|i| i.id != parts[1]);
+            }
+            Response::new(if known { 200 } else { 404 }, "")
+        }
+        _ => Response::new(405, ""),
+    }
 }
 
 type Inner = super::Locked<State>;
@@ -173,8 +265,9 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
     let Some(app) = req.path.strip_prefix(&apps_path) else {
         return Some(Response::new(404, ""));
     };
-    if req.method != "GET" {
-        return Some(Response::new(405, ""));
+    if req.method != "GET" || app.contains('/') {
+        let app = app.to_string();
+        return Some(registration(&mut st, req, &app));
     }
     // Eureka looks the name up uppercased.
     let app = super::http::percent_decode(app).to_uppercase();
@@ -222,6 +315,16 @@ impl FakeEureka {
             ..Default::default()
         }));
         let i2 = inner.clone();
+        // Leases run out on their own; the thread ends with `stop`.
+        let i3 = inner.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let mut st = i3.lock();
+            if st.stopped {
+                break;
+            }
+            evict(&mut st);
+        });
         let server = HttpServer::start(0, Arc::new(move |req| handle(&i2, req)))
             .unwrap_or_else(|e| panic!("fake eureka: cannot bind: {e}"));
         FakeEureka {
@@ -256,7 +359,35 @@ impl FakeEureka {
         self.inner.lock().log.clone()
     }
 
+    /// The server restarts without its registry: registered instances are forgotten.
+    pub fn restart(&self) {
+        let mut st = self.inner.lock();
+        let gone: Vec<(String, String)> = st.leases.drain().map(|(k, _)| k).collect();
+        for (app, id) in gone {
+            if let Some(v) = st.apps.get_mut(&app) {
+                v.retain(|i| i.id != id);
+            }
+        }
+    }
+
+    /// The instances of `app` as (id, status).
+    pub fn instances(&self, app: &str) -> Vec<(String, String)> {
+        self.inner
+            .lock()
+            .apps
+            .get(&app.to_uppercase())
+            .map(|v| v.iter().map(|i| (i.id.clone(), i.status.clone())).collect())
+            .unwrap_or_default()
+    }
+
     pub fn stop(&mut self) {
+        self.inner.lock().stopped = true;
         self.server.stop();
+    }
+}
+
+impl Drop for FakeEureka {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -1,0 +1,1513 @@
+//! `registrar`: the other half of discovery — the local instance registered in the
+//! registry, kept alive while the local application answers its health check, marked
+//! down when it stops answering, and removed (best effort) when Envoy stops.
+//!
+//! A state machine per target with no host calls: [`Registrar::due`] says which HTTP
+//! calls to make now (the application's health check and each target's next step),
+//! [`Registrar::on_app_result`] and [`Registrar::on_answer`] take their answers, and
+//! [`Registrar::leave`] gives the deregistration calls. It runs in the one root per
+//! Envoy that holds the poller lease (`plugin::leader`).
+//!
+//! References: Eureka REST operations (register, renew, status override, cancel);
+//! Consul agent HTTP API ("Register Service" with a TTL `Check`, "TTL
+//! Check Pass/Fail" — current agents answer 404 `Unknown check ID`, older ones 500 `Unknown check` —
+//! "Deregister Service"); etcd 3.4 gRPC gateway (`/v3/lease/grant`, `/v3/kv/put`
+//! with `lease`, `/v3/lease/keepalive` — a lease etcd no longer knows answers 200
+//! with no `TTL`, a put with it 404 `requested lease not found` — and
+//! `/v3/lease/revoke`, which deletes the key with the lease). The etcd value is the
+//! schema `registry::etcd` reads.
+//!
+//! Marking down: Consul `check/fail` (then `fail` again every heartbeat, which also
+//! finds out when the agent forgot the check); etcd rewrites the value with
+//! `"state":"unhealthy"` under the same lease and keeps the lease alive, so the
+//! instance stays listed as down (as Consul's failing check) instead of vanishing
+//! when the TTL runs out. A registry that forgot the instance gets it registered
+//! again at once. The first passing health check registers the instance; nothing
+//! is registered before it.
+//!
+//! Eureka (REST API, as Spring Cloud's and Netflix's clients use it): `POST
+//! /apps/<APP>` with `leaseInfo.durationInSecs` = `ttl`, renewals `PUT
+//! /apps/<APP>/<id>` (404: evicted → register again), `PUT .../status?value=DOWN|UP`
+//! to mark down and up (renewals go on while down), `DELETE` to leave.
+//!
+//! Left out: Nacos targets, Kubernetes (the kubelet owns endpoints:
+//! there is no self-registration), Consul ACL auth-method logins (a fixed `token`
+//! only), several instances per Envoy.
+
+use crate::config::HealthCheckConfig;
+use crate::duration::Millis;
+use crate::http_call::{HttpRequest, HttpResponse};
+use crate::registry::excerpt;
+use crate::validate::{field_err, printable, ConfigError};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// `"register"` of the plugin configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterConfig {
+    /// Service name in the registry.
+    pub service: String,
+    /// Instance id; defaults to `<service>-<address>-<port>` (`.`/`:` as `-`).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// IP literal registered for the instance (the only address ever registered).
+    pub address: String,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Time the registry keeps the instance without a heartbeat (whole seconds).
+    #[serde(default = "default_ttl")]
+    pub ttl: Millis,
+    /// Time between heartbeats; defaults to a third of `ttl`.
+    #[serde(default)]
+    pub heartbeat_interval: Option<Millis>,
+    /// Timeout of one registry call.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Millis,
+    /// The local application's health check; by default through the
+    /// `registry_lb_health` cluster to `address:port`.
+    pub health_check: HealthCheckConfig,
+    pub targets: Vec<TargetConfig>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_ttl() -> Millis {
+    Millis::from_secs(10)
+}
+fn default_request_timeout() -> Millis {
+    Millis::from_secs(2)
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TargetConfig {
+    Consul(ConsulTarget),
+    Etcd(EtcdTarget),
+    Eureka(EurekaTarget),
+    /// Parsed only to be refused with a clear error.
+    Nacos(serde_json::Value),
+    Kubernetes(serde_json::Value),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulTarget {
+    /// Envoy cluster that reaches the local Consul agent.
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// ACL token (`X-Consul-Token`) with `service:write` on the service.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Consul removes the service after its check has been critical this long.
+    #[serde(default = "default_deregister_after")]
+    pub deregister_critical_service_after: Millis,
+}
+
+fn default_deregister_after() -> Millis {
+    Millis::from_secs(60)
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTarget {
+    /// Envoy cluster that reaches etcd's JSON gateway.
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Key prefix; the key is `<prefix><id>`. Defaults to `/services/<service>/`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EurekaTarget {
+    /// Envoy cluster that reaches the Eureka server.
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Application name; defaults to `service`. Sent with ASCII letters uppercased.
+    #[serde(default)]
+    pub app: Option<String>,
+    /// Path of the REST API (`/eureka` for Spring Cloud, `/eureka/v2` for Netflix's war).
+    #[serde(default = "default_eureka_prefix")]
+    pub path_prefix: String,
+    /// HTTP basic auth.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+fn default_eureka_prefix() -> String {
+    "/eureka".to_string()
+}
+
+impl RegisterConfig {
+    /// The instance id (configured or derived).
+    pub fn instance_id(&self) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            format!("{}-{}-{}", self.service, self.address, self.port)
+                .chars()
+                .map(|c| if c == '.' || c == ':' { '-' } else { c })
+                .collect()
+        })
+    }
+
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.heartbeat_interval
+            .map_or(self.ttl.0 / 3, |h| h.0)
+            .max(1)
+    }
+
+    /// Checks what the types cannot; errors name the field (`register.<field>`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at = "register";
+        let id_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if !id_ok(&self.service) {
+            return field_err(
+                at,
+                "service",
+                "must be 1..128 letters, digits, '-', '_', '.'",
+            );
+        }
+        if self.id.is_some() && !id_ok(&self.instance_id()) {
+            return field_err(at, "id", "must be 1..128 letters, digits, '-', '_', '.'");
+        }
+        if self.address.parse::<std::net::IpAddr>().is_err() {
+            return field_err(
+                at,
+                "address",
+                "must be an IP literal (it is what readers route to)",
+            );
+        }
+        if self.port == 0 {
+            return field_err(at, "port", "must be 1..65535");
+        }
+        if !(1..=crate::instance::MAX_WEIGHT).contains(&self.weight) {
+            return field_err(at, "weight", "must be 1..100000");
+        }
+        if self
+            .zone
+            .as_deref()
+            .is_some_and(|z| z.is_empty() || !printable(z))
+        {
+            return field_err(at, "zone", "must be non-empty printable text");
+        }
+        for (k, v) in &self.metadata {
+            if k.is_empty() || !printable(k) || !printable(v) {
+                return field_err(
+                    at,
+                    "metadata",
+                    "keys must be non-empty, keys and values printable",
+                );
+            }
+        }
+        if self.ttl.0 < 2000 || self.ttl.0 % 1000 != 0 || self.ttl.0 > 3_600_000 {
+            return field_err(
+                at,
+                "ttl",
+                "must be whole seconds between 2s and 1h (etcd leases and Consul TTLs count seconds)",
+            );
+        }
+        if self.heartbeat_ms() < 100 || self.heartbeat_ms() >= self.ttl.0 {
+            return field_err(
+                at,
+                "heartbeat_interval",
+                "must be at least 100ms and below ttl",
+            );
+        }
+        if self.request_timeout.0 == 0 || self.request_timeout.0 > self.ttl.0 {
+            return field_err(at, "request_timeout", "must be in (0, ttl]");
+        }
+        self.health_check.validate(&format!("{at}.health_check"))?;
+        if self.targets.is_empty() {
+            return field_err(
+                at,
+                "targets",
+                "name at least one registry (consul, etcd or eureka)",
+            );
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            let at = format!("{at}.targets[{i}]");
+            match t {
+                TargetConfig::Consul(c) => {
+                    if c.cluster.is_empty() {
+                        return field_err(&at, "consul.cluster", "must name an Envoy cluster");
+                    }
+                    if c.token.as_deref().is_some_and(|t| !printable(t)) {
+                        return field_err(&at, "consul.token", "must be printable");
+                    }
+                    let d = c.deregister_critical_service_after.0;
+                    if d < 60_000 || d % 1000 != 0 {
+                        return field_err(
+                            &at,
+                            "consul.deregister_critical_service_after",
+                            "must be whole seconds, at least 1m (Consul's minimum)",
+                        );
+                    }
+                }
+                TargetConfig::Etcd(e) => {
+                    if e.cluster.is_empty() {
+                        return field_err(&at, "etcd.cluster", "must name an Envoy cluster");
+                    }
+                    if e.prefix.as_deref().is_some_and(|p| p.is_empty() || !printable(p)) {
+                        return field_err(&at, "etcd.prefix", "must be non-empty printable text");
+                    }
+                    if e.username.is_some() != e.password.is_some() {
+                        return field_err(&at, "etcd.username", "username and password go together");
+                    }
+                }
+                TargetConfig::Kubernetes(_) => {
+                    return field_err(
+                        &at,
+                        "kubernetes",
+                        "Kubernetes has no self-registration: the kubelet owns a pod's endpoints (use a readiness probe)",
+                    )
+                }
+                TargetConfig::Eureka(e) => {
+                    if e.cluster.is_empty() {
+                        return field_err(&at, "eureka.cluster", "must name an Envoy cluster");
+                    }
+                    let app_ok = |a: &str| {
+                        !a.is_empty()
+                            && a.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    };
+                    if e.app.as_deref().is_some_and(|a| !app_ok(a)) {
+                        return field_err(&at, "eureka.app", "must be letters, digits, '-', '_', '.'");
+                    }
+                    if !e.path_prefix.starts_with('/') || !printable(&e.path_prefix) || e.path_prefix.contains(' ') {
+                        return field_err(&at, "eureka.path_prefix", "must start with '/' and contain no spaces");
+                    }
+                    if e.username.is_some() != e.password.is_some() {
+                        return field_err(&at, "eureka.username", "username and password go together");
+                    }
+                }
+                TargetConfig::Nacos(_) => {
+                    return field_err(
+                        &at,
+                        "nacos",
+                        "registration is implemented for consul, etcd and eureka only (see docs/registration.md)",
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TargetConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TargetConfig::Consul(_) => "consul",
+            TargetConfig::Etcd(_) => "etcd",
+            TargetConfig::Nacos(_) => "nacos",
+            TargetConfig::Eureka(_) => "eureka",
+            TargetConfig::Kubernetes(_) => "kubernetes",
+        }
+    }
+}
+
+/// Which call an answer belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Who {
+    /// The application's health check.
+    App,
+    /// Target `i` of `targets`.
+    Target(usize),
+    /// Target `i`'s deregistration.
+    Leave(usize),
+}
+
+/// What an answer meant, for logs and stats.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Nothing worth reporting (a login, a lease granted).
+    Step,
+    /// The instance is in the registry (first time or again), up or down.
+    Registered {
+        up: bool,
+    },
+    Heartbeat,
+    /// The registry now shows the instance down (true) or up again (false).
+    Marked {
+        down: bool,
+    },
+    /// The registry no longer knows the instance: it is registered again at once.
+    Forgotten(String),
+    /// The call failed; tried again after `retry` ms.
+    Failed(String),
+    Deregistered,
+}
+
+/// A change of the application's health.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum AppChange {
+    Up,
+    Down,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Login,
+    Grant,
+    Put(bool),
+    KeepAlive,
+    Register(bool),
+    Check(bool),
+    Leave,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Consul(ConsulTarget),
+    Eureka {
+        cfg: EurekaTarget,
+        /// The application name, uppercased.
+        app: String,
+        /// `Authorization` of HTTP basic auth.
+        authorization: Option<String>,
+    },
+    Etcd {
+        cfg: EtcdTarget,
+        key: String,
+        lease: Option<String>,
+        token: Option<String>,
+    },
+}
+
+#[derive(Debug)]
+struct Target {
+    kind: Kind,
+    /// What the registry shows now: `Some(up)` once registered.
+    shown: Option<bool>,
+    next_ms: u64,
+    in_flight: Option<Op>,
+    /// A deregistration is awaited.
+    leave_pending: bool,
+}
+
+#[derive(Debug)]
+pub struct Registrar {
+    cfg: RegisterConfig,
+    id: String,
+    hb_ms: u64,
+    retry_ms: u64,
+    /// `None` until the first check answers.
+    app: Option<bool>,
+    app_run: u32,
+    app_next_ms: u64,
+    app_in_flight: bool,
+    /// The application has passed a check once: registrations may start.
+    ever_up: bool,
+    targets: Vec<Target>,
+    leaving: bool,
+}
+
+impl Registrar {
+    pub fn new(cfg: &RegisterConfig, now_ms: u64) -> Registrar {
+        let id = cfg.instance_id();
+        let targets = cfg
+            .targets
+            .iter()
+            .filter_map(|t| {
+                let kind = match t {
+                    TargetConfig::Consul(c) => Kind::Consul(c.clone()),
+                    TargetConfig::Eureka(e) => Kind::Eureka {
+                        cfg: e.clone(),
+                        app: e
+                            .app
+                            .as_deref()
+                            .unwrap_or(&cfg.service)
+                            .to_ascii_uppercase(),
+                        authorization: match (&e.username, &e.password) {
+                            (Some(u), Some(p)) => {
+                                Some(format!("Basic {}", B64.encode(format!("{u}:{p}"))))
+                            }
+                            _ => None,
+                        },
+                    },
+                    TargetConfig::Etcd(e) => {
+                        let prefix = e
+                            .prefix
+                            .clone()
+                            .unwrap_or_else(|| format!("/services/{}/", cfg.service));
+                        Kind::Etcd {
+                            cfg: e.clone(),
+                            key: format!("{prefix}{id}"),
+                            lease: None,
+                            token: None,
+                        }
+                    }
+                    // Refused by validation.
+                    _ => return None,
+                };
+                Some(Target {
+                    kind,
+                    shown: None,
+                    next_ms: now_ms,
+                    in_flight: None,
+                    leave_pending: false,
+                })
+            })
+            .collect();
+        let hb_ms = cfg.heartbeat_ms();
+        Registrar {
+            id,
+            hb_ms,
+            retry_ms: hb_ms.min(1000),
+            cfg: cfg.clone(),
+            app: None,
+            app_run: 0,
+            app_next_ms: now_ms,
+            app_in_flight: false,
+            ever_up: false,
+            targets,
+            leaving: false,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The application's health as last decided (`None` before the first check).
+    pub fn app_healthy(&self) -> Option<bool> {
+        self.app
+    }
+
+    /// `(kind, cluster)` of target `i`, for logs.
+    pub fn target_name(&self, i: usize) -> String {
+        match self.targets.get(i).map(|t| &t.kind) {
+            Some(Kind::Consul(c)) => format!("consul via cluster `{}`", c.cluster),
+            Some(Kind::Eureka { cfg, .. }) => format!("eureka via cluster `{}`", cfg.cluster),
+            Some(Kind::Etcd { cfg, .. }) => format!("etcd via cluster `{}`", cfg.cluster),
+            None => format!("target {i}"),
+        }
+    }
+
+    /// Calls to make now.
+    pub fn due(&mut self, now_ms: u64) -> Vec<(Who, HttpRequest)> {
+        let mut out = Vec::new();
+        if self.leaving {
+            return out;
+        }
+        if !self.app_in_flight && now_ms >= self.app_next_ms {
+            self.app_in_flight = true;
+            out.push((Who::App, self.app_request()));
+        }
+        let Some(up) = self.app else { return out };
+        if !self.ever_up {
+            return out;
+        }
+        for i in 0..self.targets.len() {
+            let t = &self.targets[i];
+            let changed = t.shown.is_some_and(|s| s != up);
+            if t.in_flight.is_some() || (now_ms < t.next_ms && !changed) {
+                continue;
+            }
+            let op = next_op(t, up);
+            if let Some(req) = self.request(i, op) {
+                self.targets[i].in_flight = Some(op);
+                out.push((Who::Target(i), req));
+            }
+        }
+        out
+    }
+
+    fn app_request(&self) -> HttpRequest {
+        let s = self.cfg.health_check.settings(&self.cfg.service);
+        HttpRequest {
+            cluster: s.cluster,
+            method: "GET",
+            authority: s.authority,
+            path: s.path,
+            headers: vec![(
+                s.header,
+                self.cfg
+                    .address
+                    .parse::<std::net::IpAddr>()
+                    .map(|ip| std::net::SocketAddr::new(ip, self.cfg.port).to_string())
+                    .unwrap_or_default(),
+            )],
+            body: Vec::new(),
+            timeout_ms: s.timeout_ms,
+        }
+    }
+
+    /// The application's check answered `status` (0: no answer). The first answer
+    /// decides at once; later ones need the thresholds in a row.
+    pub fn on_app_result(&mut self, status: u16, now_ms: u64) -> Option<AppChange> {
+        self.app_in_flight = false;
+        self.app_next_ms = now_ms + self.cfg.health_check.interval.0;
+        let ok = (200..400).contains(&status);
+        let change = match self.app {
+            None => Some(ok),
+            Some(cur) if cur == ok => {
+                self.app_run = 0;
+                None
+            }
+            Some(cur) => {
+                self.app_run += 1;
+                let hc = &self.cfg.health_check;
+                let needed = if cur {
+                    hc.unhealthy_threshold
+                } else {
+                    hc.healthy_threshold
+                };
+                (self.app_run >= needed.max(1)).then_some(ok)
+            }
+        }?;
+        self.app = Some(change);
+        self.ever_up |= change;
+        self.app_run = 0;
+        Some(if change {
+            AppChange::Up
+        } else {
+            AppChange::Down
+        })
+    }
+
+    /// A target's call could not be sent or got no answer.
+    pub fn on_failure(&mut self, i: usize, why: String, now_ms: u64) -> Event {
+        let (retry, leaving) = (self.retry_ms, self.leaving);
+        let Some(t) = self.targets.get_mut(i) else {
+            return Event::Step;
+        };
+        t.in_flight = None;
+        if leaving {
+            // Only the deregistration matters now.
+            return Event::Step;
+        }
+        t.next_ms = now_ms + retry;
+        Event::Failed(why)
+    }
+
+    /// The answer to target `i`'s call.
+    pub fn on_answer(&mut self, i: usize, resp: &HttpResponse, now_ms: u64) -> Event {
+        let (hb, retry, leaving) = (self.hb_ms, self.retry_ms, self.leaving);
+        let Some(t) = self.targets.get_mut(i) else {
+            return Event::Step;
+        };
+        let Some(op) = t.in_flight.take() else {
+            return Event::Step;
+        };
+        if leaving {
+            // An answer to a call sent before the deregistration: nothing follows.
+            return Event::Step;
+        }
+        let body = resp.body;
+        let status = resp.status;
+        let fail = |t: &mut Target, what: &str| {
+            t.next_ms = now_ms + retry;
+            Event::Failed(format!("{what}: {status} {}", excerpt(body)))
+        };
+        match &mut t.kind {
+            Kind::Etcd { lease, token, .. } => {
+                if status == 401 && token.is_some() {
+                    *token = None;
+                    t.next_ms = now_ms;
+                    return Event::Step;
+                }
+                match (op, status) {
+                    (Op::Login, 200) => {
+                        match serde_json::from_slice::<serde_json::Value>(body)
+                            .ok()
+                            .and_then(|v| v.get("token")?.as_str().map(str::to_string))
+                        {
+                            Some(tk) => {
+                                *token = Some(tk);
+                                t.next_ms = now_ms;
+                                Event::Step
+                            }
+                            None => fail(t, "etcd authenticate"),
+                        }
+                    }
+                    (Op::Grant, 200) => match json_str(body, &["ID"]) {
+                        Some(id) => {
+                            *lease = Some(id);
+                            t.shown = None;
+                            t.next_ms = now_ms;
+                            Event::Step
+                        }
+                        None => fail(t, "etcd lease grant without ID"),
+                    },
+                    (Op::Put(up), 200) => {
+                        let before = t.shown.replace(up);
+                        t.next_ms = now_ms + hb;
+                        match before {
+                            None => Event::Registered { up },
+                            Some(_) => Event::Marked { down: !up },
+                        }
+                    }
+                    (Op::Put(_), 404) if lease_not_found(body) => {
+                        forget(t, now_ms, "etcd: requested lease not found".into())
+                    }
+                    (Op::KeepAlive, 200) => {
+                        let ttl = json_str(body, &["result", "TTL"])
+                            .and_then(|s| s.parse::<i64>().ok())
+                            .unwrap_or(0);
+                        if ttl > 0 {
+                            t.next_ms = now_ms + hb;
+                            Event::Heartbeat
+                        } else {
+                            forget(
+                                t,
+                                now_ms,
+                                "etcd: the lease expired (keepalive without TTL)".into(),
+                            )
+                        }
+                    }
+                    (Op::KeepAlive, 404) if lease_not_found(body) => {
+                        forget(t, now_ms, "etcd: requested lease not found".into())
+                    }
+                    (Op::Login, _) => fail(t, "etcd authenticate"),
+                    (Op::Grant, _) => fail(t, "etcd lease grant"),
+                    (Op::Put(_), _) => fail(t, "etcd put"),
+                    _ => fail(t, "etcd keepalive"),
+                }
+            }
+            Kind::Eureka { .. } => match (op, status) {
+                (Op::Register(up), 200 | 204) => {
+                    t.shown = Some(up);
+                    t.next_ms = now_ms + hb;
+                    Event::Registered { up }
+                }
+                (Op::KeepAlive, 200) => {
+                    t.next_ms = now_ms + hb;
+                    Event::Heartbeat
+                }
+                (Op::Check(up), 200) => {
+                    t.shown = Some(up);
+                    t.next_ms = now_ms + hb;
+                    Event::Marked { down: !up }
+                }
+                // Eureka answers 404 to a renewal or status change of an instance it
+                // does not know (evicted, or the server restarted).
+                (Op::KeepAlive | Op::Check(_), 404) => {
+                    forget(t, now_ms, "eureka: instance not found (404)".into())
+                }
+                (Op::Register(_), _) => fail(t, "eureka register"),
+                (Op::Check(_), _) => fail(t, "eureka status"),
+                _ => fail(t, "eureka renew"),
+            },
+            Kind::Consul(_) => match (op, status) {
+                (Op::Register(up), 200) => {
+                    t.shown = Some(up);
+                    t.next_ms = now_ms + hb;
+                    Event::Registered { up }
+                }
+                (Op::Check(up), 200) => {
+                    let before = t.shown.replace(up);
+                    t.next_ms = now_ms + hb;
+                    if before == Some(up) {
+                        Event::Heartbeat
+                    } else {
+                        Event::Marked { down: !up }
+                    }
+                }
+                (Op::Check(_), 404 | 500)
+                    if String::from_utf8_lossy(body).contains("Unknown check") =>
+                {
+                    forget(t, now_ms, format!("consul: {}", excerpt(body)))
+                }
+                (Op::Register(_), _) => fail(t, "consul register"),
+                _ => fail(t, "consul check update"),
+            },
+        }
+    }
+
+    /// Deregistration calls for every target that shows the instance; no further
+    /// calls after this. Best effort: the TTL removes what these miss.
+    pub fn leave(&mut self) -> Vec<(usize, HttpRequest)> {
+        self.leaving = true;
+        let mut out = Vec::new();
+        for i in 0..self.targets.len() {
+            let t = &self.targets[i];
+            let registered = match &t.kind {
+                Kind::Etcd { lease, .. } => lease.is_some(),
+                Kind::Consul(_) | Kind::Eureka { .. } => t.shown.is_some(),
+            };
+            if !registered {
+                continue;
+            }
+            if let Some(req) = self.request(i, Op::Leave) {
+                self.targets[i].leave_pending = true;
+                out.push((i, req));
+            }
+        }
+        out
+    }
+
+    /// The answer to target `i`'s deregistration (`status` 0: none). 404 counts as
+    /// done: the registry no longer knows the instance.
+    pub fn on_leave_answer(&mut self, i: usize, status: u16, body: &[u8]) -> Event {
+        let Some(t) = self.targets.get_mut(i) else {
+            return Event::Step;
+        };
+        t.leave_pending = false;
+        t.shown = None;
+        if (200..300).contains(&status) || status == 404 {
+            Event::Deregistered
+        } else {
+            Event::Failed(format!("deregister: {status} {}", excerpt(body)))
+        }
+    }
+
+    /// Deregistrations still awaited.
+    pub fn leaving(&self) -> usize {
+        self.targets.iter().filter(|t| t.leave_pending).count()
+    }
+
+    /// The call of `op` for target `i`.
+    fn request(&self, i: usize, op: Op) -> Option<HttpRequest> {
+        let t = self.targets.get(i)?;
+        let c = &self.cfg;
+        let timeout_ms = c.request_timeout.0;
+        match &t.kind {
+            Kind::Consul(k) => {
+                let mut headers =
+                    vec![("content-type".to_string(), "application/json".to_string())];
+                if let Some(tok) = &k.token {
+                    headers.push(("x-consul-token".to_string(), tok.clone()));
+                }
+                let check = format!("service:{}", self.id);
+                let (path, body) = match op {
+                    Op::Register(up) => {
+                        let mut meta = c.metadata.clone();
+                        if let Some(z) = &c.zone {
+                            meta.insert("zone".into(), z.clone());
+                        }
+                        let body = serde_json::json!({
+                            "ID": self.id,
+                            "Name": c.service,
+                            "Address": c.address,
+                            "Port": c.port,
+                            "Meta": meta,
+                            "Weights": { "Passing": c.weight, "Warning": 1 },
+                            "Check": {
+                                "CheckID": check,
+                                "Name": "registry-lb heartbeat",
+                                "TTL": format!("{}s", c.ttl.0 / 1000),
+                                "Status": if up { "passing" } else { "critical" },
+                                "DeregisterCriticalServiceAfter":
+                                    format!("{}s", k.deregister_critical_service_after.0 / 1000),
+                            },
+                        });
+                        ("/v1/agent/service/register".to_string(), body.to_string())
+                    }
+                    Op::Check(up) => (
+                        format!(
+                            "/v1/agent/check/{}/{check}",
+                            if up { "pass" } else { "fail" }
+                        ),
+                        String::new(),
+                    ),
+                    Op::Leave => (
+                        format!("/v1/agent/service/deregister/{}", self.id),
+                        String::new(),
+                    ),
+                    _ => return None,
+                };
+                Some(HttpRequest {
+                    cluster: k.cluster.clone(),
+                    method: "PUT",
+                    authority: k.authority.clone().unwrap_or_else(|| k.cluster.clone()),
+                    path,
+                    headers,
+                    body: body.into_bytes(),
+                    timeout_ms,
+                })
+            }
+            Kind::Eureka {
+                cfg,
+                app,
+                authorization,
+            } => {
+                let mut headers = vec![
+                    ("content-type".to_string(), "application/json".to_string()),
+                    ("accept".to_string(), "application/json".to_string()),
+                ];
+                if let Some(a) = authorization {
+                    headers.push(("authorization".to_string(), a.clone()));
+                }
+                let base = format!("{}/apps/{app}", cfg.path_prefix.trim_end_matches('/'));
+                let one = format!("{base}/{}", self.id);
+                let (method, path, body) = match op {
+                    Op::Register(up) => {
+                        let mut meta = c.metadata.clone();
+                        if let Some(z) = &c.zone {
+                            meta.insert("zone".into(), z.clone());
+                        }
+                        meta.insert("weight".into(), c.weight.to_string());
+                        let body = serde_json::json!({ "instance": {
+                            "instanceId": self.id,
+                            "hostName": c.address,
+                            "app": app,
+                            "ipAddr": c.address,
+                            "vipAddress": c.service,
+                            "status": if up { "UP" } else { "DOWN" },
+                            "port": { "$": c.port, "@enabled": "true" },
+                            "securePort": { "$": 443, "@enabled": "false" },
+                            "dataCenterInfo": {
+                                "@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo",
+                                "name": "MyOwn",
+                            },
+                            "leaseInfo": {
+                                "renewalIntervalInSecs": (self.hb_ms / 1000).max(1),
+                                "durationInSecs": c.ttl.0 / 1000,
+                            },
+                            "metadata": meta,
+                        }});
+                        ("POST", base, body.to_string())
+                    }
+                    Op::KeepAlive => ("PUT", one, String::new()),
+                    Op::Check(up) => (
+                        "PUT",
+                        format!("{one}/status?value={}", if up { "UP" } else { "DOWN" }),
+                        String::new(),
+                    ),
+                    Op::Leave => ("DELETE", one, String::new()),
+                    _ => return None,
+                };
+                Some(HttpRequest {
+                    cluster: cfg.cluster.clone(),
+                    method,
+                    authority: cfg.authority.clone().unwrap_or_else(|| cfg.cluster.clone()),
+                    path,
+                    headers,
+                    body: body.into_bytes(),
+                    timeout_ms,
+                })
+            }
+            Kind::Etcd {
+                cfg,
+                key,
+                lease,
+                token,
+            } => {
+                let mut headers =
+                    vec![("content-type".to_string(), "application/json".to_string())];
+                if let (Some(tk), false) = (token, op == Op::Login) {
+                    headers.push(("authorization".to_string(), tk.clone()));
+                }
+                let lease_id = lease.clone().unwrap_or_default();
+                let (path, body) = match op {
+                    Op::Login => (
+                        "/v3/auth/authenticate",
+                        serde_json::json!({
+                            "name": cfg.username.clone().unwrap_or_default(),
+                            "password": cfg.password.clone().unwrap_or_default(),
+                        }),
+                    ),
+                    Op::Grant => (
+                        "/v3/lease/grant",
+                        serde_json::json!({ "TTL": (c.ttl.0 / 1000).to_string() }),
+                    ),
+                    Op::Put(up) => {
+                        let mut value = serde_json::json!({
+                            "address": c.address,
+                            "port": c.port,
+                            "weight": c.weight,
+                            "state": if up { "healthy" } else { "unhealthy" },
+                            "metadata": c.metadata,
+                        });
+                        if let (Some(z), Some(obj)) = (&c.zone, value.as_object_mut()) {
+                            obj.insert("zone".into(), serde_json::Value::String(z.clone()));
+                        }
+                        (
+                            "/v3/kv/put",
+                            serde_json::json!({
+                                "key": B64.encode(key.as_bytes()),
+                                "value": B64.encode(value.to_string().as_bytes()),
+                                "lease": lease_id,
+                            }),
+                        )
+                    }
+                    Op::KeepAlive => ("/v3/lease/keepalive", serde_json::json!({ "ID": lease_id })),
+                    Op::Leave => ("/v3/lease/revoke", serde_json::json!({ "ID": lease_id })),
+                    _ => return None,
+                };
+                Some(HttpRequest {
+                    cluster: cfg.cluster.clone(),
+                    method: "POST",
+                    authority: cfg.authority.clone().unwrap_or_else(|| cfg.cluster.clone()),
+                    path: path.to_string(),
+                    headers,
+                    body: body.to_string().into_bytes(),
+                    timeout_ms,
+                })
+            }
+        }
+    }
+}
+
+/// The next step of a target that is due, with the application `up` or not.
+fn next_op(t: &Target, up: bool) -> Op {
+    match &t.kind {
+        Kind::Etcd {
+            cfg, lease, token, ..
+        } => {
+            if cfg.username.is_some() && token.is_none() {
+                Op::Login
+            } else if lease.is_none() {
+                Op::Grant
+            } else if t.shown != Some(up) {
+                Op::Put(up)
+            } else {
+                Op::KeepAlive
+            }
+        }
+        Kind::Consul(_) => match t.shown {
+            None => Op::Register(up),
+            Some(_) => Op::Check(up),
+        },
+        Kind::Eureka { .. } => match t.shown {
+            None => Op::Register(up),
+            Some(s) if s != up => Op::Check(up),
+            Some(_) => Op::KeepAlive,
+        },
+    }
+}
+
+/// The registry forgot the instance: register again now.
+fn forget(t: &mut Target, now_ms: u64, why: String) -> Event {
+    t.shown = None;
+    if let Kind::Etcd { lease, .. } = &mut t.kind {
+        *lease = None;
+    }
+    t.next_ms = now_ms;
+    Event::Forgotten(why)
+}
+
+fn lease_not_found(body: &[u8]) -> bool {
+    String::from_utf8_lossy(body).contains("lease not found")
+}
+
+/// A string (or number) at `path` of a JSON body.
+fn json_str(body: &[u8], path: &[&str]) -> Option<String> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    for p in path {
+        v = v.get_mut(*p)?.take();
+    }
+    match v {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    fn cfg(targets: &str, extra: &str) -> Result<RegisterConfig, ConfigError> {
+        let text = format!(
+            r#"{{ "service": "web", "address": "10.0.0.7", "port": 8080, "weight": 3,
+                "zone": "z1", "metadata": {{ "version": "v2" }}, "ttl": "3s",
+                "heartbeat_interval": "1s", {extra}
+                "health_check": {{ "cluster": "app", "path": "/healthz", "interval": "500ms",
+                                  "timeout": "200ms", "healthy_threshold": 2, "unhealthy_threshold": 2 }},
+                "targets": [{targets}] }}"#
+        );
+        let c: RegisterConfig =
+            serde_json::from_str(&text).map_err(|e| ConfigError(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn ok(status: u16, body: &str) -> (u16, Vec<u8>) {
+        (status, body.as_bytes().to_vec())
+    }
+
+    fn answer(r: &mut Registrar, i: usize, (status, body): (u16, Vec<u8>), now: u64) -> Event {
+        r.on_answer(
+            i,
+            &HttpResponse {
+                status,
+                headers: &[],
+                body: &body,
+            },
+            now,
+        )
+    }
+
+    /// The target calls due at `now` (the application's check is answered 200 at
+    /// once; its first answer makes the registration due at the same instant).
+    fn calls(r: &mut Registrar, now: u64) -> Vec<HttpRequest> {
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            for (who, req) in r.due(now) {
+                match who {
+                    Who::App => {
+                        let _ = r.on_app_result(200, now);
+                    }
+                    Who::Target(_) | Who::Leave(_) => out.push(req),
+                }
+            }
+        }
+        out
+    }
+
+    fn json(req: &HttpRequest) -> serde_json::Value {
+        serde_json::from_slice(&req.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn unb64(v: &serde_json::Value) -> String {
+        String::from_utf8(B64.decode(v.as_str().unwrap_or("")).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    const ETCD: &str = r#"{ "etcd": { "cluster": "etcd" } }"#;
+    const CONSUL: &str = r#"{ "consul": { "cluster": "consul", "token": "s3cret" } }"#;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn errors_name_the_field_and_kubernetes_is_refused() {
+        let err = |targets: &str, extra: &str| cfg(targets, extra).err().map(|e| e.0);
+        assert_eq!(err(ETCD, ""), None);
+        assert!(err(r#"{ "kubernetes": {} }"#, "").is_some_and(|e| e
+            .starts_with("register.targets[0].kubernetes: Kubernetes has no self-registration")));
+        assert!(err(r#"{ "nacos": {} }"#, "").is_some_and(|e| e.starts_with(
+            "register.targets[0].nacos: registration is implemented for consul, etcd and eureka only"
+        )));
+        assert!(err(ETCD, r#""id": "a/b","#).is_some_and(|e| e.starts_with("register.id:")));
+        assert!(err(ETCD, r#""request_timeout": "4s","#)
+            .is_some_and(|e| e.starts_with("register.request_timeout:")));
+        assert!(err("", "").is_some_and(|e| e.starts_with("register.targets:")));
+        assert!(
+            err(r#"{ "etcd": { "cluster": "etcd", "username": "u" } }"#, "")
+                .is_some_and(|e| e.starts_with("register.targets[0].etcd.username:"))
+        );
+        let ttl = r#"{ "service": "web", "address": "10.0.0.7", "port": 1, "ttl": "2500ms",
+            "health_check": { "path": "/" }, "targets": [{ "etcd": { "cluster": "e" } }] }"#;
+        let c: RegisterConfig = serde_json::from_str(ttl).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c
+            .validate()
+            .is_err_and(|e| e.0.starts_with("register.ttl:")));
+        let host = ttl.replace("10.0.0.7", "app.local").replace("2500ms", "3s");
+        let c: RegisterConfig = serde_json::from_str(&host).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c
+            .validate()
+            .is_err_and(|e| e.0.starts_with("register.address:")));
+        assert_eq!(c.instance_id(), "web-app-local-1");
+        assert_eq!(c.heartbeat_ms(), 1000, "a third of ttl by default");
+        let hc = r#""health_check": { "path": "/", "interval": "50ms" }"#;
+        let bad_hc = host
+            .replace("app.local", "10.0.0.7")
+            .replace(r#""health_check": { "path": "/" }"#, hc);
+        let c: RegisterConfig = serde_json::from_str(&bad_hc).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c
+            .validate()
+            .is_err_and(|e| e.0.starts_with("register.health_check.interval:")));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn nothing_is_registered_before_the_application_answers_its_check() {
+        let c = cfg(ETCD, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let due = r.due(0);
+        assert_eq!(due.len(), 1, "only the application's check");
+        assert_eq!(due[0].0, Who::App);
+        let check = &due[0].1;
+        assert_eq!(
+            (check.cluster.as_str(), check.path.as_str()),
+            ("app", "/healthz")
+        );
+        assert_eq!(check.headers[0].1, "10.0.0.7:8080");
+        assert!(
+            r.due(100).is_empty(),
+            "one check at a time, no registration yet"
+        );
+        assert_eq!(r.on_app_result(503, 100), Some(AppChange::Down));
+        assert!(
+            r.due(200).is_empty(),
+            "a failing application is not registered (first check at 600)"
+        );
+        assert!(r.due(600).iter().all(|(w, _)| *w == Who::App));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn etcd_lease_value_keepalive_mark_down_and_forgotten_lease() {
+        let c = cfg(ETCD, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let grant = calls(&mut r, 0);
+        assert_eq!(grant.len(), 1);
+        assert_eq!(grant[0].path, "/v3/lease/grant");
+        assert_eq!(json(&grant[0])["TTL"], "3");
+        assert_eq!(
+            answer(&mut r, 0, ok(200, r#"{"ID":"7587","TTL":"3"}"#), 10),
+            Event::Step
+        );
+        let put = calls(&mut r, 10);
+        assert_eq!(put[0].path, "/v3/kv/put");
+        let body = json(&put[0]);
+        assert_eq!(body["lease"], "7587");
+        assert_eq!(unb64(&body["key"]), "/services/web/web-10-0-0-7-8080");
+        let value: serde_json::Value =
+            serde_json::from_str(&unb64(&body["value"])).unwrap_or_default();
+        assert_eq!(
+            value,
+            serde_json::json!({"address":"10.0.0.7","port":8080,"weight":3,"zone":"z1",
+                "state":"healthy","metadata":{"version":"v2"}})
+        );
+        // The value is one registry-lb's etcd reader takes.
+        let inst = crate::registry::etcd::parse_value(value.to_string().as_bytes());
+        assert!(inst.is_ok_and(|i| i.is_some_and(|i| i.weight == 3
+            && i.zone == "z1"
+            && i.addr.to_string() == "10.0.0.7:8080")));
+        assert_eq!(
+            answer(&mut r, 0, ok(200, "{}"), 20),
+            Event::Registered { up: true }
+        );
+        assert!(calls(&mut r, 500).is_empty(), "next heartbeat at 1020");
+        let ka = calls(&mut r, 1020);
+        assert_eq!(
+            (ka[0].path.as_str(), json(&ka[0])["ID"].as_str()),
+            ("/v3/lease/keepalive", Some("7587"))
+        );
+        let alive = r#"{"result":{"header":{"revision":"2"},"ID":"7587","TTL":"3"}}"#;
+        assert_eq!(answer(&mut r, 0, ok(200, alive), 1030), Event::Heartbeat);
+        // Two failed checks in a row: marked down at once, not at the next heartbeat.
+        assert_eq!(r.on_app_result(0, 1100), None);
+        assert_eq!(r.on_app_result(503, 1200), Some(AppChange::Down));
+        let down = r.due(1210);
+        let put = &down
+            .iter()
+            .find(|(w, _)| *w == Who::Target(0))
+            .unwrap_or_else(|| panic!("{down:?}"))
+            .1;
+        let value = unb64(&json(put)["value"]);
+        assert!(value.contains(r#""state":"unhealthy""#), "{value}");
+        assert_eq!(
+            json(put)["lease"],
+            "7587",
+            "same lease: listed as down, not deleted"
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, "{}"), 1220),
+            Event::Marked { down: true }
+        );
+        // Down, the lease is still kept alive; etcd forgot it (TTL absent): grant again at once.
+        let ka = r.due(2300);
+        assert!(ka
+            .iter()
+            .any(|(w, q)| *w == Who::Target(0) && q.path == "/v3/lease/keepalive"));
+        let expired = r#"{"result":{"header":{"revision":"3"},"ID":"7587"}}"#;
+        assert!(matches!(
+            answer(&mut r, 0, ok(200, expired), 2310),
+            Event::Forgotten(_)
+        ));
+        let again = r.due(2310);
+        assert!(
+            again
+                .iter()
+                .any(|(w, q)| *w == Who::Target(0) && q.path == "/v3/lease/grant"),
+            "{again:?}"
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, r#"{"ID":"99","TTL":"3"}"#), 2320),
+            Event::Step
+        );
+        let put = r.due(2320);
+        assert!(put
+            .iter()
+            .any(|(_, q)| q.path == "/v3/kv/put" && json(q)["lease"] == "99"));
+        assert_eq!(
+            answer(&mut r, 0, ok(200, "{}"), 2330),
+            Event::Registered { up: false }
+        );
+        // A put whose lease etcd lost (404) also registers again.
+        assert_eq!(r.on_app_result(200, 2400), None);
+        assert_eq!(r.on_app_result(200, 2500), Some(AppChange::Up));
+        let up = r.due(2510);
+        assert!(up.iter().any(|(_, q)| q.path == "/v3/kv/put"
+            && unb64(&json(q)["value"]).contains(r#""state":"healthy""#)));
+        let lost = r#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#;
+        assert!(matches!(
+            answer(&mut r, 0, ok(404, lost), 2520),
+            Event::Forgotten(_)
+        ));
+        // Leaving: no lease, nothing to revoke until one is granted.
+        assert!(r.leave().is_empty());
+        assert!(r.due(9999).is_empty(), "no calls once leaving");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn etcd_failures_retry_and_leaving_revokes_the_lease() {
+        let c = cfg(ETCD, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        assert_eq!(calls(&mut r, 0).len(), 1);
+        assert!(matches!(
+            r.on_failure(0, "reset".into(), 5),
+            Event::Failed(_)
+        ));
+        assert!(
+            calls(&mut r, 500).is_empty(),
+            "retried after one second at most"
+        );
+        assert_eq!(calls(&mut r, 1005)[0].path, "/v3/lease/grant");
+        assert!(
+            matches!(answer(&mut r, 0, ok(500, "boom"), 1010), Event::Failed(e) if e.contains("500 boom"))
+        );
+        assert_eq!(calls(&mut r, 2010)[0].path, "/v3/lease/grant");
+        answer(&mut r, 0, ok(200, r#"{"ID":"5","TTL":"3"}"#), 2020);
+        assert_eq!(calls(&mut r, 2020)[0].path, "/v3/kv/put");
+        let leave = r.leave();
+        assert_eq!(leave.len(), 1, "the put in flight does not stop the revoke");
+        assert_eq!(
+            (leave[0].1.path.as_str(), json(&leave[0].1)["ID"].as_str()),
+            ("/v3/lease/revoke", Some("5"))
+        );
+        assert_eq!(r.leaving(), 1);
+        // The put's answer arrives after: nothing follows from it, the revoke is still awaited.
+        assert_eq!(answer(&mut r, 0, ok(200, "{}"), 2030), Event::Step);
+        assert_eq!(r.leaving(), 1);
+        assert_eq!(r.on_leave_answer(0, 200, b"{}"), Event::Deregistered);
+        assert_eq!(r.leaving(), 0);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn etcd_logs_in_and_again_when_the_token_is_refused() {
+        let t = r#"{ "etcd": { "cluster": "etcd", "prefix": "/svc/", "username": "u", "password": "p" } }"#;
+        let c = cfg(t, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let login = calls(&mut r, 0);
+        assert_eq!(login[0].path, "/v3/auth/authenticate");
+        assert_eq!(
+            json(&login[0]),
+            serde_json::json!({"name":"u","password":"p"})
+        );
+        answer(&mut r, 0, ok(200, r#"{"token":"tok.1"}"#), 1);
+        let grant = calls(&mut r, 1);
+        assert!(grant[0]
+            .headers
+            .contains(&("authorization".into(), "tok.1".into())));
+        assert_eq!(
+            answer(&mut r, 0, ok(401, "invalid auth token"), 2),
+            Event::Step
+        );
+        assert_eq!(calls(&mut r, 2)[0].path, "/v3/auth/authenticate");
+        answer(&mut r, 0, ok(200, r#"{"token":"tok.2"}"#), 3);
+        answer(&mut r, 0, ok(200, r#"{"ID":"1"}"#), 3);
+        let grant = calls(&mut r, 3);
+        answer(&mut r, 0, ok(200, r#"{"ID":"1"}"#), 4);
+        assert!(grant[0]
+            .headers
+            .contains(&("authorization".into(), "tok.2".into())));
+        let put = calls(&mut r, 4);
+        assert_eq!(unb64(&json(&put[0])["key"]), "/svc/web-10-0-0-7-8080");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn consul_ttl_check_pass_fail_unknown_check_and_deregister() {
+        let c = cfg(CONSUL, r#""id": "web-a","#).unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let reg = calls(&mut r, 0);
+        assert_eq!(
+            (reg[0].method, reg[0].path.as_str()),
+            ("PUT", "/v1/agent/service/register")
+        );
+        assert!(reg[0]
+            .headers
+            .contains(&("x-consul-token".into(), "s3cret".into())));
+        assert_eq!(
+            json(&reg[0]),
+            serde_json::json!({"ID":"web-a","Name":"web","Address":"10.0.0.7","Port":8080,
+                "Meta":{"version":"v2","zone":"z1"},"Weights":{"Passing":3,"Warning":1},
+                "Check":{"CheckID":"service:web-a","Name":"registry-lb heartbeat","TTL":"3s",
+                    "Status":"passing","DeregisterCriticalServiceAfter":"60s"}})
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, ""), 10),
+            Event::Registered { up: true }
+        );
+        let pass = calls(&mut r, 1010);
+        assert_eq!(pass[0].path, "/v1/agent/check/pass/service:web-a");
+        assert_eq!(answer(&mut r, 0, ok(200, ""), 1020), Event::Heartbeat);
+        r.on_app_result(0, 1100);
+        assert_eq!(r.on_app_result(0, 1200), Some(AppChange::Down));
+        let fail = r.due(1201);
+        assert!(
+            fail.iter()
+                .any(|(_, q)| q.path == "/v1/agent/check/fail/service:web-a"),
+            "{fail:?}"
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, ""), 1210),
+            Event::Marked { down: true }
+        );
+        // Agent restarted: current agents answer 404, older ones 500.
+        let unknown = r#"Unknown check ID "service:web-a". Ensure that the check ID is passed, not the check name."#;
+        calls(&mut r, 2210);
+        assert!(matches!(
+            answer(&mut r, 0, ok(404, unknown), 2220),
+            Event::Forgotten(_)
+        ));
+        let reg = r.due(2220);
+        let reg = &reg
+            .iter()
+            .find(|(w, _)| *w == Who::Target(0))
+            .unwrap_or_else(|| panic!("{reg:?}"))
+            .1;
+        assert_eq!(reg.path, "/v1/agent/service/register");
+        assert_eq!(
+            json(reg)["Check"]["Status"],
+            "critical",
+            "registered again as down"
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, ""), 2230),
+            Event::Registered { up: false }
+        );
+        calls(&mut r, 3230);
+        assert!(matches!(
+            answer(&mut r, 0, ok(500, r#"Unknown check "service:web-a""#), 3240),
+            Event::Forgotten(_)
+        ));
+        calls(&mut r, 3240);
+        answer(&mut r, 0, ok(200, ""), 3250);
+        // An ACL refusal is a failure, not a forgotten instance.
+        calls(&mut r, 4250);
+        assert!(matches!(
+            answer(&mut r, 0, ok(403, "Permission denied"), 4260),
+            Event::Failed(_)
+        ));
+        let leave = r.leave();
+        assert_eq!(
+            (leave[0].1.method, leave[0].1.path.as_str()),
+            ("PUT", "/v1/agent/service/deregister/web-a")
+        );
+        assert!(r.due(99_999).is_empty(), "no heartbeats once leaving");
+        assert!(
+            matches!(r.on_leave_answer(0, 500, b"rpc error"), Event::Failed(e) if e.contains("500 rpc error"))
+        );
+        assert_eq!(
+            r.leaving(),
+            0,
+            "a failed deregistration is not retried: the TTL removes it"
+        );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn eureka_register_renew_status_evicted_and_cancel() {
+        let t = r#"{ "eureka": { "cluster": "eureka", "username": "u", "password": "p" } }"#;
+        let c = cfg(t, r#""id": "web-a","#).unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let reg = calls(&mut r, 0);
+        assert_eq!(
+            (reg[0].method, reg[0].path.as_str()),
+            ("POST", "/eureka/apps/WEB")
+        );
+        let basic = format!("Basic {}", B64.encode("u:p"));
+        assert!(reg[0].headers.contains(&("authorization".into(), basic)));
+        let inst = &json(&reg[0])["instance"];
+        assert_eq!(
+            (
+                &inst["instanceId"],
+                &inst["ipAddr"],
+                &inst["status"],
+                &inst["port"]["$"]
+            ),
+            (
+                &serde_json::json!("web-a"),
+                &serde_json::json!("10.0.0.7"),
+                &serde_json::json!("UP"),
+                &serde_json::json!(8080)
+            )
+        );
+        assert_eq!(inst["leaseInfo"]["durationInSecs"], 3);
+        assert_eq!(
+            inst["metadata"],
+            serde_json::json!({"version":"v2","zone":"z1","weight":"3"})
+        );
+        // What registry-lb's Eureka reader makes of it.
+        let listed = serde_json::json!({"application":{"name":"WEB","instance":[inst]}});
+        let ecfg: crate::config::EurekaConfig =
+            serde_json::from_str(r#"{ "cluster": "eureka" }"#).unwrap_or_else(|e| panic!("{e}"));
+        let (got, rejected) =
+            crate::registry::eureka::parse(listed.to_string().as_bytes(), "WEB", &ecfg)
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(
+            (got[0].addr.to_string(), got[0].weight, got[0].zone.as_str()),
+            ("10.0.0.7:8080".into(), 3, "z1")
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(204, ""), 10),
+            Event::Registered { up: true }
+        );
+        let renew = calls(&mut r, 1010);
+        assert_eq!(
+            (renew[0].method, renew[0].path.as_str()),
+            ("PUT", "/eureka/apps/WEB/web-a")
+        );
+        assert_eq!(answer(&mut r, 0, ok(200, ""), 1020), Event::Heartbeat);
+        r.on_app_result(0, 1100);
+        assert_eq!(r.on_app_result(0, 1200), Some(AppChange::Down));
+        let down = r.due(1201);
+        let down = &down
+            .iter()
+            .find(|(w, _)| *w == Who::Target(0))
+            .unwrap_or_else(|| panic!("{down:?}"))
+            .1;
+        assert_eq!(
+            (down.method, down.path.as_str()),
+            ("PUT", "/eureka/apps/WEB/web-a/status?value=DOWN")
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, ""), 1210),
+            Event::Marked { down: true }
+        );
+        // Down, renewals go on; evicted (404) → registered again, as DOWN.
+        let renew = r.due(2300);
+        assert!(
+            renew
+                .iter()
+                .any(|(_, q)| q.method == "PUT" && q.path == "/eureka/apps/WEB/web-a"),
+            "{renew:?}"
+        );
+        assert!(matches!(
+            answer(&mut r, 0, ok(404, ""), 2310),
+            Event::Forgotten(_)
+        ));
+        let again = r.due(2310);
+        let again = &again
+            .iter()
+            .find(|(w, _)| *w == Who::Target(0))
+            .unwrap_or_else(|| panic!("{again:?}"))
+            .1;
+        assert_eq!(again.method, "POST");
+        assert_eq!(json(again)["instance"]["status"], "DOWN");
+        assert_eq!(
+            answer(&mut r, 0, ok(204, ""), 2320),
+            Event::Registered { up: false }
+        );
+        let leave = r.leave();
+        assert_eq!(
+            (leave[0].1.method, leave[0].1.path.as_str()),
+            ("DELETE", "/eureka/apps/WEB/web-a")
+        );
+        assert_eq!(r.on_leave_answer(0, 200, b""), Event::Deregistered);
+    }
+}
