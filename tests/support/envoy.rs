@@ -283,6 +283,9 @@ impl Envoy {
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// (Start Envoys from a thread that outlives them: an Envoy is sent SIGTERM when
+    /// the thread that spawned it ends, as seen with Envoy 1.40 here.)
+    ///
     /// Like `start_with`, but a start that failed is an error: Envoy exited, was not
     /// ready in time, or could not bind a port (another process took it after the
     /// test picked it: see `PORT_TAKEN`).
