@@ -20,7 +20,9 @@
 //! (filters do not apply to it), so an unchanged prefix costs an answer of ~150
 //! bytes instead of every value, and a change (a key written, or the count moved
 //! by a delete) is followed at once by the full range. Unrelated writes elsewhere
-//! in etcd move the revision but not the check.
+//! in etcd move the revision but not the check. A check answered at a revision below
+//! the last one read (etcd restored, or a new cluster starting over at 1) reads the
+//! whole range again.
 //!
 //! `serializable: true` sends `serializable` ranges: any member answers from its own
 //! state without a round of consensus (etcd's "serializable read"), which spreads a
@@ -265,8 +267,15 @@ impl Etcd {
             .map_err(|e| RegistryError::Malformed(format!("etcd range (change check): {e}")))?;
         let count = head.count.as_deref().map_or(Ok(0), str::parse::<i64>);
         let modified = head.kvs.is_some_and(|k| k.get().trim() != "[]");
+        // A revision below the last one read: etcd was restored or replaced (a new
+        // data dir starts over at 1), and `min_mod_revision` no longer means "since".
+        let went_back = head
+            .header
+            .and_then(|h| h.revision)
+            .and_then(|r| r.parse::<i64>().ok())
+            .map_or(true, |r| r < self.revision);
         match count {
-            Ok(c) if c == self.count && !modified => {
+            Ok(c) if c == self.count && !modified && !went_back => {
                 // Read the whole range next time only if something changes.
                 self.pending = Pending::Range;
                 Ok(Step::Unchanged)
@@ -565,6 +574,19 @@ mod tests {
         e.request();
         assert_eq!(
             e.on_response(&ok(&check_answer(12, &[], 0))).unwrap(),
+            Step::Again("changed")
+        );
+        // etcd replaced by one with a fresh data dir: revisions start over, so nothing
+        // looks modified "since" the old revision, and the count may be the same.
+        e.request();
+        assert!(matches!(
+            e.on_response(&ok(RANGE)).unwrap(),
+            Step::Unchanged | Step::Instances { .. }
+        ));
+        assert_eq!(e.revision, 4);
+        e.request();
+        assert_eq!(
+            e.on_response(&ok(&check_answer(3, &[], 2))).unwrap(),
             Step::Again("changed")
         );
         // The change token carries the count to another poller.
