@@ -23,6 +23,7 @@ use super::{
     encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError,
     ServiceRef, Step,
 };
+use crate::instance::Rejected;
 use crate::instance::{self, Instance, State};
 use crate::snapshot;
 use crate::validate::{field_err, printable, ConfigError};
@@ -229,7 +230,7 @@ pub fn parse(
     body: &[u8],
     app: &str,
     cfg: &EurekaConfig,
-) -> Result<(Vec<Instance>, Vec<String>), RegistryError> {
+) -> Result<(Vec<Instance>, Rejected), RegistryError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
     let application = if let Some(a) = v.get("application") {
         Some(
@@ -249,15 +250,17 @@ pub fn parse(
         ));
     };
     let Some(application) = application else {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok((Vec::new(), Rejected::default()));
     };
     let raw = match application.get("instance") {
         None | Some(Value::Null) => Vec::new(),
         Some(i @ (Value::Array(_) | Value::Object(_))) => one_or_many(i),
         Some(_) => return Err(malformed("`instance` is neither a list nor an object")),
     };
-    let mut out = Vec::with_capacity(raw.len());
-    let mut rejected = Vec::new();
+    // Not sized by the entry count: entries may be 2-byte junk that becomes no
+    // instance, and room for ~100-byte instances per entry was 48x the answer's size.
+    let mut out = Vec::new();
+    let mut rejected = Rejected::default();
     for (k, inst) in raw.into_iter().enumerate() {
         let Some(obj) = inst.as_object() else {
             rejected.push(format!("instance #{k}: not an object"));
@@ -411,7 +414,7 @@ mod tests {
         }
     }
 
-    fn instances(step: Step) -> (Vec<Instance>, Vec<String>) {
+    fn instances(step: Step) -> (Vec<Instance>, Rejected) {
         match step {
             Step::Instances {
                 instances,
