@@ -24,9 +24,12 @@ use crate::instance::Instance;
 use crate::registry::{consul, etcd, eureka, kubernetes, nacos, Source, Step};
 use crate::snapshot::{self, Snapshot};
 
+/// A target's body: `Err` names the property the input broke.
+pub type Body = fn(&[u8]) -> Result<(), String>;
+
 /// Every fuzz target: its name (the `fuzz/fuzz_targets/<name>.rs` file and the
 /// `fuzz/corpus/<name>/` directory) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]) -> Result<(), String>)] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("config", config),
     ("duration", duration),
     ("consul", consul_answer),
@@ -405,11 +408,7 @@ pub fn run_bounded(name: &str, data: &[u8]) -> Result<(), String> {
 }
 
 /// Runs `body` on `data` under [`alloc::peak_of`] and checks [`alloc_bound`].
-pub fn bounded(
-    name: &str,
-    body: fn(&[u8]) -> Result<(), String>,
-    data: &[u8],
-) -> Result<(), String> {
+pub fn bounded(name: &str, body: Body, data: &[u8]) -> Result<(), String> {
     let (r, peak) = alloc::peak_of(|| body(data));
     r?;
     if peak > alloc_bound(data.len()) {

@@ -4,13 +4,13 @@
 //! under libFuzzer: a corpus file that panics, breaks a property or allocates over the
 //! bound fails this test, naming the file.
 
-use registry_lb::fuzzing::{alloc::Counting, bounded, TARGETS};
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use registry_lb::fuzzing::{alloc::Counting, bounded, Body, TARGETS};
 use std::path::{Path, PathBuf};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
-
-type Body = fn(&[u8]) -> Result<(), String>;
 
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)

@@ -6,6 +6,10 @@
 //! over without a visible change: each source's change token, the source of each
 //! instance (its last good list survives the hand-over), and a stable `slot` per
 //! instance that names its shared in-flight gauge.
+//!
+//! Lengths and the metadata count are 2 bytes; 65,535 and more are written as
+//! `FF FF` and 4 bytes (only then: one encoding per snapshot), so whatever a registry
+//! sent comes back whole.
 
 use crate::instance::{Instance, State};
 use fnv::FnvHasher;
@@ -165,8 +169,8 @@ impl Snapshot {
             b.extend_from_slice(&e.slot.to_le_bytes());
             b.extend_from_slice(&i.registered_ms.to_le_bytes());
             put_str(&mut b, &i.zone);
-            put_u16(&mut b, i.metadata.len().min(u16::MAX as usize) as u16);
-            for (k, v) in i.metadata.iter().take(u16::MAX as usize) {
+            put_len(&mut b, i.metadata.len());
+            for (k, v) in &i.metadata {
                 put_str(&mut b, k);
                 put_str(&mut b, v);
             }
@@ -228,7 +232,7 @@ impl Snapshot {
             let slot = r.u32()?;
             let registered_ms = r.u64()?;
             let zone = r.str()?;
-            let nmeta = r.u16()? as usize;
+            let nmeta = r.len()?;
             let mut metadata = Vec::with_capacity(nmeta.min(64));
             for _ in 0..nmeta {
                 let k = r.str()?;
@@ -266,18 +270,20 @@ fn put_u16(b: &mut Vec<u8>, v: u16) {
     b.extend_from_slice(&v.to_le_bytes());
 }
 
-fn put_str(b: &mut Vec<u8>, s: &str) {
-    // Strings longer than 64 KiB are cut at a char boundary.
-    let s = if s.len() > u16::MAX as usize {
-        let mut end = u16::MAX as usize;
-        while !s.is_char_boundary(end) {
-            end -= 1;
+/// A length: 2 bytes below 65,535, else `FF FF` and 4 bytes.
+fn put_len(b: &mut Vec<u8>, n: usize) {
+    match u16::try_from(n) {
+        Ok(short) if short < u16::MAX => put_u16(b, short),
+        _ => {
+            put_u16(b, u16::MAX);
+            // Nothing in shared data is 4 GiB long; saturating keeps encode total.
+            b.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
         }
-        &s[..end]
-    } else {
-        s
-    };
-    put_u16(b, s.len() as u16);
+    }
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    put_len(b, s.len());
     b.extend_from_slice(s.as_bytes());
 }
 
@@ -312,8 +318,17 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
+    fn len(&mut self) -> Result<usize, DecodeError> {
+        match self.u16()? {
+            u16::MAX => match self.u32()? {
+                n if n < u32::from(u16::MAX) => Err(DecodeError("long form of a short length")),
+                n => Ok(n as usize),
+            },
+            n => Ok(n as usize),
+        }
+    }
     fn str(&mut self) -> Result<String, DecodeError> {
-        let n = self.u16()? as usize;
+        let n = self.len()?;
         let s = self.take(n)?;
         String::from_utf8(s.to_vec()).map_err(|_| DecodeError("string is not UTF-8"))
     }
@@ -401,6 +416,48 @@ mod tests {
             c[i] ^= 0xA5;
             let _ = Snapshot::decode(&c);
         }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn strings_and_metadata_over_64_kib_come_back_whole() {
+        // Found by the `consul` fuzz body's round-trip check: a 70,000-byte metadata
+        // value came back cut to 65,535 bytes.
+        let mut a = inst("10.0.0.1", 80, 1);
+        a.zone = "z".repeat(65_535);
+        a.metadata = vec![("k".into(), "x".repeat(70_000))];
+        let mut b = inst("10.0.0.2", 80, 1);
+        b.metadata = (0..70_000)
+            .map(|i| (format!("{i:06}"), String::new()))
+            .collect();
+        let s = Snapshot {
+            entries: vec![
+                Entry {
+                    instance: a,
+                    source: 0,
+                    slot: 0,
+                },
+                Entry {
+                    instance: b,
+                    source: 0,
+                    slot: 1,
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+        // Below 65,535 the short form is the only one: the long form of 5 is refused.
+        let mut bytes = Snapshot {
+            tokens: vec!["abcde".into()],
+            answered: vec![true],
+            ..Default::default()
+        }
+        .encode();
+        let at = 4 + 24 + 2;
+        bytes.splice(at..at + 2, [0xff, 0xff, 5, 0, 0, 0]);
+        assert_eq!(
+            Snapshot::decode(&bytes),
+            Err(DecodeError("long form of a short length"))
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
