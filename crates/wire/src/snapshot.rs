@@ -205,7 +205,13 @@ impl Snapshot {
         let mut answered = Vec::with_capacity(room);
         for _ in 0..ntok {
             tokens.push(r.str()?);
-            answered.push(r.u8()? != 0);
+            // 0 or 1 only: any other byte read as `true` re-encoded as 1, so one
+            // snapshot had two encodings (fuzz target `snapshot`).
+            answered.push(match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError("bad answered flag")),
+            });
         }
         let n = r.u32()? as usize;
         if n > r.left() / MIN_ENTRY_BYTES {
@@ -461,6 +467,24 @@ mod tests {
     }
 
     #[wasm_bindgen_test(unsupported = test)]
+    fn an_answered_flag_other_than_0_or_1_is_refused() {
+        // fuzz/regressions/snapshot/answered-flag-6: 6 decoded as `true`, re-encoded as 1.
+        let s = Snapshot {
+            tokens: vec!["42".into()],
+            answered: vec![true],
+            ..Default::default()
+        };
+        let mut bytes = s.encode();
+        let at = 4 + 24 + 2 + 2 + 2;
+        assert_eq!(bytes[at], 1);
+        bytes[at] = 6;
+        assert_eq!(
+            Snapshot::decode(&bytes),
+            Err(DecodeError("bad answered flag"))
+        );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
     fn counts_larger_than_the_data_are_refused_before_room_is_made() {
         // fuzz/regressions/snapshot/ holds these; tests/fuzz_corpus.rs measures the heap.
         let mut head = MAGIC.to_vec();
@@ -610,7 +634,7 @@ mod golden {
         // difference in how the two builds decode (or refuse) a byte shows here.
         assert_eq!(
             digest_of_decodes(&golden),
-            0x82fe_2361_bedd_49af,
+            0x1c25_7fb5_5fdd_5831,
             "{:#x}",
             digest_of_decodes(&golden)
         );
