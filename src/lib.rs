@@ -11,6 +11,7 @@ pub mod config;
 pub mod detmath;
 pub mod duration;
 pub mod envoy;
+pub mod fuzzing;
 pub mod handoff;
 pub mod hash_key;
 pub mod health_check;

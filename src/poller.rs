@@ -136,7 +136,7 @@ pub enum Outcome {
     /// A new list was accepted; `rejected` entries were skipped; `warnings` are about
     /// the answer as a whole (logged and counted as `registry_warning`).
     Updated {
-        rejected: Vec<String>,
+        rejected: crate::instance::Rejected,
         warnings: Vec<String>,
     },
     /// An intermediate step (login, expired token); the real call follows at once.
@@ -772,7 +772,7 @@ mod tests {
         assert_eq!(
             out,
             Outcome::Updated {
-                rejected: vec![],
+                rejected: crate::instance::Rejected::default(),
                 warnings: vec![]
             }
         );

@@ -27,6 +27,7 @@ use super::{
 };
 use crate::duration::Millis;
 use crate::instance::Instance;
+use crate::instance::Rejected;
 use crate::validate::{field_err, ConfigError};
 use serde::Deserialize;
 
@@ -301,7 +302,7 @@ impl Consul {
 }
 
 /// Parses a `/v1/health/service` body.
-pub fn parse(body: &[u8]) -> Result<(Vec<Instance>, Vec<String>), RegistryError> {
+pub fn parse(body: &[u8]) -> Result<(Vec<Instance>, Rejected), RegistryError> {
     // Validated once as UTF-8, then parsed as `&str`: serde_json then skips the
     // per-string UTF-8 check (about a fifth of the parse, `cargo bench --bench refresh`).
     let text = std::str::from_utf8(body)

@@ -35,6 +35,7 @@
 use super::{
     envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError, ServiceRef, Step,
 };
+use crate::instance::Rejected;
 use crate::instance::{self, Instance, State};
 use crate::validate::{field_err, ConfigError};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -316,9 +317,11 @@ impl Etcd {
     }
 }
 
-fn parse_kvs(kvs: &[Kv]) -> (Vec<Instance>, Vec<String>) {
-    let mut out = Vec::with_capacity(kvs.len());
-    let mut rejected = Vec::new();
+fn parse_kvs(kvs: &[Kv]) -> (Vec<Instance>, Rejected) {
+    // Not sized by the entry count: entries may be 2-byte junk that becomes no
+    // instance, and room for ~100-byte instances per entry was 48x the answer's size.
+    let mut out = Vec::new();
+    let mut rejected = Rejected::default();
     for kv in kvs {
         let key = B64
             .decode(kv.key.as_bytes())
@@ -609,7 +612,7 @@ mod tests {
             e.on_response(&ok(EMPTY)).unwrap(),
             Step::Instances {
                 instances: vec![],
-                rejected: vec![],
+                rejected: Rejected::default(),
                 warnings: vec![]
             }
         );

@@ -33,6 +33,7 @@ use super::{
     encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError,
     ServiceRef, Step,
 };
+use crate::instance::Rejected;
 use crate::instance::{self, Instance, State};
 use crate::snapshot;
 use crate::validate::{field_err, printable, ConfigError};
@@ -281,7 +282,7 @@ pub fn parse(
     body: &[u8],
     app: &str,
     cfg: &EurekaConfig,
-) -> Result<(Vec<Instance>, Vec<String>), RegistryError> {
+) -> Result<(Vec<Instance>, Rejected), RegistryError> {
     Ok(parse_app(body, app, cfg)?.unwrap_or_default())
 }
 
@@ -309,8 +310,8 @@ struct NamedApp<'a> {
     instance: Option<&'a RawValue>,
 }
 
-/// Instances of one application, and the entries skipped (why, per entry).
-pub type Parsed = (Vec<Instance>, Vec<String>);
+/// Instances of one application, and the entries skipped.
+pub type Parsed = (Vec<Instance>, Rejected);
 
 /// As [`parse`], `None` when a whole-registry answer does not list `app`.
 pub fn parse_app(
@@ -359,8 +360,10 @@ pub fn parse_app(
         Some(i @ (Value::Array(_) | Value::Object(_))) => one_or_many(i),
         Some(_) => return Err(malformed("`instance` is neither a list nor an object")),
     };
-    let mut out = Vec::with_capacity(raw.len());
-    let mut rejected = Vec::new();
+    // Not sized by the entry count: entries may be 2-byte junk that becomes no
+    // instance, and room for ~100-byte instances per entry was 48x the answer's size.
+    let mut out = Vec::new();
+    let mut rejected = Rejected::default();
     for (k, inst) in raw.into_iter().enumerate() {
         let Some(obj) = inst.as_object() else {
             rejected.push(format!("instance #{k}: not an object"));
@@ -514,7 +517,7 @@ mod tests {
         }
     }
 
-    fn instances(step: Step) -> (Vec<Instance>, Vec<String>) {
+    fn instances(step: Step) -> (Vec<Instance>, Rejected) {
         match step {
             Step::Instances {
                 instances,

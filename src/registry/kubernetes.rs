@@ -28,6 +28,7 @@ use super::{
     encode_component, envoy_local_failure, excerpt, HttpRequest, HttpResponse, RegistryError,
     ServiceRef, Step,
 };
+use crate::instance::Rejected;
 use crate::instance::{self, Instance, State};
 use crate::validate::{field_err, printable, ConfigError};
 use serde::Deserialize;
@@ -337,10 +338,10 @@ fn rank(s: State) -> u8 {
     }
 }
 
-fn parse_slices(raw: Vec<Value>, port_name: Option<&str>) -> (Vec<Instance>, Vec<String>) {
+fn parse_slices(raw: Vec<Value>, port_name: Option<&str>) -> (Vec<Instance>, Rejected) {
     let mut out: Vec<Instance> = Vec::new();
     let mut at: HashMap<std::net::SocketAddr, usize> = HashMap::new();
-    let mut rejected = Vec::new();
+    let mut rejected = Rejected::default();
     for (k, v) in raw.into_iter().enumerate() {
         let slice: Slice = match serde_json::from_value(v) {
             Ok(s) => s,
@@ -462,7 +463,7 @@ mod tests {
         }
     }
 
-    fn instances(step: Step) -> (Vec<Instance>, Vec<String>) {
+    fn instances(step: Step) -> (Vec<Instance>, Rejected) {
         match step {
             Step::Instances {
                 instances,

@@ -31,7 +31,7 @@ pub enum Step {
     /// (e.g. Nacos' protect threshold): the list is used, the host logs and counts them.
     Instances {
         instances: Vec<Instance>,
-        rejected: Vec<String>,
+        rejected: crate::instance::Rejected,
         warnings: Vec<String>,
     },
     /// Intermediate step done: make the next call now. The reason names it for

@@ -24,6 +24,7 @@ use super::{
     encode_component, envoy_local_failure, excerpt, fnv64, HttpRequest, HttpResponse,
     RegistryError, ServiceRef, Step,
 };
+use crate::instance::Rejected;
 use crate::instance::{self, Instance, State};
 use crate::validate::{field_err, printable, ConfigError};
 use serde::Deserialize;
@@ -419,9 +420,11 @@ impl Nacos {
     }
 }
 
-fn parse_hosts(raw: Vec<Value>) -> (Vec<Instance>, Vec<String>) {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut rejected = Vec::new();
+fn parse_hosts(raw: Vec<Value>) -> (Vec<Instance>, Rejected) {
+    // Not sized by the entry count: entries may be 2-byte junk that becomes no
+    // instance, and room for ~100-byte instances per entry was 48x the answer's size.
+    let mut out = Vec::new();
+    let mut rejected = Rejected::default();
     for (i, v) in raw.into_iter().enumerate() {
         let h: Host = match serde_json::from_value(v) {
             Ok(h) => h,
@@ -504,7 +507,7 @@ mod tests {
         }
     }
 
-    fn instances(step: Step) -> (Vec<Instance>, Vec<String>, Vec<String>) {
+    fn instances(step: Step) -> (Vec<Instance>, Rejected, Vec<String>) {
         match step {
             Step::Instances {
                 instances,

@@ -7,13 +7,13 @@
 //! traffic": such entries are dropped. Zone: `Service.Meta.zone`, else
 //! `Node.Meta.zone`. Metadata: `Service.Meta` plus one `tag:<tag>` key per tag.
 
-use crate::instance::{self, Instance, State};
+use crate::instance::{self, Instance, Rejected, State};
 use serde::Deserialize;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Reads a `/v1/health/service` body: the instances, and why entries were skipped.
-pub fn health_list(text: &str) -> Result<(Vec<Instance>, Vec<String>), serde_json::Error> {
+pub fn health_list(text: &str) -> Result<(Vec<Instance>, Rejected), serde_json::Error> {
     let a: Answer = serde_json::from_str(text)?;
     Ok((a.instances, a.rejected))
 }
@@ -134,7 +134,7 @@ impl<'de> Deserialize<'de> for Checks {
 /// The whole answer: instances built entry by entry, and the entries skipped.
 struct Answer {
     instances: Vec<Instance>,
-    rejected: Vec<String>,
+    rejected: Rejected,
 }
 
 impl<'de> Deserialize<'de> for Answer {
@@ -151,7 +151,7 @@ impl<'de> Deserialize<'de> for Answer {
             ) -> Result<Answer, A::Error> {
                 let mut out = Answer {
                     instances: Vec::with_capacity(seq.size_hint().unwrap_or(0)),
-                    rejected: Vec::new(),
+                    rejected: Rejected::default(),
                 };
                 while let Some(e) = seq.next_element::<Entry<'de>>()? {
                     match instance_of(e) {

@@ -43,6 +43,55 @@ pub struct Instance {
     pub registered_ms: u64,
 }
 
+/// Entries a registry answer had that were skipped: how many, and why for the first
+/// [`Rejected::KEPT`] (what the log shows). Keeping every reason made a 32 MiB answer
+/// of junk entries (`[0,0,…]`) cost over 150 bytes of heap per byte of answer: the
+/// count is what the metric needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rejected {
+    count: usize,
+    first: Vec<String>,
+}
+
+impl Rejected {
+    /// Reasons kept.
+    pub const KEPT: usize = 5;
+
+    pub fn push(&mut self, why: String) {
+        if self.first.len() < Self::KEPT {
+            self.first.push(why);
+        }
+        self.count += 1;
+    }
+
+    /// Entries skipped, all of them.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The reasons kept: of the first [`Rejected::KEPT`] entries skipped.
+    pub fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.first.iter()
+    }
+}
+
+impl std::ops::Index<usize> for Rejected {
+    type Output = String;
+    fn index(&self, i: usize) -> &String {
+        &self.first[i]
+    }
+}
+
+impl<const N: usize> PartialEq<[&str; N]> for Rejected {
+    fn eq(&self, other: &[&str; N]) -> bool {
+        self.count == N && self.first.iter().zip(other).all(|(a, b)| a == b)
+    }
+}
+
 /// Weights above this are clamped: it keeps the sum of 10,000 weights inside u32.
 pub const MAX_WEIGHT: u32 = 100_000;
 
@@ -181,6 +230,19 @@ mod tests {
         let a = socket_addr("10.0.0.1", 80).unwrap();
         assert_eq!(Instance::new(a, 0).weight, 1);
         assert_eq!(Instance::new(a, u32::MAX).weight, MAX_WEIGHT);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn rejected_counts_all_and_keeps_the_first_reasons() {
+        let mut r = Rejected::default();
+        assert!(r.is_empty());
+        for i in 0..1000 {
+            r.push(format!("entry #{i}"));
+        }
+        assert_eq!(r.len(), 1000);
+        assert_eq!(r.iter().count(), Rejected::KEPT);
+        assert_eq!(r[0], "entry #0");
+        assert_eq!(r.iter().last().unwrap(), "entry #4");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

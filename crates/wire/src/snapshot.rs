@@ -6,6 +6,10 @@
 //! over without a visible change: each source's change token, the source of each
 //! instance (its last good list survives the hand-over), and a stable `slot` per
 //! instance that names its shared in-flight gauge.
+//!
+//! Lengths and the metadata count are 2 bytes; 65,535 and more are written as
+//! `FF FF` and 4 bytes (only then: one encoding per snapshot), so whatever a registry
+//! sent comes back whole.
 
 use crate::instance::{Instance, State};
 use fnv::FnvHasher;
@@ -14,6 +18,9 @@ use std::hash::Hasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 const MAGIC: &[u8; 4] = b"RLB\x02";
+/// The fewest bytes an encoded entry takes: family, IPv4, port, weight, state,
+/// source, slot, registration time, empty zone, no metadata.
+const MIN_ENTRY_BYTES: usize = 1 + 4 + 2 + 4 + 1 + 1 + 4 + 8 + 2 + 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -162,8 +169,8 @@ impl Snapshot {
             b.extend_from_slice(&e.slot.to_le_bytes());
             b.extend_from_slice(&i.registered_ms.to_le_bytes());
             put_str(&mut b, &i.zone);
-            put_u16(&mut b, i.metadata.len().min(u16::MAX as usize) as u16);
-            for (k, v) in i.metadata.iter().take(u16::MAX as usize) {
+            put_len(&mut b, i.metadata.len());
+            for (k, v) in &i.metadata {
                 put_str(&mut b, k);
                 put_str(&mut b, v);
             }
@@ -190,14 +197,24 @@ impl Snapshot {
         let hash = r.u64()?;
         let published_ms = r.u64()?;
         let ntok = r.u16()? as usize;
-        let mut tokens = Vec::with_capacity(ntok);
-        let mut answered = Vec::with_capacity(ntok);
+        // Room is reserved for what the data can hold (a token takes 3 bytes at the
+        // least), not for what its count says: 30 bytes claiming 65,535 tokens made
+        // 1.6 MB of room (fuzz target `snapshot`).
+        let room = ntok.min(r.left() / 3);
+        let mut tokens = Vec::with_capacity(room);
+        let mut answered = Vec::with_capacity(room);
         for _ in 0..ntok {
             tokens.push(r.str()?);
-            answered.push(r.u8()? != 0);
+            // 0 or 1 only: any other byte read as `true` re-encoded as 1, so one
+            // snapshot had two encodings (fuzz target `snapshot`).
+            answered.push(match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError("bad answered flag")),
+            });
         }
         let n = r.u32()? as usize;
-        if n > bytes.len() / 12 {
+        if n > r.left() / MIN_ENTRY_BYTES {
             return Err(DecodeError("instance count larger than the data"));
         }
         let mut entries = Vec::with_capacity(n);
@@ -221,7 +238,7 @@ impl Snapshot {
             let slot = r.u32()?;
             let registered_ms = r.u64()?;
             let zone = r.str()?;
-            let nmeta = r.u16()? as usize;
+            let nmeta = r.len()?;
             let mut metadata = Vec::with_capacity(nmeta.min(64));
             for _ in 0..nmeta {
                 let k = r.str()?;
@@ -259,18 +276,20 @@ fn put_u16(b: &mut Vec<u8>, v: u16) {
     b.extend_from_slice(&v.to_le_bytes());
 }
 
-fn put_str(b: &mut Vec<u8>, s: &str) {
-    // Strings longer than 64 KiB are cut at a char boundary.
-    let s = if s.len() > u16::MAX as usize {
-        let mut end = u16::MAX as usize;
-        while !s.is_char_boundary(end) {
-            end -= 1;
+/// A length: 2 bytes below 65,535, else `FF FF` and 4 bytes.
+fn put_len(b: &mut Vec<u8>, n: usize) {
+    match u16::try_from(n) {
+        Ok(short) if short < u16::MAX => put_u16(b, short),
+        _ => {
+            put_u16(b, u16::MAX);
+            // Nothing in shared data is 4 GiB long; saturating keeps encode total.
+            b.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
         }
-        &s[..end]
-    } else {
-        s
-    };
-    put_u16(b, s.len() as u16);
+    }
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    put_len(b, s.len());
     b.extend_from_slice(s.as_bytes());
 }
 
@@ -280,6 +299,9 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.b.len().saturating_sub(self.at)
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.at.checked_add(n).ok_or(DecodeError("overflow"))?;
         let s = self.b.get(self.at..end).ok_or(DecodeError("truncated"))?;
@@ -302,23 +324,31 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
+    fn len(&mut self) -> Result<usize, DecodeError> {
+        match self.u16()? {
+            u16::MAX => match self.u32()? {
+                n if n < u32::from(u16::MAX) => Err(DecodeError("long form of a short length")),
+                n => Ok(n as usize),
+            },
+            n => Ok(n as usize),
+        }
+    }
     fn str(&mut self) -> Result<String, DecodeError> {
-        let n = self.u16()? as usize;
+        let n = self.len()?;
         let s = self.take(n)?;
         String::from_utf8(s.to_vec()).map_err(|_| DecodeError("string is not UTF-8"))
     }
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     use super::*;
-    use wasm_bindgen_test::wasm_bindgen_test;
 
-    fn inst(ip: &str, port: u16, w: u32) -> Instance {
+    pub fn inst(ip: &str, port: u16, w: u32) -> Instance {
         Instance::new(SocketAddr::new(ip.parse().unwrap(), port), w)
     }
 
-    fn sample() -> Snapshot {
+    pub fn sample() -> Snapshot {
         let mut a = inst("10.0.0.1", 80, 5);
         a.zone = "eu-1a".into();
         a.metadata = vec![
@@ -348,6 +378,14 @@ mod tests {
             ],
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    use super::tests_support::{inst, sample};
 
     #[wasm_bindgen_test(unsupported = test)]
     fn round_trips() {
@@ -384,6 +422,85 @@ mod tests {
             c[i] ^= 0xA5;
             let _ = Snapshot::decode(&c);
         }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn strings_and_metadata_over_64_kib_come_back_whole() {
+        // Found by the `consul` fuzz body's round-trip check: a 70,000-byte metadata
+        // value came back cut to 65,535 bytes.
+        let mut a = inst("10.0.0.1", 80, 1);
+        a.zone = "z".repeat(65_535);
+        a.metadata = vec![("k".into(), "x".repeat(70_000))];
+        let mut b = inst("10.0.0.2", 80, 1);
+        b.metadata = (0..70_000)
+            .map(|i| (format!("{i:06}"), String::new()))
+            .collect();
+        let s = Snapshot {
+            entries: vec![
+                Entry {
+                    instance: a,
+                    source: 0,
+                    slot: 0,
+                },
+                Entry {
+                    instance: b,
+                    source: 0,
+                    slot: 1,
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+        // Below 65,535 the short form is the only one: the long form of 5 is refused.
+        let mut bytes = Snapshot {
+            tokens: vec!["abcde".into()],
+            answered: vec![true],
+            ..Default::default()
+        }
+        .encode();
+        let at = 4 + 24 + 2;
+        bytes.splice(at..at + 2, [0xff, 0xff, 5, 0, 0, 0]);
+        assert_eq!(
+            Snapshot::decode(&bytes),
+            Err(DecodeError("long form of a short length"))
+        );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn an_answered_flag_other_than_0_or_1_is_refused() {
+        // fuzz/regressions/snapshot/answered-flag-6: 6 decoded as `true`, re-encoded as 1.
+        let s = Snapshot {
+            tokens: vec!["42".into()],
+            answered: vec![true],
+            ..Default::default()
+        };
+        let mut bytes = s.encode();
+        let at = 4 + 24 + 2 + 2 + 2;
+        assert_eq!(bytes[at], 1);
+        bytes[at] = 6;
+        assert_eq!(
+            Snapshot::decode(&bytes),
+            Err(DecodeError("bad answered flag"))
+        );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn counts_larger_than_the_data_are_refused_before_room_is_made() {
+        // fuzz/regressions/snapshot/ holds these; tests/fuzz_corpus.rs measures the heap.
+        let mut head = MAGIC.to_vec();
+        head.extend_from_slice(&[0; 24]);
+        let mut tokens = head.clone();
+        tokens.extend_from_slice(&[0xff, 0xff]);
+        assert_eq!(Snapshot::decode(&tokens), Err(DecodeError("truncated")));
+        // One entry fits in 29 bytes at the least: a count one over what is left.
+        let mut entries = head.clone();
+        entries.extend_from_slice(&[0, 0]);
+        entries.extend_from_slice(&2u32.to_le_bytes());
+        entries.extend_from_slice(&[0; 57]);
+        assert_eq!(
+            Snapshot::decode(&entries),
+            Err(DecodeError("instance count larger than the data"))
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -464,5 +581,62 @@ mod tests {
         let bytes = s.encode();
         assert!(bytes.len() < 1_000_000, "{}", bytes.len());
         assert_eq!(Snapshot::decode(&bytes).unwrap().entries.len(), 10_000);
+    }
+}
+
+#[cfg(test)]
+mod golden {
+    use super::tests_support::sample;
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    /// `sample().encode()` as of format `RLB\x02`, fixed here so a change of the encoder
+    /// is seen, not followed.
+    const GOLDEN: &str = "524c420207000000000000008f65e01a048fe44b7b68e5cf8b0100000200020034320100000002000000040a000001500005000000000003000000c025d6cf8b010000050065752d31610200070076657273696f6e020076320a007461673a63616e61727900000600000000000000000000000000000001901f01000000020100000000000000000000000000000000";
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// FNV-1a 64 of what every variant of the golden bytes decodes to: each prefix,
+    /// each single byte XOR 0xA5 and each single byte set to 0xFF, Debug-printed
+    /// (`Ok(snapshot)` or the error).
+    fn digest_of_decodes(golden: &[u8]) -> u64 {
+        let mut h = FnvHasher::default();
+        let mut feed = |b: &[u8]| h.write(format!("{:?}\n", Snapshot::decode(b)).as_bytes());
+        feed(golden);
+        for n in 0..golden.len() {
+            feed(&golden[..n]);
+        }
+        for i in 0..golden.len() {
+            for x in [0xA5u8, 0xFF] {
+                let mut c = golden.to_vec();
+                c[i] ^= x;
+                feed(&c);
+            }
+        }
+        h.finish()
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn native_and_wasm_decode_the_golden_bytes_alike() {
+        let golden = unhex(GOLDEN);
+        assert_eq!(hex(&sample().encode()), GOLDEN, "the encoder changed");
+        assert_eq!(Snapshot::decode(&golden).unwrap(), sample());
+        // The same constant is checked natively and under wasm32 (Node): any
+        // difference in how the two builds decode (or refuse) a byte shows here.
+        assert_eq!(
+            digest_of_decodes(&golden),
+            0x1c25_7fb5_5fdd_5831,
+            "{:#x}",
+            digest_of_decodes(&golden)
+        );
     }
 }
