@@ -149,7 +149,14 @@ fn registry_answer(
     let token = source.token();
     source.restore_token(&token);
     let _ = source.request(0);
-    match source.on_response(&resp, svc.max_response_bytes) {
+    let mut again = source.on_response(&resp, svc.max_response_bytes);
+    // etcd's change check: the whole range given to a check is a change (keys listed
+    // as modified), and the full read that follows at once must then agree.
+    if matches!(again, Ok(Step::Again("changed"))) {
+        let _ = source.request(0);
+        again = source.on_response(&resp, svc.max_response_bytes);
+    }
+    match again {
         Ok(Step::Unchanged) => Ok(()),
         Ok(Step::Instances { instances, .. }) if instances == first => Ok(()),
         other => Err(format!("the same answer read twice gave {other:?}")),
