@@ -196,11 +196,25 @@ impl ServicePoller {
         }
     }
 
-    /// Places this poller's calls on the grid `phase + k × refresh_interval` and,
-    /// with `start_jitter`, delays the first calls by a random time below it. `phase`
+    /// Places this poller's calls on the grid `phase + k × refresh_interval`; after
+    /// taking over from another leader, resumes one interval after its last
+    /// publication; with `start_jitter`, delays the first calls by a random time below it. `phase`
     /// is one random number per leader, shared by its services.
     pub fn set_phase(&mut self, phase: u64, now_ms: u64, rng: &mut impl Rng) {
         self.phase_ms = phase % self.refresh_ms.max(1);
+        // A leader taking over (another root's snapshot adopted: at start-up, a root
+        // that serves no requests takes the lease from a worker) goes on where the
+        // last one was: polled sources are called one interval after the last
+        // publication, not at once a second time.
+        if self.current.version > 0 {
+            let resume = self.current.published_ms.saturating_add(self.refresh_ms);
+            for sp in &mut self.sources {
+                let polled = matches!(&sp.source, Feed::Registry(s) if !s.is_blocking());
+                if polled && sp.answered && resume > now_ms {
+                    sp.next_due_ms = sp.next_due_ms.max(resume);
+                }
+            }
+        }
         if self.start_jitter_ms > 0 {
             for sp in &mut self.sources {
                 if matches!(sp.source, Feed::Registry(_)) && sp.next_due_ms <= now_ms {
@@ -647,6 +661,30 @@ mod tests {
         for t in &sent[1..] {
             assert_eq!(t % 1000, 400, "off its grid: {sent:?}");
         }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_leader_taking_over_resumes_an_interval_after_the_last_publication() {
+        // The first leader polls at 0 and publishes.
+        let mut first = poller(NON_BLOCKING);
+        let mut rng = SplitMix64(2);
+        first.set_phase(700, 0, &mut rng);
+        assert_eq!(call_times(&mut first, 0, 10, 10), vec![0]);
+        let snap = first.publication(5).expect("a first snapshot");
+        // Another root takes the lease 300 ms later and adopts it: no call before
+        // the last publication + 1 s, then one on its own grid.
+        let mut next = poller(NON_BLOCKING);
+        next.adopt(snap);
+        next.set_phase(100, 300, &mut rng);
+        let sent = call_times(&mut next, 300, 4000, 10);
+        assert_eq!(sent[0], 1010, "{sent:?}");
+        for w in sent.windows(2) {
+            assert!(w[1] - w[0] >= 1000, "{sent:?}");
+        }
+        // Nothing adopted (a first start): at once.
+        let mut fresh = poller(NON_BLOCKING);
+        fresh.set_phase(100, 300, &mut rng);
+        assert_eq!(call_times(&mut fresh, 300, 310, 10), vec![300]);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

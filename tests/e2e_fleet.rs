@@ -296,6 +296,7 @@ fn a_fleet_of_20_polls_each_registry_at_the_modeled_rate_and_a_restart_stays_wit
         "fleet: 20 Envoys restarted in {:.1} s",
         started.as_secs_f64()
     );
+    let mut over = Vec::new();
     for reg in REGISTRIES {
         let step = (INTERVAL.as_millis() / 100) as usize;
         let peak = samples
@@ -310,17 +311,19 @@ fn a_fleet_of_20_polls_each_registry_at_the_modeled_rate_and_a_restart_stays_wit
         if reg == "consul" {
             // Blocking queries: a restarted proxy reads once (index 0, answered at
             // once) and parks its next query; nothing else until a change or the wait.
-            assert!(
-                peak <= 2.0 * N as f64,
-                "consul: {peak} requests in one interval"
-            );
-        } else {
-            assert!(
-                peak <= 1.5 * per_interval,
+            if peak > 2.0 * N as f64 {
+                over.push(format!(
+                    "consul: {peak} requests in one interval (2 per proxy: {})",
+                    2 * N
+                ));
+            }
+        } else if peak > 1.5 * per_interval {
+            over.push(format!(
                 "{reg}: {peak} requests in one interval after the restart, steady {per_interval:.1}"
-            );
+            ));
         }
     }
+    assert!(over.is_empty(), "{over:?}");
     drop(fleet);
 }
 
