@@ -292,9 +292,13 @@ fn a_fleet_of_20_polls_each_registry_at_the_modeled_rate_and_a_restart_stays_wit
         published,
         "the restarted fleet did not publish every service"
     );
+    let mut gaps: Vec<Duration> = samples.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    gaps.sort();
     println!(
-        "fleet: 20 Envoys restarted in {:.1} s",
-        started.as_secs_f64()
+        "fleet: 20 Envoys restarted in {:.1} s; {} samples, median gap {} ms",
+        started.as_secs_f64(),
+        samples.len(),
+        gaps.get(gaps.len() / 2).map_or(0, |g| g.as_millis())
     );
     let mut over = Vec::new();
     for reg in REGISTRIES {
