@@ -82,16 +82,6 @@ fn cluster(name: &str, port: u16) -> String {
 }
 
 fn config(r: &Registries) -> support::EnvoyConfig {
-    let base = support::EnvoyConfig::from_file("envoy/consul.yaml");
-    let text = std::fs::read_to_string(support::repo_root().join("envoy/consul.yaml")).unwrap();
-    let start = text
-        .find("\"services\": [")
-        .expect("services in envoy/consul.yaml");
-    let end = text[start..]
-        .find("\n                      ]")
-        .expect("end of services")
-        + start;
-    let old = &text[start..end + "\n                      ]".len()];
     let clusters = [
         cluster("etcd", r.etcd.client_port),
         cluster("nacos", r.nacos.port),
@@ -99,9 +89,7 @@ fn config(r: &Registries) -> support::EnvoyConfig {
         cluster("kubernetes", r.k8s.port),
     ]
     .concat();
-    base.port(8500, r.consul.port)
-        .replace(old, &services())
-        .replace("admin:\n", &format!("{clusters}admin:\n"))
+    by_host_config(&services(), &clusters, r.consul.port)
 }
 
 fn start_registries(b: &Backend) -> Registries {
