@@ -6,9 +6,11 @@
 //!   sent, or at once for a Consul blocking query (which waits in Consul, not here).
 //!   The phase is drawn at random once per leader ([`ServicePoller::set_phase`]), so
 //!   a fleet that starts together spreads its polls over the interval from the second
-//!   call on, keeps its spread through registry outages (a source returns to its own
-//!   grid after backing off), and every service of one Envoy with the same interval is
-//!   due in the same tick, which lets identical calls be made once (Eureka's `/apps`).
+//!   call on (one to two intervals after the first), keeps its spread through registry
+//!   outages (after a retry, a source is back on its own grid at the first point at
+//!   least half an interval later), and every service of one Envoy with the same
+//!   interval is due in the same tick, which lets identical calls be made once
+//!   (Eureka's `/apps`).
 //!   `start_jitter` also delays the first call by a random time (0 = at once). A
 //!   blocking query that returns unchanged within a second is treated as
 //!   non-blocking, so a registry that ignores `index` is not hammered.
@@ -264,7 +266,11 @@ impl ServicePoller {
                 Feed::Registry(source) => {
                     let req = source.request(now_ms);
                     sp.in_flight = Some((now_ms, req.timeout_ms));
-                    sp.scheduled_ms = sp.next_due_ms;
+                    // A call that follows an intermediate step (a login, etcd's change
+                    // check) continues the same poll: its schedule is the poll's.
+                    if sp.again == 0 {
+                        sp.scheduled_ms = sp.next_due_ms;
+                    }
                     out.push((i, req));
                 }
                 Feed::Static(list) => {
@@ -319,9 +325,18 @@ impl ServicePoller {
         let sent = sp.in_flight.take().map(|(s, _)| s).unwrap_or(now_ms);
         // From when the call was due, not when a tick sent it: the grid does not slip
         // by the tick's lag (bounded, for a call long overdue, to half an interval).
+        // The first call: the grid point one to two intervals later (a fleet started
+        // together spreads out without calling twice in an interval). A call off the
+        // grid (a retry, a follow-up, a resumption): back on the grid at the first
+        // point at least half an interval later, so a change is not seen later than
+        // 1.5 intervals after a registry comes back.
+        let every = self.refresh_ms.max(1);
         let base = match sp.scheduled_ms {
             0 => sent,
-            due => due.max(sent.saturating_sub(self.refresh_ms / 2)),
+            due if due >= self.phase_ms && (due - self.phase_ms) % every == 0 => {
+                due.max(sent.saturating_sub(every / 2))
+            }
+            _ => sent.saturating_sub(every / 2),
         };
         let next_on_grid = grid_after(self.phase_ms, self.refresh_ms, base);
         match source.on_response(resp, self.max_response_bytes) {
@@ -383,6 +398,7 @@ impl ServicePoller {
     fn fail(&mut self, i: usize, now_ms: u64, rng: &mut impl Rng, e: RegistryError) -> Outcome {
         if let Some(sp) = self.sources.get_mut(i) {
             sp.in_flight = None;
+            sp.again = 0;
             sp.failures = sp.failures.saturating_add(1);
             sp.failed_once = true;
             sp.next_due_ms = now_ms
@@ -688,6 +704,45 @@ mod tests {
     }
 
     #[wasm_bindgen_test(unsupported = test)]
+    fn after_a_retry_the_next_call_is_at_most_one_and_a_half_intervals_later() {
+        let mut p = poller(NON_BLOCKING);
+        let mut rng = SplitMix64(8);
+        p.set_phase(400, 0, &mut rng);
+        assert_eq!(call_times(&mut p, 0, 1500, 10), vec![0, 1400]);
+        assert_eq!(p.due(2400).len(), 1);
+        p.dispatch_failed(0, 2400, &mut rng, "down".into());
+        let sent = call_times(&mut p, 2410, 9000, 10);
+        // The retry, then the grid point at least half an interval later.
+        let gap = sent[1] - sent[0];
+        assert!((500..=1500).contains(&gap), "{sent:?}");
+        assert_eq!(sent[1] % 1000, 400, "{sent:?}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_login_before_the_first_read_keeps_the_next_poll_an_interval_or_more_away() {
+        // Consul through an auth method: the first poll is a login, then the read.
+        let mut p = poller(
+            r#"{"consul":{"cluster":"c","blocking":false,"auth_method":"k8s","bearer_token":"jwt"}}"#,
+        );
+        let mut rng = SplitMix64(6);
+        p.set_phase(600, 100_000, &mut rng);
+        let login = p.due(100_000);
+        assert!(login[0].1.path.contains("/v1/acl/login"), "{login:?}");
+        let out = p.on_response(
+            0,
+            &crate::registry::test_util::resp(200, r#"{"SecretID":"s"}"#),
+            100_005,
+            &mut rng,
+        );
+        assert!(matches!(out, Outcome::Again(_)), "{out:?}");
+        let sent = call_times(&mut p, 100_010, 104_000, 10);
+        // The read at once, then the grid point one to two intervals after the poll
+        // began — not half an interval, as after a retry.
+        assert_eq!(sent[0], 100_010);
+        assert_eq!(sent[1], 101_600, "{sent:?}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
     fn start_jitter_delays_the_first_call_below_its_bound() {
         let c = PluginConfig::parse(
             br#"{"services":[{"name":"web","refresh_interval":"1s","start_jitter":"2s",
@@ -846,9 +901,9 @@ mod tests {
             &mut r,
         );
         // The call was due at 30,020 (off the grid of phase 0): the next grid point
-        // at least an interval later.
-        assert!(p.due(31_999).is_empty());
-        assert_eq!(p.due(32_000).len(), 1);
+        // at least half an interval after it was sent.
+        assert!(p.due(30_999).is_empty());
+        assert_eq!(p.due(31_000).len(), 1);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -110,7 +110,10 @@ fn nacos_discovers_follows_changes_and_renews_expiring_tokens() {
         assert!(list.0.contains(p), "{p} missing in {}", list.0);
     }
 
-    // An added instance gets traffic within one refresh interval (1 s) plus a tick.
+    // An added instance gets traffic within one refresh interval (1 s) plus a tick,
+    // once past the start-up window (the second call comes one to two intervals after
+    // the first: docs/fleet.md).
+    std::thread::sleep(Duration::from_millis(1000));
     nacos.set_service(
         "web",
         vec![
