@@ -299,9 +299,11 @@ impl RegisterConfig {
                     if !e.path_prefix.starts_with('/') || !printable(&e.path_prefix) || e.path_prefix.contains(' ') {
                         return field_err(&at, "eureka.path_prefix", "must start with '/' and contain no spaces");
                     }
-                    if e.username.is_some() != e.password.is_some() {
-                        return field_err(&at, "eureka.username", "username and password go together");
-                    }
+                    crate::registry::eureka::validate_basic_auth(
+                        &format!("{at}.eureka"),
+                        e.username.as_deref(),
+                        e.password.as_deref(),
+                    )?;
                 }
                 TargetConfig::Nacos(_) => {
                     return field_err(
@@ -440,12 +442,10 @@ impl Registrar {
                             .as_deref()
                             .unwrap_or(&cfg.service)
                             .to_ascii_uppercase(),
-                        authorization: match (&e.username, &e.password) {
-                            (Some(u), Some(p)) => {
-                                Some(format!("Basic {}", B64.encode(format!("{u}:{p}"))))
-                            }
-                            _ => None,
-                        },
+                        authorization: crate::registry::eureka::basic_authorization(
+                            e.username.as_deref(),
+                            e.password.as_deref(),
+                        ),
                     },
                     TargetConfig::Etcd(e) => {
                         let prefix = e
@@ -1098,6 +1098,22 @@ mod tests {
         assert!(
             err(r#"{ "etcd": { "cluster": "etcd", "username": "u" } }"#, "")
                 .is_some_and(|e| e.starts_with("register.targets[0].etcd.username:"))
+        );
+        // Eureka's basic auth is checked as the reader's is: a ':' cannot be in the user-id.
+        assert!(err(
+            r#"{ "eureka": { "cluster": "eureka", "username": "a:b", "password": "p" } }"#,
+            ""
+        )
+        .is_some_and(|e| e
+            .starts_with("register.targets[0].eureka.username: must be non-empty, without ':'")));
+        assert!(
+            err(
+                r#"{ "eureka": { "cluster": "eureka", "username": "u" } }"#,
+                ""
+            )
+            .is_some_and(|e| e.starts_with(
+                "register.targets[0].eureka.username: username and password go together"
+            ))
         );
         let ttl = r#"{ "service": "web", "address": "10.0.0.7", "port": 1, "ttl": "2500ms",
             "health_check": { "path": "/" }, "targets": [{ "etcd": { "cluster": "e" } }] }"#;

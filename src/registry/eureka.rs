@@ -139,22 +139,7 @@ impl EurekaConfig {
                 "must be a path starting with '/' (self.g. \"/eureka\")",
             );
         }
-        if self.username.is_some() != self.password.is_some() {
-            return field_err(at, "username", "username and password go together");
-        }
-        if let Some(u) = &self.username {
-            // RFC 7617: the user-id of Basic auth cannot contain ':'.
-            if u.is_empty() || u.contains(':') || !printable(u) {
-                return field_err(
-                    at,
-                    "username",
-                    "must be non-empty, without ':' or control characters",
-                );
-            }
-        }
-        if self.password.as_deref().is_some_and(|p| !printable(p)) {
-            return field_err(at, "password", "contains control characters");
-        }
+        validate_basic_auth(at, self.username.as_deref(), self.password.as_deref())?;
         if self.weight_key.is_empty() {
             return field_err(at, "weight_key", "must not be empty");
         }
@@ -176,12 +161,43 @@ pub struct Eureka {
     pub last_hash: u64,
 }
 
+/// Checks HTTP basic auth credentials (Eureka's readers and registrars): both or
+/// neither; the user-id non-empty, without ':' (RFC 7617) or control characters; the
+/// password without control characters. `at` names the object holding them.
+pub fn validate_basic_auth(
+    at: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<(), ConfigError> {
+    if username.is_some() != password.is_some() {
+        return field_err(at, "username", "username and password go together");
+    }
+    if let Some(u) = username {
+        if u.is_empty() || u.contains(':') || !printable(u) {
+            return field_err(
+                at,
+                "username",
+                "must be non-empty, without ':' or control characters",
+            );
+        }
+    }
+    if password.is_some_and(|p| !printable(p)) {
+        return field_err(at, "password", "contains control characters");
+    }
+    Ok(())
+}
+
+/// `Authorization: Basic …` for the credentials, if any.
+pub fn basic_authorization(username: Option<&str>, password: Option<&str>) -> Option<String> {
+    match (username, password) {
+        (Some(u), Some(p)) => Some(format!("Basic {}", B64.encode(format!("{u}:{p}")))),
+        _ => None,
+    }
+}
+
 impl Eureka {
     pub fn new(svc: ServiceRef, cfg: &EurekaConfig) -> Eureka {
-        let authorization = match (&cfg.username, &cfg.password) {
-            (Some(u), Some(p)) => Some(format!("Basic {}", B64.encode(format!("{u}:{p}")))),
-            _ => None,
-        };
+        let authorization = basic_authorization(cfg.username.as_deref(), cfg.password.as_deref());
         Eureka {
             app: cfg
                 .app
