@@ -223,6 +223,9 @@ fn one_registry_poll_per_interval_with_four_workers() {
         4,
     );
     lb::wait_version(&envoy, "web", 1);
+    // Past the start-up window (the second call comes one to two intervals after the
+    // first: docs/fleet.md), polls are one per interval.
+    std::thread::sleep(Duration::from_millis(500));
     let before = consul.requests();
     let window = Duration::from_secs(3);
     std::thread::sleep(window);
