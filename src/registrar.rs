@@ -30,7 +30,21 @@
 //! /apps/<APP>/<id>` (404: evicted → register again), `PUT .../status?value=DOWN|UP`
 //! to mark down and up (renewals go on while down), `DELETE` to leave.
 //!
-//! Left out: Nacos targets, Kubernetes (the kubelet owns endpoints:
+//! Nacos (Open API v1, or v2 with `api: v2`; the server's `InstanceController`
+//! and `InstanceControllerV2`): an ephemeral instance, `POST .../ns/instance`
+//! with the heartbeat timings in its metadata (`preserved.heart.beat.interval`,
+//! `preserved.heart.beat.timeout` = `ttl`, `preserved.ip.delete.timeout`), then
+//! light beats `PUT .../ns/instance/beat` (no `beat` body, service name
+//! `group@@service`), answered `{"code":10200}` — or `20404` when the server does
+//! not know the instance, and it is registered again at once. Marking down and up
+//! is an update, `PUT .../ns/instance` with `enabled=false|true` (readers see a
+//! disabled instance as draining); every registration is followed by that update,
+//! because Nacos 2 keeps metadata set by an update over a later registration's.
+//! `DELETE .../ns/instance` to leave. With credentials, the login and token
+//! handling of `registry::nacos` (`accessToken` in the query; a refused token
+//! that was accepted before → log in again at once).
+//!
+//! Left out: Kubernetes (the kubelet owns endpoints:
 //! there is no self-registration), Consul ACL auth-method logins (a fixed `token`
 //! only), several instances per Envoy.
 
@@ -93,8 +107,8 @@ pub enum TargetConfig {
     Consul(ConsulTarget),
     Etcd(EtcdTarget),
     Eureka(EurekaTarget),
+    Nacos(NacosTarget),
     /// Parsed only to be refused with a clear error.
-    Nacos(serde_json::Value),
     Kubernetes(serde_json::Value),
 }
 
@@ -155,6 +169,43 @@ pub struct EurekaTarget {
 
 fn default_eureka_prefix() -> String {
     "/eureka".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NacosTarget {
+    /// Envoy cluster that reaches the Nacos server's HTTP API (port 8848).
+    pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default = "default_nacos_group")]
+    pub group: String,
+    /// Namespace id (Nacos' default is `public`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The Nacos cluster of the instance (what readers see as its zone); defaults
+    /// to `zone`, else `DEFAULT`.
+    #[serde(default)]
+    pub cluster_name: Option<String>,
+    /// `v1` (`/nacos/v1/ns/instance`, Nacos 1.2+) or `v2` (`/nacos/v2/ns/instance`, 2.2+).
+    #[serde(default)]
+    pub api: crate::registry::nacos::NacosApi,
+    /// With `password`: log in at `/nacos/v1/auth/login` and send `accessToken`.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Nacos deletes the instance after no heartbeat for this long (its
+    /// `preserved.ip.delete.timeout`; Nacos' default 30 s). At least `ttl`.
+    #[serde(default = "default_nacos_delete_after")]
+    pub delete_after: Millis,
+}
+
+fn default_nacos_group() -> String {
+    "DEFAULT_GROUP".to_string()
+}
+fn default_nacos_delete_after() -> Millis {
+    Millis::from_secs(30)
 }
 
 impl RegisterConfig {
@@ -244,7 +295,7 @@ impl RegisterConfig {
             return field_err(
                 at,
                 "targets",
-                "name at least one registry (consul, etcd or eureka)",
+                "name at least one registry (consul, etcd, eureka or nacos)",
             );
         }
         for (i, t) in self.targets.iter().enumerate() {
@@ -305,12 +356,40 @@ impl RegisterConfig {
                         e.password.as_deref(),
                     )?;
                 }
-                TargetConfig::Nacos(_) => {
-                    return field_err(
-                        &at,
-                        "nacos",
-                        "registration is implemented for consul, etcd and eureka only (see docs/registration.md)",
-                    )
+                TargetConfig::Nacos(n) => {
+                    if n.cluster.is_empty() {
+                        return field_err(&at, "nacos.cluster", "must name an Envoy cluster");
+                    }
+                    let name_ok = |s: &str| {
+                        !s.is_empty()
+                            && s.len() <= 128
+                            && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+                    };
+                    if !name_ok(&n.group) {
+                        return field_err(&at, "nacos.group", "must be 1..128 letters, digits, '-', '_', '.', ':'");
+                    }
+                    if n.namespace.as_deref().is_some_and(|s| !name_ok(s)) {
+                        return field_err(&at, "nacos.namespace", "must be 1..128 letters, digits, '-', '_', '.', ':'");
+                    }
+                    if n.cluster_name.as_deref().is_some_and(|s| !name_ok(s)) {
+                        return field_err(&at, "nacos.cluster_name", "must be 1..128 letters, digits, '-', '_', '.', ':'");
+                    }
+                    if n.cluster_name.is_none() && self.zone.as_deref().is_some_and(|z| !name_ok(z)) {
+                        return field_err(&at, "nacos.cluster_name", "the zone is not a valid Nacos cluster name: set cluster_name");
+                    }
+                    if self.weight > 10_000 {
+                        return field_err(&at, "nacos", "Nacos takes weights up to 10000: lower `register.weight`");
+                    }
+                    if n.username.is_some() != n.password.is_some() {
+                        return field_err(&at, "nacos.username", "username and password go together");
+                    }
+                    if [&n.username, &n.password].iter().any(|v| v.as_deref().is_some_and(|v| !printable(v))) {
+                        return field_err(&at, "nacos.username", "credentials must be printable");
+                    }
+                    let d = n.delete_after.0;
+                    if d < self.ttl.0 || d % 1000 != 0 {
+                        return field_err(&at, "nacos.delete_after", "must be whole seconds, at least ttl");
+                    }
                 }
             }
         }
@@ -396,6 +475,18 @@ enum Kind {
         lease: Option<String>,
         token: Option<String>,
     },
+    Nacos {
+        cfg: NacosTarget,
+        /// The instance's Nacos cluster.
+        cluster_name: String,
+        token: Option<String>,
+        /// The token has been accepted once (a refusal then means "expired").
+        token_used: bool,
+        /// `enabled` was set by an update after the registration: Nacos 2 keeps
+        /// metadata set by updates and applies it over a new registration's, so a
+        /// registration is always followed by the update that states `enabled`.
+        confirmed: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -446,6 +537,17 @@ impl Registrar {
                             e.username.as_deref(),
                             e.password.as_deref(),
                         ),
+                    },
+                    TargetConfig::Nacos(n) => Kind::Nacos {
+                        cfg: n.clone(),
+                        cluster_name: n
+                            .cluster_name
+                            .clone()
+                            .or_else(|| cfg.zone.clone())
+                            .unwrap_or_else(|| "DEFAULT".to_string()),
+                        token: None,
+                        token_used: false,
+                        confirmed: false,
                     },
                     TargetConfig::Etcd(e) => {
                         let prefix = e
@@ -502,6 +604,7 @@ impl Registrar {
             Some(Kind::Consul(c)) => format!("consul via cluster `{}`", c.cluster),
             Some(Kind::Eureka { cfg, .. }) => format!("eureka via cluster `{}`", cfg.cluster),
             Some(Kind::Etcd { cfg, .. }) => format!("etcd via cluster `{}`", cfg.cluster),
+            Some(Kind::Nacos { cfg, .. }) => format!("nacos via cluster `{}`", cfg.cluster),
             None => format!("target {i}"),
         }
     }
@@ -687,6 +790,83 @@ impl Registrar {
                     _ => fail(t, "etcd keepalive"),
                 }
             }
+            Kind::Nacos {
+                cfg,
+                token,
+                token_used,
+                confirmed,
+                ..
+            } => {
+                if matches!(status, 401 | 403) && token.is_some() && op != Op::Login {
+                    // "token expired!" / "token invalid!": log in again at once, unless
+                    // the token was never accepted (then the user lacks the right).
+                    let was_used = std::mem::take(token_used);
+                    *token = None;
+                    if was_used {
+                        t.next_ms = now_ms;
+                        return Event::Step;
+                    }
+                    return fail(t, "nacos refused a token it just issued");
+                }
+                let v2 = cfg.api == crate::registry::nacos::NacosApi::V2;
+                match (op, status) {
+                    (Op::Login, 200) => match json_str(body, &["accessToken"]) {
+                        Some(tk) if !tk.is_empty() => {
+                            *token = Some(tk);
+                            *token_used = false;
+                            t.next_ms = now_ms;
+                            Event::Step
+                        }
+                        _ => fail(t, "nacos login without accessToken"),
+                    },
+                    (Op::Register(up), 200) if nacos_ok(body, v2) => {
+                        *token_used = true;
+                        *confirmed = false;
+                        t.shown = Some(up);
+                        // The update that states `enabled` follows at once.
+                        t.next_ms = now_ms;
+                        Event::Registered { up }
+                    }
+                    (Op::Check(up), 200) if nacos_ok(body, v2) => {
+                        *token_used = true;
+                        let first = !std::mem::replace(confirmed, true);
+                        let before = t.shown.replace(up);
+                        t.next_ms = now_ms + hb;
+                        if first && before == Some(up) {
+                            Event::Step
+                        } else {
+                            Event::Marked { down: !up }
+                        }
+                    }
+                    (Op::KeepAlive, 200) => match nacos_beat_code(body) {
+                        Some(10200) => {
+                            *token_used = true;
+                            t.next_ms = now_ms + hb;
+                            Event::Heartbeat
+                        }
+                        // NamingResponseCode.RESOURCE_NOT_FOUND: a light beat for an
+                        // instance the server does not know (expired, or a restart).
+                        Some(20404) => {
+                            *token_used = true;
+                            forget(t, now_ms, "nacos: instance not found (code 20404)".into())
+                        }
+                        _ => fail(t, "nacos beat"),
+                    },
+                    // An update of an instance the server no longer has.
+                    (Op::Check(_), 400 | 404 | 500)
+                        if {
+                            let b = String::from_utf8_lossy(body);
+                            b.contains("not exist") || b.contains("not found")
+                        } =>
+                    {
+                        forget(t, now_ms, format!("nacos: {}", excerpt(body)))
+                    }
+                    (Op::Login, _) => fail(t, "nacos login"),
+                    (Op::Register(_), _) => fail(t, "nacos register"),
+                    (Op::Check(_), _) => fail(t, "nacos update"),
+                    _ => fail(t, "nacos beat"),
+                }
+            }
             Kind::Eureka { .. } => match (op, status) {
                 (Op::Register(up), 200 | 204) => {
                     t.shown = Some(up);
@@ -746,7 +926,7 @@ impl Registrar {
             let t = &self.targets[i];
             let registered = match &t.kind {
                 Kind::Etcd { lease, .. } => lease.is_some(),
-                Kind::Consul(_) | Kind::Eureka { .. } => t.shown.is_some(),
+                Kind::Consul(_) | Kind::Eureka { .. } | Kind::Nacos { .. } => t.shown.is_some(),
             };
             if !registered {
                 continue;
@@ -900,6 +1080,99 @@ impl Registrar {
                     timeout_ms,
                 })
             }
+            Kind::Nacos {
+                cfg,
+                cluster_name,
+                token,
+                ..
+            } => {
+                let enc = crate::registry::encode_component;
+                let v = match cfg.api {
+                    crate::registry::nacos::NacosApi::V1 => "v1",
+                    crate::registry::nacos::NacosApi::V2 => "v2",
+                };
+                let headers = vec![
+                    (
+                        "content-type".to_string(),
+                        "application/x-www-form-urlencoded".to_string(),
+                    ),
+                    ("accept".to_string(), "application/json".to_string()),
+                ];
+                if op == Op::Login {
+                    let body = format!(
+                        "username={}&password={}",
+                        enc(cfg.username.as_deref().unwrap_or("")),
+                        enc(cfg.password.as_deref().unwrap_or(""))
+                    );
+                    return Some(HttpRequest {
+                        cluster: cfg.cluster.clone(),
+                        method: "POST",
+                        authority: cfg.authority.clone().unwrap_or_else(|| cfg.cluster.clone()),
+                        path: "/nacos/v1/auth/login".to_string(),
+                        headers,
+                        body: body.into_bytes(),
+                        timeout_ms,
+                    });
+                }
+                // Every parameter goes in the query string, as Nacos' own client
+                // sends them (servlet containers parse form bodies of POST only).
+                let mut q = Vec::new();
+                if let Some(ns) = &cfg.namespace {
+                    q.push(format!("namespaceId={}", enc(ns)));
+                }
+                let (method, path) = match op {
+                    Op::KeepAlive => {
+                        // The beat wants the grouped name (`group@@service`).
+                        q.push(format!(
+                            "serviceName={}",
+                            enc(&format!("{}@@{}", cfg.group, c.service))
+                        ));
+                        ("PUT", format!("/nacos/{v}/ns/instance/beat"))
+                    }
+                    Op::Register(_) | Op::Check(_) => {
+                        q.push(format!("serviceName={}", enc(&c.service)));
+                        q.push(format!("groupName={}", enc(&cfg.group)));
+                        let method = if matches!(op, Op::Register(_)) { "POST" } else { "PUT" };
+                        (method, format!("/nacos/{v}/ns/instance"))
+                    }
+                    Op::Leave => {
+                        q.push(format!("serviceName={}", enc(&c.service)));
+                        q.push(format!("groupName={}", enc(&cfg.group)));
+                        ("DELETE", format!("/nacos/{v}/ns/instance"))
+                    }
+                    _ => return None,
+                };
+                q.push(format!("ip={}", enc(&c.address)));
+                q.push(format!("port={}", c.port));
+                q.push(format!("clusterName={}", enc(cluster_name)));
+                q.push("ephemeral=true".to_string());
+                if let Op::Register(up) | Op::Check(up) = op {
+                    let mut meta: BTreeMap<String, String> = c.metadata.clone();
+                    // Nacos' heartbeat timings for this instance (milliseconds).
+                    meta.insert("preserved.heart.beat.interval".into(), self.hb_ms.to_string());
+                    meta.insert("preserved.heart.beat.timeout".into(), c.ttl.0.to_string());
+                    meta.insert("preserved.ip.delete.timeout".into(), cfg.delete_after.0.to_string());
+                    q.push(format!("weight={}", c.weight));
+                    q.push("healthy=true".to_string());
+                    q.push(format!("enabled={up}"));
+                    q.push(format!(
+                        "metadata={}",
+                        enc(&serde_json::to_string(&meta).unwrap_or_default())
+                    ));
+                }
+                if let Some(tk) = token {
+                    q.push(format!("accessToken={}", enc(tk)));
+                }
+                Some(HttpRequest {
+                    cluster: cfg.cluster.clone(),
+                    method,
+                    authority: cfg.authority.clone().unwrap_or_else(|| cfg.cluster.clone()),
+                    path: format!("{path}?{}", q.join("&")),
+                    headers,
+                    body: Vec::new(),
+                    timeout_ms,
+                })
+            }
             Kind::Etcd {
                 cfg,
                 key,
@@ -987,14 +1260,54 @@ fn next_op(t: &Target, up: bool) -> Op {
             Some(s) if s != up => Op::Check(up),
             Some(_) => Op::KeepAlive,
         },
+        Kind::Nacos {
+            cfg,
+            token,
+            confirmed,
+            ..
+        } => {
+            if cfg.username.is_some() && token.is_none() {
+                Op::Login
+            } else if t.shown.is_none() {
+                Op::Register(up)
+            } else if !*confirmed || t.shown != Some(up) {
+                Op::Check(up)
+            } else {
+                Op::KeepAlive
+            }
+        }
     }
+}
+
+/// A Nacos write answered `ok` (v1: the text `ok`; v2: `{"code":0,...}`).
+fn nacos_ok(body: &[u8], v2: bool) -> bool {
+    if v2 {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("code")?.as_i64())
+            == Some(0)
+    } else {
+        body.trim_ascii() == b"ok"
+    }
+}
+
+/// `code` of a Nacos beat answer (10200 OK, 20404 not found); also inside `data`
+/// should a server wrap it.
+fn nacos_beat_code(body: &[u8]) -> Option<i64> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("data")
+        .and_then(|d| d.get("code"))
+        .or_else(|| v.get("code"))?
+        .as_i64()
 }
 
 /// The registry forgot the instance: register again now.
 fn forget(t: &mut Target, now_ms: u64, why: String) -> Event {
     t.shown = None;
-    if let Kind::Etcd { lease, .. } = &mut t.kind {
-        *lease = None;
+    match &mut t.kind {
+        Kind::Etcd { lease, .. } => *lease = None,
+        Kind::Nacos { confirmed, .. } => *confirmed = false,
+        _ => {}
     }
     t.next_ms = now_ms;
     Event::Forgotten(why)
@@ -1088,9 +1401,21 @@ mod tests {
         assert_eq!(err(ETCD, ""), None);
         assert!(err(r#"{ "kubernetes": {} }"#, "").is_some_and(|e| e
             .starts_with("register.targets[0].kubernetes: Kubernetes has no self-registration")));
-        assert!(err(r#"{ "nacos": {} }"#, "").is_some_and(|e| e.starts_with(
-            "register.targets[0].nacos: registration is implemented for consul, etcd and eureka only"
-        )));
+        assert!(err(r#"{ "nacos": { "cluster": "nacos" } }"#, "").is_none());
+        assert!(err(r#"{ "nacos": { "cluster": "" } }"#, "")
+            .is_some_and(|e| e.starts_with("register.targets[0].nacos.cluster:")));
+        assert!(err(r#"{ "nacos": { "cluster": "n", "group": "a b" } }"#, "")
+            .is_some_and(|e| e.starts_with("register.targets[0].nacos.group:")));
+        assert!(err(r#"{ "nacos": { "cluster": "n", "username": "u" } }"#, "")
+            .is_some_and(|e| e.starts_with("register.targets[0].nacos.username:")));
+        assert!(err(r#"{ "nacos": { "cluster": "n", "delete_after": "2s" } }"#, "")
+            .is_some_and(|e| e.starts_with("register.targets[0].nacos.delete_after:")));
+        let mut heavy =
+            cfg(r#"{ "nacos": { "cluster": "n" } }"#, "").unwrap_or_else(|e| panic!("{e}"));
+        heavy.weight = 20_000;
+        assert!(heavy
+            .validate()
+            .is_err_and(|e| e.0.starts_with("register.targets[0].nacos: Nacos takes weights up to 10000")));
         assert!(err(ETCD, r#""id": "a/b","#).is_some_and(|e| e.starts_with("register.id:")));
         assert!(err(ETCD, r#""request_timeout": "4s","#)
             .is_some_and(|e| e.starts_with("register.request_timeout:")));
@@ -1525,5 +1850,179 @@ mod tests {
             ("DELETE", "/eureka/apps/WEB/web-a")
         );
         assert_eq!(r.on_leave_answer(0, 200, b""), Event::Deregistered);
+    }
+
+    /// The query parameters of a request's path, decoded.
+    fn query(req: &HttpRequest) -> std::collections::HashMap<String, String> {
+        let q = req.path.split_once('?').map_or("", |(_, q)| q);
+        url::form_urlencoded::parse(q.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn nacos_login_register_confirm_beat_mark_down_not_found_and_deregister() {
+        let t = r#"{ "nacos": { "cluster": "nacos", "namespace": "prod", "username": "u", "password": "p&q" } }"#;
+        let c = cfg(t, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let login = calls(&mut r, 0);
+        assert_eq!(
+            (login[0].method, login[0].path.as_str()),
+            ("POST", "/nacos/v1/auth/login")
+        );
+        assert_eq!(login[0].body, b"username=u&password=p%26q");
+        assert_eq!(
+            answer(&mut r, 0, ok(200, r#"{"accessToken":"tk1","tokenTtl":18000}"#), 5),
+            Event::Step
+        );
+        // Registered as an ephemeral instance, with the heartbeat timings in metadata.
+        let reg = calls(&mut r, 5);
+        assert_eq!(reg[0].method, "POST");
+        assert!(reg[0].path.starts_with("/nacos/v1/ns/instance?"), "{}", reg[0].path);
+        let q = query(&reg[0]);
+        let want = [
+            ("namespaceId", "prod"),
+            ("serviceName", "web"),
+            ("groupName", "DEFAULT_GROUP"),
+            ("ip", "10.0.0.7"),
+            ("port", "8080"),
+            ("clusterName", "z1"),
+            ("ephemeral", "true"),
+            ("weight", "3"),
+            ("enabled", "true"),
+            ("accessToken", "tk1"),
+        ];
+        for (k, v) in want {
+            assert_eq!(q.get(k).map(String::as_str), Some(v), "{k} in {q:?}");
+        }
+        let meta: serde_json::Value =
+            serde_json::from_str(&q["metadata"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            meta,
+            serde_json::json!({"version": "v2", "preserved.heart.beat.interval": "1000",
+                "preserved.heart.beat.timeout": "3000", "preserved.ip.delete.timeout": "30000"})
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(200, "ok"), 10),
+            Event::Registered { up: true }
+        );
+        // The update that states `enabled` follows at once (Nacos 2 keeps metadata
+        // set by an earlier update over a new registration's).
+        let confirm = calls(&mut r, 10);
+        assert_eq!(confirm[0].method, "PUT");
+        assert_eq!(query(&confirm[0]).get("enabled").map(String::as_str), Some("true"));
+        assert_eq!(answer(&mut r, 0, ok(200, "ok"), 12), Event::Step);
+        assert!(calls(&mut r, 500).is_empty(), "next beat one interval later");
+        // Light beats: the grouped service name, no `beat` body.
+        let beat = calls(&mut r, 1012);
+        assert_eq!(beat[0].method, "PUT");
+        assert!(beat[0].path.starts_with("/nacos/v1/ns/instance/beat?"));
+        let bq = query(&beat[0]);
+        assert_eq!(bq["serviceName"], "DEFAULT_GROUP@@web");
+        assert!(!bq.contains_key("beat") && !bq.contains_key("metadata"));
+        let beat_ok = r#"{"clientBeatInterval":5000,"code":10200,"lightBeatEnabled":true}"#;
+        assert_eq!(answer(&mut r, 0, ok(200, beat_ok), 1015), Event::Heartbeat);
+        // A beat answered with something else is a failure, retried.
+        calls(&mut r, 2015);
+        assert!(matches!(
+            answer(&mut r, 0, ok(200, "{}"), 2016),
+            Event::Failed(_)
+        ));
+        // The application fails: `enabled=false` by an update, not a deletion.
+        r.on_app_result(0, 2100);
+        assert_eq!(r.on_app_result(0, 2200), Some(AppChange::Down));
+        let down = r.due(2201);
+        let down = &down
+            .iter()
+            .find(|(w, _)| *w == Who::Target(0))
+            .unwrap_or_else(|| panic!("{down:?}"))
+            .1;
+        assert_eq!(down.method, "PUT");
+        assert_eq!(query(down).get("enabled").map(String::as_str), Some("false"));
+        assert_eq!(
+            answer(&mut r, 0, ok(200, "ok"), 2210),
+            Event::Marked { down: true }
+        );
+        // The token expires: one login, then the beat again at once.
+        let beat = r.due(3300);
+        assert!(beat.iter().any(|(w, _)| *w == Who::Target(0)), "{beat:?}");
+        assert_eq!(answer(&mut r, 0, ok(403, "token expired!"), 3301), Event::Step);
+        let relogin = calls(&mut r, 3301);
+        assert_eq!(relogin[0].path, "/nacos/v1/auth/login");
+        answer(&mut r, 0, ok(200, r#"{"accessToken":"tk2"}"#), 3302);
+        let beat = calls(&mut r, 3302);
+        assert_eq!(query(&beat[0]).get("accessToken").map(String::as_str), Some("tk2"));
+        // 20404: the server does not know the instance → registered again at once,
+        // as disabled, and confirmed.
+        let gone = r#"{"clientBeatInterval":5000,"code":20404,"lightBeatEnabled":true}"#;
+        assert!(matches!(
+            answer(&mut r, 0, ok(200, gone), 3303),
+            Event::Forgotten(_)
+        ));
+        let again = calls(&mut r, 3303);
+        assert_eq!(again[0].method, "POST");
+        assert_eq!(query(&again[0]).get("enabled").map(String::as_str), Some("false"));
+        assert_eq!(
+            answer(&mut r, 0, ok(200, "ok"), 3304),
+            Event::Registered { up: false }
+        );
+        let confirm = calls(&mut r, 3304);
+        assert_eq!((confirm[0].method, query(&confirm[0])["enabled"].as_str()), ("PUT", "false"));
+        answer(&mut r, 0, ok(200, "ok"), 3305);
+        let leave = r.leave();
+        assert_eq!(leave[0].1.method, "DELETE");
+        let lq = query(&leave[0].1);
+        assert_eq!(
+            (lq["serviceName"].as_str(), lq["ip"].as_str(), lq["port"].as_str(), lq["clusterName"].as_str()),
+            ("web", "10.0.0.7", "8080", "z1")
+        );
+        assert_eq!(r.on_leave_answer(0, 200, b"ok"), Event::Deregistered);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn nacos_v2_answers_and_a_refused_fresh_token_waits() {
+        let t = r#"{ "nacos": { "cluster": "nacos", "api": "v2", "cluster_name": "c1", "username": "u", "password": "p" } }"#;
+        let c = cfg(t, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        calls(&mut r, 0);
+        answer(&mut r, 0, ok(200, r#"{"accessToken":"tk"}"#), 1);
+        let reg = calls(&mut r, 1);
+        assert!(reg[0].path.starts_with("/nacos/v2/ns/instance?"));
+        assert_eq!(query(&reg[0])["clusterName"], "c1");
+        // A token refused before it was ever accepted: no login loop, a retry later.
+        assert!(matches!(
+            answer(&mut r, 0, ok(403, "authorization failed!"), 2),
+            Event::Failed(_)
+        ));
+        assert!(calls(&mut r, 3).is_empty());
+        let login = calls(&mut r, 1002);
+        assert_eq!(login[0].path, "/nacos/v1/auth/login");
+        answer(&mut r, 0, ok(200, r#"{"accessToken":"tk"}"#), 1003);
+        calls(&mut r, 1003);
+        // v2 writes answer `{code, message, data}`; "ok" alone is not v2's success.
+        assert!(matches!(answer(&mut r, 0, ok(200, "ok"), 1004), Event::Failed(_)));
+        calls(&mut r, 2004);
+        assert_eq!(
+            answer(&mut r, 0, ok(200, r#"{"code":0,"message":"success","data":"ok"}"#), 2005),
+            Event::Registered { up: true }
+        );
+        calls(&mut r, 2005);
+        answer(&mut r, 0, ok(200, r#"{"code":0,"message":"success","data":"ok"}"#), 2006);
+        let beat = calls(&mut r, 3006);
+        assert!(beat[0].path.starts_with("/nacos/v2/ns/instance/beat?"));
+        assert_eq!(
+            answer(&mut r, 0, ok(200, r#"{"clientBeatInterval":5000,"code":10200}"#), 3007),
+            Event::Heartbeat
+        );
+        // An update of an instance the server no longer has → registered again.
+        r.on_app_result(0, 3100);
+        r.on_app_result(0, 3200);
+        let down = calls(&mut r, 3201);
+        assert_eq!(down[0].method, "PUT");
+        assert!(matches!(
+            answer(&mut r, 0, ok(400, r#"{"code":20004,"message":"instance not exist"}"#), 3202),
+            Event::Forgotten(_)
+        ));
+        assert_eq!(calls(&mut r, 3202)[0].method, "POST");
     }
 }
