@@ -1132,7 +1132,11 @@ impl Registrar {
                     Op::Register(_) | Op::Check(_) => {
                         q.push(format!("serviceName={}", enc(&c.service)));
                         q.push(format!("groupName={}", enc(&cfg.group)));
-                        let method = if matches!(op, Op::Register(_)) { "POST" } else { "PUT" };
+                        let method = if matches!(op, Op::Register(_)) {
+                            "POST"
+                        } else {
+                            "PUT"
+                        };
                         (method, format!("/nacos/{v}/ns/instance"))
                     }
                     Op::Leave => {
@@ -1149,9 +1153,15 @@ impl Registrar {
                 if let Op::Register(up) | Op::Check(up) = op {
                     let mut meta: BTreeMap<String, String> = c.metadata.clone();
                     // Nacos' heartbeat timings for this instance (milliseconds).
-                    meta.insert("preserved.heart.beat.interval".into(), self.hb_ms.to_string());
+                    meta.insert(
+                        "preserved.heart.beat.interval".into(),
+                        self.hb_ms.to_string(),
+                    );
                     meta.insert("preserved.heart.beat.timeout".into(), c.ttl.0.to_string());
-                    meta.insert("preserved.ip.delete.timeout".into(), cfg.delete_after.0.to_string());
+                    meta.insert(
+                        "preserved.ip.delete.timeout".into(),
+                        cfg.delete_after.0.to_string(),
+                    );
                     q.push(format!("weight={}", c.weight));
                     q.push("healthy=true".to_string());
                     q.push(format!("enabled={up}"));
@@ -1404,18 +1414,25 @@ mod tests {
         assert!(err(r#"{ "nacos": { "cluster": "nacos" } }"#, "").is_none());
         assert!(err(r#"{ "nacos": { "cluster": "" } }"#, "")
             .is_some_and(|e| e.starts_with("register.targets[0].nacos.cluster:")));
-        assert!(err(r#"{ "nacos": { "cluster": "n", "group": "a b" } }"#, "")
-            .is_some_and(|e| e.starts_with("register.targets[0].nacos.group:")));
-        assert!(err(r#"{ "nacos": { "cluster": "n", "username": "u" } }"#, "")
-            .is_some_and(|e| e.starts_with("register.targets[0].nacos.username:")));
-        assert!(err(r#"{ "nacos": { "cluster": "n", "delete_after": "2s" } }"#, "")
-            .is_some_and(|e| e.starts_with("register.targets[0].nacos.delete_after:")));
+        assert!(
+            err(r#"{ "nacos": { "cluster": "n", "group": "a b" } }"#, "")
+                .is_some_and(|e| e.starts_with("register.targets[0].nacos.group:"))
+        );
+        assert!(
+            err(r#"{ "nacos": { "cluster": "n", "username": "u" } }"#, "")
+                .is_some_and(|e| e.starts_with("register.targets[0].nacos.username:"))
+        );
+        assert!(err(
+            r#"{ "nacos": { "cluster": "n", "delete_after": "2s" } }"#,
+            ""
+        )
+        .is_some_and(|e| e.starts_with("register.targets[0].nacos.delete_after:")));
         let mut heavy =
             cfg(r#"{ "nacos": { "cluster": "n" } }"#, "").unwrap_or_else(|e| panic!("{e}"));
         heavy.weight = 20_000;
-        assert!(heavy
-            .validate()
-            .is_err_and(|e| e.0.starts_with("register.targets[0].nacos: Nacos takes weights up to 10000")));
+        assert!(heavy.validate().is_err_and(|e| e
+            .0
+            .starts_with("register.targets[0].nacos: Nacos takes weights up to 10000")));
         assert!(err(ETCD, r#""id": "a/b","#).is_some_and(|e| e.starts_with("register.id:")));
         assert!(err(ETCD, r#""request_timeout": "4s","#)
             .is_some_and(|e| e.starts_with("register.request_timeout:")));
@@ -1872,13 +1889,22 @@ mod tests {
         );
         assert_eq!(login[0].body, b"username=u&password=p%26q");
         assert_eq!(
-            answer(&mut r, 0, ok(200, r#"{"accessToken":"tk1","tokenTtl":18000}"#), 5),
+            answer(
+                &mut r,
+                0,
+                ok(200, r#"{"accessToken":"tk1","tokenTtl":18000}"#),
+                5
+            ),
             Event::Step
         );
         // Registered as an ephemeral instance, with the heartbeat timings in metadata.
         let reg = calls(&mut r, 5);
         assert_eq!(reg[0].method, "POST");
-        assert!(reg[0].path.starts_with("/nacos/v1/ns/instance?"), "{}", reg[0].path);
+        assert!(
+            reg[0].path.starts_with("/nacos/v1/ns/instance?"),
+            "{}",
+            reg[0].path
+        );
         let q = query(&reg[0]);
         let want = [
             ("namespaceId", "prod"),
@@ -1910,9 +1936,15 @@ mod tests {
         // set by an earlier update over a new registration's).
         let confirm = calls(&mut r, 10);
         assert_eq!(confirm[0].method, "PUT");
-        assert_eq!(query(&confirm[0]).get("enabled").map(String::as_str), Some("true"));
+        assert_eq!(
+            query(&confirm[0]).get("enabled").map(String::as_str),
+            Some("true")
+        );
         assert_eq!(answer(&mut r, 0, ok(200, "ok"), 12), Event::Step);
-        assert!(calls(&mut r, 500).is_empty(), "next beat one interval later");
+        assert!(
+            calls(&mut r, 500).is_empty(),
+            "next beat one interval later"
+        );
         // Light beats: the grouped service name, no `beat` body.
         let beat = calls(&mut r, 1012);
         assert_eq!(beat[0].method, "PUT");
@@ -1938,7 +1970,10 @@ mod tests {
             .unwrap_or_else(|| panic!("{down:?}"))
             .1;
         assert_eq!(down.method, "PUT");
-        assert_eq!(query(down).get("enabled").map(String::as_str), Some("false"));
+        assert_eq!(
+            query(down).get("enabled").map(String::as_str),
+            Some("false")
+        );
         assert_eq!(
             answer(&mut r, 0, ok(200, "ok"), 2210),
             Event::Marked { down: true }
@@ -1946,12 +1981,18 @@ mod tests {
         // The token expires: one login, then the beat again at once.
         let beat = r.due(3300);
         assert!(beat.iter().any(|(w, _)| *w == Who::Target(0)), "{beat:?}");
-        assert_eq!(answer(&mut r, 0, ok(403, "token expired!"), 3301), Event::Step);
+        assert_eq!(
+            answer(&mut r, 0, ok(403, "token expired!"), 3301),
+            Event::Step
+        );
         let relogin = calls(&mut r, 3301);
         assert_eq!(relogin[0].path, "/nacos/v1/auth/login");
         answer(&mut r, 0, ok(200, r#"{"accessToken":"tk2"}"#), 3302);
         let beat = calls(&mut r, 3302);
-        assert_eq!(query(&beat[0]).get("accessToken").map(String::as_str), Some("tk2"));
+        assert_eq!(
+            query(&beat[0]).get("accessToken").map(String::as_str),
+            Some("tk2")
+        );
         // 20404: the server does not know the instance → registered again at once,
         // as disabled, and confirmed.
         let gone = r#"{"clientBeatInterval":5000,"code":20404,"lightBeatEnabled":true}"#;
@@ -1961,19 +2002,30 @@ mod tests {
         ));
         let again = calls(&mut r, 3303);
         assert_eq!(again[0].method, "POST");
-        assert_eq!(query(&again[0]).get("enabled").map(String::as_str), Some("false"));
+        assert_eq!(
+            query(&again[0]).get("enabled").map(String::as_str),
+            Some("false")
+        );
         assert_eq!(
             answer(&mut r, 0, ok(200, "ok"), 3304),
             Event::Registered { up: false }
         );
         let confirm = calls(&mut r, 3304);
-        assert_eq!((confirm[0].method, query(&confirm[0])["enabled"].as_str()), ("PUT", "false"));
+        assert_eq!(
+            (confirm[0].method, query(&confirm[0])["enabled"].as_str()),
+            ("PUT", "false")
+        );
         answer(&mut r, 0, ok(200, "ok"), 3305);
         let leave = r.leave();
         assert_eq!(leave[0].1.method, "DELETE");
         let lq = query(&leave[0].1);
         assert_eq!(
-            (lq["serviceName"].as_str(), lq["ip"].as_str(), lq["port"].as_str(), lq["clusterName"].as_str()),
+            (
+                lq["serviceName"].as_str(),
+                lq["ip"].as_str(),
+                lq["port"].as_str(),
+                lq["clusterName"].as_str()
+            ),
             ("web", "10.0.0.7", "8080", "z1")
         );
         assert_eq!(r.on_leave_answer(0, 200, b"ok"), Event::Deregistered);
@@ -2000,18 +2052,36 @@ mod tests {
         answer(&mut r, 0, ok(200, r#"{"accessToken":"tk"}"#), 1003);
         calls(&mut r, 1003);
         // v2 writes answer `{code, message, data}`; "ok" alone is not v2's success.
-        assert!(matches!(answer(&mut r, 0, ok(200, "ok"), 1004), Event::Failed(_)));
+        assert!(matches!(
+            answer(&mut r, 0, ok(200, "ok"), 1004),
+            Event::Failed(_)
+        ));
         calls(&mut r, 2004);
         assert_eq!(
-            answer(&mut r, 0, ok(200, r#"{"code":0,"message":"success","data":"ok"}"#), 2005),
+            answer(
+                &mut r,
+                0,
+                ok(200, r#"{"code":0,"message":"success","data":"ok"}"#),
+                2005
+            ),
             Event::Registered { up: true }
         );
         calls(&mut r, 2005);
-        answer(&mut r, 0, ok(200, r#"{"code":0,"message":"success","data":"ok"}"#), 2006);
+        answer(
+            &mut r,
+            0,
+            ok(200, r#"{"code":0,"message":"success","data":"ok"}"#),
+            2006,
+        );
         let beat = calls(&mut r, 3006);
         assert!(beat[0].path.starts_with("/nacos/v2/ns/instance/beat?"));
         assert_eq!(
-            answer(&mut r, 0, ok(200, r#"{"clientBeatInterval":5000,"code":10200}"#), 3007),
+            answer(
+                &mut r,
+                0,
+                ok(200, r#"{"clientBeatInterval":5000,"code":10200}"#),
+                3007
+            ),
             Event::Heartbeat
         );
         // An update of an instance the server no longer has → registered again.
@@ -2020,7 +2090,12 @@ mod tests {
         let down = calls(&mut r, 3201);
         assert_eq!(down[0].method, "PUT");
         assert!(matches!(
-            answer(&mut r, 0, ok(400, r#"{"code":20004,"message":"instance not exist"}"#), 3202),
+            answer(
+                &mut r,
+                0,
+                ok(400, r#"{"code":20004,"message":"instance not exist"}"#),
+                3202
+            ),
             Event::Forgotten(_)
         ));
         assert_eq!(calls(&mut r, 3202)[0].method, "POST");

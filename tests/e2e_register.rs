@@ -14,6 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 use support::{
     lb, wait_until, Backend, ConsulInstance, Envoy, Etcd, EurekaInstance, FakeConsul, FakeEureka,
+    FakeNacos, NacosInstance,
 };
 
 /// Registration TTL and the readers' refresh interval (B's `refresh_interval`).
@@ -822,5 +823,251 @@ fn eureka_registration_follows_the_app_the_server_and_a_graceful_leave() {
     assert!(
         view <= TTL + REFRESH + Duration::from_millis(500),
         "{view:?}"
+    );
+}
+
+/// Nacos: with the reader's and the registrar's login (auth on).
+const NACOS_AUTH: (&str, &str) = (
+    "\"api\": \"v1\" }",
+    "\"api\": \"v1\", \"username\": \"reg\", \"password\": \"pw\" }",
+);
+
+fn start_a_nacos(nacos: &FakeNacos, app: &Backend) -> Envoy {
+    let reg = register_block(
+        app,
+        r#"{ "nacos": { "cluster": "nacos", "username": "reg", "password": "pw", "delete_after": "6s" } }"#,
+    );
+    let cluster = app_cluster(app);
+    lb::start(
+        "envoy/nacos.yaml",
+        &[(8848, nacos.port)],
+        &[
+            ("\"services\": [", &reg),
+            ("  clusters:\n", &cluster),
+            NACOS_AUTH,
+        ],
+        2,
+    )
+}
+
+/// The stand-in's view of `app`'s registration: (enabled, healthy), if registered.
+fn nacos_status(nacos: &FakeNacos, app: &Backend) -> Option<(bool, bool)> {
+    nacos
+        .registered("web")
+        .into_iter()
+        .find(|(ip, port, _, _)| ip == "127.0.0.1" && *port == app.port)
+        .map(|(_, _, enabled, healthy)| (enabled, healthy))
+}
+
+#[test]
+fn nacos_registration_follows_the_app_the_server_and_a_graceful_leave() {
+    let nacos = FakeNacos::start();
+    nacos.set_auth("reg", "pw", Duration::from_secs(3600));
+    let other = Backend::start("other");
+    let mut app = Backend::start("app");
+    nacos.set_service("web", vec![NacosInstance::new("127.0.0.1", other.port)]);
+    let a = start_a_nacos(&nacos, &app);
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            nacos_status(&nacos, &app) == Some((true, true))
+        }),
+        "A never registered the app; A's log:\n{}",
+        support::tail(&a.log(), 30)
+    );
+    println!(
+        "nacos: registered {} ms after A started",
+        t0.elapsed().as_millis()
+    );
+    // B: a refresh every second, no outlier detection.
+    let b = lb::start(
+        "envoy/nacos.yaml",
+        &[(8848, nacos.port)],
+        &[
+            NACOS_AUTH,
+            (
+                "\"refresh_interval\": \"1s\",",
+                "\"refresh_interval\": \"1s\", \"outlier_detection\": { \"consecutive_5xx\": 0 },",
+            ),
+        ],
+        2,
+    );
+    lb::wait_version(&b, "web", 1);
+    let c = lb::tally(&b, 40);
+    assert_eq!(
+        (c.get("app"), c.get("other")),
+        (Some(&20), Some(&20)),
+        "{c:?}"
+    );
+    // Beats keep the 3 s heartbeat timeout from running out.
+    let beats = nacos.beats();
+    thread::sleep(TTL + REFRESH);
+    assert_eq!(nacos_status(&nacos, &app), Some((true, true)));
+    assert!(
+        nacos.beats() - beats >= 3,
+        "{} beats in 4 s",
+        nacos.beats() - beats
+    );
+    assert!(a.stat(&lb::stat("register_heartbeat_ok")).unwrap_or(0) >= 3);
+
+    // The app dies: disabled (B sees it draining) within TTL + one refresh.
+    assert_eq!(b.stat(&lb::stat("web.instances_healthy")), Some(2));
+    let killed = Instant::now();
+    app.stop();
+    assert!(
+        lb::wait_stat(&b, &lb::stat("web.instances_healthy"), TTL + REFRESH, |v| v
+            == 1),
+        "B's registry view still had the dead app healthy after TTL + one refresh"
+    );
+    println!(
+        "nacos: app killed -> down in B's registry view after {} ms (bound: TTL {} ms + refresh {} ms)",
+        killed.elapsed().as_millis(),
+        TTL.as_millis(),
+        REFRESH.as_millis()
+    );
+    assert_eq!(
+        nacos_status(&nacos, &app),
+        Some((false, true)),
+        "marked down (disabled), not deleted, and still beating"
+    );
+
+    // It comes back: enabled, B routes to it again.
+    let port = app.port;
+    drop(app);
+    let app = Backend::start_on("app", port);
+    assert!(lb::wait_stat(
+        &b,
+        &lb::stat("web.instances_healthy"),
+        Duration::from_secs(5),
+        |v| v == 2
+    ));
+    assert!(wait_until(
+        Duration::from_secs(3),
+        Duration::from_millis(50),
+        || {
+            let c = lb::tally(&b, 20);
+            c.get("app").is_some_and(|n| *n >= 5) && c.contains_key("other")
+        }
+    ));
+
+    // The server restarts without its ephemeral instances: the next beat gets
+    // 20404 and A registers again at once.
+    let restarted = Instant::now();
+    nacos.restart();
+    assert_eq!(nacos_status(&nacos, &app), None);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            nacos_status(&nacos, &app) == Some((true, true))
+        }),
+        "A did not register again; A's log:\n{}",
+        support::tail(&a.log(), 30)
+    );
+    println!(
+        "nacos: server restarted -> registered again after {} ms (heartbeat interval 1 s)",
+        restarted.elapsed().as_millis()
+    );
+    assert!(a.stat(&lb::stat("register_forgotten")).unwrap_or(0) >= 1);
+    assert!(lb::wait_stat(
+        &b,
+        &lb::stat("web.instances_healthy"),
+        Duration::from_secs(5),
+        |v| v == 2
+    ));
+
+    // The documented leave: mark down, wait two refreshes, stop Envoy A, stop the app.
+    let load = Load::start(&b, Duration::from_secs(60));
+    thread::sleep(Duration::from_millis(300));
+    app.set_health_status(503);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        || nacos_status(&nacos, &app).is_some_and(|(enabled, _)| !enabled)
+    ));
+    let marked_ms = load.now_ms();
+    thread::sleep(REFRESH * 2);
+    let mut a = a;
+    a.terminate(Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(500));
+    let left = nacos_status(&nacos, &app);
+    // The last beat was under a second before (timeout 3 s): gone now means the
+    // DELETE sent from on_done arrived.
+    println!(
+        "nacos: Envoy A stopped: {}",
+        if left.is_none() {
+            "deregistered (the DELETE arrived)"
+        } else {
+            "the DELETE did not arrive; the instance stays disabled until its heartbeat timeout"
+        }
+    );
+    assert!(left.map_or(true, |(enabled, _)| !enabled), "{left:?}");
+    let mut app = app;
+    app.stop();
+    thread::sleep(REFRESH * 2);
+    let last_app = load.last_app_ms.load(Ordering::SeqCst);
+    let (n, failed) = load.finish();
+    println!(
+        "nacos: graceful leave: {n} requests at B, {failed} failed; B's last request to the app {} ms after it was marked down",
+        last_app.saturating_sub(marked_ms)
+    );
+    assert_eq!(failed, 0, "the documented leave order loses no request");
+    assert!(
+        last_app <= marked_ms + (REFRESH * 2).as_millis() as u64,
+        "B sent to the app {} ms after it was marked down (two refreshes: {} ms)",
+        last_app.saturating_sub(marked_ms),
+        (REFRESH * 2).as_millis()
+    );
+
+    // A crashes: no beats; the instance turns unhealthy after the 3 s heartbeat
+    // timeout, and is deleted after `delete_after` (6 s).
+    let app2 = Backend::start("app2");
+    let a2 = start_a_nacos(&nacos, &app2);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || nacos_status(&nacos, &app2) == Some((true, true))
+    ));
+    assert!(lb::wait_stat(
+        &b,
+        &lb::stat("web.instances_healthy"),
+        Duration::from_secs(3),
+        |v| v == 2
+    ));
+    let pid = a2.pid().expect("A2 runs");
+    let killed = Instant::now();
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    assert!(st.is_ok_and(|s| s.success()));
+    assert!(
+        lb::wait_stat(
+            &b,
+            &lb::stat("web.instances_healthy"),
+            TTL + Duration::from_secs(2),
+            |v| v == 1
+        ),
+        "B still routes to the crashed sidecar's app"
+    );
+    let view = killed.elapsed();
+    println!(
+        "nacos: Envoy A killed -> unhealthy in B's view after {} ms (bound: TTL + refresh = {} ms)",
+        view.as_millis(),
+        (TTL + REFRESH).as_millis()
+    );
+    assert!(
+        view <= TTL + REFRESH + Duration::from_millis(500),
+        "{view:?}"
+    );
+    assert!(
+        lb::wait_stat(
+            &b,
+            &lb::stat("web.instances_known"),
+            Duration::from_secs(6),
+            |v| v == 1
+        ),
+        "the crashed sidecar's app was not deleted after delete_after"
+    );
+    println!(
+        "nacos: ... and deleted from B's view after {} ms (delete_after 6 s)",
+        killed.elapsed().as_millis()
     );
 }

@@ -6,6 +6,18 @@
 //! `token expired!`, `token invalid!`) otherwise. The protect threshold behaves as in
 //! Nacos' `ServiceUtil`: when the healthy share is at or below it, every instance is
 //! reported healthy and `reachProtectionThreshold` is true.
+//!
+//! Registration, as Nacos' `InstanceController` (v1) and `InstanceControllerV2`:
+//! `POST /nacos/{v1,v2}/ns/instance` registers (or replaces) an ephemeral
+//! instance, `PUT` updates it (`enabled`; remembered per instance and applied over
+//! a later registration, as Nacos 2 keeps metadata set by an update), `DELETE`
+//! removes it, `PUT .../instance/beat` (light beat; the service name must be
+//! `group@@service`) answers `{"clientBeatInterval","code":10200|20404,...}`. v1
+//! writes answer `ok`, v2 ones `{"code":0,"message":"success","data":"ok"}`. A
+//! registered instance turns unhealthy after `preserved.heart.beat.timeout` ms
+//! without a beat (default 15000) and is deleted after `preserved.ip.delete.timeout`
+//! (default 30000). Nacos checks these every 5 s; the stand-in checks them at
+//! every request, so its timings are the timeouts without the 5 s check period.
 
 use super::http::{HttpServer, Request, RequestRecord, Response};
 use serde_json::{json, Map, Value};
@@ -26,6 +38,16 @@ pub struct NacosInstance {
     pub enabled: bool,
     pub cluster: String,
     pub metadata: Vec<(String, String)>,
+    /// Registered through the API: kept by heartbeats.
+    pub beat: Option<Beat>,
+}
+
+/// Heartbeat state of a registered ephemeral instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Beat {
+    pub last: Instant,
+    pub timeout: Duration,
+    pub delete: Duration,
 }
 
 impl NacosInstance {
@@ -39,6 +61,7 @@ impl NacosInstance {
             enabled: true,
             cluster: "DEFAULT".to_string(),
             metadata: Vec::new(),
+            beat: None,
         }
     }
     pub fn weight(mut self, w: f64) -> Self {
@@ -82,6 +105,9 @@ struct State {
     expired_token_uses: u64,
     log: Vec<RequestRecord>,
     error: Option<(u16, String)>,
+    /// `enabled` set by updates: (namespace, group, service, ip, port, cluster).
+    updates: HashMap<(String, String, String, String, u16, String), bool>,
+    beats: u64,
 }
 
 struct Inner {
@@ -132,10 +158,185 @@ fn host_json(svc_key: &str, i: &NacosInstance, healthy: bool) -> Value {
     })
 }
 
+/// Nacos' answer to a request without a valid token, if auth is on.
+fn refuse(st: &mut State, token: Option<String>) -> Option<Response> {
+    st.credentials.as_ref()?;
+    let Some(token) = token else {
+        return Some(Response::text(403, "user not found!"));
+    };
+    match st.tokens.get(&token) {
+        None => Some(Response::text(403, "token invalid!")),
+        Some(exp) if *exp <= Instant::now() => {
+            st.expired_token_uses += 1;
+            Some(Response::text(403, "token expired!"))
+        }
+        Some(_) => None,
+    }
+}
+
+/// Unhealthy after the beat timeout, deleted after the delete timeout.
+fn expire(st: &mut State) {
+    let now = Instant::now();
+    for svc in st.services.values_mut() {
+        svc.instances.retain(|i| {
+            i.beat
+                .as_ref()
+                .map_or(true, |b| now.duration_since(b.last) <= b.delete)
+        });
+        for i in &mut svc.instances {
+            if let Some(b) = &i.beat {
+                if now.duration_since(b.last) > b.timeout {
+                    i.healthy = false;
+                }
+            }
+        }
+    }
+}
+
+fn ok_answer(v2: bool) -> Response {
+    if v2 {
+        Response::json(200, r#"{"code":0,"message":"success","data":"ok"}"#)
+    } else {
+        Response::text(200, "ok")
+    }
+}
+
+/// Register, update, deregister and beat (`op`: the path after `/ns/instance`).
+fn handle_write(st: &mut State, req: &Request, v2: bool, op: &str) -> Response {
+    let params = req.query_params();
+    let param = |k: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n == k)
+            .and_then(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(r) = refuse(st, param("accessToken")) {
+        return r;
+    }
+    let Some(name) = param("serviceName") else {
+        return Response::text(400, "Param 'serviceName' is required.");
+    };
+    let (group, service) =
+        match name.split_once("@@") {
+            Some((g, s)) => (g.to_string(), s.to_string()),
+            None if op == "/beat" => return Response::text(
+                400,
+                "Param 'serviceName' is illegal, it should be format as 'groupName@@serviceName'",
+            ),
+            None => (
+                param("groupName").unwrap_or_else(|| "DEFAULT_GROUP".into()),
+                name,
+            ),
+        };
+    let ns = param("namespaceId").unwrap_or_else(|| "public".into());
+    let cluster = param("clusterName").unwrap_or_else(|| "DEFAULT".into());
+    let (Some(ip), Some(port)) = (
+        param("ip"),
+        param("port").and_then(|p| p.parse::<u16>().ok()),
+    ) else {
+        return Response::text(400, "Param 'ip' and 'port' are required.");
+    };
+    let key = (ns.clone(), group.clone(), service.clone());
+    let same = |i: &NacosInstance| i.ip == ip && i.port == port && i.cluster == cluster;
+    let ukey = (ns, group, service, ip.clone(), port, cluster.clone());
+    match (req.method.as_str(), op) {
+        ("POST", "") => {
+            let meta: Vec<(String, String)> = param("metadata")
+                .and_then(|m| serde_json::from_str::<HashMap<String, String>>(&m).ok())
+                .map(|m| m.into_iter().collect())
+                .unwrap_or_default();
+            let ms = |k: &str, d: u64| {
+                meta.iter()
+                    .find(|(n, _)| n == k)
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+                    .map_or(Duration::from_millis(d), Duration::from_millis)
+            };
+            let ephemeral = param("ephemeral").map_or(true, |e| e != "false");
+            let enabled = st
+                .updates
+                .get(&ukey)
+                .copied()
+                .unwrap_or_else(|| param("enabled").map_or(true, |e| e != "false"));
+            let inst = NacosInstance {
+                ip: ip.clone(),
+                port,
+                weight: param("weight").and_then(|w| w.parse().ok()).unwrap_or(1.0),
+                healthy: param("healthy").map_or(true, |h| h != "false"),
+                enabled,
+                cluster: cluster.clone(),
+                beat: ephemeral.then(|| Beat {
+                    last: Instant::now(),
+                    timeout: ms("preserved.heart.beat.timeout", 15_000),
+                    delete: ms("preserved.ip.delete.timeout", 30_000),
+                }),
+                metadata: meta,
+            };
+            let svc = st.services.entry(key).or_default();
+            svc.instances.retain(|i| !same(i));
+            svc.instances.push(inst);
+            ok_answer(v2)
+        }
+        ("PUT", "") => {
+            let Some(svc) = st.services.get_mut(&key) else {
+                return Response::text(
+                    400,
+                    &format!("caused: service not found, service: {}@@{};", key.1, key.2),
+                );
+            };
+            let enabled = param("enabled").map_or(true, |e| e != "false");
+            for i in svc.instances.iter_mut().filter(|i| same(i)) {
+                i.enabled = enabled;
+            }
+            st.updates.insert(ukey, enabled);
+            ok_answer(v2)
+        }
+        ("DELETE", "") => {
+            if let Some(svc) = st.services.get_mut(&key) {
+                svc.instances.retain(|i| !same(i));
+            }
+            ok_answer(v2)
+        }
+        ("PUT", "/beat") => {
+            st.beats += 1;
+            let found = st.services.get_mut(&key).and_then(|svc| {
+                svc.instances
+                    .iter_mut()
+                    .find(|i| same(i) && i.beat.is_some())
+            });
+            let code = match found {
+                Some(i) => {
+                    if let Some(b) = &mut i.beat {
+                        b.last = Instant::now();
+                    }
+                    i.healthy = true;
+                    10200
+                }
+                None => 20404,
+            };
+            Response::json(
+                200,
+                &json!({"clientBeatInterval": 5000, "code": code, "lightBeatEnabled": true})
+                    .to_string(),
+            )
+        }
+        _ => Response::text(405, "Method Not Allowed"),
+    }
+}
+
 fn handle(inner: &Inner, req: &Request) -> Option<Response> {
     let mut st = inner.lock();
     if st.log.len() < LOG_CAP {
         st.log.push((req.target.clone(), req.headers.clone()));
+    }
+    expire(&mut st);
+    for v in ["v1", "v2"] {
+        let base = format!("/nacos/{v}/ns/instance");
+        if let Some(op) = req.path.strip_prefix(&base) {
+            if op.is_empty() || op == "/beat" {
+                return Some(handle_write(&mut st, req, v == "v2", op));
+            }
+        }
     }
     match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/nacos/v1/auth/login") => {
@@ -175,20 +376,10 @@ fn handle(inner: &Inner, req: &Request) -> Option<Response> {
                     .find(|(n, _)| n == k)
                     .and_then(|(_, v)| v.clone())
             };
-            if st.credentials.is_some() {
-                let token =
-                    param("accessToken").or_else(|| req.header("accessToken").map(str::to_string));
-                let Some(token) = token else {
-                    return Some(Response::text(403, "user not found!"));
-                };
-                match st.tokens.get(&token) {
-                    None => return Some(Response::text(403, "token invalid!")),
-                    Some(exp) if *exp <= Instant::now() => {
-                        st.expired_token_uses += 1;
-                        return Some(Response::text(403, "token expired!"));
-                    }
-                    Some(_) => {}
-                }
+            let token =
+                param("accessToken").or_else(|| req.header("accessToken").map(str::to_string));
+            if let Some(r) = refuse(&mut st, token) {
+                return Some(r);
             }
             if let Some((code, body)) = &st.error {
                 return Some(Response::text(*code, body));
@@ -351,6 +542,42 @@ impl FakeNacos {
     /// Every request as (path?query, headers), oldest first.
     pub fn request_log(&self) -> Vec<RequestRecord> {
         self.inner.lock().log.clone()
+    }
+
+    /// Instances registered through the API in `service` (public, DEFAULT_GROUP):
+    /// (ip, port, enabled, healthy), after applying the heartbeat timeouts.
+    pub fn registered(&self, service: &str) -> Vec<(String, u16, bool, bool)> {
+        let mut st = self.inner.lock();
+        expire(&mut st);
+        st.services
+            .get(&(
+                "public".to_string(),
+                "DEFAULT_GROUP".to_string(),
+                service.to_string(),
+            ))
+            .map(|s| {
+                s.instances
+                    .iter()
+                    .filter(|i| i.beat.is_some())
+                    .map(|i| (i.ip.clone(), i.port, i.enabled, i.healthy))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Heartbeats received.
+    pub fn beats(&self) -> u64 {
+        self.inner.lock().beats
+    }
+
+    /// A restart: ephemeral instances and remembered updates are gone (tokens,
+    /// signed with the server's key, stay valid).
+    pub fn restart(&self) {
+        let mut st = self.inner.lock();
+        for svc in st.services.values_mut() {
+            svc.instances.retain(|i| i.beat.is_none());
+        }
+        st.updates.clear();
     }
 
     pub fn stop(&mut self) {
