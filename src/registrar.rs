@@ -44,9 +44,12 @@
 //! handling of `registry::nacos` (`accessToken` in the query; a refused token
 //! that was accepted before → log in again at once).
 //!
-//! Left out: Kubernetes (the kubelet owns endpoints:
-//! there is no self-registration), Consul ACL auth-method logins (a fixed `token`
-//! only), several instances per Envoy.
+//! Consul credentials are the reader's: a fixed ACL `token`, or an auth-method
+//! login (`POST /v1/acl/login`; a login token refused after it was accepted → log
+//! in again at once).
+//!
+//! Left out: Kubernetes (the kubelet owns endpoints: there is no
+//! self-registration), several instances per Envoy.
 
 use crate::config::HealthCheckConfig;
 use crate::duration::Millis;
@@ -122,6 +125,12 @@ pub struct ConsulTarget {
     /// ACL token (`X-Consul-Token`) with `service:write` on the service.
     #[serde(default)]
     pub token: Option<String>,
+    /// Log in through a Consul ACL auth method (`POST /v1/acl/login`) with this
+    /// bearer token instead of a fixed `token`, as the reader does.
+    #[serde(default)]
+    pub auth_method: Option<String>,
+    #[serde(default)]
+    pub bearer_token: Option<String>,
     /// Consul removes the service after its check has been critical this long.
     #[serde(default = "default_deregister_after")]
     pub deregister_critical_service_after: Millis,
@@ -308,6 +317,12 @@ impl RegisterConfig {
                     if c.token.as_deref().is_some_and(|t| !printable(t)) {
                         return field_err(&at, "consul.token", "must be printable");
                     }
+                    if c.auth_method.is_some() != c.bearer_token.is_some() {
+                        return field_err(&at, "consul.auth_method", "auth_method and bearer_token go together");
+                    }
+                    if c.auth_method.is_some() && c.token.is_some() {
+                        return field_err(&at, "consul.token", "use either token or auth_method, not both");
+                    }
                     let d = c.deregister_critical_service_after.0;
                     if d < 60_000 || d % 1000 != 0 {
                         return field_err(
@@ -461,7 +476,13 @@ enum Op {
 
 #[derive(Debug)]
 enum Kind {
-    Consul(ConsulTarget),
+    Consul {
+        cfg: ConsulTarget,
+        /// Token from an auth-method login.
+        login: Option<String>,
+        /// The login token has been accepted once (a refusal then means "expired").
+        login_used: bool,
+    },
     Eureka {
         cfg: EurekaTarget,
         /// The application name, uppercased.
@@ -525,7 +546,11 @@ impl Registrar {
             .iter()
             .filter_map(|t| {
                 let kind = match t {
-                    TargetConfig::Consul(c) => Kind::Consul(c.clone()),
+                    TargetConfig::Consul(c) => Kind::Consul {
+                        cfg: c.clone(),
+                        login: None,
+                        login_used: false,
+                    },
                     TargetConfig::Eureka(e) => Kind::Eureka {
                         cfg: e.clone(),
                         app: e
@@ -601,7 +626,7 @@ impl Registrar {
     /// `(kind, cluster)` of target `i`, for logs.
     pub fn target_name(&self, i: usize) -> String {
         match self.targets.get(i).map(|t| &t.kind) {
-            Some(Kind::Consul(c)) => format!("consul via cluster `{}`", c.cluster),
+            Some(Kind::Consul { cfg, .. }) => format!("consul via cluster `{}`", cfg.cluster),
             Some(Kind::Eureka { cfg, .. }) => format!("eureka via cluster `{}`", cfg.cluster),
             Some(Kind::Etcd { cfg, .. }) => format!("etcd via cluster `{}`", cfg.cluster),
             Some(Kind::Nacos { cfg, .. }) => format!("nacos via cluster `{}`", cfg.cluster),
@@ -891,32 +916,85 @@ impl Registrar {
                 (Op::Check(_), _) => fail(t, "eureka status"),
                 _ => fail(t, "eureka renew"),
             },
-            Kind::Consul(_) => match (op, status) {
-                (Op::Register(up), 200) => {
-                    t.shown = Some(up);
-                    t.next_ms = now_ms + hb;
-                    Event::Registered { up }
-                }
-                (Op::Check(up), 200) => {
-                    let before = t.shown.replace(up);
-                    t.next_ms = now_ms + hb;
-                    if before == Some(up) {
-                        Event::Heartbeat
-                    } else {
-                        Event::Marked { down: !up }
+            Kind::Consul {
+                login, login_used, ..
+            } => {
+                if status == 403 && login.is_some() && op != Op::Login {
+                    // "ACL not found": the login token expired or was revoked. Log in
+                    // again at once, unless it was never accepted (it lacks the right).
+                    let was_used = std::mem::take(login_used);
+                    *login = None;
+                    if was_used {
+                        t.next_ms = now_ms;
+                        return Event::Step;
                     }
+                    return fail(t, "consul refused a token it just issued");
                 }
-                (Op::Check(_), 404 | 500)
-                    if String::from_utf8_lossy(body).contains("Unknown check") =>
-                {
-                    forget(t, now_ms, format!("consul: {}", excerpt(body)))
+                if status == 200 && op != Op::Login {
+                    *login_used = true;
                 }
-                (Op::Register(_), _) => fail(t, "consul register"),
-                _ => fail(t, "consul check update"),
-            },
+                consul_answer(t, op, status, body, now_ms, hb, fail)
+            }
         }
     }
+}
 
+/// Consul's answer to `op` (auth handled by the caller).
+fn consul_answer(
+    t: &mut Target,
+    op: Op,
+    status: u16,
+    body: &[u8],
+    now_ms: u64,
+    hb: u64,
+    fail: impl Fn(&mut Target, &str) -> Event,
+) -> Event {
+    match (op, status) {
+        (Op::Login, 200) => {
+            #[derive(Deserialize)]
+            struct Login {
+                #[serde(rename = "SecretID")]
+                secret_id: String,
+            }
+            match serde_json::from_slice::<Login>(body) {
+                Ok(l) if !l.secret_id.is_empty() => {
+                    if let Kind::Consul {
+                        login, login_used, ..
+                    } = &mut t.kind
+                    {
+                        *login = Some(l.secret_id);
+                        *login_used = false;
+                    }
+                    t.next_ms = now_ms;
+                    Event::Step
+                }
+                _ => fail(t, "consul ACL login without SecretID"),
+            }
+        }
+        (Op::Login, _) => fail(t, "consul ACL login"),
+        (Op::Register(up), 200) => {
+            t.shown = Some(up);
+            t.next_ms = now_ms + hb;
+            Event::Registered { up }
+        }
+        (Op::Check(up), 200) => {
+            let before = t.shown.replace(up);
+            t.next_ms = now_ms + hb;
+            if before == Some(up) {
+                Event::Heartbeat
+            } else {
+                Event::Marked { down: !up }
+            }
+        }
+        (Op::Check(_), 404 | 500) if String::from_utf8_lossy(body).contains("Unknown check") => {
+            forget(t, now_ms, format!("consul: {}", excerpt(body)))
+        }
+        (Op::Register(_), _) => fail(t, "consul register"),
+        _ => fail(t, "consul check update"),
+    }
+}
+
+impl Registrar {
     /// Deregistration calls for every target that shows the instance; no further
     /// calls after this. Best effort: the TTL removes what these miss.
     pub fn leave(&mut self) -> Vec<(usize, HttpRequest)> {
@@ -926,7 +1004,7 @@ impl Registrar {
             let t = &self.targets[i];
             let registered = match &t.kind {
                 Kind::Etcd { lease, .. } => lease.is_some(),
-                Kind::Consul(_) | Kind::Eureka { .. } | Kind::Nacos { .. } => t.shown.is_some(),
+                Kind::Consul { .. } | Kind::Eureka { .. } | Kind::Nacos { .. } => t.shown.is_some(),
             };
             if !registered {
                 continue;
@@ -965,10 +1043,25 @@ impl Registrar {
         let c = &self.cfg;
         let timeout_ms = c.request_timeout.0;
         match &t.kind {
-            Kind::Consul(k) => {
+            Kind::Consul { cfg: k, login, .. } => {
                 let mut headers =
                     vec![("content-type".to_string(), "application/json".to_string())];
-                if let Some(tok) = &k.token {
+                if op == Op::Login {
+                    let body = serde_json::json!({
+                        "AuthMethod": k.auth_method.clone().unwrap_or_default(),
+                        "BearerToken": k.bearer_token.clone().unwrap_or_default(),
+                    });
+                    return Some(HttpRequest {
+                        cluster: k.cluster.clone(),
+                        method: "POST",
+                        authority: k.authority.clone().unwrap_or_else(|| k.cluster.clone()),
+                        path: "/v1/acl/login".to_string(),
+                        headers,
+                        body: body.to_string().into_bytes(),
+                        timeout_ms,
+                    });
+                }
+                if let Some(tok) = login.as_ref().or(k.token.as_ref()) {
                     headers.push(("x-consul-token".to_string(), tok.clone()));
                 }
                 let check = format!("service:{}", self.id);
@@ -1261,7 +1354,8 @@ fn next_op(t: &Target, up: bool) -> Op {
                 Op::KeepAlive
             }
         }
-        Kind::Consul(_) => match t.shown {
+        Kind::Consul { cfg, login, .. } => match t.shown {
+            _ if cfg.auth_method.is_some() && login.is_none() => Op::Login,
             None => Op::Register(up),
             Some(_) => Op::Check(up),
         },
@@ -2099,5 +2193,76 @@ mod tests {
             Event::Forgotten(_)
         ));
         assert_eq!(calls(&mut r, 3202)[0].method, "POST");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn consul_auth_method_login_and_again_when_the_token_expires() {
+        let t = r#"{ "consul": { "cluster": "consul", "auth_method": "kubernetes", "bearer_token": "jwt" } }"#;
+        let c = cfg(t, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        let login = calls(&mut r, 0);
+        assert_eq!(
+            (login[0].method, login[0].path.as_str()),
+            ("POST", "/v1/acl/login")
+        );
+        assert_eq!(
+            json(&login[0]),
+            serde_json::json!({"AuthMethod": "kubernetes", "BearerToken": "jwt"})
+        );
+        assert_eq!(
+            answer(
+                &mut r,
+                0,
+                ok(200, r#"{"SecretID":"s1","AccessorID":"a"}"#),
+                1
+            ),
+            Event::Step
+        );
+        let reg = calls(&mut r, 1);
+        assert_eq!(reg[0].path, "/v1/agent/service/register");
+        assert!(reg[0]
+            .headers
+            .contains(&("x-consul-token".into(), "s1".into())));
+        assert_eq!(
+            answer(&mut r, 0, ok(200, ""), 2),
+            Event::Registered { up: true }
+        );
+        // The token expires: Consul answers 403 "ACL not found"; log in at once.
+        let pass = calls(&mut r, 1002);
+        assert_eq!(
+            pass[0].path,
+            "/v1/agent/check/pass/service:web-10-0-0-7-8080"
+        );
+        assert_eq!(
+            answer(&mut r, 0, ok(403, "ACL not found"), 1003),
+            Event::Step
+        );
+        let again = calls(&mut r, 1003);
+        assert_eq!(again[0].path, "/v1/acl/login");
+        answer(&mut r, 0, ok(200, r#"{"SecretID":"s2"}"#), 1004);
+        let pass = calls(&mut r, 1004);
+        assert!(pass[0]
+            .headers
+            .contains(&("x-consul-token".into(), "s2".into())));
+        // A token refused before it was ever accepted: a failure and a retry later,
+        // not a login loop.
+        assert!(matches!(
+            answer(&mut r, 0, ok(403, "Permission denied"), 1005),
+            Event::Failed(_)
+        ));
+        assert!(calls(&mut r, 1006).is_empty());
+        assert_eq!(calls(&mut r, 2005)[0].path, "/v1/acl/login");
+        // A refused login is a failure.
+        assert!(matches!(
+            answer(&mut r, 0, ok(403, "Permission denied"), 2006),
+            Event::Failed(_)
+        ));
+        let err = |t: &str| cfg(t, "").err().map(|e| e.0);
+        assert!(
+            err(r#"{ "consul": { "cluster": "c", "auth_method": "k" } }"#)
+                .is_some_and(|e| e.starts_with("register.targets[0].consul.auth_method:"))
+        );
+        assert!(err(r#"{ "consul": { "cluster": "c", "token": "t", "auth_method": "k", "bearer_token": "j" } }"#)
+            .is_some_and(|e| e.starts_with("register.targets[0].consul.token:")));
     }
 }

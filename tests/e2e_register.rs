@@ -379,6 +379,57 @@ fn start_a_consul(consul: &FakeConsul, app: &Backend) -> Envoy {
     )
 }
 
+#[test]
+fn consul_registration_logs_in_through_an_auth_method_and_again_when_its_token_expires() {
+    let consul = FakeConsul::start();
+    // Login tokens live 2 s: with a 1 s heartbeat, every other one meets an
+    // expired token.
+    consul.set_auth_method("kubernetes", "sa-jwt", Duration::from_secs(2));
+    let app = Backend::start("app");
+    let reg = register_block(
+        &app,
+        r#"{ "consul": { "cluster": "consul", "auth_method": "kubernetes", "bearer_token": "sa-jwt" } }"#,
+    );
+    let cluster = app_cluster(&app);
+    let auth = r#""service": "web", "wait": "1s", "auth_method": "kubernetes", "bearer_token": "sa-jwt""#;
+    let a = lb::start(
+        "envoy/consul.yaml",
+        &[(8500, consul.port)],
+        &[
+            ("\"services\": [", &reg),
+            ("  clusters:\n", &cluster),
+            (r#""service": "web", "wait": "30s""#, auth),
+        ],
+        2,
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            consul_status(&consul, &app).as_deref() == Some("passing")
+        }),
+        "A never registered the app; A's log:\n{}",
+        support::tail(&a.log(), 30)
+    );
+    let beats = a.stat(&lb::stat("register_heartbeat_ok")).unwrap_or(0);
+    let logins = consul.logins();
+    thread::sleep(Duration::from_secs(5));
+    // Still passing (the TTL is 3 s: a heartbeat lost to an expired token for good
+    // would have let it lapse), with new logins and heartbeats all along.
+    assert_eq!(consul_status(&consul, &app).as_deref(), Some("passing"));
+    let beats = a.stat(&lb::stat("register_heartbeat_ok")).unwrap_or(0) - beats;
+    assert!(beats >= 4, "{beats} heartbeats in 5 s");
+    assert!(
+        consul.logins() - logins >= 2,
+        "{} logins in 5 s with 2 s tokens",
+        consul.logins() - logins
+    );
+    assert_eq!(
+        a.stat(&lb::stat("register_failed")).unwrap_or(0),
+        0,
+        "an expired token is not a failed call; A's log:\n{}",
+        support::tail(&a.log(), 30)
+    );
+}
+
 fn app_id(app: &Backend) -> String {
     format!("web-127-0-0-1-{}", app.port)
 }
