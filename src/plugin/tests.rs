@@ -1034,8 +1034,15 @@ impl crate::envoy::Envoy for Reads {
     fn set_filter_state(&self, args: &[u8]) -> Result<(), HostError> {
         self.fake.set_filter_state(args)
     }
-    fn local_reply(&self, status: u32, details: &str, body: &str) {
-        self.fake.local_reply(status, details, body)
+    fn local_reply_as(&self, status: u32, details: &str, body: &str, content_type: &str) {
+        self.fake
+            .local_reply_as(status, details, body, content_type)
+    }
+    fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> Result<(), HostError> {
+        self.fake.set_response_header(name, value)
+    }
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError> {
+        self.fake.set_property(path, value)
     }
     fn continue_request(&self) {
         self.fake.continue_request()
