@@ -79,6 +79,8 @@ pub struct InstanceView {
     pub zone: String,
     /// In the routable set now (healthy, not ejected; or panic mode).
     pub routable: bool,
+    /// Registration time from the registry, Unix ms; 0 = unknown.
+    pub registered_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -774,6 +776,7 @@ impl Table {
                 effective_weight: c.ep.weight,
                 zone: c.zone.clone(),
                 routable: self.slot_index.contains_key(&c.ep.slot),
+                registered_ms: c.registered_ms,
             })
             .collect()
     }

@@ -1042,7 +1042,7 @@ impl crate::envoy::Envoy for Reads {
         self.fake.set_response_header(name, value)
     }
     fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError> {
-        self.fake.set_property(path, value)
+        crate::envoy::Envoy::set_property(&self.fake, path, value)
     }
     fn continue_request(&self) {
         self.fake.continue_request()
