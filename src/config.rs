@@ -68,6 +68,12 @@ pub struct StatusConfig {
     /// Client addresses (CIDR) answered; others get 403. Loopback by default.
     #[serde(default = "crate::cidr::loopback")]
     pub allowed_sources: Vec<String>,
+    /// Envoy takes the client address from `x-forwarded-for` unless the connection
+    /// manager has `use_remote_address: true`, so by default a request carrying that
+    /// header is refused whatever its address; `true` accepts it (set
+    /// `use_remote_address: true`, or a trusted front proxy that rewrites the header).
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
     /// `allowed_sources`, parsed.
     #[serde(skip)]
     pub ranges: Vec<crate::cidr::Cidr>,
@@ -86,6 +92,12 @@ pub struct ExplainConfig {
     /// Client addresses (CIDR) whose ask is honored. Loopback by default.
     #[serde(default = "crate::cidr::loopback")]
     pub allowed_sources: Vec<String>,
+    /// Envoy takes the client address from `x-forwarded-for` unless the connection
+    /// manager has `use_remote_address: true`, so by default a request carrying that
+    /// header is refused whatever its address; `true` accepts it (set
+    /// `use_remote_address: true`, or a trusted front proxy that rewrites the header).
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
     /// `allowed_sources`, parsed.
     #[serde(skip)]
     pub ranges: Vec<crate::cidr::Cidr>,

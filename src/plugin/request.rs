@@ -655,8 +655,7 @@ impl<H: Envoy> Plugin<H> {
             return false;
         }
         let _ = self.host.set_request_header(&x.request_header, None);
-        let source = self.host.property(&["source", "address"]);
-        if crate::cidr::allowed(&x.ranges, source.as_deref()) {
+        if self.source_allowed(&x.ranges, x.trust_forwarded_for) {
             self.stats.inc_global(&self.host, GlobalStat::ExplainServed);
             true
         } else {

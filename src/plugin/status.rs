@@ -37,8 +37,7 @@ impl<H: Envoy> Plugin<H> {
         if p != st.path.as_bytes() {
             return false;
         }
-        let source = self.host.property(&["source", "address"]);
-        if !crate::cidr::allowed(&st.ranges, source.as_deref()) {
+        if !self.source_allowed(&st.ranges, st.trust_forwarded_for) {
             self.stats
                 .inc_global(&self.host, GlobalStat::StatusForbidden);
             self.host.local_reply(
@@ -70,6 +69,21 @@ impl<H: Envoy> Plugin<H> {
                 .local_reply_as(200, "registry_lb_status", &body, "application/json");
         }
         true
+    }
+
+    /// Whether the client is inside `ranges`: Envoy's downstream address
+    /// (`source.address`), and — unless `trust_forwarded_for` — no `x-forwarded-for`
+    /// header, from which Envoy would have taken that address.
+    pub(super) fn source_allowed(
+        &self,
+        ranges: &[crate::cidr::Cidr],
+        trust_forwarded_for: bool,
+    ) -> bool {
+        if !trust_forwarded_for && self.host.request_header("x-forwarded-for").is_some() {
+            return false;
+        }
+        let source = self.host.property(&["source", "address"]);
+        crate::cidr::allowed(ranges, source.as_deref())
     }
 
     /// The whole view as JSON.
