@@ -790,6 +790,27 @@ VARIANTS = {
 }
 
 
+ACCESS_LOG_CONFIGS = ("rlb_lr_100_log", "rlb_lr_100_log_instance")
+ACCESS_LOG_FORMAT = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL%\" %RESPONSE_CODE% "
+                     "%RESPONSE_FLAGS% %DURATION%ms upstream=%UPSTREAM_HOST% "
+                     "registry_lb_instance=%FILTER_STATE(wasm.registry_lb_instance:PLAIN)%\n")
+
+
+def with_access_log(cfg, instance):
+    """Adds envoy/static.yaml's access log (to /dev/null) to a registry-lb Envoy config;
+    `instance`: the filter puts the chosen instance in filter state for it."""
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": "/dev/null",
+        "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}]
+    if instance:
+        wasm = hcm["http_filters"][0]["typed_config"]["config"]["configuration"]
+        conf = json.loads(wasm["value"])
+        conf["access_log_instance"] = True
+        wasm["value"] = json.dumps(conf, separators=(",", ":"))
+
+
 def phase_main(run):
     a = run.args
     large = a.large
@@ -866,13 +887,24 @@ def phase_main(run):
         specs[key] = (key.replace("_", "-"), (listen, admin, cfg))
         labels[key] = f"registry-lb least_request (100) + {sname}"
         instances[key] = 100
+    # The access-log field (`access_log_instance`): least_request (100) with an
+    # access log to /dev/null carrying %FILTER_STATE(wasm.registry_lb_instance:PLAIN)%,
+    # with the filter setting it and without (the field then prints "-"): the
+    # difference is the per-request cost of the field. Run only when named in --configs.
+    for key, on in (("rlb_lr_100_log", False), ("rlb_lr_100_log_instance", True)):
+        listen, admin, cfg = envoy_spec("rlb", h100, "least_request", rlb_wasm=W)
+        with_access_log(cfg, on)
+        specs[key] = (key.replace("_", "-"), (listen, admin, cfg))
+        labels[key] = ("registry-lb least_request (100), access log with the chosen instance"
+                       if on else "registry-lb least_request (100), access log without it")
+        instances[key] = 100
     if run.compare_wasm:
         specs["rlb_lr_100_cmp"] = ("rlb-lr-100-cmp", envoy_spec("rlb", h100, "least_request", rlb_wasm=run.compare_wasm))
     if a.configs:
         keep = a.configs.split(",")
         specs = {k: v for k, v in specs.items() if k in keep}
     else:
-        for k in SIZE_PROBES:
+        for k in (*SIZE_PROBES, *ACCESS_LOG_CONFIGS):
             specs.pop(k, None)
     log(f"starting {len(specs)} Envoys (--concurrency 1)")
     skipped = {}
