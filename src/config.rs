@@ -1206,6 +1206,57 @@ mod tests {
         assert!(e.0.starts_with("handoff_header:"), "{}", e.0);
     }
 
+    #[wasm_bindgen_test(unsupported = test)]
+    fn status_explain_and_shadow_are_read_and_checked() {
+        let top = |t: &str| {
+            parse(&format!(
+                r#"{{{t}"services":[{{"name":"web","sources":[{{"static":{{"instances":[{{"address":"10.0.0.1","port":80}}]}}}}]}}]}}"#
+            ))
+        };
+        let c = top(r#""status":{"path":"/s"},"explain":{},"access_log_instance":true,"#).unwrap();
+        let st = c.status.unwrap();
+        assert_eq!(st.allowed_sources, ["127.0.0.0/8", "::1/128"]);
+        assert_eq!(st.ranges.len(), 2);
+        assert!(!st.trust_forwarded_for);
+        let x = c.explain.unwrap();
+        assert_eq!(
+            (x.header.as_str(), x.request_header.as_str()),
+            ("x-registry-lb-decision", "x-registry-lb-explain")
+        );
+        assert!(c.access_log_instance);
+        assert!(top("").unwrap().status.is_none());
+        for (t, want) in [
+            (r#""status":{"path":"/s","allowed_sources":["10.0.0.1/8"]},"#,
+             "status.allowed_sources[0]: `10.0.0.1/8` has bits set past its prefix length (did you mean 10.0.0.0/8?)"),
+            (r#""explain":{"allowed_sources":["::1/128","nope"]},"#,
+             "explain.allowed_sources[1]: `nope` is not an IPv4 or IPv6 address"),
+            (r#""status":{"path":"s"},"#, "status.path: must be a printable path"),
+            (r#""status":{"path":"/s?x"},"#, "status.path: must be a printable path"),
+            (r#""status":{},"#, "status: missing field `path`"),
+            (r#""explain":{"header":"X Bad"},"#, "explain.header: must be a lowercase HTTP header name"),
+            (r#""explain":{"colour":1},"#, "explain.colour: unknown field `colour`"),
+        ] {
+            let e = top(t).unwrap_err();
+            assert!(e.0.starts_with(want), "{t}: {}", e.0);
+        }
+        let c =
+            web(r#""policy":"round_robin","shadow_policy":"maglev","hash_on":{"header":"x-u"},"#)
+                .unwrap();
+        assert_eq!(c.services[0].shadow_policy, Some(Policy::Maglev));
+        let e = web(r#""policy":"random","shadow_policy":"random","#).unwrap_err();
+        assert!(
+            e.0.starts_with("services[0].shadow_policy: is the same as policy"),
+            "{}",
+            e.0
+        );
+        let e = web(r#""shadow_policy":"fastest","#).unwrap_err();
+        assert!(
+            e.0.starts_with("services[0].shadow_policy: unknown variant `fastest`"),
+            "{}",
+            e.0
+        );
+    }
+
     fn web(extra: &str) -> Result<PluginConfig, ConfigError> {
         parse(&format!(
             r#"{{"services":[{{"name":"web",{extra}"sources":[{{"static":{{"instances":[{{"address":"10.0.0.1","port":80}}]}}}}]}}]}}"#
