@@ -1096,7 +1096,7 @@ def slow_targets(runs):
 # (filter_state can be set once per request only, so its figure is the noisiest).
 HOSTCALL_OPS = [("none", 1), ("route_metadata", 20), ("route_name", 20), ("filter_state", 1), ("get_metric", 100),
                 ("increment_metric", 100), ("current_time", 100), ("response_code", 20), ("status_header", 50),
-                ("guest_format", 50)]
+                ("guest_format", 50), ("set_property", 20)]
 
 
 def phase_hostcalls(run):
@@ -1104,12 +1104,15 @@ def phase_hostcalls(run):
     (Envoy CPU per request − the probe doing nothing) / N is the cost of one call."""
     base = pick_port_range(10, ["127.0.0.1"])
     hosts = [("127.0.0.1", base + i) for i in range(10)]
+    # --configs: only these ops (by name; the do-nothing baseline always runs).
+    keep = run.args.configs.split(",") if run.args.configs else None
+    ops = [(op, n) for op, n in HOSTCALL_OPS if keep is None or op == "none" or op in keep]
     specs = {f"{op}_x{n}": (f"probe-{op}", envoy_spec("probe", hosts, f"{op} {n}", empty_wasm=run.probe_wasm))
-             for op, n in HOSTCALL_OPS}
+             for op, n in ops}
     runs = alternate_on_nginx(run, hosts, specs, run.args.slow_rounds)
     summary = {k: summarize(v, k) for k, v in runs.items()}
     base = runs["none_x1"]
-    for (op, n), (k, s) in zip(HOSTCALL_OPS, summary.items()):
+    for (op, n), (k, s) in zip(ops, summary.items()):
         s["op"], s["count"] = op, n
         if op != "none":
             # Per round: (this op's CPU per request − the do-nothing probe's) / N.
@@ -1890,7 +1893,8 @@ def main():
     ap.add_argument("--probe-wasm", default=str(ROOT / "target/wasm32-wasip1/release/hostcall_probe.wasm"))
     ap.add_argument("--backend", default=str(ROOT / "target/release/bench-backend"))
     ap.add_argument("--work", default=str(ROOT / "target/bench/work"))
-    ap.add_argument("--configs", help="main phase: only these configurations (comma-separated keys)")
+    ap.add_argument("--configs", help="main phase: only these configurations (comma-separated keys); "
+                                      "hostcalls phase: only these ops")
     ap.add_argument("--large", type=int, help="instances of the large configurations (default 10,000; quick 2,000)")
     ap.add_argument("--refresh-sizes", help="refresh phase: instances per Consul answer, comma-separated "
                                             "(default 1000,10000; ~1.3 KB per instance)")
