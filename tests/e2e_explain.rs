@@ -345,3 +345,29 @@ fn shadow_policy_counts_disagreements_and_routing_is_unchanged() {
         }
     }
 }
+
+#[test]
+fn bad_source_ranges_are_rejected_with_the_entry_named() {
+    for (top, message) in [
+        (
+            r#""status": { "path": "/s", "allowed_sources": ["127.0.0.0/8", "10.0.0.1/8"] },"#,
+            "status.allowed_sources[1]: `10.0.0.1/8` has bits set past its prefix length (did you mean 10.0.0.0/8?)",
+        ),
+        (
+            r#""explain": { "allowed_sources": ["::1/129"] },"#,
+            "explain.allowed_sources[0]: prefix length 129 is longer than 128",
+        ),
+    ] {
+        let cfg = support::EnvoyConfig::from_file("envoy/static.yaml")
+            .replace("\"services\": [", &format!("{top} \"services\": ["))
+            .port(10000, support::free_port())
+            .port(9901, support::free_port());
+        let (failed, log) = Envoy::start_expect_failure(&cfg, 1);
+        assert!(failed, "Envoy accepted a bad configuration ({top})");
+        assert!(
+            log.contains(message),
+            "log does not name the problem `{message}`:\n{}",
+            support::tail(&log, 30)
+        );
+    }
+}
