@@ -873,9 +873,15 @@ impl<H: Envoy> Plugin<H> {
         }
     }
 
-    /// Response headers of a routed request: the backend's load report, if the
-    /// service reads them.
-    pub fn on_response_headers(&mut self, routed: Option<&Routed>) {
+    /// Response headers of request `context` (`routed`: how it was routed, `None` if
+    /// it was not, or was held and then routed from the timer): the decision header,
+    /// the backend's load report if the service reads them.
+    pub fn on_response_headers(&mut self, context: u32, routed: Option<&Routed>) {
+        let released = match routed {
+            None => self.requests.released.get(&context).cloned(),
+            Some(_) => None,
+        };
+        let routed = routed.or(released.as_ref());
         if let Some(x) = &self.cfg.explain {
             // Only this filter's decision reaches the client under this name: an
             // upstream's (or anyone's) header of the same name is removed.

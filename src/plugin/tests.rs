@@ -603,7 +603,7 @@ fn load_reports_are_read_from_the_routed_response() {
         .entry(1)
         .or_default()
         .response_headers = vec![("endpoint-load-metrics".into(), b"garbage".to_vec())];
-    p.on_response_headers(routed.as_ref());
+    p.on_response_headers(1, routed.as_ref());
     assert_eq!(p.host.stat("web.load_report_invalid"), 1);
 }
 
@@ -1522,7 +1522,7 @@ fn decision_header_only_for_allowed_sources_that_ask() {
             .all(|(k, _)| k != "x-registry-lb-explain"),
         "the ask is not forwarded"
     );
-    p.on_response_headers(routed.as_ref());
+    p.on_response_headers(1, routed.as_ref());
     let h = p.host.response_header("x-registry-lb-decision").unwrap();
     let h = String::from_utf8(h).unwrap();
     let chosen = handed(&p, 1)[0].clone();
@@ -1543,7 +1543,7 @@ fn decision_header_only_for_allowed_sources_that_ask() {
     p.host
         .set_response_header("x-registry-lb-decision", Some(b"forged"))
         .unwrap();
-    p.on_response_headers(routed.as_ref());
+    p.on_response_headers(2, routed.as_ref());
     assert!(p.host.response_header("x-registry-lb-decision").is_none());
     assert_eq!(p.host.stat("explain_refused"), 1);
     // Not asked: nothing.
@@ -1551,7 +1551,7 @@ fn decision_header_only_for_allowed_sources_that_ask() {
     p.host
         .set_property(3, &["source", "address"], b"127.0.0.1:5");
     let (_, routed) = p.on_request_headers(3);
-    p.on_response_headers(routed.as_ref());
+    p.on_response_headers(3, routed.as_ref());
     assert!(p.host.response_header("x-registry-lb-decision").is_none());
 }
 
@@ -1659,4 +1659,23 @@ fn shadow_policy_is_counted_and_never_changes_routing() {
         p.host.stat("web.shadow_latency_higher_us"),
     );
     assert!(lower > 0 && higher > 0, "lower {lower} higher {higher}");
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_held_request_that_asked_gets_its_decision_when_routed_from_the_timer() {
+    let mut p = plugin_with(OBSERVE, "");
+    begin(&p, 1, "web", &[("x-registry-lb-explain", "1")]);
+    p.host
+        .set_property(1, &["source", "address"], b"127.0.0.1:5");
+    assert_eq!(p.on_request_headers(1), (Action::Pause, None));
+    publish(&mut p);
+    assert_eq!(p.host.request(1).continued, 1);
+    p.host.enter(1);
+    p.on_response_headers(1, None);
+    let h = String::from_utf8(p.host.response_header("x-registry-lb-decision").unwrap()).unwrap();
+    let chosen = handed(&p, 1)[0].clone();
+    assert!(
+        h.starts_with(&format!("policy=round_robin; chosen={chosen}; ")),
+        "{h}"
+    );
 }
