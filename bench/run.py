@@ -790,6 +790,27 @@ VARIANTS = {
 }
 
 
+ACCESS_LOG_CONFIGS = ("rlb_lr_100_log", "rlb_lr_100_log_instance")
+ACCESS_LOG_FORMAT = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL%\" %RESPONSE_CODE% "
+                     "%RESPONSE_FLAGS% %DURATION%ms upstream=%UPSTREAM_HOST% "
+                     "registry_lb_instance=%FILTER_STATE(wasm.registry_lb_instance:PLAIN)%\n")
+
+
+def with_access_log(cfg, instance):
+    """Adds envoy/static.yaml's access log (to /dev/null) to a registry-lb Envoy config;
+    `instance`: the filter puts the chosen instance in filter state for it."""
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": "/dev/null",
+        "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}]
+    if instance:
+        wasm = hcm["http_filters"][0]["typed_config"]["config"]["configuration"]
+        conf = json.loads(wasm["value"])
+        conf["access_log_instance"] = True
+        wasm["value"] = json.dumps(conf, separators=(",", ":"))
+
+
 def phase_main(run):
     a = run.args
     large = a.large
@@ -866,13 +887,24 @@ def phase_main(run):
         specs[key] = (key.replace("_", "-"), (listen, admin, cfg))
         labels[key] = f"registry-lb least_request (100) + {sname}"
         instances[key] = 100
+    # The access-log field (`access_log_instance`): least_request (100) with an
+    # access log to /dev/null carrying %FILTER_STATE(wasm.registry_lb_instance:PLAIN)%,
+    # with the filter setting it and without (the field then prints "-"): the
+    # difference is the per-request cost of the field. Run only when named in --configs.
+    for key, on in (("rlb_lr_100_log", False), ("rlb_lr_100_log_instance", True)):
+        listen, admin, cfg = envoy_spec("rlb", h100, "least_request", rlb_wasm=W)
+        with_access_log(cfg, on)
+        specs[key] = (key.replace("_", "-"), (listen, admin, cfg))
+        labels[key] = ("registry-lb least_request (100), access log with the chosen instance"
+                       if on else "registry-lb least_request (100), access log without it")
+        instances[key] = 100
     if run.compare_wasm:
         specs["rlb_lr_100_cmp"] = ("rlb-lr-100-cmp", envoy_spec("rlb", h100, "least_request", rlb_wasm=run.compare_wasm))
     if a.configs:
         keep = a.configs.split(",")
         specs = {k: v for k, v in specs.items() if k in keep}
     else:
-        for k in SIZE_PROBES:
+        for k in (*SIZE_PROBES, *ACCESS_LOG_CONFIGS):
             specs.pop(k, None)
     log(f"starting {len(specs)} Envoys (--concurrency 1)")
     skipped = {}
@@ -1064,7 +1096,7 @@ def slow_targets(runs):
 # (filter_state can be set once per request only, so its figure is the noisiest).
 HOSTCALL_OPS = [("none", 1), ("route_metadata", 20), ("route_name", 20), ("filter_state", 1), ("get_metric", 100),
                 ("increment_metric", 100), ("current_time", 100), ("response_code", 20), ("status_header", 50),
-                ("guest_format", 50)]
+                ("guest_format", 50), ("set_property", 20)]
 
 
 def phase_hostcalls(run):
@@ -1072,12 +1104,15 @@ def phase_hostcalls(run):
     (Envoy CPU per request − the probe doing nothing) / N is the cost of one call."""
     base = pick_port_range(10, ["127.0.0.1"])
     hosts = [("127.0.0.1", base + i) for i in range(10)]
+    # --configs: only these ops (by name; the do-nothing baseline always runs).
+    keep = run.args.configs.split(",") if run.args.configs else None
+    ops = [(op, n) for op, n in HOSTCALL_OPS if keep is None or op == "none" or op in keep]
     specs = {f"{op}_x{n}": (f"probe-{op}", envoy_spec("probe", hosts, f"{op} {n}", empty_wasm=run.probe_wasm))
-             for op, n in HOSTCALL_OPS}
+             for op, n in ops}
     runs = alternate_on_nginx(run, hosts, specs, run.args.slow_rounds)
     summary = {k: summarize(v, k) for k, v in runs.items()}
     base = runs["none_x1"]
-    for (op, n), (k, s) in zip(HOSTCALL_OPS, summary.items()):
+    for (op, n), (k, s) in zip(ops, summary.items()):
         s["op"], s["count"] = op, n
         if op != "none":
             # Per round: (this op's CPU per request − the do-nothing probe's) / N.
@@ -1858,7 +1893,8 @@ def main():
     ap.add_argument("--probe-wasm", default=str(ROOT / "target/wasm32-wasip1/release/hostcall_probe.wasm"))
     ap.add_argument("--backend", default=str(ROOT / "target/release/bench-backend"))
     ap.add_argument("--work", default=str(ROOT / "target/bench/work"))
-    ap.add_argument("--configs", help="main phase: only these configurations (comma-separated keys)")
+    ap.add_argument("--configs", help="main phase: only these configurations (comma-separated keys); "
+                                      "hostcalls phase: only these ops")
     ap.add_argument("--large", type=int, help="instances of the large configurations (default 10,000; quick 2,000)")
     ap.add_argument("--refresh-sizes", help="refresh phase: instances per Consul answer, comma-separated "
                                             "(default 1000,10000; ~1.3 KB per instance)")

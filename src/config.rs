@@ -45,6 +45,69 @@ pub struct PluginConfig {
     /// The local instance to register in a registry (see `registrar`); off when absent.
     #[serde(default)]
     pub register: Option<crate::registrar::RegisterConfig>,
+    /// The status view: a path this filter answers itself (never forwarded) with
+    /// every service's instances and why they are or are not routed; off when absent.
+    #[serde(default)]
+    pub status: Option<StatusConfig>,
+    /// The decision header: on request, a response header naming the chosen
+    /// instance and why; off when absent.
+    #[serde(default)]
+    pub explain: Option<ExplainConfig>,
+    /// Puts the chosen instance (`ip:port`) in filter state `wasm.registry_lb_instance`
+    /// for the access log: `%FILTER_STATE(wasm.registry_lb_instance:PLAIN)%`.
+    #[serde(default)]
+    pub access_log_instance: bool,
+}
+
+/// `status`: the path answered, and who may ask.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Exact path (the query string is not part of it), e.g. `/registry-lb/status`.
+    pub path: String,
+    /// Client addresses (CIDR) answered; others get 403. Loopback by default.
+    #[serde(default = "crate::cidr::loopback")]
+    pub allowed_sources: Vec<String>,
+    /// Envoy takes the client address from `x-forwarded-for` unless the connection
+    /// manager has `use_remote_address: true`, so by default a request carrying that
+    /// header is refused whatever its address; `true` accepts it (set
+    /// `use_remote_address: true`, or a trusted front proxy that rewrites the header).
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
+    /// `allowed_sources`, parsed.
+    #[serde(skip)]
+    pub ranges: Vec<crate::cidr::Cidr>,
+}
+
+/// `explain`: the decision header and who may ask for it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainConfig {
+    /// Response header carrying the decision.
+    #[serde(default = "default_explain_header")]
+    pub header: String,
+    /// Request header asking for it (any value).
+    #[serde(default = "default_explain_request_header")]
+    pub request_header: String,
+    /// Client addresses (CIDR) whose ask is honored. Loopback by default.
+    #[serde(default = "crate::cidr::loopback")]
+    pub allowed_sources: Vec<String>,
+    /// Envoy takes the client address from `x-forwarded-for` unless the connection
+    /// manager has `use_remote_address: true`, so by default a request carrying that
+    /// header is refused whatever its address; `true` accepts it (set
+    /// `use_remote_address: true`, or a trusted front proxy that rewrites the header).
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
+    /// `allowed_sources`, parsed.
+    #[serde(skip)]
+    pub ranges: Vec<crate::cidr::Cidr>,
+}
+
+fn default_explain_header() -> String {
+    "x-registry-lb-decision".to_string()
+}
+fn default_explain_request_header() -> String {
+    "x-registry-lb-explain".to_string()
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -103,6 +166,10 @@ pub struct ServiceConfig {
     pub hosts: Vec<String>,
     #[serde(default)]
     pub policy: Policy,
+    /// A second policy computed beside `policy` on every request and never used for
+    /// routing: its picks and disagreements are counted (`shadow_*` stats).
+    #[serde(default)]
+    pub shadow_policy: Option<Policy>,
     /// `ring_hash` / `maglev`: what the hash key is taken from.
     #[serde(default)]
     pub hash_on: Option<HashOnConfig>,
@@ -663,6 +730,14 @@ impl PluginConfig {
             }
         }
         cfg.validate()?;
+        if let Some(st) = cfg.status.as_mut() {
+            st.ranges = crate::cidr::parse_list("status.allowed_sources", &st.allowed_sources)
+                .map_err(ConfigError)?;
+        }
+        if let Some(x) = cfg.explain.as_mut() {
+            x.ranges = crate::cidr::parse_list("explain.allowed_sources", &x.allowed_sources)
+                .map_err(ConfigError)?;
+        }
         Ok(cfg)
     }
 
@@ -688,6 +763,24 @@ impl PluginConfig {
         }
         if let Some(r) = &self.register {
             r.validate()?;
+        }
+        if let Some(st) = &self.status {
+            if !st.path.starts_with('/') || !printable(&st.path) || st.path.contains('?') {
+                return err(
+                    "status.path".into(),
+                    "must be a printable path starting with '/' and without '?'",
+                );
+            }
+        }
+        if let Some(x) = &self.explain {
+            for (field, h) in [("header", &x.header), ("request_header", &x.request_header)] {
+                if !valid_header_name(h) {
+                    return err(
+                        format!("explain.{field}"),
+                        "must be a lowercase HTTP header name",
+                    );
+                }
+            }
         }
         let mut seen = HashSet::new();
         // Cluster (as written) and host (lowercase) → the service that claims it.
@@ -746,7 +839,14 @@ impl PluginConfig {
                     "must be between 1 and 8",
                 );
             }
-            if s.policy.is_hash() != s.hash_on.is_some() && s.hash_on.is_some() {
+            if s.shadow_policy == Some(s.policy) {
+                return err(
+                    format!("{at}.shadow_policy"),
+                    "is the same as policy: a shadow compares another policy",
+                );
+            }
+            let any_hash = s.policy.is_hash() || s.shadow_policy.is_some_and(Policy::is_hash);
+            if !any_hash && s.hash_on.is_some() {
                 return err(
                     format!("{at}.hash_on"),
                     "is only used by ring_hash and maglev",
@@ -1104,6 +1204,57 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.0.starts_with("handoff_header:"), "{}", e.0);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn status_explain_and_shadow_are_read_and_checked() {
+        let top = |t: &str| {
+            parse(&format!(
+                r#"{{{t}"services":[{{"name":"web","sources":[{{"static":{{"instances":[{{"address":"10.0.0.1","port":80}}]}}}}]}}]}}"#
+            ))
+        };
+        let c = top(r#""status":{"path":"/s"},"explain":{},"access_log_instance":true,"#).unwrap();
+        let st = c.status.unwrap();
+        assert_eq!(st.allowed_sources, ["127.0.0.0/8", "::1/128"]);
+        assert_eq!(st.ranges.len(), 2);
+        assert!(!st.trust_forwarded_for);
+        let x = c.explain.unwrap();
+        assert_eq!(
+            (x.header.as_str(), x.request_header.as_str()),
+            ("x-registry-lb-decision", "x-registry-lb-explain")
+        );
+        assert!(c.access_log_instance);
+        assert!(top("").unwrap().status.is_none());
+        for (t, want) in [
+            (r#""status":{"path":"/s","allowed_sources":["10.0.0.1/8"]},"#,
+             "status.allowed_sources[0]: `10.0.0.1/8` has bits set past its prefix length (did you mean 10.0.0.0/8?)"),
+            (r#""explain":{"allowed_sources":["::1/128","nope"]},"#,
+             "explain.allowed_sources[1]: `nope` is not an IPv4 or IPv6 address"),
+            (r#""status":{"path":"s"},"#, "status.path: must be a printable path"),
+            (r#""status":{"path":"/s?x"},"#, "status.path: must be a printable path"),
+            (r#""status":{},"#, "status: missing field `path`"),
+            (r#""explain":{"header":"X Bad"},"#, "explain.header: must be a lowercase HTTP header name"),
+            (r#""explain":{"colour":1},"#, "explain.colour: unknown field `colour`"),
+        ] {
+            let e = top(t).unwrap_err();
+            assert!(e.0.starts_with(want), "{t}: {}", e.0);
+        }
+        let c =
+            web(r#""policy":"round_robin","shadow_policy":"maglev","hash_on":{"header":"x-u"},"#)
+                .unwrap();
+        assert_eq!(c.services[0].shadow_policy, Some(Policy::Maglev));
+        let e = web(r#""policy":"random","shadow_policy":"random","#).unwrap_err();
+        assert!(
+            e.0.starts_with("services[0].shadow_policy: is the same as policy"),
+            "{}",
+            e.0
+        );
+        let e = web(r#""shadow_policy":"fastest","#).unwrap_err();
+        assert!(
+            e.0.starts_with("services[0].shadow_policy: unknown variant `fastest`"),
+            "{}",
+            e.0
+        );
     }
 
     fn web(extra: &str) -> Result<PluginConfig, ConfigError> {

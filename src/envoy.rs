@@ -81,8 +81,17 @@ pub trait Envoy {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// `set_envoy_filter_state` with serialized `SetEnvoyFilterStateArguments`.
     fn set_filter_state(&self, args: &[u8]) -> Result<(), HostError>;
-    /// Answers the request locally (`details` goes to `%RESPONSE_CODE_DETAILS%`).
-    fn local_reply(&self, status: u32, details: &str, body: &str);
+    /// Answers the request locally (`details` goes to `%RESPONSE_CODE_DETAILS%`),
+    /// as `text/plain`.
+    fn local_reply(&self, status: u32, details: &str, body: &str) {
+        self.local_reply_as(status, details, body, "text/plain");
+    }
+    /// [`Envoy::local_reply`] with this `content-type`.
+    fn local_reply_as(&self, status: u32, details: &str, body: &str, content_type: &str);
+    /// Sets (`Some`) or removes (`None`) a response header.
+    fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> Result<(), HostError>;
+    /// `proxy_set_property`: Envoy keeps `value` as filter state `wasm.<path>`.
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError>;
     /// Resumes a paused request.
     fn continue_request(&self);
     /// Makes the request `context` the one the calls above act on (root callbacks).
@@ -120,6 +129,10 @@ pub mod fake {
         /// `original_dst_address` values set through filter state.
         pub filter_state: Vec<String>,
         pub reply: Option<(u32, String, String)>,
+        /// `content-type` of the local reply.
+        pub reply_type: Option<String>,
+        /// Properties set by the filter (`set_property`), by path joined with '.'.
+        pub set_properties: Vec<(String, Vec<u8>)>,
         pub continued: u32,
     }
 
@@ -296,8 +309,25 @@ pub mod fake {
                 }
             }
         }
-        fn local_reply(&self, status: u32, details: &str, body: &str) {
-            self.with_current(|r| r.reply = Some((status, details.to_string(), body.to_string())));
+        fn local_reply_as(&self, status: u32, details: &str, body: &str, content_type: &str) {
+            self.with_current(|r| {
+                r.reply = Some((status, details.to_string(), body.to_string()));
+                r.reply_type = Some(content_type.to_string());
+            });
+        }
+        fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> Result<(), HostError> {
+            self.with_current(|r| {
+                r.response_headers
+                    .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+                if let Some(v) = value {
+                    r.response_headers.push((name.to_string(), v.to_vec()));
+                }
+            })
+            .ok_or(HostError::NotFound)
+        }
+        fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError> {
+            self.with_current(|r| r.set_properties.push((path.join("."), value.to_vec())))
+                .ok_or(HostError::NotFound)
         }
         fn continue_request(&self) {
             self.with_current(|r| r.continued += 1);

@@ -7,10 +7,12 @@
 
 pub mod backoff;
 pub mod balancer;
+pub mod cidr;
 pub mod config;
 pub mod detmath;
 pub mod duration;
 pub mod envoy;
+pub mod explain;
 pub mod fuzzing;
 pub mod handoff;
 pub mod hash_key;

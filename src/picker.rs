@@ -67,6 +67,22 @@ impl Endpoint {
     }
 }
 
+/// One instance as the status view shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceView {
+    pub slot: u32,
+    pub addr: SocketAddr,
+    pub registry_healthy: bool,
+    pub registry_weight: u32,
+    /// Registry weight × slow start × load report (scaled by 1000 while those move).
+    pub effective_weight: u32,
+    pub zone: String,
+    /// In the routable set now (healthy, not ejected; or panic mode).
+    pub routable: bool,
+    /// Registration time from the registry, Unix ms; 0 = unknown.
+    pub registered_ms: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Candidate {
     ep: Endpoint,
@@ -211,6 +227,9 @@ pub struct Table {
     /// selector that matches nothing shares it), built on first use.
     fallback: Option<Option<Group>>,
     peak: Option<PeakEwma>,
+    /// Recording what picks look at (a request asked for the decision header).
+    tracing: std::cell::Cell<bool>,
+    trace: std::cell::Cell<crate::explain::Trace>,
     /// Groups (pools, rings, zone splits) built so far.
     #[cfg(test)]
     pub groups_built: std::cell::Cell<usize>,
@@ -267,6 +286,8 @@ impl Table {
             subsets: HashMap::new(),
             fallback: None,
             peak: None,
+            tracing: std::cell::Cell::new(false),
+            trace: std::cell::Cell::new(crate::explain::Trace::default()),
             #[cfg(test)]
             groups_built: std::cell::Cell::new(0),
         };
@@ -659,14 +680,22 @@ impl Table {
         let members = &pool.members;
         let eps = &self.endpoints;
         let slot_of = |k: usize| members.get(k).and_then(|&i| eps.get(i)).map(|e| e.slot);
+        let tracing = self.tracing.get();
+        // The in-flight count of member k, recorded as a candidate when tracing.
+        let load_of = |active: &mut A, k: usize| -> Option<i64> {
+            let slot = slot_of(k)?;
+            let v = active(slot);
+            if tracing {
+                self.note(slot, v as f64);
+            }
+            Some(v)
+        };
         let k = match &mut pool.policy {
             PolicyState::RoundRobin(rr) if self.rr_ahead > 0 => rr.peek(self.rr_ahead - 1)?,
             PolicyState::RoundRobin(rr) => rr.pick()?,
             PolicyState::LeastRequest(lr) => {
                 let active = &mut req.active;
-                lr.pick(req.rng, |k| {
-                    slot_of(k).map(&mut *active).unwrap_or(i64::MAX)
-                })?
+                lr.pick(req.rng, |k| load_of(active, k).unwrap_or(i64::MAX))?
             }
             PolicyState::Random(r) => r.pick(req.rng)?,
             PolicyState::PeakEwma(sampler) => {
@@ -677,6 +706,10 @@ impl Table {
                     (a, None) => a,
                     (a, Some(b)) => {
                         let (ia, ib) = (members.get(a).copied()?, members.get(b).copied()?);
+                        if tracing {
+                            self.note_peak(peak, ia, req.now_ms);
+                            self.note_peak(peak, ib, req.now_ms);
+                        }
                         if peak.cheaper(ia, ib, req.rng, req.now_ms) == ia {
                             a
                         } else {
@@ -687,11 +720,14 @@ impl Table {
             }
             PolicyState::RingHash(ring, bounded) => {
                 let h = req.hash.unwrap_or_else(|| req.rng.next_u64());
+                if tracing {
+                    self.note_hash(req.hash);
+                }
                 match bounded {
                     Some(bl) => {
                         let active = &mut req.active;
                         bl.pick(ring.walk(h), req.total_active, |k| {
-                            slot_of(k).map(&mut *active).unwrap_or(0).max(0) as u64
+                            load_of(active, k).unwrap_or(0).max(0) as u64
                         })?
                     }
                     None => ring.pick(h)?,
@@ -699,18 +735,115 @@ impl Table {
             }
             PolicyState::Maglev(table, bounded) => {
                 let h = req.hash.unwrap_or_else(|| req.rng.next_u64());
+                if tracing {
+                    self.note_hash(req.hash);
+                }
                 match bounded {
                     Some(bl) => {
                         let active = &mut req.active;
                         bl.pick(table.walk(h), req.total_active, |k| {
-                            slot_of(k).map(&mut *active).unwrap_or(0).max(0) as u64
+                            load_of(active, k).unwrap_or(0).max(0) as u64
                         })?
                     }
                     None => table.pick(h)?,
                 }
             }
         };
-        members.get(k).copied()
+        let i = members.get(k).copied()?;
+        if tracing {
+            // Policies that compare no cost (and a pool of one): the chosen one, by
+            // its effective weight.
+            if let Some(e) = self.endpoints.get(i) {
+                let mut t = self.trace.get();
+                if !t.has(e.slot) {
+                    t.note(e.slot, f64::from(e.weight));
+                    self.trace.set(t);
+                }
+            }
+        }
+        Some(i)
+    }
+
+    /// Every non-draining instance as the status view shows it.
+    pub fn instances(&self) -> Vec<InstanceView> {
+        self.candidates
+            .iter()
+            .map(|c| InstanceView {
+                slot: c.ep.slot,
+                addr: c.ep.addr,
+                registry_healthy: c.healthy,
+                registry_weight: c.base_weight,
+                effective_weight: c.ep.weight,
+                zone: c.zone.clone(),
+                routable: self.slot_index.contains_key(&c.ep.slot),
+                registered_ms: c.registered_ms,
+            })
+            .collect()
+    }
+
+    /// The share of traffic (parts per million) of each zone of the routing over all
+    /// routable instances (no subset); empty when zone-aware routing is off.
+    pub fn zone_shares(&self) -> Vec<(String, u32)> {
+        let Some((split, _)) = self.main.as_ref().and_then(|g| g.zones.as_ref()) else {
+            return Vec::new();
+        };
+        // The main group's zones in `build_zones` order: the endpoints' zones as
+        // first seen, then (priority failover) the other candidates' zones.
+        let mut names: Vec<&str> = self.zones.iter().map(String::as_str).collect();
+        if !self.options.zone_priorities.is_empty() {
+            for c in &self.candidates {
+                if !names.contains(&c.zone.as_str()) {
+                    names.push(c.zone.as_str());
+                }
+            }
+        }
+        names
+            .iter()
+            .zip(split.shares_ppm())
+            .map(|(n, &p)| (n.to_string(), p))
+            .collect()
+    }
+
+    /// The table's options (policy, zone settings).
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Starts recording the candidates of the next picks (see [`crate::explain`]).
+    pub fn trace_start(&self) {
+        self.trace.set(crate::explain::Trace::default());
+        self.tracing.set(true);
+    }
+
+    /// Stops recording and returns what the picks since [`Self::trace_start`] looked at.
+    pub fn trace_take(&self) -> crate::explain::Trace {
+        self.tracing.set(false);
+        self.trace.take()
+    }
+
+    fn note(&self, slot: u32, cost: f64) {
+        let mut t = self.trace.get();
+        t.note(slot, cost);
+        self.trace.set(t);
+    }
+
+    fn note_peak(&self, peak: &PeakEwma, i: usize, now_ms: u64) {
+        if let (Some(e), Some((cost, _))) = (self.endpoints.get(i), peak.explain_cost(i, now_ms)) {
+            self.note(e.slot, cost);
+        }
+    }
+
+    fn note_hash(&self, hash: Option<u64>) {
+        let mut t = self.trace.get();
+        t.hash = hash;
+        self.trace.set(t);
+    }
+
+    /// The policy's state for one instance (status view): `peak_ewma`'s cost per
+    /// weight in nanoseconds and this worker's pending count.
+    pub fn peak_cost(&self, slot: u32, now_ms: u64) -> Option<(f64, u32)> {
+        let i = self.index_of_slot(slot)?;
+        self.peak.as_ref()?.explain_cost(i, now_ms)
     }
 
     /// Picks an endpoint.

@@ -83,6 +83,11 @@ stats! {
         HealthCheckUp = "health_check_up", Counter;
         InstancesHcFailed = "instances_hc_failed", Gauge;
         RqActive = "rq_active", Gauge;
+        ShadowPicks = "shadow_picks", Counter;
+        ShadowDisagreements = "shadow_disagreements", Counter;
+        ShadowCompared = "shadow_compared", Counter;
+        ShadowLatencyLowerUs = "shadow_latency_lower_us", Counter;
+        ShadowLatencyHigherUs = "shadow_latency_higher_us", Counter;
     }
 }
 
@@ -107,6 +112,10 @@ stats! {
         RegisterMarkedDown = "register_marked_down", Counter;
         RegisterMarkedUp = "register_marked_up", Counter;
         RegisterDeregistered = "register_deregistered", Counter;
+        StatusServed = "status_served", Counter;
+        StatusForbidden = "status_forbidden", Counter;
+        ExplainServed = "explain_served", Counter;
+        ExplainRefused = "explain_refused", Counter;
     }
 }
 

@@ -28,6 +28,8 @@ TESTS = [
     ("e2e_static", "registry_polling_moves_to_the_main_thread_once_workers_serve", "the lease moves to the main thread"),
     ("e2e_consul", "held_requests_keep_their_hash_key", "held requests keep their hash key"),
     ("e2e_versions", "shutdown_is_clean_with_registry_calls_and_requests_in_flight", "20 shutdowns (SIGTERM, /quitquitquit) with calls and requests in flight"),
+    ("e2e_explain", "access_log_names_the_chosen_instance", "the chosen instance in the access log (filter state `wasm.registry_lb_instance`)"),
+    ("e2e_explain", "status_view_refuses_sources_outside_its_ranges_and_forwarded_for_cannot_fake_one", "status view refused outside its source ranges, x-forwarded-for included"),
 ]
 
 

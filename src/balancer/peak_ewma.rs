@@ -150,6 +150,16 @@ impl PeakEwma {
             b
         }
     }
+
+    /// For explanations (status view, decision header): endpoint `i`'s cost now per
+    /// unit of weight, `ewma·exp(−Δt/τ)·(pending + 1) / w` in nanoseconds — the
+    /// quantity [`cheaper`](Self::cheaper) compares — and its pending count.
+    pub fn explain_cost(&self, i: usize, now_ms: u64) -> Option<(f64, u32)> {
+        let s = self.state.get(i)?;
+        let w = f64::from(self.weights.get(i).copied().unwrap_or(1));
+        let d = decay(now_ms.saturating_sub(s.stamp_ms), self.decay_ms);
+        Some((s.ewma_ns * d * (f64::from(s.pending) + 1.0) / w, s.pending))
+    }
 }
 
 /// exp(−elapsed/τ), the weight left to the old estimate.

@@ -104,9 +104,9 @@ impl Envoy for ProxyWasm {
             .map_err(err)
     }
 
-    fn local_reply(&self, status_code: u32, details: &str, body: &str) {
+    fn local_reply_as(&self, status_code: u32, details: &str, body: &str, content_type: &str) {
         // proxy-wasm header map: count, (key len, value len)*, then each key\0 value\0.
-        let (k, v) = ("content-type", "text/plain");
+        let (k, v) = ("content-type", content_type);
         let mut headers = Vec::with_capacity(48);
         headers.extend_from_slice(&1u32.to_le_bytes());
         headers.extend_from_slice(&(k.len() as u32).to_le_bytes());
@@ -128,6 +128,14 @@ impl Envoy for ProxyWasm {
                 -1,
             )
         };
+    }
+
+    fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> Result<(), HostError> {
+        hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, value).map_err(err)
+    }
+
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError> {
+        hostcalls::set_property(path.to_vec(), Some(value)).map_err(err)
     }
 
     fn continue_request(&self) {

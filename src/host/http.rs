@@ -41,7 +41,7 @@ impl HttpContext for Http {
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
         if let Ok(mut p) = self.plugin.try_borrow_mut() {
-            p.on_response_headers(self.routed.as_ref());
+            p.on_response_headers(self.id, self.routed.as_ref());
         }
         Action::Continue
     }

@@ -227,7 +227,8 @@ impl<H: Envoy> Plugin<H> {
                         };
                         let out = p.dispatch_failed(src, now, &mut self.rng, why.clone());
                         let name = &self.cfg.services[si].name;
-                        report(&mut self.stats, &self.host, name, src, &out);
+                        let at = (self.keys.error.get(si).map(String::as_str), now);
+                        report(&mut self.stats, &self.host, name, src, &out, at);
                     }
                 }
             }
@@ -389,7 +390,8 @@ impl<H: Envoy> Plugin<H> {
                     &mut self.rng,
                 )
             };
-            report(&mut self.stats, &self.host, name, src, &out);
+            let at = (self.keys.error.get(si).map(String::as_str), now);
+            report(&mut self.stats, &self.host, name, src, &out, at);
             let parsed_us = self.host.now_us();
             // Publishing at once saves a tick; calls are only ever dispatched from on_tick.
             self.publish_one(si, p, now);
@@ -431,8 +433,16 @@ fn check_targets(snap: &Snapshot) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// Logs and counts one refresh outcome.
-fn report(m: &mut Stats, host: &impl Envoy, service: &str, source: usize, out: &Outcome) {
+/// Logs and counts one refresh outcome; a failure is also kept, with its time
+/// (`at`: the service's shared-data key and now), for the status view.
+fn report(
+    m: &mut Stats,
+    host: &impl Envoy,
+    service: &str,
+    source: usize,
+    out: &Outcome,
+    at: (Option<&str>, u64),
+) {
     match out {
         Outcome::Unchanged => m.inc(host, service, Stat::RefreshUnchanged),
         Outcome::Again(why) => {
@@ -472,6 +482,10 @@ fn report(m: &mut Stats, host: &impl Envoy, service: &str, source: usize, out: &
         }
         Outcome::Failed(e) => {
             m.inc(host, service, Stat::RefreshFailed);
+            if let (Some(key), now) = at {
+                let text = format!("{now} source {source}: {e}");
+                let _ = host.shared_set(key, text.as_bytes(), None);
+            }
             if let Some(s) = Stat::refresh_failed(e.kind()) {
                 m.inc(host, service, s);
             }

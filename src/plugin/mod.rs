@@ -23,6 +23,7 @@
 mod leader;
 mod register;
 mod request;
+mod status;
 mod tables;
 
 pub use request::{RequestKey, Routed};
@@ -49,6 +50,8 @@ pub struct Keys {
     pub snapshot: Vec<String>,
     pub version: Vec<String>,
     pub outliers: Vec<String>,
+    /// The last refresh error per service (`<unix ms> <text>`), for the status view.
+    pub error: Vec<String>,
 }
 
 impl Keys {
@@ -67,6 +70,7 @@ impl Keys {
             snapshot: per("snapshot"),
             version: per("version"),
             outliers: per("outliers"),
+            error: per("last_error"),
         }
     }
 }
@@ -76,6 +80,9 @@ pub struct Plugin<H: Envoy> {
     pub cfg: Rc<PluginConfig>,
     keys: Keys,
     rng: SplitMix64,
+    /// The shadow policies' randomness (apart, so routing draws what it would
+    /// without them).
+    shadow_rng: SplitMix64,
     stats: Stats,
     /// This root's lease identity.
     me: u64,
@@ -102,6 +109,7 @@ impl<H: Envoy> Plugin<H> {
             cfg: Rc::new(cfg),
             keys,
             rng: SplitMix64(seed),
+            shadow_rng: SplitMix64(seed ^ 0x5ad0_5ad0_5ad0_5ad0),
             stats: Stats::default(),
             me: seed | 1,
             serving: false,
@@ -126,6 +134,7 @@ impl<H: Envoy> Plugin<H> {
         self.refresh_all(now);
         self.reweigh(now);
         self.release_held(now);
+        self.flush_shadow();
         self.stats.flush(&self.host);
     }
 

@@ -28,6 +28,8 @@ pub struct Routed {
     pub fallbacks: Vec<u32>,
     /// Service-wide in-flight gauge (bounded load) to decrement.
     pub total_gauge: Option<u32>,
+    /// The decision header's value, when the request asked for it (and may).
+    pub decision: Option<String>,
 }
 
 /// What the request path read from the request for the policy.
@@ -37,6 +39,8 @@ pub struct RequestKey {
     pub hash: Option<u64>,
     /// Subset selector from the request header.
     pub subset: Option<Vec<(String, String)>>,
+    /// The request asked for the decision header from an allowed source.
+    pub explain: bool,
 }
 
 /// What a request resolved to.
@@ -72,6 +76,13 @@ impl Reply {
         )
     }
 }
+
+/// Property set for the access log: filter state `wasm.registry_lb_instance`.
+pub const ACCESS_LOG_PROPERTY: &str = "registry_lb_instance";
+
+/// Weight of a new response in the per-slot observed latency average (status view,
+/// shadow comparison): about the last ten responses count.
+const LATENCY_ALPHA: f64 = 0.2;
 
 /// Bound of the route-name cache (a route table larger than this is read uncached).
 const ROUTE_CACHE_MAX: usize = 1024;
@@ -209,6 +220,9 @@ impl<H: Envoy> Plugin<H> {
             self.stats
                 .inc_global(&self.host, GlobalStat::ClientHandoffHeaderRemoved);
         }
+        if cfg.status.is_some() && self.serve_status() {
+            return (Action::Pause, None);
+        }
         let si = match self.route_target() {
             RouteTarget::None => return (Action::Continue, None),
             RouteTarget::Service(i) => i,
@@ -229,7 +243,8 @@ impl<H: Envoy> Plugin<H> {
         };
         let now = self.host.now_ms();
         let svc = &cfg.services[si];
-        let key = self.request_key(svc);
+        let mut key = self.request_key(svc);
+        key.explain = cfg.explain.is_some() && self.explain_asked();
         if self.unknown(si) {
             // No snapshot seen yet: look now rather than at the next tick.
             self.refresh(si, now);
@@ -333,7 +348,7 @@ impl<H: Envoy> Plugin<H> {
     /// selector.
     fn request_key(&mut self, svc: &ServiceConfig) -> RequestKey {
         let mut key = RequestKey::default();
-        if svc.policy.is_hash() {
+        if svc.policy.is_hash() || svc.shadow_policy.is_some_and(Policy::is_hash) {
             let on = svc
                 .hash_on
                 .as_ref()
@@ -437,7 +452,9 @@ impl<H: Envoy> Plugin<H> {
                 s.outliers_seen_ms = now;
             }
         }
-        let shared_load = svc.policy == Policy::LeastRequest || svc.bounded_load_percent.is_some();
+        let shared_load = svc.policy == Policy::LeastRequest
+            || svc.shadow_policy == Some(Policy::LeastRequest)
+            || svc.bounded_load_percent.is_some();
         let total_gauge = if svc.bounded_load_percent.is_some() {
             self.service_active_gauge(si)
         } else {
@@ -455,6 +472,7 @@ impl<H: Envoy> Plugin<H> {
         // The chosen slot, the further ranked ones (override_host only: no
         // allocation otherwise), and whether it is a half-open trial.
         let mut chosen: Option<(u32, Vec<u32>, bool)> = None;
+        let mut trace = None;
         for _attempt in 0..3 {
             // Take the table out so the gauge lookup can borrow the rest of `self`.
             let Some(mut table) = self
@@ -465,6 +483,9 @@ impl<H: Envoy> Plugin<H> {
             else {
                 break;
             };
+            if key.explain {
+                table.trace_start();
+            }
             let mut rng = self.rng.clone();
             let load = |slot: u32| {
                 if shared_load {
@@ -497,6 +518,9 @@ impl<H: Envoy> Plugin<H> {
                 table.pick(&mut req).map(|e| (e.slot, Vec::new()))
             };
             let panic = table.panic;
+            if key.explain {
+                trace = Some((table.trace_take(), panic));
+            }
             self.rng = rng;
             if let Some(s) = self.tables.services.get_mut(si) {
                 s.table = Some(table);
@@ -551,6 +575,36 @@ impl<H: Envoy> Plugin<H> {
                 format!("registry-lb: cannot route to service `{name}`\n"),
             ));
         }
+        if cfg.access_log_instance {
+            self.set_access_log(si, slot);
+        }
+        let shadow = if svc.shadow_policy.is_some() {
+            self.shadow_pick(si, now, key, slot, shared_load, total_active)
+        } else {
+            None
+        };
+        let decision = trace.map(|(t, panic)| {
+            let mut flags = Vec::new();
+            if panic {
+                flags.push("panic".to_string());
+            }
+            if trial {
+                flags.push("trial".to_string());
+            }
+            if let (Some(p), Some(s)) = (svc.shadow_policy, shadow) {
+                let a = self.host_of(si, s).unwrap_or_default();
+                flags.push(format!("shadow={}:{a}", crate::explain::policy_name(p)));
+            }
+            let chosen = self.host_of(si, slot).unwrap_or_default();
+            crate::explain::header(
+                svc.policy,
+                svc.bounded_load_percent.is_some(),
+                &chosen,
+                &t,
+                |s| self.host_of(si, s),
+                &flags,
+            )
+        });
         let gauge = if shared_load {
             self.slot_gauge(si, slot, SlotStat::RqActive)
         } else {
@@ -569,6 +623,16 @@ impl<H: Envoy> Plugin<H> {
                 t.peak_start(slot);
             }
         }
+        if svc.shadow_policy == Some(Policy::PeakEwma) {
+            if let Some(t) = self
+                .tables
+                .services
+                .get_mut(si)
+                .and_then(|s| s.shadow.as_mut())
+            {
+                t.peak_start(slot);
+            }
+        }
         self.count_pick(si, slot, cfg.max_instance_stats);
         Ok(Routed {
             service: si,
@@ -577,7 +641,124 @@ impl<H: Envoy> Plugin<H> {
             trial,
             fallbacks,
             total_gauge,
+            decision,
         })
+    }
+
+    /// The request asks for the decision header (its request header is removed so it
+    /// never reaches the upstream); whether it comes from an allowed source.
+    fn explain_asked(&mut self) -> bool {
+        let Some(x) = self.cfg.explain.clone() else {
+            return false;
+        };
+        if self.host.request_header(&x.request_header).is_none() {
+            return false;
+        }
+        let _ = self.host.set_request_header(&x.request_header, None);
+        if self.source_allowed(&x.ranges, x.trust_forwarded_for) {
+            self.stats.inc_global(&self.host, GlobalStat::ExplainServed);
+            true
+        } else {
+            self.stats
+                .inc_global(&self.host, GlobalStat::ExplainRefused);
+            false
+        }
+    }
+
+    /// The shadow policy's pick for this request beside the real one (`slot`),
+    /// counted; never routed to. Its own randomness, so routing is unchanged.
+    fn shadow_pick(
+        &mut self,
+        si: usize,
+        now: u64,
+        key: &RequestKey,
+        slot: u32,
+        shared_load: bool,
+        total_active: u64,
+    ) -> Option<u32> {
+        let mut table = self.tables.services.get_mut(si)?.shadow.take()?;
+        let mut rng = self.shadow_rng.clone();
+        let load = |s: u32| {
+            if shared_load {
+                self.slot_gauge(si, s, SlotStat::RqActive)
+                    .map(|id| self.host.metric_get(id))
+                    .unwrap_or(0)
+            } else {
+                0
+            }
+        };
+        let mut req = Request {
+            rng: &mut rng,
+            now_ms: now,
+            hash: key.hash,
+            subset: key.subset.as_deref(),
+            active: load,
+            total_active,
+        };
+        let picked = table.pick(&mut req).map(|e| e.slot);
+        self.shadow_rng = rng;
+        let state = self.tables.services.get_mut(si)?;
+        state.shadow = Some(table);
+        let other = picked?;
+        let c = &mut state.shadow_pending;
+        c.picks += 1;
+        if other != slot {
+            c.disagreements += 1;
+            let est = |s: u32| state.slots.get(s as usize).and_then(|c| c.latency_ns);
+            if let (Some(real), Some(shadow)) = (est(slot), est(other)) {
+                let c = &mut state.shadow_pending;
+                c.compared += 1;
+                let d_us = ((shadow - real) / 1000.0) as i64;
+                if d_us < 0 {
+                    c.lower_us += -d_us;
+                } else {
+                    c.higher_us += d_us;
+                }
+            }
+        }
+        Some(other)
+    }
+
+    /// Tick duty: the shadow counts of every service added to Envoy's stats.
+    pub(super) fn flush_shadow(&mut self) {
+        for si in 0..self.tables.services.len() {
+            let c = std::mem::take(&mut self.tables.services[si].shadow_pending);
+            if c.picks == 0 {
+                continue;
+            }
+            let name = self.cfg.services[si].name.clone();
+            for (stat, v) in [
+                (Stat::ShadowPicks, c.picks),
+                (Stat::ShadowDisagreements, c.disagreements),
+                (Stat::ShadowCompared, c.compared),
+                (Stat::ShadowLatencyLowerUs, c.lower_us),
+                (Stat::ShadowLatencyHigherUs, c.higher_us),
+            ] {
+                if v != 0 {
+                    self.stats.add(&self.host, &name, stat, v);
+                }
+            }
+        }
+    }
+
+    /// Puts `slot`'s `ip:port` in filter state for the access log (the bytes cached
+    /// per instance, so a request costs the host call only).
+    fn set_access_log(&mut self, si: usize, slot: u32) {
+        if self.slot_cache(si, slot).is_some_and(|c| c.text.is_none()) {
+            let t = self.host_of(si, slot).map(String::into_bytes);
+            if let Some(c) = self.slot_cache(si, slot) {
+                c.text = t;
+            }
+        }
+        let text = self
+            .tables
+            .services
+            .get(si)
+            .and_then(|s| s.slots.get(slot as usize))
+            .and_then(|c| c.text.as_deref());
+        if let Some(t) = text {
+            let _ = self.host.set_property(&[ACCESS_LOG_PROPERTY], t);
+        }
     }
 
     /// Hands `slot` (and, for `override_host`, the ranked `fallbacks`) to Envoy.
@@ -692,9 +873,23 @@ impl<H: Envoy> Plugin<H> {
         }
     }
 
-    /// Response headers of a routed request: the backend's load report, if the
-    /// service reads them.
-    pub fn on_response_headers(&mut self, routed: Option<&Routed>) {
+    /// Response headers of request `context` (`routed`: how it was routed, `None` if
+    /// it was not, or was held and then routed from the timer): the decision header,
+    /// the backend's load report if the service reads them.
+    pub fn on_response_headers(&mut self, context: u32, routed: Option<&Routed>) {
+        let released = match routed {
+            None => self.requests.released.get(&context).cloned(),
+            Some(_) => None,
+        };
+        let routed = routed.or(released.as_ref());
+        if let Some(x) = &self.cfg.explain {
+            // Only this filter's decision reaches the client under this name: an
+            // upstream's (or anyone's) header of the same name is removed.
+            let value = routed.and_then(|r| r.decision.as_deref());
+            let _ = self
+                .host
+                .set_response_header(&x.header, value.map(str::as_bytes));
+        }
         let Some(r) = routed else { return };
         let Some(header) = self
             .cfg
@@ -728,19 +923,33 @@ impl<H: Envoy> Plugin<H> {
         let Some(svc) = self.cfg.services.get(routed.service) else {
             return;
         };
-        if svc.policy == Policy::PeakEwma {
+        if svc.policy == Policy::PeakEwma || svc.shadow_policy.is_some() {
             let rtt = match int_property(&self.host, &["response", "backend_latency"]) {
                 0 => int_property(&self.host, &["request", "duration"]),
                 v => v,
             };
             let now = self.host.now_ms();
-            if let Some(t) = self
-                .tables
-                .services
-                .get_mut(routed.service)
-                .and_then(|s| s.table.as_mut())
-            {
-                t.peak_end(routed.slot, (rtt > 0).then_some(rtt), now);
+            let rtt = (rtt > 0).then_some(rtt);
+            let (real, shadow) = (
+                svc.policy == Policy::PeakEwma,
+                svc.shadow_policy == Some(Policy::PeakEwma),
+            );
+            if let Some(s) = self.tables.services.get_mut(routed.service) {
+                for t in [
+                    s.table.as_mut().filter(|_| real),
+                    s.shadow.as_mut().filter(|_| shadow),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    t.peak_end(routed.slot, rtt, now);
+                }
+            }
+            if let (Some(rtt), Some(c)) = (rtt, self.slot_cache(routed.service, routed.slot)) {
+                c.latency_ns = Some(match c.latency_ns {
+                    Some(old) => old * (1.0 - LATENCY_ALPHA) + rtt as f64 * LATENCY_ALPHA,
+                    None => rtt as f64,
+                });
             }
         }
         if self.passive_on(routed.service) {
@@ -777,6 +986,7 @@ impl<H: Envoy> Plugin<H> {
                     trial: r.trial && k == 0,
                     gauge: None,
                     fallbacks: Vec::new(),
+                    decision: None,
                     ..r
                 };
                 self.finished(failed, 503, outlier::flags::UPSTREAM_CONNECTION_FAILURE);
@@ -786,6 +996,7 @@ impl<H: Envoy> Plugin<H> {
                 trial: false,
                 gauge: None,
                 fallbacks: Vec::new(),
+                decision: None,
                 ..r
             };
         }

@@ -16,9 +16,9 @@ use std::collections::HashMap;
 
 /// Per-service state of effective weights: slow start and load reports.
 pub(super) struct Weights {
-    first_seen: FirstSeenTracker<std::net::SocketAddr>,
-    slow: Option<SlowStart>,
-    load: Option<UtilizationWeights>,
+    pub first_seen: FirstSeenTracker<std::net::SocketAddr>,
+    pub slow: Option<SlowStart>,
+    pub load: Option<UtilizationWeights>,
     /// Next time the table's weights are recomputed while they move.
     next_ms: u64,
 }
@@ -64,6 +64,12 @@ pub(super) struct SlotCache {
     /// Hand-off payload (filter-state arguments or header value) of the instance
     /// now in the slot; forgotten with a new snapshot.
     pub handoff: Option<Vec<u8>>,
+    /// `ip:port` of the instance now in the slot (access log); forgotten with a new
+    /// snapshot.
+    pub text: Option<Vec<u8>>,
+    /// Latency this worker observed from the instance now in the slot, as a moving
+    /// average (kept for `peak_ewma` and shadowed services); nanoseconds.
+    pub latency_ns: Option<f64>,
 }
 
 /// Per service: the worker's view.
@@ -81,6 +87,22 @@ pub(super) struct Service {
     pub outlier_generation: Option<Option<u32>>,
     /// When the request path last looked for other workers' ejections.
     pub outliers_seen_ms: u64,
+    /// The `shadow_policy` table: same instances and weights, never routed by.
+    pub shadow: Option<Table>,
+    /// Shadow counts not yet added to Envoy's stats (flushed on tick).
+    pub shadow_pending: ShadowCounts,
+}
+
+/// What the shadow policy did since the last flush.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct ShadowCounts {
+    pub picks: i64,
+    pub disagreements: i64,
+    /// Disagreements where both instances had a latency estimate.
+    pub compared: i64,
+    /// Over those: how much lower / higher the shadow's instance estimate was, µs.
+    pub lower_us: i64,
+    pub higher_us: i64,
 }
 
 pub(super) struct Tables {
@@ -102,6 +124,8 @@ impl Tables {
                     rq_active: None,
                     outlier_generation: None,
                     outliers_seen_ms: u64::MAX,
+                    shadow: None,
+                    shadow_pending: ShadowCounts::default(),
                 })
                 .collect(),
         }
@@ -152,6 +176,13 @@ impl<H: Envoy> Plugin<H> {
                     .unwrap_or(0),
             );
         }
+        // The shadow table draws from its own stream: routing's stays as it would
+        // be without it.
+        state.shadow = svc.shadow_policy.map(|p| {
+            let mut o = Options::of(svc);
+            o.policy = p;
+            Table::build(snap.clone(), o, &mut self.shadow_rng)
+        });
         let table = Table::build(snap, Options::of(svc), &mut self.rng);
         log::debug!(
             "registry-lb: service {}: worker table at version {} with {} routable of {} instance(s)",
@@ -165,6 +196,8 @@ impl<H: Envoy> Plugin<H> {
         for c in state.slots.iter_mut() {
             c.pick = None;
             c.handoff = None;
+            c.text = None;
+            c.latency_ns = None;
         }
         self.reapply(i, now);
     }
@@ -354,6 +387,9 @@ impl<H: Envoy> Plugin<H> {
             }
         };
         table.apply(&state.outliers, &weight, now, &mut self.rng);
+        if let Some(t) = state.shadow.as_mut() {
+            t.apply(&state.outliers, &weight, now, &mut self.shadow_rng);
+        }
         w.next_ms = now + 1000;
     }
 

@@ -603,7 +603,7 @@ fn load_reports_are_read_from_the_routed_response() {
         .entry(1)
         .or_default()
         .response_headers = vec![("endpoint-load-metrics".into(), b"garbage".to_vec())];
-    p.on_response_headers(routed.as_ref());
+    p.on_response_headers(1, routed.as_ref());
     assert_eq!(p.host.stat("web.load_report_invalid"), 1);
 }
 
@@ -1034,8 +1034,15 @@ impl crate::envoy::Envoy for Reads {
     fn set_filter_state(&self, args: &[u8]) -> Result<(), HostError> {
         self.fake.set_filter_state(args)
     }
-    fn local_reply(&self, status: u32, details: &str, body: &str) {
-        self.fake.local_reply(status, details, body)
+    fn local_reply_as(&self, status: u32, details: &str, body: &str, content_type: &str) {
+        self.fake
+            .local_reply_as(status, details, body, content_type)
+    }
+    fn set_response_header(&self, name: &str, value: Option<&[u8]>) -> Result<(), HostError> {
+        self.fake.set_response_header(name, value)
+    }
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError> {
+        crate::envoy::Envoy::set_property(&self.fake, path, value)
     }
     fn continue_request(&self) {
         self.fake.continue_request()
@@ -1394,4 +1401,281 @@ fn the_leader_registers_the_local_instance_and_deregisters_when_done() {
     assert_eq!(revoke.path, "/v3/lease/revoke");
     assert!(p.leaving_done());
     assert_eq!(p.host.stat("register_deregistered"), 1);
+}
+
+/// `status` on `/lb/status` and `explain` with their default (loopback) sources.
+const OBSERVE: &str = r#""status": { "path": "/lb/status" }, "explain": {}, "#;
+
+#[wasm_bindgen_test(unsupported = test)]
+fn status_view_is_answered_to_loopback_only_and_never_routed() {
+    let mut p = plugin_with(OBSERVE, r#""policy": "least_request","#);
+    publish(&mut p);
+    begin(&p, 1, "web", &[(":path", "/lb/status")]);
+    p.host
+        .set_property(1, &["source", "address"], b"127.0.0.1:40000");
+    let (action, routed) = p.on_request_headers(1);
+    assert_eq!(action, Action::Pause);
+    assert!(routed.is_none());
+    assert!(p.host.request(1).filter_state.is_empty(), "not routed");
+    let (status, details, body) = p.host.request(1).reply.unwrap_or_default();
+    assert_eq!((status, details.as_str()), (200, "registry_lb_status"));
+    assert_eq!(
+        p.host.request(1).reply_type.as_deref(),
+        Some("application/json")
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let web = &v["services"][0];
+    assert_eq!(web["name"], "web");
+    assert_eq!(web["policy"], "least_request");
+    assert_eq!(web["snapshot"]["version"], 1);
+    let addrs: Vec<&str> = web["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(addrs, HOSTS);
+    for i in web["instances"].as_array().unwrap() {
+        assert_eq!(i["registry_health"], "healthy");
+        assert_eq!(i["active_health"], "off");
+        assert_eq!(i["ejection"], "none");
+        assert_eq!(i["routable"], true);
+        assert_eq!(i["in_flight"], 0);
+        assert_eq!(i["weight"]["registry"], 1);
+    }
+    assert_eq!(p.host.stat("status_served"), 1);
+
+    // The text form, asked by query.
+    begin(&p, 2, "web", &[(":path", "/lb/status?x=1&format=text")]);
+    p.host
+        .set_property(2, &["source", "address"], b"[::1]:40000");
+    p.on_request_headers(2);
+    let (status, _, text) = p.host.request(2).reply.unwrap_or_default();
+    assert_eq!(status, 200);
+    assert!(
+        text.starts_with("service web  policy least_request"),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains("10.0.0.")).count(),
+        4,
+        "{text}"
+    );
+
+    // Another source: 403, and nothing routed.
+    begin(&p, 3, "web", &[(":path", "/lb/status")]);
+    p.host
+        .set_property(3, &["source", "address"], b"10.1.2.3:40000");
+    let (action, routed) = p.on_request_headers(3);
+    assert_eq!((action, routed.is_none()), (Action::Pause, true));
+    assert_eq!(reply_of(&p, 3), reply(403, "registry_lb_status_forbidden"));
+    assert_eq!(p.host.stat("status_forbidden"), 1);
+    // Another path is routed as usual.
+    begin(&p, 4, "web", &[(":path", "/lb/status/x")]);
+    let (action, routed) = p.on_request_headers(4);
+    assert_eq!((action, routed.is_some()), (Action::Continue, true));
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn status_view_shows_the_last_refresh_error_escaped() {
+    let mut p = plugin_with(OBSERVE, "");
+    publish(&mut p);
+    let key = p.keys.error[0].clone();
+    p.host
+        .shared_set(&key, b"1000 source 0: bad \x1b[31m answer\n", None)
+        .unwrap();
+    begin(&p, 1, "web", &[(":path", "/lb/status?format=text")]);
+    p.host
+        .set_property(1, &["source", "address"], b"127.0.0.1:1");
+    p.on_request_headers(1);
+    let (_, _, text) = p.host.request(1).reply.unwrap_or_default();
+    assert!(
+        text.contains("last refresh error") && text.contains(r"bad \u{1b}[31m answer\n"),
+        "{text}"
+    );
+    assert!(!text.contains('\x1b'));
+    begin(&p, 2, "web", &[(":path", "/lb/status")]);
+    p.host
+        .set_property(2, &["source", "address"], b"127.0.0.1:1");
+    p.on_request_headers(2);
+    let (_, _, body) = p.host.request(2).reply.unwrap_or_default();
+    assert!(
+        !body.contains('\x1b') && body.contains(r"\u001b[31m"),
+        "{body}"
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn decision_header_only_for_allowed_sources_that_ask() {
+    let mut p = plugin_with(OBSERVE, r#""policy": "least_request", "choice_count": 3,"#);
+    publish(&mut p);
+    // Asked from loopback: the header names the chosen instance and the candidates.
+    begin(&p, 1, "web", &[("x-registry-lb-explain", "1")]);
+    p.host
+        .set_property(1, &["source", "address"], b"127.0.0.1:5");
+    let (_, routed) = p.on_request_headers(1);
+    assert!(
+        p.host
+            .request(1)
+            .headers
+            .iter()
+            .all(|(k, _)| k != "x-registry-lb-explain"),
+        "the ask is not forwarded"
+    );
+    p.on_response_headers(1, routed.as_ref());
+    let h = p.host.response_header("x-registry-lb-decision").unwrap();
+    let h = String::from_utf8(h).unwrap();
+    let chosen = handed(&p, 1)[0].clone();
+    assert!(
+        h.starts_with(&format!(
+            "policy=least_request; chosen={chosen}; cost=in_flight; candidates="
+        )),
+        "{h}"
+    );
+    assert!(h.contains(&format!("{chosen}=0")), "{h}");
+    assert_eq!(p.host.stat("explain_served"), 1);
+    // Asked from elsewhere: routed, no header, and an upstream's is removed.
+    begin(&p, 2, "web", &[("x-registry-lb-explain", "1")]);
+    p.host
+        .set_property(2, &["source", "address"], b"192.0.2.1:5");
+    let (_, routed) = p.on_request_headers(2);
+    assert!(routed.is_some());
+    p.host
+        .set_response_header("x-registry-lb-decision", Some(b"forged"))
+        .unwrap();
+    p.on_response_headers(2, routed.as_ref());
+    assert!(p.host.response_header("x-registry-lb-decision").is_none());
+    assert_eq!(p.host.stat("explain_refused"), 1);
+    // Not asked: nothing.
+    begin(&p, 3, "web", &[]);
+    p.host
+        .set_property(3, &["source", "address"], b"127.0.0.1:5");
+    let (_, routed) = p.on_request_headers(3);
+    p.on_response_headers(3, routed.as_ref());
+    assert!(p.host.response_header("x-registry-lb-decision").is_none());
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn decision_header_explains_every_policy() {
+    for (policy, cost) in [
+        ("round_robin", "weight"),
+        ("random", "weight"),
+        ("least_request", "in_flight"),
+        ("peak_ewma", "latency_ns_x_pending_per_weight"),
+        ("ring_hash", "weight"),
+        ("maglev", "weight"),
+    ] {
+        let mut p = plugin_with(OBSERVE, &format!(r#""policy": "{policy}","#));
+        publish(&mut p);
+        begin(&p, 1, "web", &[("x-registry-lb-explain", "1")]);
+        p.host
+            .set_property(1, &["source", "address"], b"127.0.0.1:5");
+        let (_, routed) = p.on_request_headers(1);
+        let h = routed.and_then(|r| r.decision).unwrap_or_default();
+        let chosen = handed(&p, 1)[0].clone();
+        assert!(
+            h.starts_with(&format!(
+                "policy={policy}; chosen={chosen}; cost={cost}; candidates="
+            )),
+            "{policy}: {h}"
+        );
+        let candidates = h
+            .split("candidates=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap();
+        let n = candidates.split(',').count();
+        let want = if policy == "peak_ewma" || policy == "least_request" {
+            2
+        } else {
+            1
+        };
+        assert_eq!(n, want, "{policy}: {h}");
+        assert!(candidates.contains(&chosen), "{policy}: {h}");
+        if policy == "ring_hash" || policy == "maglev" {
+            assert!(h.contains("; hash="), "{policy}: {h}");
+        }
+    }
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn access_log_property_names_the_chosen_instance() {
+    let mut p = plugin_with(r#""access_log_instance": true,"#, "");
+    publish(&mut p);
+    for id in 1..=4 {
+        request(&mut p, id, &[]);
+        let set = p.host.request(id).set_properties;
+        assert_eq!(
+            set,
+            vec![(
+                "registry_lb_instance".to_string(),
+                handed(&p, id)[0].as_bytes().to_vec()
+            )]
+        );
+    }
+    let mut q = plugin("");
+    publish(&mut q);
+    request(&mut q, 1, &[]);
+    assert!(
+        q.host.request(1).set_properties.is_empty(),
+        "off by default"
+    );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn shadow_policy_is_counted_and_never_changes_routing() {
+    // The same seed with and without a shadow: the same instances, in order.
+    let routed_by = |service: &str| -> (Vec<String>, Plugin<FakeEnvoy>) {
+        let mut p = plugin(service);
+        publish(&mut p);
+        let mut out = Vec::new();
+        for id in 1..=200 {
+            let (_, routed) = request(&mut p, id, &[]);
+            out.push(handed(&p, id)[0].clone());
+            p.host.set_property(
+                id,
+                &["response", "backend_latency"],
+                &(1_000_000u64 * u64::from(id % 4 + 1)).to_le_bytes(),
+            );
+            end(&mut p, id, routed, 200, 0);
+        }
+        p.host.enter(0);
+        p.on_tick();
+        (out, p)
+    };
+    let (plain, _) = routed_by(r#""policy": "random","#);
+    let (shadowed, p) = routed_by(r#""policy": "random", "shadow_policy": "round_robin","#);
+    assert_eq!(plain, shadowed, "the shadow changed routing");
+    assert_eq!(p.host.stat("web.shadow_picks"), 200);
+    let d = p.host.stat("web.shadow_disagreements");
+    // Random against round robin over 4 instances: they agree about a quarter of the time.
+    assert!((100..=190).contains(&d), "disagreements {d}");
+    let compared = p.host.stat("web.shadow_compared");
+    assert!(compared > 0 && compared <= d, "compared {compared} of {d}");
+    let (lower, higher) = (
+        p.host.stat("web.shadow_latency_lower_us"),
+        p.host.stat("web.shadow_latency_higher_us"),
+    );
+    assert!(lower > 0 && higher > 0, "lower {lower} higher {higher}");
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn a_held_request_that_asked_gets_its_decision_when_routed_from_the_timer() {
+    let mut p = plugin_with(OBSERVE, "");
+    begin(&p, 1, "web", &[("x-registry-lb-explain", "1")]);
+    p.host
+        .set_property(1, &["source", "address"], b"127.0.0.1:5");
+    assert_eq!(p.on_request_headers(1), (Action::Pause, None));
+    publish(&mut p);
+    assert_eq!(p.host.request(1).continued, 1);
+    p.host.enter(1);
+    p.on_response_headers(1, None);
+    let h = String::from_utf8(p.host.response_header("x-registry-lb-decision").unwrap()).unwrap();
+    let chosen = handed(&p, 1)[0].clone();
+    assert!(
+        h.starts_with(&format!("policy=round_robin; chosen={chosen}; ")),
+        "{h}"
+    );
 }

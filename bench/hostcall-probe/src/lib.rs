@@ -53,6 +53,8 @@ enum Op {
     Authority,
     CurrentTime,
     GuestFormat,
+    /// `proxy_set_property(["registry_lb_instance"], ip:port)`: the access-log field.
+    SetProperty,
     Mimic,
 }
 
@@ -100,6 +102,7 @@ impl RootContext for Root {
             "authority" => Op::Authority,
             "current_time" => Op::CurrentTime,
             "guest_format" => Op::GuestFormat,
+            "set_property" => Op::SetProperty,
             "mimic" => Op::Mimic,
             "none" => Op::None,
             _ => return false,
@@ -266,6 +269,12 @@ impl HttpContext for Http {
                     let _ = hostcalls::call_foreign_function(
                         "set_envoy_filter_state",
                         Some(&filter_state_args("127.0.0.1:20000")),
+                    );
+                }
+                Op::SetProperty => {
+                    let _ = hostcalls::set_property(
+                        vec!["registry_lb_instance"],
+                        Some(b"127.0.0.1:20000".as_slice()),
                     );
                 }
                 Op::GuestFormat => {
