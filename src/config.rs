@@ -401,13 +401,17 @@ fn default_min_weight_percent() -> u32 {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(try_from = "SubsetSpec")]
+#[serde(from = "SubsetSpec")]
 pub struct SubsetConfig {
     /// Selector from the configuration, e.g. `"version=v1"` (`k=v,k2=v2`).
     pub selector: Option<Pairs>,
     /// Request header carrying a selector; when present it replaces `selector`.
     pub header: Option<String>,
     fallback: Fallback,
+    /// `fallback: default_subset` without `default_subset`: refused by
+    /// [`PluginConfig::validate`], which names the field (an error raised while reading
+    /// would be placed at the object's last field, `crate::json_path`).
+    default_missing: bool,
 }
 
 /// `subset` as written.
@@ -441,22 +445,20 @@ fn selector<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Pairs>, D::
         .transpose()
 }
 
-impl TryFrom<SubsetSpec> for SubsetConfig {
-    type Error = &'static str;
-    fn try_from(spec: SubsetSpec) -> Result<SubsetConfig, Self::Error> {
-        let fallback = match (spec.fallback, spec.default_subset) {
-            (SubsetFallback::NoFallback, _) => Fallback::NoFallback,
-            (SubsetFallback::AnyEndpoint, _) => Fallback::AnyEndpoint,
-            (SubsetFallback::DefaultSubset, Some(pairs)) => Fallback::DefaultSubset(pairs),
-            (SubsetFallback::DefaultSubset, None) => {
-                return Err("default_subset is required with fallback default_subset")
-            }
+impl From<SubsetSpec> for SubsetConfig {
+    fn from(spec: SubsetSpec) -> SubsetConfig {
+        let (fallback, default_missing) = match (spec.fallback, spec.default_subset) {
+            (SubsetFallback::NoFallback, _) => (Fallback::NoFallback, false),
+            (SubsetFallback::AnyEndpoint, _) => (Fallback::AnyEndpoint, false),
+            (SubsetFallback::DefaultSubset, Some(pairs)) => (Fallback::DefaultSubset(pairs), false),
+            (SubsetFallback::DefaultSubset, None) => (Fallback::NoFallback, true),
         };
-        Ok(SubsetConfig {
+        SubsetConfig {
             selector: spec.selector,
             header: spec.header,
             fallback,
-        })
+            default_missing,
+        }
     }
 }
 
@@ -677,12 +679,33 @@ impl PluginConfig {
     /// Parses and validates. Every error names the field it is about.
     pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let mut cfg: PluginConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
+        let mut cfg: PluginConfig = PluginConfig::deserialize(de).map_err(|e| {
+            // serde_json says where (line, column); the path there names the field.
+            let end = crate::json_path::offset_of(bytes, e.line(), e.column());
+            // A missing field is reported after its object's '}', any other error after
+            // the value it is about (and then after the '}' or ']' closing it if that
+            // value came last): see crate::json_path.
+            let msg = e.to_string();
+            let whole = msg.starts_with("missing field");
+            let mut path = crate::json_path::path_at(bytes, end, !whole);
+            // An externally tagged enum's variant is an object key: when it is refused,
+            // the error is the enum's (`hash_on: unknown variant`), read just before ':'.
+            let variant = msg
+                .strip_prefix("unknown variant `")
+                .and_then(|r| r.split('`').next());
+            let before_colon = bytes
+                .get(end..)
+                .and_then(|r| r.iter().find(|b| !b.is_ascii_whitespace()))
+                == Some(&b':');
+            if let (Some(v), true) = (variant, before_colon) {
+                if let Some(p) = path.strip_suffix(&format!(".{v}")) {
+                    path = p.to_string();
+                }
+            }
             if path == "." {
-                ConfigError(e.inner().to_string())
+                ConfigError(msg)
             } else {
-                ConfigError(format!("{path}: {}", e.inner()))
+                ConfigError(format!("{path}: {msg}"))
             }
         })?;
         // Eureka `fetch: auto`: `/apps` where two or more sources share a server.
@@ -927,6 +950,12 @@ impl PluginConfig {
                 }
             }
             if let Some(sub) = &s.subset {
+                if sub.default_missing {
+                    return err(
+                        format!("{at}.subset"),
+                        "default_subset is required with fallback default_subset",
+                    );
+                }
                 if let Some(h) = &sub.header {
                     if !valid_header_name(h) {
                         return err(

@@ -18,6 +18,7 @@ pub mod handoff;
 pub mod hash_key;
 pub mod health_check;
 pub mod http_call;
+pub mod json_path;
 pub use registry_lb_wire::instance;
 pub mod lease;
 pub mod load_report;
