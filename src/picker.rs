@@ -34,7 +34,7 @@
 
 use crate::balancer::bounded_load::BoundedLoad;
 use crate::balancer::maglev::{self, Maglev};
-use crate::balancer::peak_ewma::PeakEwma;
+use crate::balancer::peak_ewma::{self, PeakEwma, Rule as PeakRule};
 use crate::balancer::random::Random;
 use crate::balancer::ring_hash::{self, RingHash};
 use crate::balancer::weighted_sampler::WeightedSampler;
@@ -97,6 +97,9 @@ pub struct Options {
     pub subset_fallback: Fallback,
     pub peak_ewma_decay_ms: u64,
     pub peak_ewma_default_rtt_ns: u64,
+    /// `peak_ewma` candidates per pick and how they are compared.
+    pub peak_ewma_choices: u32,
+    pub peak_ewma_rule: PeakRule,
 }
 
 impl Options {
@@ -118,6 +121,8 @@ impl Options {
                 .unwrap_or(Fallback::NoFallback),
             peak_ewma_decay_ms: svc.peak_ewma.decay.0,
             peak_ewma_default_rtt_ns: svc.peak_ewma.default_rtt.0.saturating_mul(1_000_000),
+            peak_ewma_choices: svc.peak_ewma.choices,
+            peak_ewma_rule: svc.peak_ewma.rule,
         }
     }
 
@@ -134,6 +139,8 @@ impl Options {
             subset_fallback: Fallback::NoFallback,
             peak_ewma_decay_ms: crate::balancer::peak_ewma::DEFAULT_DECAY_MS,
             peak_ewma_default_rtt_ns: crate::balancer::peak_ewma::DEFAULT_RTT_NS,
+            peak_ewma_choices: crate::balancer::peak_ewma::DEFAULT_CHOICES,
+            peak_ewma_rule: PeakRule::HotCold,
         }
     }
 }
@@ -143,7 +150,7 @@ enum PolicyState {
     RoundRobin(RoundRobin),
     LeastRequest(LeastRequest),
     Random(Random),
-    /// Two weighted draws, the lower peak-EWMA cost per weight wins.
+    /// `choices` distinct weighted draws, compared by the configured rule.
     PeakEwma(WeightedSampler),
     RingHash(RingHash, Option<BoundedLoad>),
     Maglev(Maglev, Option<BoundedLoad>),
@@ -670,20 +677,17 @@ impl Table {
             }
             PolicyState::Random(r) => r.pick(req.rng)?,
             PolicyState::PeakEwma(sampler) => {
-                // Two distinct members (drawn with replacement, a slow endpoint would
-                // win every time both draws hit it); the cheaper per weight wins.
                 let peak = self.peak.as_ref()?;
-                match sampler.sample_pair(req.rng)? {
-                    (a, None) => a,
-                    (a, Some(b)) => {
-                        let (ia, ib) = (members.get(a).copied()?, members.get(b).copied()?);
-                        if peak.cheaper(ia, ib, req.rng, req.now_ms) == ia {
-                            a
-                        } else {
-                            b
-                        }
-                    }
-                }
+                let choice = Self::peak_choice(
+                    peak,
+                    sampler,
+                    &self.options,
+                    members,
+                    |i| eps.get(i).map(|e| e.slot),
+                    req,
+                )?;
+                let winner = choice.considered().get(choice.chosen)?.index;
+                members.iter().position(|&m| m == winner)?
             }
             PolicyState::RingHash(ring, bounded) => {
                 let h = req.hash.unwrap_or_else(|| req.rng.next_u64());
@@ -711,6 +715,40 @@ impl Table {
             }
         };
         members.get(k).copied()
+    }
+
+    /// A `peak_ewma` pick in a pool: `choices` distinct weighted draws of
+    /// `members`, compared by the rule; the outcome lists every candidate with
+    /// what the rule saw (endpoint indexes).
+    fn peak_choice<R: Rng, A: FnMut(u32) -> i64>(
+        peak: &PeakEwma,
+        sampler: &WeightedSampler,
+        options: &Options,
+        members: &[usize],
+        slot_of: impl Fn(usize) -> Option<u32>,
+        req: &mut Request<'_, R, A>,
+    ) -> Option<peak_ewma::Choice> {
+        let mut drawn = [0usize; peak_ewma::MAX_CHOICES];
+        let d = (options.peak_ewma_choices as usize).clamp(2, peak_ewma::MAX_CHOICES);
+        let n = sampler.sample_distinct(req.rng, drawn.get_mut(..d)?);
+        let drawn = drawn.get(..n)?;
+        match options.peak_ewma_rule {
+            PeakRule::HotCold => {
+                let mut cands = [(0usize, 0i64); peak_ewma::MAX_CHOICES];
+                for (c, &k) in cands.iter_mut().zip(drawn) {
+                    let i = members.get(k).copied()?;
+                    *c = (i, slot_of(i).map(&mut req.active).unwrap_or(0));
+                }
+                peak.hot_cold(cands.get(..n)?, req.rng, req.now_ms)
+            }
+            PeakRule::Cost => {
+                let mut cands = [0usize; peak_ewma::MAX_CHOICES];
+                for (c, &k) in cands.iter_mut().zip(drawn) {
+                    *c = members.get(k).copied()?;
+                }
+                peak.lowest_cost(cands.get(..n)?, req.rng, req.now_ms)
+            }
+        }
     }
 
     /// Picks an endpoint.
@@ -1501,9 +1539,12 @@ mod tests {
     }
 
     #[wasm_bindgen_test(unsupported = test)]
-    fn peak_ewma_avoids_a_slow_instance() {
+    fn peak_ewma_cost_rule_with_two_choices_avoids_a_slow_instance_until_others_pile_up() {
         let mut r = SplitMix64(3);
-        let mut t = Table::build(fleet(3), opts(Policy::PeakEwma), &mut r);
+        let mut o = opts(Policy::PeakEwma);
+        o.peak_ewma_rule = PeakRule::Cost;
+        o.peak_ewma_choices = 2;
+        let mut t = Table::build(fleet(3), o, &mut r);
         // Slot 0 answers in 200 ms, the others in 5 ms.
         for now in 0..50u64 {
             for slot in 0..3u32 {
@@ -1534,6 +1575,40 @@ mod tests {
             slow > 150,
             "{slow} of 300 to the slow instance once the others are loaded"
         );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn peak_ewma_hot_cold_reads_shared_load_and_keeps_a_slow_instance_out() {
+        let mut r = SplitMix64(3);
+        let mut t = Table::build(fleet(4), opts(Policy::PeakEwma), &mut r);
+        // Slot 0 answers in 20 ms, the others in 2 to 2.5 ms.
+        for now in 0..50u64 {
+            for slot in 0..4u32 {
+                t.peak_start(slot);
+                let ms = [20, 2, 2, 2][slot as usize] * 1_000_000 + u64::from(slot) * 150_000;
+                t.peak_end(slot, Some(ms), now);
+            }
+        }
+        let slow_host = t.endpoints[t.index_of_slot(0).unwrap()].host();
+        let busy_host = t.endpoints[t.index_of_slot(1).unwrap()].host();
+        // The fast ones have 40 requests in flight each (other workers' included):
+        // the idle slow one is still out of the latency band.
+        let mut seen = HashMap::new();
+        for _ in 0..3000 {
+            let h = pick_host(&mut t, &mut r, None, &|s| if s == 0 { 0 } else { 40 }).unwrap();
+            *seen.entry(h).or_insert(0u32) += 1;
+        }
+        assert_eq!(seen.get(&slow_host), None, "{seen:?}");
+        // Among the fast ones the least loaded wins: slot 1 with 30 more in flight
+        // gets nothing while the others have room.
+        let mut seen = HashMap::new();
+        for _ in 0..3000 {
+            let h = pick_host(&mut t, &mut r, None, &|s| [0, 30, 0, 0][s as usize]).unwrap();
+            *seen.entry(h).or_insert(0u32) += 1;
+        }
+        assert_eq!(seen.get(&busy_host), None, "{seen:?}");
+        assert_eq!(seen.get(&slow_host), None, "{seen:?}");
+        assert_eq!(seen.len(), 2, "{seen:?}");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -437,7 +437,10 @@ impl<H: Envoy> Plugin<H> {
                 s.outliers_seen_ms = now;
             }
         }
-        let shared_load = svc.policy == Policy::LeastRequest || svc.bounded_load_percent.is_some();
+        let shared_load = svc.policy == Policy::LeastRequest
+            || (svc.policy == Policy::PeakEwma
+                && svc.peak_ewma.rule == crate::balancer::peak_ewma::Rule::HotCold)
+            || svc.bounded_load_percent.is_some();
         let total_gauge = if svc.bounded_load_percent.is_some() {
             self.service_active_gauge(si)
         } else {
