@@ -27,24 +27,38 @@
 //!   plus one (Prequal's threshold is a quantile `Q_RIF` of the probed RIFs; with 2–8
 //!   candidates a multiple of their mean plays that part; with 2 candidates none is
 //!   ever hot). The least loaded candidate is always cold, so Prequal's all-hot case
-//!   (lowest RIF wins) does not arise. Among the cold ones, those whose latency estimate is within `BAND` (1.5×) of the
-//!   lowest — and those with no response yet, whose latency is unknown — form the
+//!   (lowest RIF wins) does not arise. Among the cold ones, those whose latency is
+//!   within `BAND` (1.5× + 0.5 ms) of the lowest — and those with no response yet,
+//!   whose latency is unknown — form the
 //!   fast band, and the one with the fewest in flight per weight in the band wins,
-//!   ties at random. Prequal picks the lowest latency outright; the band keeps
+//!   ties at random. The latency compared is not the peak EWMA but a *floor*: it
+//!   falls to any lower answer at once and rises by at most 1/8 per higher one
+//!   (`FLOOR_RISE`), decaying toward zero like the estimate while no answer comes.
+//!   Like BBR's windowed minimum RTT (Cardwell et al., "BBR: Congestion-Based
+//!   Congestion Control", ACM Queue 2016) it tracks what an instance costs when
+//!   nothing else is in the way: a host slower by a fixed delay never answers
+//!   below it, while a stall of the proxy itself (a loaded machine, a long event
+//!   loop turn) that delays every answer in flight moves it little. Measured with
+//!   the peak EWMA in the band on a loaded machine (`./dev bench --phases
+//!   slowhosts --quick`), stalls of up to 200 ms pushed the fast hosts' peaks
+//!   above the +50 ms host's and it got 7.2 % of requests. Prequal picks the
+//!   lowest latency outright; the band keeps
 //!   near-equal hosts balanced by load instead of by noise in their estimates, which
 //!   would send a worker's traffic to whichever looked fastest last (herding). The
 //!   in-flight counts are the Envoy-wide gauges `least_request` reads, so the workers
 //!   of one Envoy see each other's load; latency estimates stay per worker.
 //!   Why it helps: a host that is slower by a fixed delay is out of the band as soon
-//!   as one of its answers is seen, whatever its in-flight count, so it is picked
+//!   as a few of its answers are seen (one, if it is slow from the start; 5 from a
+//!   floor of 2 ms, whose band ends at 3.5 ms), whatever its in-flight count, so it is picked
 //!   only when every candidate is slow or hot; with `choices` > the number of slow
 //!   hosts, some candidate is always fast. Under the Finagle cost
 //!   `estimate × (pending + 1)` a host 4× slower still wins whenever the fast
 //!   candidates have 4 or more requests pending, and with two candidates two slow
 //!   ones are drawn together `s/n · (s−1)/(n−1)` of the time (2 of 6: 6.7 %). It is
-//!   probed again when its decayed estimate falls back into the band (after
-//!   `τ·ln(ratio / 1.5)`), a burst bounded by the in-flight counts: it stops being
-//!   the least loaded after a few requests, and its first answer moves it out again.
+//!   probed again when its decayed floor falls back into the band (the first time
+//!   after about `τ·ln(ratio / 1.5)`), a burst bounded by the in-flight counts: it
+//!   stops being the least loaded after a few requests, and its answers move it out
+//!   again.
 //!   Hot is a guard: a host that stops answering keeps a low (decaying) estimate
 //!   while its in-flight count grows; it stays in the band but loses on load, and is
 //!   skipped outright once it holds more than 2/d of the candidates' requests.
@@ -80,9 +94,14 @@ pub const DEFAULT_CHOICES: u32 = 3;
 pub const MAX_CHOICES: usize = 8;
 /// `hot_cold`: hot above this multiple of the candidates' mean in flight, plus one.
 pub const HOT_FACTOR: i128 = 2;
-/// `hot_cold`: the fast band, `estimate ≤ lowest × BAND_NUM / BAND_DEN` (1.5×).
+/// `hot_cold`: the fast band, `floor ≤ lowest × BAND_NUM / BAND_DEN + BAND_SLACK_NS`.
 pub const BAND_NUM: f64 = 3.0;
 pub const BAND_DEN: f64 = 2.0;
+
+/// `hot_cold`: a higher sample raises the latency floor by at most this fraction.
+pub const FLOOR_RISE: f64 = 0.125;
+/// `hot_cold`: the band's absolute slack: latencies this close count as equal.
+pub const BAND_SLACK_NS: f64 = 500_000.0;
 
 /// How a pick chooses among its candidates (module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -100,7 +119,8 @@ pub enum Rule {
 pub struct Considered {
     /// Endpoint index (into the table's `endpoints`).
     pub index: usize,
-    /// Latency estimate now, ns (decayed); `None`: no response yet.
+    /// Latency now, ns, decayed toward zero since the last response (`hot_cold`:
+    /// the floor; `cost`: the peak EWMA); `None`: no response yet.
     pub latency_ns: Option<f64>,
     /// Requests in flight (`hot_cold`: the Envoy-wide count; `cost`: this worker's).
     pub in_flight: i64,
@@ -143,6 +163,9 @@ pub struct EndpointState {
     pub pending: u32,
     /// False until the first response: `ewma_ns` is still the default.
     pub sampled: bool,
+    /// `hot_cold`'s latency: a floor that falls to any lower sample at once and
+    /// rises toward higher ones by at most `FLOOR_RISE` per sample.
+    pub floor_ns: f64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -161,6 +184,7 @@ impl PeakEwma {
             stamp_ms: now_ms,
             pending: 0,
             sampled: false,
+            floor_ns: default_rtt_ns as f64,
         };
         PeakEwma {
             weights: weights.iter().map(|&w| w.max(1)).collect(),
@@ -202,12 +226,18 @@ impl PeakEwma {
             return;
         };
         let rtt = rtt_ns as f64;
+        let d = decay(now_ms.saturating_sub(s.stamp_ms), decay_ms);
         if rtt > s.ewma_ns || !s.sampled {
             s.ewma_ns = rtt;
         } else {
-            let d = decay(now_ms.saturating_sub(s.stamp_ms), decay_ms);
             s.ewma_ns = s.ewma_ns * d + rtt * (1.0 - d);
         }
+        let floor = s.floor_ns * d;
+        s.floor_ns = if !s.sampled || rtt <= floor {
+            rtt
+        } else {
+            rtt.min(floor * (1.0 + FLOOR_RISE))
+        };
         s.stamp_ms = s.stamp_ms.max(now_ms);
         s.sampled = true;
     }
@@ -253,6 +283,13 @@ impl PeakEwma {
         Some(s.ewma_ns * decay(now_ms.saturating_sub(s.stamp_ms), self.decay_ms))
     }
 
+    /// `hot_cold`'s latency of `i` now: its floor, decayed toward zero since the
+    /// last response; `None` before its first response.
+    pub fn floor_ns(&self, i: usize, now_ms: u64) -> Option<f64> {
+        let s = self.state.get(i).filter(|s| s.sampled)?;
+        Some(s.floor_ns * decay(now_ms.saturating_sub(s.stamp_ms), self.decay_ms))
+    }
+
     fn weight(&self, i: usize) -> i128 {
         i128::from(self.weights.get(i).copied().unwrap_or(1))
     }
@@ -283,7 +320,7 @@ impl PeakEwma {
             if let Some(x) = c.considered.get_mut(k) {
                 *x = Considered {
                     index: i,
-                    latency_ns: self.estimate_ns(i, now_ms),
+                    latency_ns: self.floor_ns(i, now_ms),
                     in_flight: rif,
                     ..Considered::default()
                 };
@@ -302,7 +339,7 @@ impl PeakEwma {
         for x in c.considered.iter_mut().take(c.len) {
             x.in_band = !x.hot
                 && match (x.latency_ns, lowest) {
-                    (Some(l), Some(m)) => l * BAND_DEN <= m * BAND_NUM,
+                    (Some(l), Some(m)) => l * BAND_DEN <= m * BAND_NUM + BAND_SLACK_NS * BAND_DEN,
                     _ => true,
                 };
         }
@@ -601,10 +638,12 @@ mod tests {
         assert!((0..100).all(|_| q.pick(&mut rng, 0) != Some(2)));
     }
 
-    fn warm(lat_ms: &[u64]) -> PeakEwma {
-        let mut p = PeakEwma::new(&vec![1; lat_ms.len()], 10_000, 30 * MS, 0);
-        for (i, &l) in lat_ms.iter().enumerate() {
-            p.observe(i, l * MS, 0);
+    /// Endpoints with one answer each, of these latencies (ns): the first sample
+    /// sets both the peak EWMA and the floor.
+    fn warm(lat_ns: &[u64]) -> PeakEwma {
+        let mut p = PeakEwma::new(&vec![1; lat_ns.len()], 10_000, 30 * MS, 0);
+        for (i, &l) in lat_ns.iter().enumerate() {
+            p.observe(i, l, 0);
         }
         p
     }
@@ -612,10 +651,7 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn hot_cold_keeps_a_slow_host_out_whatever_the_load_where_cost_does_not() {
         // 6.5 ms idle against 1.5 ms with 8 and 9 in flight.
-        let mut p = warm(&[6, 1, 1]);
-        p.observe(0, 6_500_000, 0);
-        p.observe(1, 1_500_000, 0);
-        p.observe(2, 1_500_000, 0);
+        let mut p = warm(&[6_500_000, 1_500_000, 1_500_000]);
         let mut rng = SplitMix64(3);
         let c = p.hot_cold(&[(0, 0), (1, 8), (2, 9)], &mut rng, 0).unwrap();
         assert_eq!(c.index(), 1, "{c:?}");
@@ -640,18 +676,14 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn hot_cold_balances_the_band_by_load_and_skips_a_hot_host() {
-        // Near-equal latencies (within 1.5x) are one band: fewest in flight wins.
-        let mut p = warm(&[1, 1, 1]);
-        p.observe(0, 1_000_000, 0);
-        p.observe(1, 1_400_000, 0);
-        p.observe(2, 1_200_000, 0);
+        // Near-equal latencies (within 1.5x + 0.5 ms) are one band: fewest in flight wins.
+        let p = warm(&[1_000_000, 1_400_000, 1_200_000]);
         let mut rng = SplitMix64(5);
         let c = p.hot_cold(&[(0, 6), (1, 2), (2, 5)], &mut rng, 0).unwrap();
         assert_eq!(c.index(), 1);
         // The fastest holds more than 2x the mean + 1: hot, skipped even though the
         // others are outside its band (a host that stopped answering).
-        p.observe(1, 1_600_000, 0);
-        p.observe(2, 1_600_000, 0);
+        let p = warm(&[10 * MS, 16 * MS, 16 * MS]);
         let c = p.hot_cold(&[(0, 40), (1, 8), (2, 8)], &mut rng, 0).unwrap();
         assert!(c.considered()[0].hot, "{c:?}");
         assert_ne!(c.index(), 0);
@@ -687,11 +719,11 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn hot_cold_probes_a_slow_host_again_once_its_estimate_decays_into_the_band() {
-        let mut p = warm(&[20, 1, 1]);
+        let mut p = warm(&[20 * MS, MS, MS]);
         let mut rng = SplitMix64(7);
         let cands = |t: u64| [(0usize, 0i64), (1, 4), (2, 4)].map(|(i, r)| (i, r + (t % 2) as i64));
-        // τ = 10 s: 20 ms decays to 1.5 ms after τ·ln(20/1.5) ≈ 25.9 s; the fast
-        // hosts keep answering.
+        // τ = 10 s: 20 ms decays to 1.5 × 1 ms + 0.5 ms after τ·ln(10) ≈ 23.0 s; the
+        // fast hosts keep answering.
         let mut first = None;
         for t in (0..40_000).step_by(100) {
             p.observe(1, MS, t);
@@ -702,7 +734,7 @@ mod tests {
             }
         }
         let first = first.unwrap();
-        assert!((25_000..27_000).contains(&first), "{first}");
+        assert!((22_500..23_500).contains(&first), "{first}");
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -729,7 +761,27 @@ mod tests {
             .collect();
         assert_eq!(seq, HOT_COLD_PINNED);
     }
-    const HOT_COLD_PINNED: [usize; 16] = [3, 4, 0, 2, 0, 0, 2, 5, 3, 2, 4, 3, 3, 2, 2, 0];
+    const HOT_COLD_PINNED: [usize; 16] = [3, 4, 0, 2, 0, 0, 3, 5, 3, 2, 2, 3, 0, 3, 2, 2];
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn the_floor_shrugs_off_a_stall_and_rises_for_a_host_that_turns_slow() {
+        let mut p = warm(&[2 * MS, 2 * MS]);
+        // A 200 ms stall raises the floor by 1/8 at most: still in the band.
+        p.observe(0, 200 * MS, 0);
+        assert_eq!(p.floor_ns(0, 0), Some(2.25 * MS as f64));
+        // The next ordinary answer brings it straight back.
+        p.observe(0, 2 * MS, 0);
+        assert_eq!(p.floor_ns(0, 0), Some(2.0 * MS as f64));
+        // The peak EWMA, which `cost` uses, keeps the stall for about τ.
+        assert!(p.estimate_ns(0, 0).unwrap() > 199.0 * MS as f64);
+        // A host answering 50 ms from now on leaves the band (3.5 ms) after a few answers.
+        let mut n = 0;
+        while p.floor_ns(1, 0).unwrap() <= 3.5 * MS as f64 {
+            p.observe(1, 50 * MS, 0);
+            n += 1;
+        }
+        assert_eq!(n, 5);
+    }
 
     /// One worker, one request per ms for `to` ms, endpoint i answering after
     /// `lat[i]` ms; `choices` weighted distinct candidates. Returns picks per endpoint.

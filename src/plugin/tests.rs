@@ -1395,3 +1395,60 @@ fn the_leader_registers_the_local_instance_and_deregisters_when_done() {
     assert!(p.leaving_done());
     assert_eq!(p.host.stat("register_deregistered"), 1);
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn peak_ewma_hot_cold_keeps_a_slow_instance_out_and_counts_in_flight_requests() {
+    let mut p = plugin(r#""policy": "peak_ewma","#);
+    publish(&mut p);
+    // Every instance answers once: one of them in 50 ms, the others in 1 ms.
+    let slow = p.host_of(0, 0).unwrap_or_default();
+    let ms_of = |p: &Plugin<FakeEnvoy>, id: u32| -> u64 {
+        if handed(p, id) == [slow.clone()] {
+            50
+        } else {
+            1
+        }
+    };
+    let mut got = std::collections::HashMap::<String, u32>::new();
+    let mut open: std::collections::VecDeque<(u32, Option<Routed>, u64)> = Default::default();
+    for (id, step) in (1..).zip(0..4_000u64) {
+        // One request per 0.25 ms (4 per ms), each answered after its instance's time.
+        if step % 4 == 0 {
+            p.host.advance_ms(1);
+        }
+        let (_, routed) = request(&mut p, id, &[]);
+        let h = handed(&p, id).first().cloned().unwrap_or_default();
+        if step >= 400 {
+            *got.entry(h).or_insert(0) += 1;
+        }
+        let due = p.host.now_ms() + ms_of(&p, id);
+        open.push_back((id, routed, due));
+        let now = p.host.now_ms();
+        let mut keep = std::collections::VecDeque::new();
+        while let Some((rid, r, due)) = open.pop_front() {
+            if due <= now {
+                let ns = (ms_of(&p, rid) * 1_000_000).to_le_bytes();
+                p.host
+                    .set_property(rid, &["response", "backend_latency"], &ns);
+                end(&mut p, rid, r, 200, 0);
+            } else {
+                keep.push_back((rid, r, due));
+            }
+        }
+        open = keep;
+    }
+    let total: u32 = got.values().sum();
+    let to_slow = got.get(&slow).copied().unwrap_or(0);
+    // Without the shared in-flight counts and the latency band it would get a quarter
+    // at first and ~1/16 (both of a pair) with the old p2c cost once loaded.
+    assert!(
+        to_slow * 100 < total,
+        "{to_slow} of {total} to the 50 ms instance: {got:?}"
+    );
+    // The in-flight gauges are kept for peak_ewma (its hot-cold rule reads them).
+    let active: i64 = (0..4)
+        .map(|s| p.host.stat(&format!("web.slot_{s}.rq_active")))
+        .sum();
+    assert_eq!(active, open.len() as i64);
+    assert!(active > 0);
+}
