@@ -20,6 +20,9 @@
 //! benchmark's slow backends do); `error_rate` answers are 5xx. Instances can join
 //! and leave (`join_s`, `leave_s`: a new snapshot, new tables, as a registry change
 //! does) and change over time (`events`: a host that degrades or recovers).
+//! `stalls` pauses workers now and then (a loaded machine descheduling Envoy): what
+//! comes in meanwhile is handled when the worker resumes, so every answer in flight
+//! looks slower — the noise a latency estimate has to live with.
 //!
 //! Left out: the network, connection pools and Envoy's own queueing between the
 //! filter and the upstream; active health checks, zones and subsets (the table
@@ -71,6 +74,19 @@ struct Scenario {
     slow_start: Option<SlowStartSpec>,
     #[serde(default)]
     outlier: Option<OutlierSpec>,
+    /// Pauses of each worker (a loaded machine descheduling Envoy): answers that
+    /// come in meanwhile are seen when it resumes, so their latency includes it.
+    #[serde(default)]
+    stalls: Option<StallSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StallSpec {
+    /// Mean time between a worker's pauses (exponential).
+    every_ms: f64,
+    /// Mean length of a pause (exponential).
+    ms: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +299,24 @@ struct Worker {
     table: Table,
     rng: SplitMix64,
     busy_until: u64,
+    stall_until: u64,
+    next_stall: u64,
+}
+
+/// Exponential variate with this mean.
+fn exponential(rng: &mut SplitMix64, mean: f64) -> f64 {
+    -uniform(rng).max(1e-12).ln() * mean
+}
+
+/// Whether `w` is paused at `t` (`Some(resume time)`), moving its pauses along.
+fn stalled(w: &mut Worker, t: u64, spec: Option<&StallSpec>, rng: &mut SplitMix64) -> Option<u64> {
+    let spec = spec?;
+    while w.next_stall <= t {
+        let len = (exponential(rng, spec.ms) * 1e6) as u64;
+        w.stall_until = w.stall_until.max(w.next_stall + len);
+        w.next_stall += ((exponential(rng, spec.every_ms) * 1e6) as u64).max(1);
+    }
+    (t < w.stall_until).then_some(w.stall_until)
 }
 
 struct Proxy {
@@ -312,8 +346,9 @@ struct Outcome {
     share_series: Vec<Vec<f64>>,
     /// Per second: share of picks to delayed instances.
     slow_series: Vec<f64>,
-    /// Per instance with no delay at any time: coefficient of variation of its
-    /// per-second share (how much its share moves over time: herding).
+    /// The largest, over instances that never change (no delay, no events, there
+    /// throughout), of the coefficient of variation of the instance's per-second
+    /// share: how much shares move over time (herding).
     max_share_cv: Option<f64>,
     /// Latency percentiles for the plot: (percent, ms).
     cdf: Vec<(f64, f64)>,
@@ -402,12 +437,19 @@ fn run(sc: &Scenario, pol: &PolicySpec) -> Outcome {
             .iter()
             .map(|b| b.join_ns.map(|j| t.saturating_sub(j) / 1_000_000))
             .collect();
+        // As the filter does while weights move: every weight × the ramp factor in
+        // thousandths, so a weight-1 instance at 10 % is 100 against 1000.
         move |slot: u32, w: u32| match (&slow_start, ages.get(slot as usize)) {
-            (Some(ss), Some(age)) => ss.weight(w, *age),
+            (Some(ss), Some(age)) => {
+                u32::try_from(u64::from(w) * u64::from(ss.factor_ppm(*age)) / 1_000)
+                    .unwrap_or(u32::MAX)
+                    .max(1)
+            }
             _ => w,
         }
     };
     let mut version = 1;
+    let mut was_ramping = false;
     let mut live: Vec<bool> = backends.iter().map(|b| b.live(0)).collect();
     let mut proxies: Vec<Proxy> = (0..sc.proxies as usize)
         .map(|p| Proxy {
@@ -430,6 +472,8 @@ fn run(sc: &Scenario, pol: &PolicySpec) -> Outcome {
                         table,
                         rng,
                         busy_until: 0,
+                        stall_until: 0,
+                        next_stall: 0,
                     }
                 })
                 .collect(),
@@ -464,7 +508,7 @@ fn run(sc: &Scenario, pol: &PolicySpec) -> Outcome {
     let mut rr_worker = vec![0usize; proxies.len()];
     let mut ever_slow = vec![false; n];
     for (i, b) in backends.iter().enumerate() {
-        ever_slow[i] = b.delay_ms > 0.0 || b.events.iter().any(|e| e.delay_ms.unwrap_or(0.0) > 0.0);
+        ever_slow[i] = b.delay_ms > 0.0 || !b.events.is_empty();
     }
     while let Some(Reverse((t, _, ev))) = heap.pop() {
         if t >= end_ns {
@@ -512,6 +556,11 @@ fn run(sc: &Scenario, pol: &PolicySpec) -> Outcome {
             }
             Ev::Forward { req } => {
                 let (proxy, worker) = (reqs[req as usize].proxy, reqs[req as usize].worker);
+                let w = &mut proxies[proxy].workers[worker];
+                if let Some(resume) = stalled(w, t, sc.stalls.as_ref(), &mut model_rng) {
+                    push(&mut heap, resume, Ev::Forward { req });
+                    continue;
+                }
                 let p = &mut proxies[proxy];
                 let in_flight = &p.in_flight;
                 let total: i64 = in_flight.iter().sum();
@@ -588,6 +637,11 @@ fn run(sc: &Scenario, pol: &PolicySpec) -> Outcome {
             }
             Ev::Answer { req } => {
                 let r = reqs[req as usize].clone();
+                let w = &mut proxies[r.proxy].workers[r.worker];
+                if let Some(resume) = stalled(w, t, sc.stalls.as_ref(), &mut model_rng) {
+                    push(&mut heap, resume, Ev::Answer { req });
+                    continue;
+                }
                 let slot = r.backend as u32;
                 let p = &mut proxies[r.proxy];
                 p.in_flight[r.backend] -= 1;
@@ -657,6 +711,11 @@ fn run(sc: &Scenario, pol: &PolicySpec) -> Outcome {
                     })
                 });
                 let second = t % NS < 100_000_000;
+                // One more apply once the last ramp has ended, at full weight.
+                let reweigh = second && (ramping || was_ramping);
+                if second {
+                    was_ramping = ramping;
+                }
                 if registry_change {
                     live = now_live;
                     version += 1;
@@ -679,7 +738,7 @@ fn run(sc: &Scenario, pol: &PolicySpec) -> Outcome {
                             );
                             table.apply(&p.outliers, &wf, now_ms, &mut w.rng);
                             w.table = table;
-                        } else if changed || (ramping && second) {
+                        } else if changed || reweigh {
                             w.table.apply(&p.outliers, &wf, now_ms, &mut w.rng);
                         }
                     }
@@ -1038,6 +1097,11 @@ fn validate(sc: &Scenario) -> Result<(), String> {
     }
     if !(sc.proxy_cpu_us >= 0.0 && sc.proxy_cpu_us.is_finite()) {
         return bad("proxy_cpu_us must be 0 or more");
+    }
+    if let Some(st) = &sc.stalls {
+        if !(st.every_ms >= 1.0 && st.every_ms.is_finite() && st.ms >= 0.0 && st.ms.is_finite()) {
+            return bad("stalls: every_ms >= 1 and ms >= 0");
+        }
     }
     let n: u32 = sc.instances.iter().map(|i| i.count).sum();
     if n == 0 || n > 10_000 {
