@@ -112,7 +112,10 @@ fn a_degrading_host_is_avoided_and_a_new_one_ramps_up() {
     let series = pe["share_series"].as_array().unwrap();
     let at = |s: usize, i: usize| series[s][i].as_f64().unwrap();
     assert_eq!(at(11, 8), 0.0, "{stdout}");
-    assert!(at(12, 8) > 0.0 && at(12, 8) < at(14, 8) && at(14, 8) < at(16, 8), "{stdout}");
+    assert!(
+        at(12, 8) > 0.0 && at(12, 8) < at(14, 8) && at(14, 8) < at(16, 8),
+        "{stdout}"
+    );
     let steady = (0..6).map(|i| at(24, i)).sum::<f64>() / 6.0;
     assert!((at(24, 8) / steady - 1.0).abs() < 0.15, "{stdout}");
     // The host that failed every request from 12 s to 14 s was ejected: few of its
