@@ -32,8 +32,9 @@
 //!   whose latency is unknown — form the
 //!   fast band, and the one with the fewest in flight per weight in the band wins,
 //!   ties at random. The latency compared is not the peak EWMA but a *floor*: it
-//!   falls to any lower answer at once and rises by at most 1/8 per higher one
-//!   (`FLOOR_RISE`), decaying toward zero like the estimate while no answer comes.
+//!   falls to any lower answer at once and rises toward higher ones at most e-fold
+//!   per τ/10 of time (`FLOOR_RISE`; 1 s by default), however many answers come,
+//!   and decays toward zero like the estimate while no answer comes.
 //!   Like BBR's windowed minimum RTT (Cardwell et al., "BBR: Congestion-Based
 //!   Congestion Control", ACM Queue 2016) it tracks what an instance costs when
 //!   nothing else is in the way: a host slower by a fixed delay never answers
@@ -41,15 +42,18 @@
 //!   loop turn) that delays every answer in flight moves it little. Measured with
 //!   the peak EWMA in the band on a loaded machine (`./dev bench --phases
 //!   slowhosts --quick`), stalls of up to 200 ms pushed the fast hosts' peaks
-//!   above the +50 ms host's and it got 7.2 % of requests. Prequal picks the
+//!   above the +50 ms host's and it got 7.2 % of requests; with a floor rising 1/8
+//!   per answer (so faster the more answers come) 2 of 6 +20 ms hosts still got
+//!   1.7 %. Prequal picks the
 //!   lowest latency outright; the band keeps
 //!   near-equal hosts balanced by load instead of by noise in their estimates, which
 //!   would send a worker's traffic to whichever looked fastest last (herding). The
 //!   in-flight counts are the Envoy-wide gauges `least_request` reads, so the workers
 //!   of one Envoy see each other's load; latency estimates stay per worker.
 //!   Why it helps: a host that is slower by a fixed delay is out of the band as soon
-//!   as a few of its answers are seen (one, if it is slow from the start; 5 from a
-//!   floor of 2 ms, whose band ends at 3.5 ms), whatever its in-flight count, so it is picked
+//!   as its answers are seen (at once if it is slow from its first answer; 0.62 s
+//!   from a floor of 2 ms, whose band ends at 3.5 ms), whatever its in-flight count,
+//!   so it is picked
 //!   only when every candidate is slow or hot; with `choices` > the number of slow
 //!   hosts, some candidate is always fast. Under the Finagle cost
 //!   `estimate × (pending + 1)` a host 4× slower still wins whenever the fast
@@ -98,8 +102,9 @@ pub const HOT_FACTOR: i128 = 2;
 pub const BAND_NUM: f64 = 3.0;
 pub const BAND_DEN: f64 = 2.0;
 
-/// `hot_cold`: a higher sample raises the latency floor by at most this fraction.
-pub const FLOOR_RISE: f64 = 0.125;
+/// `hot_cold`: the latency floor rises toward higher answers at most e-fold per
+/// `decay / FLOOR_RISE` of time (1 s with the default 10 s), however many come.
+pub const FLOOR_RISE: f64 = 10.0;
 /// `hot_cold`: the band's absolute slack: latencies this close count as equal.
 pub const BAND_SLACK_NS: f64 = 500_000.0;
 
@@ -164,7 +169,7 @@ pub struct EndpointState {
     /// False until the first response: `ewma_ns` is still the default.
     pub sampled: bool,
     /// `hot_cold`'s latency: a floor that falls to any lower sample at once and
-    /// rises toward higher ones by at most `FLOOR_RISE` per sample.
+    /// rises toward higher ones at most e-fold per `decay / FLOOR_RISE`.
     pub floor_ns: f64,
 }
 
@@ -232,11 +237,15 @@ impl PeakEwma {
         } else {
             s.ewma_ns = s.ewma_ns * d + rtt * (1.0 - d);
         }
+        let elapsed = now_ms.saturating_sub(s.stamp_ms);
         let floor = s.floor_ns * d;
         s.floor_ns = if !s.sampled || rtt <= floor {
             rtt
         } else {
-            rtt.min(floor * (1.0 + FLOOR_RISE))
+            // At most e-fold per τ / FLOOR_RISE of time since the last answer (the
+            // argument capped: beyond e^50 the answer itself is the bound).
+            let rise = (elapsed as f64 * FLOOR_RISE / decay_ms as f64).min(50.0);
+            rtt.min(floor * detmath::exp(rise))
         };
         s.stamp_ms = s.stamp_ms.max(now_ms);
         s.sampled = true;
@@ -766,21 +775,29 @@ mod tests {
     #[wasm_bindgen_test(unsupported = test)]
     fn the_floor_shrugs_off_a_stall_and_rises_for_a_host_that_turns_slow() {
         let mut p = warm(&[2 * MS, 2 * MS]);
-        // A 200 ms stall raises the floor by 1/8 at most: still in the band.
-        p.observe(0, 200 * MS, 0);
-        assert_eq!(p.floor_ns(0, 0), Some(2.25 * MS as f64));
-        // The next ordinary answer brings it straight back.
-        p.observe(0, 2 * MS, 0);
-        assert_eq!(p.floor_ns(0, 0), Some(2.0 * MS as f64));
-        // The peak EWMA, which `cost` uses, keeps the stall for about τ.
-        assert!(p.estimate_ns(0, 0).unwrap() > 199.0 * MS as f64);
-        // A host answering 50 ms from now on leaves the band (3.5 ms) after a few answers.
-        let mut n = 0;
-        while p.floor_ns(1, 0).unwrap() <= 3.5 * MS as f64 {
-            p.observe(1, 50 * MS, 0);
-            n += 1;
+        // Answers held 200 ms by a stall of the proxy, 10 ms after the last one:
+        // however many, the floor rises by e^(10 ms · 10 / 10 s) at most.
+        for _ in 0..50 {
+            p.observe(0, 200 * MS, 10);
         }
-        assert_eq!(n, 5);
+        let f = p.floor_ns(0, 10).unwrap();
+        assert!(near(f, 2.0 * MS as f64 * (0.009f64).exp(), 1e-12), "{f}");
+        // The next ordinary answer brings it straight back.
+        p.observe(0, 2 * MS, 11);
+        assert!(near(p.floor_ns(0, 11).unwrap(), 2.0 * MS as f64, 1e-3));
+        // The peak EWMA, which `cost` uses, keeps the stall for about τ.
+        assert!(p.estimate_ns(0, 11).unwrap() > 199.0 * MS as f64);
+        // A host answering 50 ms from now on, every 10 ms, leaves the band (3.5 ms)
+        // after τ/9 · ln(1.75) ≈ 622 ms.
+        let mut t = 0;
+        while p.floor_ns(1, t).unwrap() <= 3.5 * MS as f64 {
+            t += 10;
+            p.observe(1, 50 * MS, t);
+        }
+        assert!((620..=630).contains(&t), "{t}");
+        // After a long silence its first answer is its floor.
+        p.observe(1, 9 * MS, t + 60_000);
+        assert_eq!(p.floor_ns(1, t + 60_000), Some(9.0 * MS as f64));
     }
 
     /// One worker, one request per ms for `to` ms, endpoint i answering after
