@@ -150,8 +150,9 @@ enum PolicyState {
     RoundRobin(RoundRobin),
     LeastRequest(LeastRequest),
     Random(Random),
-    /// `choices` distinct weighted draws, compared by the configured rule.
-    PeakEwma(WeightedSampler),
+    /// `choices` distinct weighted draws, compared by the configured rule; the
+    /// pool's total weight (the hot threshold's reference).
+    PeakEwma(WeightedSampler, u64),
     RingHash(RingHash, Option<BoundedLoad>),
     Maglev(Maglev, Option<BoundedLoad>),
 }
@@ -414,7 +415,10 @@ impl Table {
                 PolicyState::LeastRequest(LeastRequest::new(&weights, self.options.choice_count))
             }
             Policy::Random => PolicyState::Random(Random::new(&weights)),
-            Policy::PeakEwma => PolicyState::PeakEwma(WeightedSampler::new(&weights)),
+            Policy::PeakEwma => PolicyState::PeakEwma(
+                WeightedSampler::new(&weights),
+                weights.iter().map(|&w| u64::from(w)).sum(),
+            ),
             Policy::RingHash => PolicyState::RingHash(
                 RingHash::new(
                     &keys,
@@ -676,11 +680,12 @@ impl Table {
                 })?
             }
             PolicyState::Random(r) => r.pick(req.rng)?,
-            PolicyState::PeakEwma(sampler) => {
+            PolicyState::PeakEwma(sampler, pool_weight) => {
                 let peak = self.peak.as_ref()?;
                 let choice = Self::peak_choice(
                     peak,
                     sampler,
+                    *pool_weight,
                     &self.options,
                     members,
                     |i| eps.get(i).map(|e| e.slot),
@@ -719,10 +724,12 @@ impl Table {
 
     /// A `peak_ewma` pick in a pool: `choices` distinct weighted draws of
     /// `members`, compared by the rule; the outcome lists every candidate with
-    /// what the rule saw (endpoint indexes).
+    /// what the rule saw (endpoint indexes). `hot_cold` reads the shared in-flight
+    /// counts (`req.active`, `req.total_active`).
     fn peak_choice<R: Rng, A: FnMut(u32) -> i64>(
         peak: &PeakEwma,
         sampler: &WeightedSampler,
+        pool_weight: u64,
         options: &Options,
         members: &[usize],
         slot_of: impl Fn(usize) -> Option<u32>,
@@ -739,7 +746,13 @@ impl Table {
                     let i = members.get(k).copied()?;
                     *c = (i, slot_of(i).map(&mut req.active).unwrap_or(0));
                 }
-                peak.hot_cold(cands.get(..n)?, req.rng, req.now_ms)
+                // The service's in-flight count stands for the pool's: exact for
+                // the whole table, above it for a zone or a subset (fewer hot).
+                let pool = peak_ewma::PoolLoad {
+                    in_flight: i64::try_from(req.total_active).unwrap_or(i64::MAX),
+                    weight: pool_weight,
+                };
+                peak.hot_cold(cands.get(..n)?, pool, req.rng, req.now_ms)
             }
             PeakRule::Cost => {
                 let mut cands = [0usize; peak_ewma::MAX_CHOICES];
@@ -1590,20 +1603,32 @@ mod tests {
             }
         }
         let slow_host = t.endpoints[t.index_of_slot(0).unwrap()].host();
+        // A pick with the shared in-flight counts `load` and their total.
+        let pick = |t: &mut Table, r: &mut SplitMix64, load: [i64; 4]| {
+            let mut req = Request {
+                rng: r,
+                now_ms: 50,
+                hash: None,
+                subset: None,
+                active: |s: u32| load[s as usize],
+                total_active: load.iter().sum::<i64>() as u64,
+            };
+            t.pick(&mut req).map(|e| e.host()).unwrap()
+        };
         let busy_host = t.endpoints[t.index_of_slot(1).unwrap()].host();
         // The fast ones have 40 requests in flight each (other workers' included):
         // the idle slow one is still out of the latency band.
         let mut seen = HashMap::new();
         for _ in 0..3000 {
-            let h = pick_host(&mut t, &mut r, None, &|s| if s == 0 { 0 } else { 40 }).unwrap();
+            let h = pick(&mut t, &mut r, [0, 40, 40, 40]);
             *seen.entry(h).or_insert(0u32) += 1;
         }
         assert_eq!(seen.get(&slow_host), None, "{seen:?}");
-        // Among the fast ones the least loaded wins: slot 1 with 30 more in flight
-        // gets nothing while the others have room.
+        // Among the fast ones the least loaded wins: slot 1 with 30 in flight gets
+        // nothing while the others have room (and is hot: 30·4 > 2·30 + 4).
         let mut seen = HashMap::new();
         for _ in 0..3000 {
-            let h = pick_host(&mut t, &mut r, None, &|s| [0, 30, 0, 0][s as usize]).unwrap();
+            let h = pick(&mut t, &mut r, [0, 30, 0, 0]);
             *seen.entry(h).or_insert(0u32) += 1;
         }
         assert_eq!(seen.get(&busy_host), None, "{seen:?}");

@@ -23,11 +23,12 @@
 //!   lexicographic rule (Wydrowski et al., "Load is not what you should balance:
 //!   Introducing Prequal", NSDI 2024, arXiv 2312.10172, §3), on signals the filter
 //!   already has instead of Prequal's probes. A candidate is *hot* when its requests
-//!   in flight per unit of weight exceed `HOT_FACTOR` (2) times the candidates' mean
-//!   plus one (Prequal's threshold is a quantile `Q_RIF` of the probed RIFs; with 2–8
-//!   candidates a multiple of their mean plays that part; with 2 candidates none is
-//!   ever hot). The least loaded candidate is always cold, so Prequal's all-hot case
-//!   (lowest RIF wins) does not arise. Among the cold ones, those whose latency is
+//!   in flight per unit of weight exceed `HOT_FACTOR` (2) times the pool's mean plus
+//!   one (the pool: every instance the pick is made among; Prequal's threshold is a
+//!   quantile `Q_RIF` of the RIFs of its probe pool, here a multiple of the mean from
+//!   the Envoy-wide in-flight gauges). If every candidate is hot, the one with the
+//!   fewest in flight per weight wins (Prequal's all-hot rule). Among the cold ones,
+//!   those whose latency is
 //!   within `BAND` (1.5× + 0.5 ms) of the lowest — and those with no response yet,
 //!   whose latency is unknown — form the
 //!   fast band, and the one with the fewest in flight per weight in the band wins,
@@ -63,9 +64,13 @@
 //!   after about `τ·ln(ratio / 1.5)`), a burst bounded by the in-flight counts: it
 //!   stops being the least loaded after a few requests, and its answers move it out
 //!   again.
-//!   Hot is a guard: a host that stops answering keeps a low (decaying) estimate
-//!   while its in-flight count grows; it stays in the band but loses on load, and is
-//!   skipped outright once it holds more than 2/d of the candidates' requests.
+//!   Hot is the overload rule: a fast host piling up requests (it stopped answering,
+//!   or its capacity is exhausted before its latency shows it) is skipped once it
+//!   holds more than twice its share of the pool's requests, and if every fast
+//!   candidate is hot a slower cold one takes the request. The reference is the
+//!   pool's mean, not the candidates': idle slow candidates would pull a candidates'
+//!   mean down and make the one fast candidate among them "hot" — measured: 2 of 6
+//!   +20 ms hosts then got 1.3 % on a loaded machine.
 //! - `cost`: Finagle's rule, the lowest `estimate × (pending + 1)` per unit of weight
 //!   (`cost_a·w_b < cost_b·w_a`), `pending` this worker's requests in flight; exact
 //!   ties at random. With `choices: 2` this is tower's / Linkerd's p2c, the policy's
@@ -96,7 +101,7 @@ pub const DEFAULT_DECAY_MS: u64 = 10_000;
 /// Candidates per pick: default and most.
 pub const DEFAULT_CHOICES: u32 = 3;
 pub const MAX_CHOICES: usize = 8;
-/// `hot_cold`: hot above this multiple of the candidates' mean in flight, plus one.
+/// `hot_cold`: hot above this multiple of the pool's mean in flight, plus one.
 pub const HOT_FACTOR: i128 = 2;
 /// `hot_cold`: the fast band, `floor ≤ lowest × BAND_NUM / BAND_DEN + BAND_SLACK_NS`.
 pub const BAND_NUM: f64 = 3.0;
@@ -135,6 +140,14 @@ pub struct Considered {
     pub in_band: bool,
     /// `cost`: `estimate × (pending + 1)` per unit of weight; `hot_cold`: 0.
     pub cost: f64,
+}
+
+/// The load of the pool a pick is made in: requests in flight to it (Envoy-wide)
+/// and its total weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolLoad {
+    pub in_flight: i64,
+    pub weight: u64,
 }
 
 /// The outcome of a pick: the winner and every candidate considered.
@@ -304,11 +317,13 @@ impl PeakEwma {
     }
 
     /// Prequal's hot-cold rule (module doc) over `cands`: (endpoint index, requests
-    /// in flight to it, Envoy-wide). At most [`MAX_CHOICES`] are considered; `None`
-    /// when there are none.
+    /// in flight to it, Envoy-wide); `pool`: the requests in flight to the pool being
+    /// picked in and its total weight, the reference of the hot threshold. At most
+    /// [`MAX_CHOICES`] are considered; `None` when there are none.
     pub fn hot_cold(
         &self,
         cands: &[(usize, i64)],
+        pool: PoolLoad,
         rng: &mut impl Rng,
         now_ms: u64,
     ) -> Option<Choice> {
@@ -321,11 +336,10 @@ impl PeakEwma {
             considered: [Considered::default(); MAX_CHOICES],
             len: cands.len(),
         };
-        let (mut load_sum, mut weight_sum) = (0i128, 0i128);
+        let load_sum = i128::from(pool.in_flight.max(0));
+        let weight_sum = i128::from(pool.weight.max(1));
         for (k, &(i, rif)) in cands.iter().enumerate() {
             let rif = rif.max(0);
-            load_sum += i128::from(rif);
-            weight_sum += self.weight(i);
             if let Some(x) = c.considered.get_mut(k) {
                 *x = Considered {
                     index: i,
@@ -353,9 +367,8 @@ impl PeakEwma {
                 };
         }
         // Fewest in flight per weight among the band, ties uniformly at random
-        // (reservoir sampling). The least loaded candidate is never hot (a hot one
-        // carries more than 2/d of the candidates' load), so the band is not empty;
-        // were it, Prequal's all-hot rule (fewest in flight) applies.
+        // (reservoir sampling); when every candidate is hot, among all of them
+        // (Prequal's all-hot rule).
         let mut best: Option<usize> = None;
         let mut ties = 0u64;
         for (k, x) in c.considered().iter().enumerate() {
@@ -647,6 +660,10 @@ mod tests {
         assert!((0..100).all(|_| q.pick(&mut rng, 0) != Some(2)));
     }
 
+    fn pool(in_flight: i64, weight: u64) -> PoolLoad {
+        PoolLoad { in_flight, weight }
+    }
+
     /// Endpoints with one answer each, of these latencies (ns): the first sample
     /// sets both the peak EWMA and the floor.
     fn warm(lat_ns: &[u64]) -> PeakEwma {
@@ -662,7 +679,9 @@ mod tests {
         // 6.5 ms idle against 1.5 ms with 8 and 9 in flight.
         let mut p = warm(&[6_500_000, 1_500_000, 1_500_000]);
         let mut rng = SplitMix64(3);
-        let c = p.hot_cold(&[(0, 0), (1, 8), (2, 9)], &mut rng, 0).unwrap();
+        let c = p
+            .hot_cold(&[(0, 0), (1, 8), (2, 9)], pool(17, 3), &mut rng, 0)
+            .unwrap();
         assert_eq!(c.index(), 1, "{c:?}");
         let seen = c.considered();
         assert_eq!(seen.len(), 3);
@@ -688,23 +707,60 @@ mod tests {
         // Near-equal latencies (within 1.5x + 0.5 ms) are one band: fewest in flight wins.
         let p = warm(&[1_000_000, 1_400_000, 1_200_000]);
         let mut rng = SplitMix64(5);
-        let c = p.hot_cold(&[(0, 6), (1, 2), (2, 5)], &mut rng, 0).unwrap();
+        let c = p
+            .hot_cold(&[(0, 6), (1, 2), (2, 5)], pool(13, 3), &mut rng, 0)
+            .unwrap();
         assert_eq!(c.index(), 1);
         // The fastest holds more than 2x the mean + 1: hot, skipped even though the
         // others are outside its band (a host that stopped answering).
         let p = warm(&[10 * MS, 16 * MS, 16 * MS]);
-        let c = p.hot_cold(&[(0, 40), (1, 8), (2, 8)], &mut rng, 0).unwrap();
+        let c = p
+            .hot_cold(&[(0, 40), (1, 8), (2, 8)], pool(56, 3), &mut rng, 0)
+            .unwrap();
         assert!(c.considered()[0].hot, "{c:?}");
         assert_ne!(c.index(), 0);
         // Just below the threshold (3·35 = 105 ≤ 2·51 + 3): cold, and alone in its band.
-        let c = p.hot_cold(&[(0, 35), (1, 8), (2, 8)], &mut rng, 0).unwrap();
+        let c = p
+            .hot_cold(&[(0, 35), (1, 8), (2, 8)], pool(51, 3), &mut rng, 0)
+            .unwrap();
         assert_eq!(c.index(), 0, "{c:?}");
         // Ties are broken at random over both.
         let mut won = [0u32; 3];
         for _ in 0..400 {
-            won[p.hot_cold(&[(1, 3), (2, 3)], &mut rng, 0).unwrap().index()] += 1;
+            won[p
+                .hot_cold(&[(1, 3), (2, 3)], pool(6, 3), &mut rng, 0)
+                .unwrap()
+                .index()] += 1;
         }
         assert!(won[1] > 120 && won[2] > 120, "{won:?}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn hot_is_relative_to_the_pool_and_spills_to_a_slower_host_when_all_fast_ones_are() {
+        // Two idle slow candidates and a fast one with 5 in flight, in a pool of 6
+        // whose 4 fast hosts have 5 each: the fast one is not hot (a mean over the
+        // three candidates, 5/3, would have made it so) and wins.
+        let p = warm(&[20 * MS, 20 * MS, MS]);
+        let mut rng = SplitMix64(8);
+        let c = p
+            .hot_cold(&[(0, 0), (1, 0), (2, 5)], pool(20, 6), &mut rng, 0)
+            .unwrap();
+        assert!(!c.considered()[2].hot, "{c:?}");
+        assert_eq!(c.index(), 2);
+        // The fast ones hold 40 each in a pool of 10 with 82 in flight: hot (40·10 >
+        // 2·82 + 10); the cold slow one takes the request.
+        let p = warm(&[MS, MS, 20 * MS]);
+        let c = p
+            .hot_cold(&[(0, 40), (1, 40), (2, 0)], pool(82, 10), &mut rng, 0)
+            .unwrap();
+        assert!(c.considered()[0].hot && c.considered()[1].hot, "{c:?}");
+        assert_eq!(c.index(), 2);
+        // All hot: the fewest in flight wins.
+        let c = p
+            .hot_cold(&[(0, 40), (1, 39)], pool(82, 10), &mut rng, 0)
+            .unwrap();
+        assert!(c.considered().iter().all(|x| x.hot && !x.in_band), "{c:?}");
+        assert_eq!(c.index(), 1);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -715,15 +771,19 @@ mod tests {
         let mut rng = SplitMix64(6);
         // 6 in flight at weight 4 is less per weight than 2 at weight 1.
         assert_eq!(
-            p.hot_cold(&[(0, 6), (1, 2)], &mut rng, 0).unwrap().index(),
+            p.hot_cold(&[(0, 6), (1, 2)], pool(8, 6), &mut rng, 0)
+                .unwrap()
+                .index(),
             0
         );
         // Endpoint 2 has no answer yet: unknown, in the band, least loaded.
-        let c = p.hot_cold(&[(0, 6), (1, 2), (2, 0)], &mut rng, 0).unwrap();
+        let c = p
+            .hot_cold(&[(0, 6), (1, 2), (2, 0)], pool(8, 6), &mut rng, 0)
+            .unwrap();
         assert_eq!(c.index(), 2);
         assert_eq!(c.considered()[2].latency_ns, None);
         assert!(c.considered()[2].in_band);
-        assert!(p.hot_cold(&[], &mut rng, 0).is_none());
+        assert!(p.hot_cold(&[], pool(0, 6), &mut rng, 0).is_none());
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -737,7 +797,11 @@ mod tests {
         for t in (0..40_000).step_by(100) {
             p.observe(1, MS, t);
             p.observe(2, MS, t);
-            if p.hot_cold(&cands(t), &mut rng, t).unwrap().index() == 0 {
+            if p.hot_cold(&cands(t), pool(9, 3), &mut rng, t)
+                .unwrap()
+                .index()
+                == 0
+            {
                 first = Some(t);
                 break;
             }
@@ -763,14 +827,18 @@ mod tests {
                 let mut out = [0usize; 3];
                 let n = ws.sample_distinct(&mut rng, &mut out);
                 let cands: Vec<(usize, i64)> = out[..n].iter().map(|&i| (i, rif[i])).collect();
-                let i = p.hot_cold(&cands, &mut rng, 400 + 50 * t).unwrap().index();
+                let total = rif.iter().sum();
+                let i = p
+                    .hot_cold(&cands, pool(total, 12), &mut rng, 400 + 50 * t)
+                    .unwrap()
+                    .index();
                 rif[i] += 1;
                 i
             })
             .collect();
         assert_eq!(seq, HOT_COLD_PINNED);
     }
-    const HOT_COLD_PINNED: [usize; 16] = [3, 4, 0, 2, 0, 0, 3, 5, 3, 2, 2, 3, 0, 3, 2, 2];
+    const HOT_COLD_PINNED: [usize; 16] = [3, 4, 0, 2, 0, 4, 2, 5, 3, 3, 2, 3, 0, 2, 3, 2];
 
     #[wasm_bindgen_test(unsupported = test)]
     fn the_floor_shrugs_off_a_stall_and_rises_for_a_host_that_turns_slow() {
@@ -821,7 +889,7 @@ mod tests {
             let c = match rule {
                 Rule::HotCold => {
                     let cands: Vec<(usize, i64)> = out[..k].iter().map(|&i| (i, rif[i])).collect();
-                    p.hot_cold(&cands, &mut rng, t)
+                    p.hot_cold(&cands, pool(rif.iter().sum(), n as u64), &mut rng, t)
                 }
                 Rule::Cost => p.lowest_cost(&out[..k], &mut rng, t),
             };

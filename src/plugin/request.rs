@@ -437,11 +437,11 @@ impl<H: Envoy> Plugin<H> {
                 s.outliers_seen_ms = now;
             }
         }
-        let shared_load = svc.policy == Policy::LeastRequest
-            || (svc.policy == Policy::PeakEwma
-                && svc.peak_ewma.rule == crate::balancer::peak_ewma::Rule::HotCold)
-            || svc.bounded_load_percent.is_some();
-        let total_gauge = if svc.bounded_load_percent.is_some() {
+        let hot_cold = svc.policy == Policy::PeakEwma
+            && svc.peak_ewma.rule == crate::balancer::peak_ewma::Rule::HotCold;
+        let shared_load =
+            svc.policy == Policy::LeastRequest || hot_cold || svc.bounded_load_percent.is_some();
+        let total_gauge = if svc.bounded_load_percent.is_some() || hot_cold {
             self.service_active_gauge(si)
         } else {
             None

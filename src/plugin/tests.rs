@@ -1451,4 +1451,6 @@ fn peak_ewma_hot_cold_keeps_a_slow_instance_out_and_counts_in_flight_requests() 
         .sum();
     assert_eq!(active, open.len() as i64);
     assert!(active > 0);
+    // And the service's, the hot threshold's reference.
+    assert_eq!(p.host.stat("web.rq_active"), active);
 }
