@@ -15,6 +15,12 @@ Phases:
   slow      4 backends, one 50 ms slower: native ROUND_ROBIN and LEAST_REQUEST,
             registry-lb round_robin, least_request and peak_ewma; then the same with the
             instance turning 50 ms slower halfway through each run (fresh Envoys)
+  slowhosts (not in the default run; `--phases slowhosts --name slowhosts`) 4 fast
+            backends; 1 of 4 +50 ms; 2 of 6 +20 ms; 1 of 4 +5 ms: native LEAST_REQUEST,
+            peak_ewma as p2c (choices 2, cost) and as by default (choices 3, hot_cold),
+            alternating rounds; the goal rows (p99 <= 1.25 x own all-fast p99, slow
+            share <= 1 %, req/s >= native LEAST_REQUEST); then 3 Envoys x 2 workers on 6
+            backends (2 of them +20 ms) at once, per-host shares sampled each second
   refresh   a 10,000-instance Consul answer parsed and published inside Envoy
   registry  registry requests per refresh interval at --concurrency 1, 2, 8, and memory
             per wasm VM (RSS of native / empty filter / registry-lb Envoys)
