@@ -682,7 +682,7 @@ impl Table {
             PolicyState::Random(r) => r.pick(req.rng)?,
             PolicyState::PeakEwma(sampler, pool_weight) => {
                 let peak = self.peak.as_ref()?;
-                let choice = Self::peak_choice(
+                let (_, k) = Self::peak_choice(
                     peak,
                     sampler,
                     *pool_weight,
@@ -691,8 +691,7 @@ impl Table {
                     |i| eps.get(i).map(|e| e.slot),
                     req,
                 )?;
-                let winner = choice.considered().get(choice.chosen)?.index;
-                members.iter().position(|&m| m == winner)?
+                k
             }
             PolicyState::RingHash(ring, bounded) => {
                 let h = req.hash.unwrap_or_else(|| req.rng.next_u64());
@@ -723,9 +722,10 @@ impl Table {
     }
 
     /// A `peak_ewma` pick in a pool: `choices` distinct weighted draws of
-    /// `members`, compared by the rule; the outcome lists every candidate with
-    /// what the rule saw (endpoint indexes). `hot_cold` reads the shared in-flight
-    /// counts (`req.active`, `req.total_active`).
+    /// `members`, compared by the rule. Returns the outcome, which lists every
+    /// candidate with what the rule saw (endpoint indexes), and the winner's
+    /// position in `members`. `hot_cold` reads the shared in-flight counts
+    /// (`req.active`, `req.total_active`).
     fn peak_choice<R: Rng, A: FnMut(u32) -> i64>(
         peak: &PeakEwma,
         sampler: &WeightedSampler,
@@ -734,12 +734,12 @@ impl Table {
         members: &[usize],
         slot_of: impl Fn(usize) -> Option<u32>,
         req: &mut Request<'_, R, A>,
-    ) -> Option<peak_ewma::Choice> {
+    ) -> Option<(peak_ewma::Choice, usize)> {
         let mut drawn = [0usize; peak_ewma::MAX_CHOICES];
         let d = (options.peak_ewma_choices as usize).clamp(2, peak_ewma::MAX_CHOICES);
         let n = sampler.sample_distinct(req.rng, drawn.get_mut(..d)?);
         let drawn = drawn.get(..n)?;
-        match options.peak_ewma_rule {
+        let choice = match options.peak_ewma_rule {
             PeakRule::HotCold => {
                 let mut cands = [(0usize, 0i64); peak_ewma::MAX_CHOICES];
                 for (c, &k) in cands.iter_mut().zip(drawn) {
@@ -761,7 +761,8 @@ impl Table {
                 }
                 peak.lowest_cost(cands.get(..n)?, req.rng, req.now_ms)
             }
-        }
+        }?;
+        Some((choice, drawn.get(choice.chosen).copied()?))
     }
 
     /// Picks an endpoint.
