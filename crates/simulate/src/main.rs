@@ -790,8 +790,8 @@ fn run(sc: &Scenario, pol: &PolicySpec) -> Outcome {
         })
         .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))));
     let cdf = [
-        1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 97.0, 98.0, 99.0,
-        99.5, 99.9,
+        0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 93.0, 95.0, 97.0, 98.0, 99.0,
+        99.3, 99.5, 99.7, 99.8, 99.9,
     ]
     .iter()
     .map(|&q| (q, pct(q)))
@@ -824,6 +824,11 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
+/// Percentile `q` (0–100) as a number of nines: −log10(1 − q/100).
+fn nines(q: f64) -> f64 {
+    -(1.0 - q / 100.0).max(1e-9).log10()
+}
+
 /// Fonts tried for the PNG's text (Debian's fonts-dejavu-core), or `--font`.
 const FONTS: [&str; 2] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -853,7 +858,8 @@ fn draw(
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let root = root.titled(title, ("sans-serif", 20)).map_err(|x| e(&x))?;
     let (left, right) = root.split_horizontally(600);
-    // Left: latency by percentile, log scale.
+    // Left: latency by percentile, both log scales: x is the number of nines,
+    // −log10(1 − q), so p90, p99 and p99.9 are evenly spaced.
     let max_ms = outs
         .iter()
         .flat_map(|o| o.cdf.iter().map(|c| c.1))
@@ -870,18 +876,29 @@ fn draw(
         .caption("latency by percentile", ("sans-serif", 16))
         .x_label_area_size(36)
         .y_label_area_size(56)
-        .build_cartesian_2d(0f64..100f64, (min_ms..max_ms).log_scale())
+        .build_cartesian_2d(0f64..3f64, (min_ms..max_ms).log_scale())
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
         .x_desc("percentile")
         .y_desc("ms")
+        .x_labels(4)
+        .x_label_formatter(&|x| match x.round() as i32 {
+            _ if (x - x.round()).abs() > 1e-6 => String::new(),
+            0 => "p0".into(),
+            1 => "p90".into(),
+            2 => "p99".into(),
+            _ => "p99.9".into(),
+        })
         .draw()
         .map_err(|x| e(&x))?;
     for (k, o) in outs.iter().enumerate() {
         let c = COLORS[k % COLORS.len()];
         chart
-            .draw_series(LineSeries::new(o.cdf.iter().copied(), c.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                o.cdf.iter().map(|&(q, ms)| (nines(q), ms)),
+                c.stroke_width(2),
+            ))
             .map_err(|x| e(&x))?
             .label(format!(
                 "{}: p50 {:.2} p99 {:.2} ms",
@@ -891,7 +908,7 @@ fn draw(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
