@@ -22,55 +22,54 @@
 //! - `hot_cold` (the default, [`PeakEwma::hot_cold`]): Prequal's hot-cold
 //!   lexicographic rule (Wydrowski et al., "Load is not what you should balance:
 //!   Introducing Prequal", NSDI 2024, arXiv 2312.10172, §3), on signals the filter
-//!   already has instead of Prequal's probes. A candidate is *hot* when its requests
-//!   in flight per unit of weight exceed `HOT_FACTOR` (2) times the pool's mean plus
-//!   one (the pool: every instance the pick is made among; Prequal's threshold is a
-//!   quantile `Q_RIF` of the RIFs of its probe pool, here a multiple of the mean from
-//!   the Envoy-wide in-flight gauges). If every candidate is hot, the one with the
-//!   fewest in flight per weight wins (Prequal's all-hot rule). Among the cold ones,
-//!   those whose latency is
-//!   within `BAND` (1.5× + 0.5 ms) of the lowest — and those with no response yet,
-//!   whose latency is unknown — form the
-//!   fast band, and the one with the fewest in flight per weight in the band wins,
-//!   ties at random. The latency compared is not the peak EWMA but a *floor*: it
-//!   falls to any lower answer at once and rises toward higher ones at most e-fold
-//!   per τ/10 of time (`FLOOR_RISE`; 1 s by default), however many answers come,
-//!   and decays toward zero like the estimate while no answer comes.
-//!   Like BBR's windowed minimum RTT (Cardwell et al., "BBR: Congestion-Based
-//!   Congestion Control", ACM Queue 2016) it tracks what an instance costs when
-//!   nothing else is in the way: a host slower by a fixed delay never answers
-//!   below it, while a stall of the proxy itself (a loaded machine, a long event
-//!   loop turn) that delays every answer in flight moves it little. Measured with
-//!   the peak EWMA in the band on a loaded machine (`./dev bench --phases
-//!   slowhosts --quick`), stalls of up to 200 ms pushed the fast hosts' peaks
-//!   above the +50 ms host's and it got 7.2 % of requests; with a floor rising 1/8
-//!   per answer (so faster the more answers come) 2 of 6 +20 ms hosts still got
-//!   1.7 %. Prequal picks the
-//!   lowest latency outright; the band keeps
-//!   near-equal hosts balanced by load instead of by noise in their estimates, which
-//!   would send a worker's traffic to whichever looked fastest last (herding). The
-//!   in-flight counts are the Envoy-wide gauges `least_request` reads, so the workers
-//!   of one Envoy see each other's load; latency estimates stay per worker.
-//!   Why it helps: a host that is slower by a fixed delay is out of the band as soon
-//!   as its answers are seen (at once if it is slow from its first answer; 0.62 s
-//!   from a floor of 2 ms, whose band ends at 3.5 ms), whatever its in-flight count,
-//!   so it is picked
-//!   only when every candidate is slow or hot; with `choices` > the number of slow
-//!   hosts, some candidate is always fast. Under the Finagle cost
-//!   `estimate × (pending + 1)` a host 4× slower still wins whenever the fast
-//!   candidates have 4 or more requests pending, and with two candidates two slow
-//!   ones are drawn together `s/n · (s−1)/(n−1)` of the time (2 of 6: 6.7 %). It is
-//!   probed again when its decayed floor falls back into the band (the first time
-//!   after about `τ·ln(ratio / 1.5)`), a burst bounded by the in-flight counts: it
-//!   stops being the least loaded after a few requests, and its answers move it out
-//!   again.
-//!   Hot is the overload rule: a fast host piling up requests (it stopped answering,
-//!   or its capacity is exhausted before its latency shows it) is skipped once it
-//!   holds more than twice its share of the pool's requests, and if every fast
-//!   candidate is hot a slower cold one takes the request. The reference is the
-//!   pool's mean, not the candidates': idle slow candidates would pull a candidates'
-//!   mean down and make the one fast candidate among them "hot" — measured: 2 of 6
-//!   +20 ms hosts then got 1.3 % on a loaded machine.
+//!   already has instead of Prequal's probes:
+//!   1. *Hot*: requests in flight per unit of weight above `HOT_FACTOR` (2) × the
+//!      pool's mean + 1 (the pool: the instances the pick is made among; its count
+//!      is the service's Envoy-wide in-flight gauge, exact for the whole table and
+//!      above it for a zone or a subset, so fewer are hot there). Prequal's
+//!      threshold is a quantile `Q_RIF` of its probe pool's RIFs. If every candidate
+//!      is hot, the fewest in flight per weight wins (Prequal's all-hot rule).
+//!   2. Among the cold ones, the *fast band*: latency within 1.5× + 0.5 ms of the
+//!      lowest (`BAND_NUM / BAND_DEN`, `BAND_SLACK_NS`), and any with no answer yet
+//!      (unknown latency). Prequal takes the lowest latency outright; the band keeps
+//!      near-equal hosts balanced by load instead of by noise in their estimates,
+//!      which would send a worker's traffic to whichever looked fastest last
+//!      (herding).
+//!   3. In the band, the fewest in flight per unit of weight wins, ties at random.
+//!      In-flight counts are the Envoy-wide gauges `least_request` reads, so the
+//!      workers of one Envoy see each other's load; latencies stay per worker.
+//!
+//!   The latency compared is not the peak EWMA but a *floor*: it falls to any lower
+//!   answer at once, rises toward higher ones at most e-fold per τ/10 of time
+//!   (`FLOOR_RISE`; 1 s by default) however many answers come, and decays toward zero
+//!   like the estimate while no answer comes. Like BBR's windowed minimum RTT
+//!   (Cardwell et al., "BBR: Congestion-Based Congestion Control", ACM Queue 2016) it
+//!   tracks what an instance costs when nothing else is in the way: a host slower by
+//!   a fixed delay never answers below it, while a stall of the proxy itself (a
+//!   loaded machine, a long event-loop turn), which delays every answer in flight,
+//!   moves it little. Measured on a loaded machine (`./dev bench --phases slowhosts
+//!   --quick`): with the peak EWMA in the band, stalls of up to 200 ms pushed the
+//!   fast hosts' peaks above the +50 ms host's and it got 7.2 % of requests; with a
+//!   floor rising 1/8 per answer (faster the more answers come) 2 of 6 +20 ms hosts
+//!   still got 1.7 %; with the hot threshold taken from the candidates' mean instead
+//!   of the pool's (idle slow candidates pull it down and make the one fast
+//!   candidate among them hot), 1.3 %.
+//!
+//!   Why it helps: a host slower by a fixed delay is out of the band as soon as its
+//!   answers show it (at once if it is slow from its first answer; 0.62 s from a
+//!   floor of 2 ms, whose band ends at 3.5 ms), whatever its in-flight count, so it
+//!   is picked only when every candidate is slow or hot; with `choices` above the
+//!   number of slow hosts some candidate is always fast. Under the Finagle cost
+//!   `estimate × (pending + 1)` a host 4× slower wins whenever the fast candidates
+//!   have 4 or more requests pending, and with two candidates two slow ones are
+//!   drawn together `s/n · (s−1)/(n−1)` of the time (2 of 6: 6.7 %). A slow host is
+//!   probed again when its decayed floor is back in the band (the first time after
+//!   about `τ·ln(ratio / 1.5)`), a burst bounded by the in-flight counts: it stops
+//!   being the least loaded after a few requests, and its answers move it out
+//!   again. Hot is the overload rule: a fast host piling up requests (it stopped
+//!   answering, or its capacity ran out before its latency shows it) is skipped once
+//!   it holds more than twice its share, and if every fast candidate is hot a slower
+//!   cold one takes the request.
 //! - `cost`: Finagle's rule, the lowest `estimate × (pending + 1)` per unit of weight
 //!   (`cost_a·w_b < cost_b·w_a`), `pending` this worker's requests in flight; exact
 //!   ties at random. With `choices: 2` this is tower's / Linkerd's p2c, the policy's
