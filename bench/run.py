@@ -15,6 +15,12 @@ Phases:
   slow      4 backends, one 50 ms slower: native ROUND_ROBIN and LEAST_REQUEST,
             registry-lb round_robin, least_request and peak_ewma; then the same with the
             instance turning 50 ms slower halfway through each run (fresh Envoys)
+  slowhosts (not in the default run; `--phases slowhosts --name slowhosts`) 4 fast
+            backends; 1 of 4 +50 ms; 2 of 6 +20 ms; 1 of 4 +5 ms: native LEAST_REQUEST,
+            peak_ewma as p2c (choices 2, cost) and as by default (choices 3, hot_cold),
+            alternating rounds; the goal rows (p99 <= 1.25 x own all-fast p99, slow
+            share <= 1 %, req/s >= native LEAST_REQUEST); then 3 Envoys x 2 workers on 6
+            backends (2 of them +20 ms) at once, per-host shares sampled each second
   refresh   a 10,000-instance Consul answer parsed and published inside Envoy
   registry  registry requests per refresh interval at --concurrency 1, 2, 8, and memory
             per wasm VM (RSS of native / empty filter / registry-lb Envoys)
@@ -665,7 +671,7 @@ class Run:
         """midway: (at_seconds, start, end): start() is called that long into the
         load, end() after it (a backend that degrades midway)."""
         st0 = envoy.stats(r"^http\.ingress\.downstream_rq_[2-5]xx$|^cluster\.[a-z_]+\.upstream_cx_total$")
-        hosts0 = envoy.host_rq(cluster) if slow_host else {}
+        hosts0 = envoy.host_rq(cluster) if slow_host is not None else {}
         quiet_before = self.wait_quiet()
         cpu0 = envoy.cpu_ticks()
         self.acct.begin()
@@ -695,11 +701,13 @@ class Run:
             "others_cpu_pct": others, "others_cpu_pct_before": quiet_before,
             "envoy_cpu_us_per_rq": ((cpu1 - cpu0) / HZ * 1e6 / w["requests"]) if cpu0 is not None and cpu1 is not None and w["requests"] else None,
         }
-        if slow_host:
+        if slow_host is not None:
             hosts1 = envoy.host_rq(cluster)
             delta = {h: hosts1.get(h, 0) - hosts0.get(h, 0) for h in hosts1}
             total = sum(delta.values())
-            out["slow_share"] = delta.get(slow_host, 0) / total if total else None
+            slow = [slow_host] if isinstance(slow_host, str) else list(slow_host)
+            out["slow_share"] = sum(delta.get(h, 0) for h in slow) / total if total else None
+            out["host_share"] = {h: round(v / total, 5) for h, v in sorted(delta.items())} if total else {}
         return out
 
 
@@ -1074,6 +1082,148 @@ def phase_slow(run):
     summary = {k: summarize(v, labels[k]) for k, v in runs.items()}
     run.results["degrade"] = {"summary": summary, "runs": runs, "slow_ms": a.slow_ms, "backends": 4,
                               "duration_s": duration, "targets": slow_targets(runs)}
+
+
+# The slow-host scenarios: (label, backends, {backend index: extra ms}).
+SLOW_HOSTS_SCENARIOS = [("4 fast", 4, {}), ("1 of 4 +50 ms", 4, {3: 50}), ("2 of 6 +20 ms", 6, {4: 20, 5: 20}),
+                        ("1 of 4 +5 ms", 4, {3: 5})]
+# peak_ewma as it was (p2c over Finagle's cost) and as it is by default (hot-cold, 3 choices).
+PEAK_P2C = {"peak_ewma": {"choices": 2, "rule": "cost"}}
+
+
+def phase_slowhosts(run):
+    """The slow-host table: each scenario with native LEAST_REQUEST, peak_ewma's old p2c
+    and its default hot-cold rule, alternating rounds; then the goal rows, and a
+    herding check (3 Envoys x 2 workers on the same 6 backends, per-host shares over time)."""
+    a = run.args
+    W = run.rlb_wasm
+    labels = {"native_lr": "native Envoy LEAST_REQUEST", "rlb_p2c": "registry-lb peak_ewma p2c (choices 2, cost)",
+              "rlb_hot_cold": "registry-lb peak_ewma (choices 3, hot_cold)"}
+    cluster_of = lambda k: "backends" if k.startswith("native") else "registry_lb_original_dst"
+    out = {"scenarios": {}, "labels": labels}
+    for label, n, slow_ms in SLOW_HOSTS_SCENARIOS:
+        if run.time_left() < 60:
+            log(f"time budget reached: scenario {label} skipped")
+            continue
+        ports = pick_port_range(n, ["127.0.0.1"])
+        hosts = [("127.0.0.1", ports + i) for i in range(n)]
+        args = [f"127.0.0.1:{p}" + (f"={slow_ms[i]}" if i in slow_ms else "") for i, (_, p) in enumerate(hosts)]
+        slow = [f"127.0.0.1:{hosts[i][1]}" for i in slow_ms]
+        backend = start_backends(run, args, hosts, f"slowhosts-{n}-{len(slow_ms)}")
+        specs = {"native_lr": ("sh-native-lr", envoy_spec("native", hosts, "LEAST_REQUEST")),
+                 "rlb_p2c": ("sh-rlb-p2c", envoy_spec("rlb", hosts, "peak_ewma", rlb_wasm=W, extra=PEAK_P2C)),
+                 "rlb_hot_cold": ("sh-rlb-hot-cold", envoy_spec("rlb", hosts, "peak_ewma", rlb_wasm=W))}
+        log(f"slow hosts: {label}: {', '.join(args)}")
+        envoys = start_all(run, specs)
+        runs = alternate(run, envoys, a.slow_rounds, a.duration, a.warmup, cluster_of=cluster_of, slow_host=slow)
+        for e in envoys.values():
+            e.stop()
+        run.procs.stop(backend)
+        out["scenarios"][label] = {"backends": n, "slow_ms": {args[i]: ms for i, ms in slow_ms.items()},
+                                   "summary": {k: summarize(v, labels[k]) for k, v in runs.items()}, "runs": runs}
+    out["goals"] = slow_hosts_goals(out["scenarios"])
+    if run.time_left() > 90:
+        out["herding"] = herding(run)
+    run.results["slowhosts"] = out
+
+
+def start_backends(run, args, hosts, name):
+    backend = run.procs.start([str(run.backend_bin), *args], run.work / f"{name}.log", cpus=run.cpus_load,
+                              env={**os.environ, "BENCH_BACKEND_MAX_SECS": str(int(run.args.max_seconds) + 60)})
+    for ip, p in hosts:
+        deadline = time.time() + 20
+        while http_get(f"http://{ip}:{p}/", 2)[0] != 200:
+            if time.time() > deadline or backend.poll() is not None:
+                raise SystemExit(f"bench-backend did not start; see {run.work}/{name}.log")
+            time.sleep(0.1)
+    return backend
+
+
+def slow_hosts_goals(scenarios):
+    """#15's goal rows per policy and slow scenario: p99 <= 1.25 x the same policy's
+    all-fast p99 (medians, from different scenarios' rounds: not side by side), share
+    to slow hosts <= 1 %, req/s >= native LEAST_REQUEST's (median of per-round ratios)."""
+    fast = scenarios.get("4 fast", {}).get("summary", {})
+    goals = {}
+    for label, sc in scenarios.items():
+        if label == "4 fast":
+            continue
+        for key, s in sc["summary"].items():
+            if key == "native_lr":
+                continue
+            own = fast.get(key, {}).get("p99_ms")
+            p99r = s["p99_ms"] / own if own and s.get("p99_ms") else None
+            rpsr = paired(sc["runs"][key], sc["runs"].get("native_lr", []), "rps")
+            share = s.get("slow_share")
+            goals[f"{label} / {key}"] = {
+                "p99_vs_own_all_fast": None if p99r is None else round(p99r, 3), "p99_met": None if p99r is None else p99r <= 1.25,
+                "slow_share": share, "share_met": None if share is None else share <= 0.01,
+                "rps_vs_native_lr": None if rpsr is None else round(rpsr, 3), "rps_met": None if rpsr is None else rpsr >= 1.0}
+    return goals
+
+
+def herding(run, seconds=12, step=1.0):
+    """3 Envoys x 2 workers (--concurrency 2) share 6 backends, two of them 20 ms
+    slower; each under its own wrk (1 thread x 16 connections) at once. Per-host
+    shares of all three are sampled every `step` s; reported per policy: the share
+    series and, per host, the coefficient of variation of its share over time."""
+    n = 6
+    base = pick_port_range(n, ["127.0.0.1"])
+    hosts = [("127.0.0.1", base + i) for i in range(n)]
+    args = [f"127.0.0.1:{p}" + ("=20" if i >= 4 else "") for i, (_, p) in enumerate(hosts)]
+    backend = start_backends(run, args, hosts, "herding")
+    res = {"backends": args, "envoys": 3, "concurrency": 2, "seconds": seconds, "step_s": step, "policies": {}}
+    for key, extra in (("rlb_p2c", PEAK_P2C), ("rlb_hot_cold", None)):
+        envoys = [Envoy(run, f"herd-{key}-{i}", envoy_spec("rlb", hosts, "peak_ewma", rlb_wasm=run.rlb_wasm, extra=extra),
+                        concurrency=2).start() for i in range(3)]
+        for e in envoys:
+            if not (e.wait_ready() and e.wait_routing()[0]):
+                raise SystemExit(f"Envoy {e.name} did not come up; log {e.log_path}")
+        for e in envoys:
+            run.wrk(e.listen, 1)
+        series, rps = [], []
+        prev = [e.host_rq("registry_lb_original_dst") for e in envoys]
+
+        def load(e):
+            cmd = ["wrk", "-t1", "-c16", f"-d{seconds}s", "--timeout", "5s", f"http://127.0.0.1:{e.listen}/"]
+            if run.cpus_load is not None:
+                cmd = ["taskset", "-c", run.cpus_load] + cmd
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+            m = re.search(r"Requests/sec:\s+([0-9.]+)", r.stdout)
+            rps.append(float(m.group(1)) if m else None)
+
+        threads = [threading.Thread(target=load, args=(e,)) for e in envoys]
+        for t in threads:
+            t.start()
+        t0 = time.time()
+        while time.time() - t0 < seconds - step / 2:
+            time.sleep(step)
+            cur = [e.host_rq("registry_lb_original_dst") for e in envoys]
+            delta = {}
+            for c, p in zip(cur, prev):
+                for h, v in c.items():
+                    delta[h] = delta.get(h, 0) + v - p.get(h, 0)
+            prev = cur
+            total = sum(delta.values())
+            if total:
+                series.append({h: round(delta.get(h, 0) / total, 4) for h in (x.split("=")[0] for x in args)})
+        for t in threads:
+            t.join()
+        for e in envoys:
+            e.stop()
+        cv = {}
+        for h in [x.split("=")[0] for x in args]:
+            v = [x[h] for x in series]
+            m = statistics.mean(v) if v else 0
+            cv[h] = round(statistics.pstdev(v) / m, 3) if len(v) > 1 and m else None
+        fast = [cv[h] for h in cv if cv[h] is not None and not any(x.startswith(h + "=") for x in args)]
+        res["policies"][key] = {"series": series, "cv": cv, "max_cv_fast_hosts": max(fast) if fast else None,
+                                "rps_per_envoy": rps,
+                                "slow_share": round(statistics.mean(sum(x[a.split("=")[0]] for a in args if "=" in a)
+                                                                    for x in series), 5) if series else None}
+        log(f"herding {key}: per-host share CV over {len(series)} samples: {cv}; req/s per Envoy {rps}")
+    run.procs.stop(backend)
+    return res
 
 
 def slow_targets(runs):
@@ -1646,6 +1796,46 @@ def tables(res):
         s = res["degrade"]
         slow_scenario_rows(out, s, f"Degrading instance: 4 backends, one turns {s['slow_ms']} ms slower halfway through "
                            f"each {s['duration_s']} s run (its share of the whole run).", "degrading instance share")
+    if "slowhosts" in res:
+        g = res["slowhosts"]
+        out.append("")
+        out.append("Slow hosts: medians of alternating rounds (per-round req/s min–max); share = requests the slow hosts got.")
+        out.append("")
+        out.append("| backends | policy | req/s | min–max | p50 ms | p99 ms | share to slow hosts | Envoy CPU µs/req | others' CPU % |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for label, sc in g["scenarios"].items():
+            for s in sc["summary"].values():
+                share = s.get("slow_share")
+                out.append(f"| {label} | {s['label']} | {fmt(s['rps'], ',.0f')} | {fmt(s['rps_min'], ',.0f')}–{fmt(s['rps_max'], ',.0f')} | "
+                           f"{fmt(s['p50_ms'], '.2f')} | {fmt(s['p99_ms'], '.2f')} | "
+                           f"{'—' if label == '4 fast' or share is None else f'{share * 100:.2f} %'} | "
+                           f"{fmt(s['cpu_us_per_rq'], '.1f')} | {fmt(s.get('others_cpu_pct'), '.0f')} |")
+        if g.get("goals"):
+            out.append("")
+            out.append("| scenario / policy | p99 / own all-fast p99 (≤ 1.25) | share to slow hosts (≤ 1 %) | req/s / native LEAST_REQUEST (≥ 1) |")
+            out.append("|---|---:|---:|---:|")
+            yn = lambda ok: "—" if ok is None else "met" if ok else "not met"
+            for k, v in g["goals"].items():
+                share = v["slow_share"]
+                out.append(f"| {k} | {fmt(v['p99_vs_own_all_fast'], '.2f')} ({yn(v['p99_met'])}) | "
+                           f"{'—' if share is None else f'{share * 100:.2f} %'} ({yn(v['share_met'])}) | "
+                           f"{fmt(v['rps_vs_native_lr'], '.2f')} ({yn(v['rps_met'])}) |")
+        h = g.get("herding")
+        if h:
+            out.append("")
+            out.append(f"Herding: {h['envoys']} Envoys × {h['concurrency']} workers on the same {len(h['backends'])} backends "
+                       f"({', '.join(h['backends'])}), each under wrk -t1 -c16 at once for {h['seconds']} s; per-host "
+                       f"share of all three sampled every {h['step_s']} s.")
+            out.append("")
+            out.append("| policy | req/s per Envoy | share to slow hosts | per-host share CV over time (fast hosts, max) | per-host share (mean of samples) |")
+            out.append("|---|---|---:|---:|---|")
+            for k, v in h["policies"].items():
+                hs = [x.split("=")[0] for x in h["backends"]]
+                sh = "—" if v["slow_share"] is None else f"{v['slow_share'] * 100:.2f} %"
+                mean = {x: statistics.mean(s[x] for s in v["series"]) for x in hs} if v["series"] else {}
+                out.append(f"| {k} | {', '.join(fmt(r, ',.0f') for r in v['rps_per_envoy'])} | "
+                           f"{sh} | "
+                           f"{fmt(v['max_cv_fast_hosts'], '.3f')} | {' / '.join(f'{m * 100:.1f}' for m in mean.values())} % |")
     if "floor" in res:
         out.append("")
         out.append("| configuration (100 backends) | req/s (median) | Envoy CPU µs/req | µs/req over the empty filter (median of rounds) | vs empty filter |")
@@ -1955,7 +2145,7 @@ def main():
     # A memory-only or matching-only run writes memory.* or matching.*, not over the
     # full run's results.
     only = [p.strip() for p in a.phases.split(",") if p.strip()]
-    name = a.name or ("quick" if q else only[0] if only in (["memory"], ["matching"]) else "full")
+    name = a.name or ("quick" if q else only[0] if only in (["memory"], ["matching"], ["slowhosts"]) else "full")
     if a.service_extra:
         SERVICE_EXTRA.update(json.loads(a.service_extra))
     outdir = Path(a.out or (ROOT / ("target/bench" if q else "bench/results")))
@@ -2001,7 +2191,7 @@ def main():
             log(f"phase {p}")
             {"main": phase_main, "slow": phase_slow, "refresh": phase_refresh, "registry": phase_registry,
              "hostcalls": phase_hostcalls, "floor": phase_floor, "memory": phase_memory,
-             "matching": phase_matching}[p](run)
+             "matching": phase_matching, "slowhosts": phase_slowhosts}[p](run)
     finally:
         run.procs.stop_all()
     res = run.results

@@ -138,6 +138,24 @@ fn pick(c: &mut Criterion) {
             })
         });
 
+        // The same, as the policy was before `rule`: p2c over Finagle's cost.
+        let mut p2c = Options::new(Policy::PeakEwma);
+        p2c.peak_ewma_rule = registry_lb::balancer::peak_ewma::Rule::Cost;
+        p2c.peak_ewma_choices = 2;
+        let mut table = Table::build(snapshot(n), p2c, &mut rng);
+        for slot in 0..n as u32 {
+            table.peak_start(slot);
+            let rtt = 1_000_000 + rng.below(9_000_000);
+            table.peak_end(slot, Some(rtt), rng.below(1_000));
+        }
+        g.bench_with_input(BenchmarkId::new("peak_ewma_p2c", n), &n, |b, _| {
+            b.iter(|| {
+                now += 1;
+                let mut req = unkeyed(&mut rng, now);
+                black_box(table.pick(&mut req).map(|e| e.slot))
+            })
+        });
+
         // Bounded loads over the ring, every instance at half its cap: the first
         // choice is taken, so this is the walk set-up plus one capacity check.
         let bounded = BoundedLoad::new(&w, 125);

@@ -136,7 +136,8 @@ pub enum Policy {
     LeastRequest,
     /// Weighted random.
     Random,
-    /// Power of two choices over peak-EWMA latency × (in-flight + 1).
+    /// A few weighted candidates, compared on peak-EWMA latency and requests in
+    /// flight (Prequal's hot-cold rule, or Finagle's cost).
     PeakEwma,
     /// Consistent hashing on a ring (Ketama, as Envoy's ring_hash).
     RingHash,
@@ -364,6 +365,10 @@ pub struct PeakEwmaConfig {
     pub decay: Millis,
     /// Latency assumed for an instance with no sample yet.
     pub default_rtt: Millis,
+    /// Candidates per pick (2–8).
+    pub choices: u32,
+    /// How the candidates are compared: `hot_cold` or `cost`.
+    pub rule: crate::balancer::peak_ewma::Rule,
 }
 
 impl Default for PeakEwmaConfig {
@@ -371,6 +376,8 @@ impl Default for PeakEwmaConfig {
         PeakEwmaConfig {
             decay: Millis::from_secs(10),
             default_rtt: Millis(30),
+            choices: crate::balancer::peak_ewma::DEFAULT_CHOICES,
+            rule: crate::balancer::peak_ewma::Rule::HotCold,
         }
     }
 }
@@ -932,6 +939,10 @@ impl PluginConfig {
                     "decay and default_rtt must be greater than zero",
                 );
             }
+            if !(2..=crate::balancer::peak_ewma::MAX_CHOICES as u32).contains(&s.peak_ewma.choices)
+            {
+                return err(format!("{at}.peak_ewma.choices"), "must be between 2 and 8");
+            }
             if let Some(ss) = &s.slow_start {
                 if ss.window.0 == 0
                     || !(ss.aggression.is_finite() && ss.aggression > 0.0)
@@ -1290,6 +1301,25 @@ mod tests {
         parse(&format!(
             r#"{{"services":[{{"name":"web",{extra}"sources":[{{"static":{{"instances":[{{"address":"10.0.0.1","port":80}}]}}}}]}}]}}"#
         ))
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn peak_ewma_choices_and_rule_have_defaults_and_are_checked() {
+        use crate::balancer::peak_ewma::Rule;
+        let c = web(r#""policy":"peak_ewma","#).unwrap();
+        assert_eq!(c.services[0].peak_ewma.choices, 3);
+        assert_eq!(c.services[0].peak_ewma.rule, Rule::HotCold);
+        let c = web(r#""policy":"peak_ewma","peak_ewma":{"choices":2,"rule":"cost"},"#).unwrap();
+        assert_eq!(c.services[0].peak_ewma.choices, 2);
+        assert_eq!(c.services[0].peak_ewma.rule, Rule::Cost);
+        assert_eq!(c.services[0].peak_ewma.decay, Millis::from_secs(10));
+        for bad in [r#"{"choices":1}"#, r#"{"choices":9}"#] {
+            let e = web(&format!(r#""peak_ewma":{bad},"#)).unwrap_err();
+            assert!(e.0.contains("peak_ewma.choices"), "{}", e.0);
+            assert!(e.0.contains("between 2 and 8"), "{}", e.0);
+        }
+        let e = web(r#""peak_ewma":{"rule":"fastest"},"#).unwrap_err();
+        assert!(e.0.contains("peak_ewma.rule"), "{}", e.0);
     }
 
     fn pairs(p: &[(&str, &str)]) -> crate::subset::Pairs {

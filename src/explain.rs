@@ -18,6 +18,9 @@ pub const MAX_SEEN: usize = 8;
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Trace {
     pub seen: [(u32, f64); MAX_SEEN],
+    /// `peak_ewma` `hot_cold`: per entry of `seen`, (in flight, hot, in the fast band);
+    /// `seen`'s cost is then the latency floor (NaN: no answer yet).
+    pub marks: [Option<(i64, bool, bool)>; MAX_SEEN],
     pub len: usize,
     /// Candidates past `MAX_SEEN`.
     pub more: u32,
@@ -38,6 +41,15 @@ impl Trace {
                 self.len += 1;
             }
             None => self.more = self.more.saturating_add(1),
+        }
+    }
+
+    /// Marks `slot` (already noted) with what `hot_cold` compared.
+    pub fn mark(&mut self, slot: u32, in_flight: i64, hot: bool, in_band: bool) {
+        if let Some(k) = self.seen[..self.len].iter().position(|e| e.0 == slot) {
+            if let Some(m) = self.marks.get_mut(k) {
+                *m = Some((in_flight, hot, in_band));
+            }
         }
     }
 
@@ -74,10 +86,14 @@ pub fn policy_name(policy: Policy) -> &'static str {
 
 /// One decision as header text, e.g.
 /// `policy=least_request; chosen=10.0.0.2:80; cost=in_flight; candidates=10.0.0.2:80=0,10.0.0.7:80=3`.
+/// `peak_ewma` with the `hot_cold` rule (`hot_cold` true) shows each candidate as
+/// `latency_ns/in_flight` with `:hot` and `:band` when they apply (`new`: no answer
+/// yet), e.g. `cost=hot_cold(latency_ns/in_flight); candidates=10.0.0.1:80=2100000/3:band,…`.
 /// `addr(slot)` names a candidate; `flags` are appended (`panic`, `trial`, `shadow=…`).
 pub fn header(
     policy: Policy,
     bounded: bool,
+    hot_cold: bool,
     chosen: &str,
     trace: &Trace,
     addr: impl Fn(u32) -> Option<String>,
@@ -87,14 +103,30 @@ pub fn header(
     let mut s = format!(
         "policy={}; chosen={chosen}; cost={}; candidates=",
         policy_name(policy),
-        cost_name(policy, bounded)
+        if hot_cold {
+            "hot_cold(latency_ns/in_flight)"
+        } else {
+            cost_name(policy, bounded)
+        }
     );
     for (k, (slot, cost)) in trace.seen().iter().enumerate() {
         if k > 0 {
             s.push(',');
         }
         let a = addr(*slot).unwrap_or_else(|| format!("slot_{slot}"));
-        if cost.fract() == 0.0 && cost.abs() < 1e15 {
+        if let Some(Some((in_flight, hot, band))) = trace.marks.get(k).filter(|_| hot_cold) {
+            if cost.is_nan() {
+                let _ = write!(s, "{a}=new/{in_flight}");
+            } else {
+                let _ = write!(s, "{a}={cost:.0}/{in_flight}");
+            }
+            if *hot {
+                s.push_str(":hot");
+            }
+            if *band {
+                s.push_str(":band");
+            }
+        } else if cost.fract() == 0.0 && cost.abs() < 1e15 {
             let _ = write!(s, "{a}={}", *cost as i64);
         } else {
             let _ = write!(s, "{a}={cost:.0}");
@@ -138,6 +170,7 @@ mod tests {
         let h = header(
             Policy::LeastRequest,
             false,
+            false,
             "10.0.0.5:80",
             &t,
             |s| Some(format!("10.0.0.{}:80", s + 1)),
@@ -146,6 +179,45 @@ mod tests {
         assert_eq!(
             h,
             "policy=least_request; chosen=10.0.0.5:80; cost=in_flight; candidates=10.0.0.1:80=2,10.0.0.5:80=0; panic"
+        );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn hot_cold_header_shows_latency_in_flight_hot_and_band() {
+        let mut t = Trace::default();
+        t.note(0, 2_100_000.0);
+        t.mark(0, 3, false, true);
+        t.note(1, 52_000_000.0);
+        t.mark(1, 0, false, false);
+        t.note(2, f64::NAN);
+        t.mark(2, 9, true, true);
+        t.mark(7, 1, true, true); // never noted: ignored
+        let h = header(
+            Policy::PeakEwma,
+            false,
+            true,
+            "10.0.0.1:80",
+            &t,
+            |s| Some(format!("10.0.0.{}:80", s + 1)),
+            &[],
+        );
+        assert_eq!(
+            h,
+            "policy=peak_ewma; chosen=10.0.0.1:80; cost=hot_cold(latency_ns/in_flight); candidates=10.0.0.1:80=2100000/3:band,10.0.0.2:80=52000000/0,10.0.0.3:80=new/9:hot:band"
+        );
+        // The `cost` rule keeps the single cost per weight.
+        let h = header(
+            Policy::PeakEwma,
+            false,
+            false,
+            "10.0.0.1:80",
+            &t,
+            |s| Some(format!("10.0.0.{}:80", s + 1)),
+            &[],
+        );
+        assert!(
+            h.contains("cost=latency_ns_x_pending_per_weight; candidates=10.0.0.1:80=2100000,"),
+            "{h}"
         );
     }
 }

@@ -34,7 +34,7 @@
 
 use crate::balancer::bounded_load::BoundedLoad;
 use crate::balancer::maglev::{self, Maglev};
-use crate::balancer::peak_ewma::PeakEwma;
+use crate::balancer::peak_ewma::{self, PeakEwma, Rule as PeakRule};
 use crate::balancer::random::Random;
 use crate::balancer::ring_hash::{self, RingHash};
 use crate::balancer::weighted_sampler::WeightedSampler;
@@ -113,6 +113,9 @@ pub struct Options {
     pub subset_fallback: Fallback,
     pub peak_ewma_decay_ms: u64,
     pub peak_ewma_default_rtt_ns: u64,
+    /// `peak_ewma` candidates per pick and how they are compared.
+    pub peak_ewma_choices: u32,
+    pub peak_ewma_rule: PeakRule,
 }
 
 impl Options {
@@ -134,6 +137,8 @@ impl Options {
                 .unwrap_or(Fallback::NoFallback),
             peak_ewma_decay_ms: svc.peak_ewma.decay.0,
             peak_ewma_default_rtt_ns: svc.peak_ewma.default_rtt.0.saturating_mul(1_000_000),
+            peak_ewma_choices: svc.peak_ewma.choices,
+            peak_ewma_rule: svc.peak_ewma.rule,
         }
     }
 
@@ -150,6 +155,8 @@ impl Options {
             subset_fallback: Fallback::NoFallback,
             peak_ewma_decay_ms: crate::balancer::peak_ewma::DEFAULT_DECAY_MS,
             peak_ewma_default_rtt_ns: crate::balancer::peak_ewma::DEFAULT_RTT_NS,
+            peak_ewma_choices: crate::balancer::peak_ewma::DEFAULT_CHOICES,
+            peak_ewma_rule: PeakRule::HotCold,
         }
     }
 }
@@ -159,8 +166,9 @@ enum PolicyState {
     RoundRobin(RoundRobin),
     LeastRequest(LeastRequest),
     Random(Random),
-    /// Two weighted draws, the lower peak-EWMA cost per weight wins.
-    PeakEwma(WeightedSampler),
+    /// `choices` distinct weighted draws, compared by the configured rule; the
+    /// pool's total weight (the hot threshold's reference).
+    PeakEwma(WeightedSampler, u64),
     RingHash(RingHash, Option<BoundedLoad>),
     Maglev(Maglev, Option<BoundedLoad>),
 }
@@ -428,7 +436,10 @@ impl Table {
                 PolicyState::LeastRequest(LeastRequest::new(&weights, self.options.choice_count))
             }
             Policy::Random => PolicyState::Random(Random::new(&weights)),
-            Policy::PeakEwma => PolicyState::PeakEwma(WeightedSampler::new(&weights)),
+            Policy::PeakEwma => PolicyState::PeakEwma(
+                WeightedSampler::new(&weights),
+                weights.iter().map(|&w| u64::from(w)).sum(),
+            ),
             Policy::RingHash => PolicyState::RingHash(
                 RingHash::new(
                     &keys,
@@ -698,25 +709,21 @@ impl Table {
                 lr.pick(req.rng, |k| load_of(active, k).unwrap_or(i64::MAX))?
             }
             PolicyState::Random(r) => r.pick(req.rng)?,
-            PolicyState::PeakEwma(sampler) => {
-                // Two distinct members (drawn with replacement, a slow endpoint would
-                // win every time both draws hit it); the cheaper per weight wins.
+            PolicyState::PeakEwma(sampler, pool_weight) => {
                 let peak = self.peak.as_ref()?;
-                match sampler.sample_pair(req.rng)? {
-                    (a, None) => a,
-                    (a, Some(b)) => {
-                        let (ia, ib) = (members.get(a).copied()?, members.get(b).copied()?);
-                        if tracing {
-                            self.note_peak(peak, ia, req.now_ms);
-                            self.note_peak(peak, ib, req.now_ms);
-                        }
-                        if peak.cheaper(ia, ib, req.rng, req.now_ms) == ia {
-                            a
-                        } else {
-                            b
-                        }
-                    }
+                let (choice, k) = Self::peak_choice(
+                    peak,
+                    sampler,
+                    *pool_weight,
+                    &self.options,
+                    members,
+                    |i| eps.get(i).map(|e| e.slot),
+                    req,
+                )?;
+                if tracing {
+                    self.note_choice(&choice);
                 }
+                k
             }
             PolicyState::RingHash(ring, bounded) => {
                 let h = req.hash.unwrap_or_else(|| req.rng.next_u64());
@@ -827,10 +834,23 @@ impl Table {
         self.trace.set(t);
     }
 
-    fn note_peak(&self, peak: &PeakEwma, i: usize, now_ms: u64) {
-        if let (Some(e), Some((cost, _))) = (self.endpoints.get(i), peak.explain_cost(i, now_ms)) {
-            self.note(e.slot, cost);
+    /// Records every candidate of a `peak_ewma` pick: `cost`'s cost per weight, or
+    /// what `hot_cold` compared (latency, in flight, hot, in the fast band).
+    fn note_choice(&self, choice: &peak_ewma::Choice) {
+        let hot_cold = self.options.peak_ewma_rule == PeakRule::HotCold;
+        let mut t = self.trace.get();
+        for c in choice.considered() {
+            let Some(e) = self.endpoints.get(c.index) else {
+                continue;
+            };
+            if hot_cold {
+                t.note(e.slot, c.latency_ns.unwrap_or(f64::NAN));
+                t.mark(e.slot, c.in_flight, c.hot, c.in_band);
+            } else {
+                t.note(e.slot, c.cost);
+            }
         }
+        self.trace.set(t);
     }
 
     fn note_hash(&self, hash: Option<u64>) {
@@ -844,6 +864,50 @@ impl Table {
     pub fn peak_cost(&self, slot: u32, now_ms: u64) -> Option<(f64, u32)> {
         let i = self.index_of_slot(slot)?;
         self.peak.as_ref()?.explain_cost(i, now_ms)
+    }
+
+    /// A `peak_ewma` pick in a pool: `choices` distinct weighted draws of
+    /// `members`, compared by the rule. Returns the outcome, which lists every
+    /// candidate with what the rule saw (endpoint indexes), and the winner's
+    /// position in `members`. `hot_cold` reads the shared in-flight counts
+    /// (`req.active`, `req.total_active`).
+    fn peak_choice<R: Rng, A: FnMut(u32) -> i64>(
+        peak: &PeakEwma,
+        sampler: &WeightedSampler,
+        pool_weight: u64,
+        options: &Options,
+        members: &[usize],
+        slot_of: impl Fn(usize) -> Option<u32>,
+        req: &mut Request<'_, R, A>,
+    ) -> Option<(peak_ewma::Choice, usize)> {
+        let mut drawn = [0usize; peak_ewma::MAX_CHOICES];
+        let d = (options.peak_ewma_choices as usize).clamp(2, peak_ewma::MAX_CHOICES);
+        let n = sampler.sample_distinct(req.rng, drawn.get_mut(..d)?);
+        let drawn = drawn.get(..n)?;
+        let choice = match options.peak_ewma_rule {
+            PeakRule::HotCold => {
+                let mut cands = [(0usize, 0i64); peak_ewma::MAX_CHOICES];
+                for (c, &k) in cands.iter_mut().zip(drawn) {
+                    let i = members.get(k).copied()?;
+                    *c = (i, slot_of(i).map(&mut req.active).unwrap_or(0));
+                }
+                // The service's in-flight count stands for the pool's: exact for
+                // the whole table, above it for a zone or a subset (fewer hot).
+                let pool = peak_ewma::PoolLoad {
+                    in_flight: i64::try_from(req.total_active).unwrap_or(i64::MAX),
+                    weight: pool_weight,
+                };
+                peak.hot_cold(cands.get(..n)?, pool, req.rng, req.now_ms)
+            }
+            PeakRule::Cost => {
+                let mut cands = [0usize; peak_ewma::MAX_CHOICES];
+                for (c, &k) in cands.iter_mut().zip(drawn) {
+                    *c = members.get(k).copied()?;
+                }
+                peak.lowest_cost(cands.get(..n)?, req.rng, req.now_ms)
+            }
+        }?;
+        Some((choice, drawn.get(choice.chosen).copied()?))
     }
 
     /// Picks an endpoint.
@@ -1634,9 +1698,12 @@ mod tests {
     }
 
     #[wasm_bindgen_test(unsupported = test)]
-    fn peak_ewma_avoids_a_slow_instance() {
+    fn peak_ewma_cost_rule_with_two_choices_avoids_a_slow_instance_until_others_pile_up() {
         let mut r = SplitMix64(3);
-        let mut t = Table::build(fleet(3), opts(Policy::PeakEwma), &mut r);
+        let mut o = opts(Policy::PeakEwma);
+        o.peak_ewma_rule = PeakRule::Cost;
+        o.peak_ewma_choices = 2;
+        let mut t = Table::build(fleet(3), o, &mut r);
         // Slot 0 answers in 200 ms, the others in 5 ms.
         for now in 0..50u64 {
             for slot in 0..3u32 {
@@ -1667,6 +1734,52 @@ mod tests {
             slow > 150,
             "{slow} of 300 to the slow instance once the others are loaded"
         );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn peak_ewma_hot_cold_reads_shared_load_and_keeps_a_slow_instance_out() {
+        let mut r = SplitMix64(3);
+        let mut t = Table::build(fleet(4), opts(Policy::PeakEwma), &mut r);
+        // Slot 0 answers in 20 ms, the others in 2 to 2.5 ms.
+        for now in 0..50u64 {
+            for slot in 0..4u32 {
+                t.peak_start(slot);
+                let ms = [20, 2, 2, 2][slot as usize] * 1_000_000 + u64::from(slot) * 150_000;
+                t.peak_end(slot, Some(ms), now);
+            }
+        }
+        let slow_host = t.endpoints[t.index_of_slot(0).unwrap()].host();
+        // A pick with the shared in-flight counts `load` and their total.
+        let pick = |t: &mut Table, r: &mut SplitMix64, load: [i64; 4]| {
+            let mut req = Request {
+                rng: r,
+                now_ms: 50,
+                hash: None,
+                subset: None,
+                active: |s: u32| load[s as usize],
+                total_active: load.iter().sum::<i64>() as u64,
+            };
+            t.pick(&mut req).map(|e| e.host()).unwrap()
+        };
+        let busy_host = t.endpoints[t.index_of_slot(1).unwrap()].host();
+        // The fast ones have 40 requests in flight each (other workers' included):
+        // the idle slow one is still out of the latency band.
+        let mut seen = HashMap::new();
+        for _ in 0..3000 {
+            let h = pick(&mut t, &mut r, [0, 40, 40, 40]);
+            *seen.entry(h).or_insert(0u32) += 1;
+        }
+        assert_eq!(seen.get(&slow_host), None, "{seen:?}");
+        // Among the fast ones the least loaded wins: slot 1 with 30 in flight gets
+        // nothing while the others have room (and is hot: 30·4 > 2·30 + 4).
+        let mut seen = HashMap::new();
+        for _ in 0..3000 {
+            let h = pick(&mut t, &mut r, [0, 30, 0, 0]);
+            *seen.entry(h).or_insert(0u32) += 1;
+        }
+        assert_eq!(seen.get(&busy_host), None, "{seen:?}");
+        assert_eq!(seen.get(&slow_host), None, "{seen:?}");
+        assert_eq!(seen.len(), 2, "{seen:?}");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

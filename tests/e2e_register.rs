@@ -391,7 +391,8 @@ fn consul_registration_logs_in_through_an_auth_method_and_again_when_its_token_e
         r#"{ "consul": { "cluster": "consul", "auth_method": "kubernetes", "bearer_token": "sa-jwt" } }"#,
     );
     let cluster = app_cluster(&app);
-    let auth = r#""service": "web", "wait": "1s", "auth_method": "kubernetes", "bearer_token": "sa-jwt""#;
+    let auth =
+        r#""service": "web", "wait": "1s", "auth_method": "kubernetes", "bearer_token": "sa-jwt""#;
     let a = lb::start(
         "envoy/consul.yaml",
         &[(8500, consul.port)],

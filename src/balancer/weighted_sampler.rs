@@ -68,6 +68,51 @@ impl WeightedSampler {
         Some((a, Some((a + 1 + rng.below(n as u64 - 1) as usize) % n)))
     }
 
+    /// Up to `out.len()` distinct indexes, each drawn in proportion to weight (by
+    /// rejection, a few tries per draw, then the next unused index after a uniform
+    /// one, so a dominant weight cannot make it loop); all of them, in index order,
+    /// when there are no more than that. Returns how many were written.
+    pub fn sample_distinct(&self, rng: &mut impl Rng, out: &mut [usize]) -> usize {
+        const DISTINCT_TRIES: u32 = 4;
+        let n = self.threshold.len();
+        if n <= out.len() {
+            for (i, o) in out.iter_mut().take(n).enumerate() {
+                *o = i;
+            }
+            return n;
+        }
+        let mut len = 0;
+        while len < out.len() {
+            let taken = |i: usize, out: &[usize]| out.iter().take(len).any(|&x| x == i);
+            let mut got = None;
+            for _ in 0..DISTINCT_TRIES {
+                match self.sample(rng) {
+                    Some(i) if !taken(i, out) => {
+                        got = Some(i);
+                        break;
+                    }
+                    Some(_) => {}
+                    None => return len,
+                }
+            }
+            let i = match got {
+                Some(i) => i,
+                None => {
+                    let mut i = rng.below(n as u64) as usize;
+                    while taken(i, out) {
+                        i = (i + 1) % n;
+                    }
+                    i
+                }
+            };
+            if let Some(o) = out.get_mut(len) {
+                *o = i;
+            }
+            len += 1;
+        }
+        len
+    }
+
     pub fn sample(&self, rng: &mut impl Rng) -> Option<usize> {
         let n = self.threshold.len();
         if n == 0 {
@@ -115,6 +160,43 @@ mod tests {
                 assert_eq!(mass[i], u64::from(w) * n, "weights {weights:?} index {i}");
             }
         }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn distinct_samples_are_distinct_and_follow_weights() {
+        let ws = WeightedSampler::new(&[6, 3, 1, 1, 1]);
+        let mut r = SplitMix64(5);
+        let mut first = [0u32; 5];
+        let mut seen = [0u32; 5];
+        let mut out = [0usize; 3];
+        for _ in 0..10_000 {
+            assert_eq!(ws.sample_distinct(&mut r, &mut out), 3);
+            assert!(
+                out[0] != out[1] && out[1] != out[2] && out[0] != out[2],
+                "{out:?}"
+            );
+            first[out[0]] += 1;
+            for &i in &out {
+                seen[i] += 1;
+            }
+        }
+        // The first draw is plain weighted; every index shows up in some triples.
+        assert!((4_700..5_300).contains(&first[0]), "{first:?}");
+        assert!(seen.iter().all(|&c| c > 1_000), "{seen:?}");
+        // A dominant weight still yields distinct others; few indexes: all of them.
+        let ws = WeightedSampler::new(&[1_000_000, 1, 1, 1]);
+        assert_eq!(ws.sample_distinct(&mut r, &mut out), 3);
+        assert!(
+            out[0] != out[1] && out[1] != out[2] && out[0] != out[2],
+            "{out:?}"
+        );
+        let mut four = [9usize; 4];
+        assert_eq!(ws.sample_distinct(&mut r, &mut four), 4);
+        assert_eq!(four, [0, 1, 2, 3]);
+        assert_eq!(
+            WeightedSampler::new(&[]).sample_distinct(&mut r, &mut out),
+            0
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]

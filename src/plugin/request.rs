@@ -452,10 +452,15 @@ impl<H: Envoy> Plugin<H> {
                 s.outliers_seen_ms = now;
             }
         }
+        // hot_cold reads the Envoy-wide in-flight counts, for the policy or its shadow.
+        let hot_cold = (svc.policy == Policy::PeakEwma
+            || svc.shadow_policy == Some(Policy::PeakEwma))
+            && svc.peak_ewma.rule == crate::balancer::peak_ewma::Rule::HotCold;
         let shared_load = svc.policy == Policy::LeastRequest
             || svc.shadow_policy == Some(Policy::LeastRequest)
+            || hot_cold
             || svc.bounded_load_percent.is_some();
-        let total_gauge = if svc.bounded_load_percent.is_some() {
+        let total_gauge = if svc.bounded_load_percent.is_some() || hot_cold {
             self.service_active_gauge(si)
         } else {
             None
@@ -599,6 +604,8 @@ impl<H: Envoy> Plugin<H> {
             crate::explain::header(
                 svc.policy,
                 svc.bounded_load_percent.is_some(),
+                svc.policy == Policy::PeakEwma
+                    && svc.peak_ewma.rule == crate::balancer::peak_ewma::Rule::HotCold,
                 &chosen,
                 &t,
                 |s| self.host_of(si, s),

@@ -1557,15 +1557,17 @@ fn decision_header_only_for_allowed_sources_that_ask() {
 
 #[wasm_bindgen_test(unsupported = test)]
 fn decision_header_explains_every_policy() {
-    for (policy, cost) in [
-        ("round_robin", "weight"),
-        ("random", "weight"),
-        ("least_request", "in_flight"),
-        ("peak_ewma", "latency_ns_x_pending_per_weight"),
-        ("ring_hash", "weight"),
-        ("maglev", "weight"),
+    const P2C: &str = r#""peak_ewma": { "choices": 2, "rule": "cost" },"#;
+    for (policy, extra, cost, want) in [
+        ("round_robin", "", "weight", 1),
+        ("random", "", "weight", 1),
+        ("least_request", "", "in_flight", 2),
+        ("peak_ewma", "", "hot_cold(latency_ns/in_flight)", 3),
+        ("peak_ewma", P2C, "latency_ns_x_pending_per_weight", 2),
+        ("ring_hash", "", "weight", 1),
+        ("maglev", "", "weight", 1),
     ] {
-        let mut p = plugin_with(OBSERVE, &format!(r#""policy": "{policy}","#));
+        let mut p = plugin_with(OBSERVE, &format!(r#""policy": "{policy}", {extra}"#));
         publish(&mut p);
         begin(&p, 1, "web", &[("x-registry-lb-explain", "1")]);
         p.host
@@ -1587,12 +1589,14 @@ fn decision_header_explains_every_policy() {
             .next()
             .unwrap();
         let n = candidates.split(',').count();
-        let want = if policy == "peak_ewma" || policy == "least_request" {
-            2
-        } else {
-            1
-        };
         assert_eq!(n, want, "{policy}: {h}");
+        if cost.starts_with("hot_cold") {
+            // Before any answer every candidate is new, none in flight, all in the band.
+            assert!(
+                candidates.split(',').all(|c| c.ends_with("=new/0:band")),
+                "{h}"
+            );
+        }
         assert!(candidates.contains(&chosen), "{policy}: {h}");
         if policy == "ring_hash" || policy == "maglev" {
             assert!(h.contains("; hash="), "{policy}: {h}");
@@ -1678,4 +1682,63 @@ fn a_held_request_that_asked_gets_its_decision_when_routed_from_the_timer() {
         h.starts_with(&format!("policy=round_robin; chosen={chosen}; ")),
         "{h}"
     );
+}
+
+#[wasm_bindgen_test(unsupported = test)]
+fn peak_ewma_hot_cold_keeps_a_slow_instance_out_and_counts_in_flight_requests() {
+    let mut p = plugin(r#""policy": "peak_ewma","#);
+    publish(&mut p);
+    // Every instance answers once: one of them in 50 ms, the others in 1 ms.
+    let slow = p.host_of(0, 0).unwrap_or_default();
+    let ms_of = |p: &Plugin<FakeEnvoy>, id: u32| -> u64 {
+        if handed(p, id) == [slow.clone()] {
+            50
+        } else {
+            1
+        }
+    };
+    let mut got = std::collections::HashMap::<String, u32>::new();
+    let mut open: std::collections::VecDeque<(u32, Option<Routed>, u64)> = Default::default();
+    for (id, step) in (1..).zip(0..4_000u64) {
+        // One request per 0.25 ms (4 per ms), each answered after its instance's time.
+        if step % 4 == 0 {
+            p.host.advance_ms(1);
+        }
+        let (_, routed) = request(&mut p, id, &[]);
+        let h = handed(&p, id).first().cloned().unwrap_or_default();
+        if step >= 400 {
+            *got.entry(h).or_insert(0) += 1;
+        }
+        let due = p.host.now_ms() + ms_of(&p, id);
+        open.push_back((id, routed, due));
+        let now = p.host.now_ms();
+        let mut keep = std::collections::VecDeque::new();
+        while let Some((rid, r, due)) = open.pop_front() {
+            if due <= now {
+                let ns = (ms_of(&p, rid) * 1_000_000).to_le_bytes();
+                p.host
+                    .set_property(rid, &["response", "backend_latency"], &ns);
+                end(&mut p, rid, r, 200, 0);
+            } else {
+                keep.push_back((rid, r, due));
+            }
+        }
+        open = keep;
+    }
+    let total: u32 = got.values().sum();
+    let to_slow = got.get(&slow).copied().unwrap_or(0);
+    // Without the shared in-flight counts and the latency band it would get a quarter
+    // at first and ~1/16 (both of a pair) with the old p2c cost once loaded.
+    assert!(
+        to_slow * 100 < total,
+        "{to_slow} of {total} to the 50 ms instance: {got:?}"
+    );
+    // The in-flight gauges are kept for peak_ewma (its hot-cold rule reads them).
+    let active: i64 = (0..4)
+        .map(|s| p.host.stat(&format!("web.slot_{s}.rq_active")))
+        .sum();
+    assert_eq!(active, open.len() as i64);
+    assert!(active > 0);
+    // And the service's, the hot threshold's reference.
+    assert_eq!(p.host.stat("web.rq_active"), active);
 }
