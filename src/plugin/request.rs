@@ -492,15 +492,7 @@ impl<H: Envoy> Plugin<H> {
                 table.trace_start();
             }
             let mut rng = self.rng.clone();
-            let load = |slot: u32| {
-                if shared_load {
-                    self.slot_gauge(si, slot, SlotStat::RqActive)
-                        .map(|id| self.host.metric_get(id))
-                        .unwrap_or(0)
-                } else {
-                    0
-                }
-            };
+            let load = |slot: u32| self.shared_in_flight(si, slot, shared_load);
             let mut req = Request {
                 rng: &mut rng,
                 now_ms: now,
@@ -672,6 +664,17 @@ impl<H: Envoy> Plugin<H> {
         }
     }
 
+    /// Requests in flight to `slot` across the Envoy (its shared gauge), when the
+    /// service keeps those gauges (`shared`); 0 otherwise.
+    fn shared_in_flight(&mut self, si: usize, slot: u32, shared: bool) -> i64 {
+        if !shared {
+            return 0;
+        }
+        self.slot_gauge(si, slot, SlotStat::RqActive)
+            .map(|id| self.host.metric_get(id))
+            .unwrap_or(0)
+    }
+
     /// The shadow policy's pick for this request beside the real one (`slot`),
     /// counted; never routed to. Its own randomness, so routing is unchanged.
     fn shadow_pick(
@@ -685,15 +688,7 @@ impl<H: Envoy> Plugin<H> {
     ) -> Option<u32> {
         let mut table = self.tables.services.get_mut(si)?.shadow.take()?;
         let mut rng = self.shadow_rng.clone();
-        let load = |s: u32| {
-            if shared_load {
-                self.slot_gauge(si, s, SlotStat::RqActive)
-                    .map(|id| self.host.metric_get(id))
-                    .unwrap_or(0)
-            } else {
-                0
-            }
-        };
+        let load = |s: u32| self.shared_in_flight(si, s, shared_load);
         let mut req = Request {
             rng: &mut rng,
             now_ms: now,
