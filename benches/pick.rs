@@ -115,7 +115,7 @@ fn pick(c: &mut Criterion) {
         for slot in 0..n as u32 {
             table.peak_start(slot);
             let rtt = 1_000_000 + rng.below(9_000_000);
-            table.peak_end(slot, Some(rtt), rng.below(1_000));
+            table.peak_end(slot, Some(rtt), false, rng.below(1_000));
         }
         let mut now = 1_000u64;
         g.bench_with_input(BenchmarkId::new("peak_ewma", n), &n, |b, _| {
@@ -132,7 +132,7 @@ fn pick(c: &mut Criterion) {
                 let slot = table.pick(&mut req).map(|e| e.slot);
                 if let Some(slot) = slot {
                     table.peak_start(slot);
-                    table.peak_end(slot, Some(5_000_000), now);
+                    table.peak_end(slot, Some(5_000_000), false, now);
                 }
                 black_box(slot)
             })
@@ -146,7 +146,7 @@ fn pick(c: &mut Criterion) {
         for slot in 0..n as u32 {
             table.peak_start(slot);
             let rtt = 1_000_000 + rng.below(9_000_000);
-            table.peak_end(slot, Some(rtt), rng.below(1_000));
+            table.peak_end(slot, Some(rtt), false, rng.below(1_000));
         }
         g.bench_with_input(BenchmarkId::new("peak_ewma_p2c", n), &n, |b, _| {
             b.iter(|| {

@@ -673,6 +673,23 @@ fn default_overprovisioning() -> u32 {
 }
 
 impl ServiceConfig {
+    /// `peak_ewma` with the `hot_cold` rule, as the policy or its shadow: it reads
+    /// the Envoy-wide in-flight counts.
+    pub fn hot_cold(&self) -> bool {
+        (self.policy == Policy::PeakEwma || self.shadow_policy == Some(Policy::PeakEwma))
+            && self.peak_ewma.rule == crate::balancer::peak_ewma::Rule::HotCold
+    }
+
+    /// The service keeps per-instance in-flight gauges shared by all workers
+    /// (`slot_<n>.rq_active`): `least_request`, `hot_cold` or bounded loads, as the
+    /// policy or its shadow.
+    pub fn shared_in_flight(&self) -> bool {
+        self.policy == Policy::LeastRequest
+            || self.shadow_policy == Some(Policy::LeastRequest)
+            || self.hot_cold()
+            || self.bounded_load_percent.is_some()
+    }
+
     /// What the service's registry sources need to know of it.
     pub fn for_registry(&self) -> crate::registry::ServiceRef<'_> {
         crate::registry::ServiceRef {

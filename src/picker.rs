@@ -990,14 +990,16 @@ impl Table {
     }
 
     /// `peak_ewma` bookkeeping: a request to `slot` ended after `rtt_ns`.
-    pub fn peak_end(&mut self, slot: u32, rtt_ns: Option<u64>, now_ms: u64) {
+    pub fn peak_end(&mut self, slot: u32, rtt_ns: Option<u64>, failed: bool, now_ms: u64) {
         let Some(i) = self.index_of_slot(slot) else {
             return;
         };
         if let Some(p) = self.peak.as_mut() {
             p.end(i);
-            if let Some(rtt) = rtt_ns {
-                p.observe(i, rtt, now_ms);
+            match (rtt_ns, failed) {
+                (Some(rtt), false) => p.observe(i, rtt, now_ms),
+                (Some(rtt), true) => p.observe_failure(i, rtt, now_ms),
+                (None, _) => {}
             }
         }
     }
@@ -1711,6 +1713,7 @@ mod tests {
                 t.peak_end(
                     slot,
                     Some(if slot == 0 { 200_000_000 } else { 5_000_000 }),
+                    false,
                     now,
                 );
             }
@@ -1745,7 +1748,7 @@ mod tests {
             for slot in 0..4u32 {
                 t.peak_start(slot);
                 let ms = [20, 2, 2, 2][slot as usize] * 1_000_000 + u64::from(slot) * 150_000;
-                t.peak_end(slot, Some(ms), now);
+                t.peak_end(slot, Some(ms), false, now);
             }
         }
         let slow_host = t.endpoints[t.index_of_slot(0).unwrap()].host();

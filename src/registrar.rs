@@ -507,6 +507,9 @@ enum Kind {
         /// metadata set by updates and applies it over a new registration's, so a
         /// registration is always followed by the update that states `enabled`.
         confirmed: bool,
+        /// When the next beat is due: an update does not renew the instance, so
+        /// beats go on even while updates fail.
+        beat_due_ms: u64,
     },
 }
 
@@ -573,6 +576,7 @@ impl Registrar {
                         token: None,
                         token_used: false,
                         confirmed: false,
+                        beat_due_ms: 0,
                     },
                     TargetConfig::Etcd(e) => {
                         let prefix = e
@@ -654,7 +658,7 @@ impl Registrar {
             if t.in_flight.is_some() || (now_ms < t.next_ms && !changed) {
                 continue;
             }
-            let op = next_op(t, up);
+            let op = next_op(t, up, now_ms);
             if let Some(req) = self.request(i, op) {
                 self.targets[i].in_flight = Some(op);
                 out.push((Who::Target(i), req));
@@ -820,6 +824,7 @@ impl Registrar {
                 token,
                 token_used,
                 confirmed,
+                beat_due_ms,
                 ..
             } => {
                 if matches!(status, 401 | 403) && token.is_some() && op != Op::Login {
@@ -847,6 +852,7 @@ impl Registrar {
                     (Op::Register(up), 200) if nacos_ok(body, v2) => {
                         *token_used = true;
                         *confirmed = false;
+                        *beat_due_ms = now_ms + hb;
                         t.shown = Some(up);
                         // The update that states `enabled` follows at once.
                         t.next_ms = now_ms;
@@ -856,7 +862,9 @@ impl Registrar {
                         *token_used = true;
                         let first = !std::mem::replace(confirmed, true);
                         let before = t.shown.replace(up);
-                        t.next_ms = now_ms + hb;
+                        // An update does not renew the instance: the next call is
+                        // the beat, when it is due.
+                        t.next_ms = (*beat_due_ms).max(now_ms);
                         if first && before == Some(up) {
                             Event::Step
                         } else {
@@ -866,7 +874,9 @@ impl Registrar {
                     (Op::KeepAlive, 200) => match nacos_beat_code(body) {
                         Some(10200) => {
                             *token_used = true;
-                            t.next_ms = now_ms + hb;
+                            *beat_due_ms = now_ms + hb;
+                            // An update still owed goes out at once.
+                            t.next_ms = if *confirmed { now_ms + hb } else { now_ms };
                             Event::Heartbeat
                         }
                         // NamingResponseCode.RESOURCE_NOT_FOUND: a light beat for an
@@ -1339,7 +1349,7 @@ impl Registrar {
 }
 
 /// The next step of a target that is due, with the application `up` or not.
-fn next_op(t: &Target, up: bool) -> Op {
+fn next_op(t: &Target, up: bool, now_ms: u64) -> Op {
     match &t.kind {
         Kind::Etcd {
             cfg, lease, token, ..
@@ -1368,15 +1378,20 @@ fn next_op(t: &Target, up: bool) -> Op {
             cfg,
             token,
             confirmed,
+            beat_due_ms,
             ..
         } => {
             if cfg.username.is_some() && token.is_none() {
                 Op::Login
             } else if t.shown.is_none() {
                 Op::Register(up)
-            } else if !*confirmed || t.shown != Some(up) {
+            } else if t.shown != Some(up) || (!*confirmed && now_ms < *beat_due_ms) {
+                // A change of the application first; the update owed after a
+                // registration while no beat is due.
                 Op::Check(up)
             } else {
+                // A beat is due (also while that update keeps failing: the instance
+                // must not expire meanwhile).
                 Op::KeepAlive
             }
         }
@@ -2289,5 +2304,48 @@ mod tests {
         );
         assert!(err(r#"{ "consul": { "cluster": "c", "token": "t", "auth_method": "k", "bearer_token": "j" } }"#)
             .is_some_and(|e| e.starts_with("register.targets[0].consul.token:")));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn nacos_beats_go_on_while_the_update_after_a_registration_keeps_failing() {
+        let c = cfg(r#"{ "nacos": { "cluster": "nacos" } }"#, "").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Registrar::new(&c, 0);
+        assert_eq!(calls(&mut r, 0)[0].method, "POST");
+        assert_eq!(
+            answer(&mut r, 0, ok(200, "ok"), 1),
+            Event::Registered { up: true }
+        );
+        // The update fails, again and again (retried within the second).
+        let mut now = 1;
+        let mut beat_at = None;
+        while now < 3_000 && beat_at.is_none() {
+            for q in calls(&mut r, now) {
+                if q.path.starts_with("/nacos/v1/ns/instance/beat?") {
+                    beat_at = Some(now);
+                    let b = r#"{"clientBeatInterval":5000,"code":10200}"#;
+                    assert_eq!(answer(&mut r, 0, ok(200, b), now), Event::Heartbeat);
+                } else {
+                    assert_eq!(q.method, "PUT", "{q:?}");
+                    assert!(matches!(
+                        answer(&mut r, 0, ok(500, "busy"), now),
+                        Event::Failed(_)
+                    ));
+                }
+            }
+            now += 10;
+        }
+        // The beat went out on time (heartbeat 1 s after the registration), so the
+        // instance does not expire while the update is owed...
+        assert!(
+            beat_at.is_some_and(|t| (1_001..=1_100).contains(&t)),
+            "{beat_at:?}"
+        );
+        // ...and the update is tried again right after the beat.
+        let next = calls(&mut r, beat_at.unwrap_or(0));
+        assert_eq!(next[0].method, "PUT", "{next:?}");
+        assert_eq!(
+            query(&next[0]).get("enabled").map(String::as_str),
+            Some("true")
+        );
     }
 }

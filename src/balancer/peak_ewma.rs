@@ -23,8 +23,8 @@
 //!   lexicographic rule (Wydrowski et al., "Load is not what you should balance:
 //!   Introducing Prequal", NSDI 2024, arXiv 2312.10172, §3), on signals the filter
 //!   already has instead of Prequal's probes:
-//!   1. *Hot*: requests in flight per unit of weight above `HOT_FACTOR` (2) × the
-//!      pool's mean + 1 (the pool: the instances the pick is made among; its count
+//!   1. *Hot*: requests in flight above `HOT_FACTOR` (2) × its weight's share of the
+//!      pool's requests in flight, plus one (the pool: the instances the pick is made among; its count
 //!      is the service's Envoy-wide in-flight gauge, exact for the whole table and
 //!      above it for a zone or a subset, so fewer are hot there). Prequal's
 //!      threshold is a quantile `Q_RIF` of its probe pool's RIFs. If every candidate
@@ -83,6 +83,12 @@
 //! about τ·ln(default / their cost); under `hot_cold` an unknown latency is in the
 //! band, so it gets requests at once, as `least_request` would give them, until its
 //! first answer places it.
+//!
+//! **Failures.** A failed answer (no response, a 5xx) never lowers an instance's
+//! estimate or floor ([`PeakEwma::observe_failure`]): a host that fails fast would
+//! otherwise look the fastest. Finagle goes further and observes a failure as a
+//! large penalty latency; here passive outlier detection (`outlier`) is what takes
+//! a failing host out.
 //!
 //! `exp` comes from [`crate::detmath`] (basic IEEE operations only), so costs and
 //! picks are bit-identical natively and in wasm; the hot test and load comparisons
@@ -236,6 +242,21 @@ impl PeakEwma {
         }
     }
 
+    /// A failed answer from `i` (no response, a 5xx) after `rtt_ns`. It says nothing
+    /// about how fast the instance serves, so it never lowers the estimate or the
+    /// floor: it is observed as the larger of `rtt_ns` and the current (decayed)
+    /// estimate. Without this, an instance that fails fast (a connection refused, an
+    /// immediate 503) would look the fastest and, under `hot_cold`, win every pick
+    /// it is drawn into until it turned hot.
+    pub fn observe_failure(&mut self, i: usize, rtt_ns: u64, now_ms: u64) {
+        let current = self.state.get(i).filter(|s| s.sampled).map_or(0.0, |s| {
+            s.ewma_ns * decay(now_ms.saturating_sub(s.stamp_ms), self.decay_ms)
+        });
+        let rtt = (rtt_ns as f64).max(current).max(1.0);
+        // `as` saturates: an estimate beyond u64 stays u64::MAX.
+        self.observe(i, rtt as u64, now_ms);
+    }
+
     /// A response from `i` took `rtt_ns`.
     pub fn observe(&mut self, i: usize, rtt_ns: u64, now_ms: u64) {
         let decay_ms = self.decay_ms;
@@ -358,7 +379,8 @@ impl PeakEwma {
                 };
             }
         }
-        // Hot: rif_i / w_i > HOT_FACTOR · Σrif / Σw + 1.
+        // Hot: rif_i > HOT_FACTOR · w_i · Σrif / Σw + 1 (more than twice its weight's
+        // share of the pool's requests in flight, plus one).
         let mut lowest: Option<f64> = None;
         for x in c.considered.iter_mut().take(c.len) {
             x.hot = i128::from(x.in_flight) * weight_sum
@@ -926,6 +948,72 @@ mod tests {
         let fast: Vec<u32> = c[2..].to_vec();
         let (lo, hi) = (fast.iter().min().unwrap(), fast.iter().max().unwrap());
         assert!(f64::from(*hi) < f64::from(*lo) * 1.1, "{c:?}");
+    }
+
+    /// hot_cold with 3 of 6 hosts answering in 4 ms, host 0 failing every 5th of its
+    /// requests after 1 ms; `as_failures`: those answers reach `observe_failure`
+    /// (else `observe`, as if they were fast successes). Host 0's share of picks.
+    fn fast_failing_share(as_failures: bool, seed: u64) -> f64 {
+        let n = 6;
+        let mut p = PeakEwma::new(&vec![1; n], 10_000, 30 * MS, 0);
+        let ws = WeightedSampler::new(&vec![1; n]);
+        let mut rng = SplitMix64(seed);
+        let mut rif = vec![0i64; n];
+        let mut count = vec![0u32; n];
+        let mut finishing: Vec<Vec<(usize, u64, bool)>> = vec![Vec::new(); 64];
+        let mut sent0 = 0u32;
+        for t in 0..40_000u64 {
+            for (i, sent, failed) in std::mem::take(&mut finishing[(t % 64) as usize]) {
+                p.end(i);
+                rif[i] -= 1;
+                if failed && as_failures {
+                    p.observe_failure(i, (t - sent) * MS, t);
+                } else {
+                    p.observe(i, (t - sent) * MS, t);
+                }
+            }
+            let mut out = [0usize; MAX_CHOICES];
+            let k = ws.sample_distinct(&mut rng, &mut out[..3]);
+            let cands: Vec<(usize, i64)> = out[..k].iter().map(|&i| (i, rif[i])).collect();
+            let c = p.hot_cold(&cands, pool(rif.iter().sum(), n as u64), &mut rng, t);
+            let i = c.unwrap().index();
+            p.start(i);
+            rif[i] += 1;
+            count[i] += 1;
+            let failed = i == 0 && {
+                sent0 += 1;
+                sent0 % 5 == 0
+            };
+            let lat = if failed { 1 } else { 4 };
+            finishing[((t + lat) % 64) as usize].push((i, t, failed));
+        }
+        f64::from(count[0]) / f64::from(count.iter().sum::<u32>())
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_host_that_fails_fast_does_not_draw_more_than_its_share() {
+        let fixed = fast_failing_share(true, 3);
+        let as_successes = fast_failing_share(false, 3);
+        // A fair share is 1/6 (0.167).
+        assert!(fixed < 0.19, "with failures observed as such: {fixed}");
+        // What this guards against: fast failures taken for fast answers lower the
+        // host's floor and pull traffic to it.
+        assert!(as_successes > fixed * 1.3, "{as_successes} vs {fixed}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_failure_never_lowers_the_estimate_or_the_floor() {
+        let mut p = PeakEwma::new(&[1, 1], 10_000, 30 * MS, 0);
+        p.observe(0, 4 * MS, 100);
+        p.observe_failure(0, MS / 10, 101);
+        assert!(p.estimate_ns(0, 101).unwrap() >= 3.9 * MS as f64);
+        assert!(p.floor_ns(0, 101).unwrap() >= 3.9 * MS as f64);
+        // A success does lower them.
+        p.observe(0, MS, 102);
+        assert!(p.floor_ns(0, 102).unwrap() <= MS as f64);
+        // A slow failure raises the estimate like a slow answer.
+        p.observe_failure(1, 50 * MS, 103);
+        assert_eq!(p.estimate_ns(1, 103), Some(50.0 * MS as f64));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

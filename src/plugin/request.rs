@@ -220,6 +220,9 @@ impl<H: Envoy> Plugin<H> {
             self.stats
                 .inc_global(&self.host, GlobalStat::ClientHandoffHeaderRemoved);
         }
+        // The ask for a decision header never reaches the upstream, whether or not
+        // the request is routed by a service.
+        let explain_ask = cfg.explain.is_some() && self.take_explain_ask();
         if cfg.status.is_some() && self.serve_status() {
             return (Action::Pause, None);
         }
@@ -244,7 +247,7 @@ impl<H: Envoy> Plugin<H> {
         let now = self.host.now_ms();
         let svc = &cfg.services[si];
         let mut key = self.request_key(svc);
-        key.explain = cfg.explain.is_some() && self.explain_asked();
+        key.explain = explain_ask && self.explain_allowed();
         if self.unknown(si) {
             // No snapshot seen yet: look now rather than at the next tick.
             self.refresh(si, now);
@@ -452,15 +455,8 @@ impl<H: Envoy> Plugin<H> {
                 s.outliers_seen_ms = now;
             }
         }
-        // hot_cold reads the Envoy-wide in-flight counts, for the policy or its shadow.
-        let hot_cold = (svc.policy == Policy::PeakEwma
-            || svc.shadow_policy == Some(Policy::PeakEwma))
-            && svc.peak_ewma.rule == crate::balancer::peak_ewma::Rule::HotCold;
-        let shared_load = svc.policy == Policy::LeastRequest
-            || svc.shadow_policy == Some(Policy::LeastRequest)
-            || hot_cold
-            || svc.bounded_load_percent.is_some();
-        let total_gauge = if svc.bounded_load_percent.is_some() || hot_cold {
+        let shared_load = svc.shared_in_flight();
+        let total_gauge = if svc.bounded_load_percent.is_some() || svc.hot_cold() {
             self.service_active_gauge(si)
         } else {
             None
@@ -644,16 +640,26 @@ impl<H: Envoy> Plugin<H> {
         })
     }
 
-    /// The request asks for the decision header (its request header is removed so it
-    /// never reaches the upstream); whether it comes from an allowed source.
-    fn explain_asked(&mut self) -> bool {
+    /// Whether the request asks for the decision header; the asking header is
+    /// removed so it never reaches the upstream.
+    fn take_explain_ask(&mut self) -> bool {
+        let Some(x) = self.cfg.explain.as_ref() else {
+            return false;
+        };
+        let name = x.request_header.clone();
+        if self.host.request_header(&name).is_none() {
+            return false;
+        }
+        let _ = self.host.set_request_header(&name, None);
+        true
+    }
+
+    /// A request that asked for the decision header comes from an allowed source
+    /// (counted either way).
+    fn explain_allowed(&mut self) -> bool {
         let Some(x) = self.cfg.explain.clone() else {
             return false;
         };
-        if self.host.request_header(&x.request_header).is_none() {
-            return false;
-        }
-        let _ = self.host.set_request_header(&x.request_header, None);
         if self.source_allowed(&x.ranges, x.trust_forwarded_for) {
             self.stats.inc_global(&self.host, GlobalStat::ExplainServed);
             true
@@ -925,13 +931,23 @@ impl<H: Envoy> Plugin<H> {
         let Some(svc) = self.cfg.services.get(routed.service) else {
             return;
         };
-        if svc.policy == Policy::PeakEwma || svc.shadow_policy.is_some() {
+        let peak = svc.policy == Policy::PeakEwma || svc.shadow_policy.is_some();
+        let passive = self.passive_on(routed.service);
+        // The response code (0: no response), read once for both.
+        let code = if peak || passive {
+            int_property(&self.host, &["response", "code"])
+        } else {
+            0
+        };
+        if peak {
             let rtt = match int_property(&self.host, &["response", "backend_latency"]) {
                 0 => int_property(&self.host, &["request", "duration"]),
                 v => v,
             };
             let now = self.host.now_ms();
             let rtt = (rtt > 0).then_some(rtt);
+            // No response or a 5xx: a failure, which never makes the instance look fast.
+            let failed = code == 0 || code >= 500;
             let (real, shadow) = (
                 svc.policy == Policy::PeakEwma,
                 svc.shadow_policy == Some(Policy::PeakEwma),
@@ -944,7 +960,7 @@ impl<H: Envoy> Plugin<H> {
                 .into_iter()
                 .flatten()
                 {
-                    t.peak_end(routed.slot, rtt, now);
+                    t.peak_end(routed.slot, rtt, failed, now);
                 }
             }
             if let (Some(rtt), Some(c)) = (rtt, self.slot_cache(routed.service, routed.slot)) {
@@ -954,8 +970,7 @@ impl<H: Envoy> Plugin<H> {
                 });
             }
         }
-        if self.passive_on(routed.service) {
-            let code = int_property(&self.host, &["response", "code"]);
+        if passive {
             // Host-failure flags come with no response or a 5xx: read them only then.
             let flags = if code == 0 || code >= 500 || !routed.fallbacks.is_empty() {
                 int_property(&self.host, &["response", "flags"])

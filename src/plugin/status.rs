@@ -12,7 +12,6 @@
 //! worker, latency estimates and `peak_ewma` pending counts are that worker's own.
 
 use super::Plugin;
-use crate::config::Policy;
 use crate::envoy::Envoy;
 use crate::explain::policy_name;
 use crate::log_text::escape_control;
@@ -113,9 +112,7 @@ impl<H: Envoy> Plugin<H> {
                 json!({ "at_ms": at, "age_ms": now.saturating_sub(at), "error": text })
             });
         let hc_on = svc.health_check.is_some();
-        let shared_load = svc.policy == Policy::LeastRequest
-            || svc.shadow_policy == Some(Policy::LeastRequest)
-            || svc.bounded_load_percent.is_some();
+        let shared_load = svc.shared_in_flight();
         let Some(state) = self.tables.services.get(si) else {
             return json!({ "name": svc.name });
         };

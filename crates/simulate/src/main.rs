@@ -648,7 +648,7 @@ fn run(sc: &Scenario, pol: &PolicySpec) -> Outcome {
                 let rtt = t - r.picked_ns;
                 p.workers[r.worker]
                     .table
-                    .peak_end(slot, Some(rtt.max(1)), now_ms);
+                    .peak_end(slot, Some(rtt.max(1)), r.error, now_ms);
                 if let Some(op) = &opol {
                     let result = if r.error {
                         Result_::Failure
