@@ -1742,3 +1742,34 @@ fn peak_ewma_hot_cold_keeps_a_slow_instance_out_and_counts_in_flight_requests() 
     // And the service's, the hot threshold's reference.
     assert_eq!(p.host.stat("web.rq_active"), active);
 }
+
+#[wasm_bindgen_test(unsupported = test)]
+fn the_explain_ask_never_reaches_the_upstream_of_a_request_no_service_routes() {
+    let mut p = plugin_with(OBSERVE, "");
+    publish(&mut p);
+    // A route with no service: not routed by the filter, the ask still removed.
+    p.host.begin(
+        2,
+        &[
+            (":authority", "example.test"),
+            ("x-registry-lb-explain", "1"),
+        ],
+    );
+    p.host.set_property(2, &["xds", "route_name"], b"other");
+    let (action, routed) = p.on_request_headers(2);
+    assert_eq!((action, routed.is_none()), (Action::Continue, true));
+    let r = p.host.request(2);
+    assert!(
+        !r.headers.iter().any(|(k, _)| k == "x-registry-lb-explain"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(
+        r.headers
+            .iter()
+            .find(|(k, _)| k == ":authority")
+            .map(|(_, v)| v.as_slice()),
+        Some(&b"example.test"[..]),
+        "other headers untouched"
+    );
+}
