@@ -117,6 +117,57 @@ impl Load {
     }
 }
 
+/// The documented leave order (docs/operations.md), with B's clients counting: the
+/// app's health check fails until the registry shows it `marked_down`, wait
+/// `order.wait`, stop Envoy A, let `after_stop` check the registry's view of the leave
+/// (given the load's clock when A was told to stop), stop the app, wait two refreshes.
+/// Nothing fails at B, and B sends the app nothing later than `order.bound` after it
+/// was marked down.
+struct LeaveOrder {
+    name: &'static str,
+    wait: Duration,
+    bound: Duration,
+}
+
+fn documented_leave(
+    order: LeaveOrder,
+    b: &Envoy,
+    mut a: Envoy,
+    mut app: Backend,
+    marked_down: impl Fn(&Backend) -> bool,
+    after_stop: impl FnOnce(&Backend, &Load, u64),
+) {
+    let load = Load::start(b, Duration::from_secs(60));
+    thread::sleep(Duration::from_millis(300));
+    app.set_health_status(503);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        || marked_down(&app)
+    ));
+    let marked_ms = load.now_ms();
+    thread::sleep(order.wait);
+    let stop_ms = load.now_ms();
+    a.terminate(Duration::from_secs(10));
+    after_stop(&app, &load, stop_ms);
+    app.stop();
+    thread::sleep(REFRESH * 2);
+    let last_app = load.last_app_ms.load(Ordering::SeqCst);
+    let (n, failed) = load.finish();
+    println!(
+        "{}: graceful leave: {n} requests at B, {failed} failed; B's last request to the app {} ms after it was marked down",
+        order.name,
+        last_app.saturating_sub(marked_ms)
+    );
+    assert_eq!(failed, 0, "the documented leave order loses no request");
+    assert!(
+        last_app <= marked_ms + order.bound.as_millis() as u64,
+        "B sent to the app {} ms after it was marked down (bound: {} ms)",
+        last_app.saturating_sub(marked_ms),
+        order.bound.as_millis()
+    );
+}
+
 fn etcd_value(b: &Backend) -> String {
     format!(
         r#"{{"address":"127.0.0.1","port":{},"weight":1,"zone":"z1"}}"#,
@@ -275,49 +326,34 @@ fn etcd_registration_follows_the_app_the_registry_and_a_graceful_leave() {
 
     // The documented leave: mark down (the app's health check fails), wait two
     // refreshes, stop Envoy A (deregisters), then stop the app. Nothing fails at B.
-    let load = Load::start(&b, Duration::from_secs(60));
-    thread::sleep(Duration::from_millis(300));
-    app.set_health_status(503);
-    assert!(wait_until(
-        Duration::from_secs(5),
-        Duration::from_millis(20),
-        || etcd
-            .get(&key(&app))
-            .is_some_and(|v| v.contains(r#""state":"unhealthy""#))
-    ));
-    let marked_ms = load.now_ms();
-    thread::sleep(REFRESH * 2);
-    let mut a = a;
-    let stop_ms = load.now_ms();
-    a.terminate(Duration::from_secs(10));
-    let removed = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
-        etcd.get(&key(&app)).is_none()
-    });
-    let removed_ms = load.now_ms() - stop_ms;
-    assert!(removed, "the key outlived A by more than 10 s");
-    println!(
-        "etcd: key removed {removed_ms} ms after Envoy A was told to stop (under TTL {} ms: the revoke sent from on_done arrived; else the lease expired)",
-        TTL.as_millis()
-    );
-    assert!(
-        removed_ms <= (TTL + REFRESH).as_millis() as u64,
-        "{removed_ms}"
-    );
-    let mut app = app;
-    app.stop();
-    thread::sleep(REFRESH * 2);
-    let last_app = load.last_app_ms.load(Ordering::SeqCst);
-    let (n, failed) = load.finish();
-    println!(
-        "etcd: graceful leave: {n} requests at B, {failed} failed; B's last request to the app {} ms after it was marked down",
-        last_app.saturating_sub(marked_ms)
-    );
-    assert_eq!(failed, 0, "the documented leave order loses no request");
-    assert!(
-        last_app <= marked_ms + (REFRESH * 2).as_millis() as u64,
-        "B sent to the app {} ms after it was marked down (two refreshes: {} ms)",
-        last_app.saturating_sub(marked_ms),
-        (REFRESH * 2).as_millis()
+    documented_leave(
+        LeaveOrder {
+            name: "etcd",
+            wait: REFRESH * 2,
+            bound: REFRESH * 2,
+        },
+        &b,
+        a,
+        app,
+        |app| {
+            etcd.get(&key(app))
+                .is_some_and(|v| v.contains(r#""state":"unhealthy""#))
+        },
+        |app, load, stop_ms| {
+            let removed = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+                etcd.get(&key(app)).is_none()
+            });
+            let removed_ms = load.now_ms() - stop_ms;
+            assert!(removed, "the key outlived A by more than 10 s");
+            println!(
+                "etcd: key removed {removed_ms} ms after Envoy A was told to stop (under TTL {} ms: the revoke sent from on_done arrived; else the lease expired)",
+                TTL.as_millis()
+            );
+            assert!(
+                removed_ms <= (TTL + REFRESH).as_millis() as u64,
+                "{removed_ms}"
+            );
+        },
     );
 
     // A crashes (SIGKILL: no deregistration): the lease runs out, and B's registry
@@ -569,49 +605,35 @@ fn consul_registration_follows_the_app_the_agent_and_a_graceful_leave() {
     ));
 
     // The documented leave: mark down, wait one refresh, stop Envoy A, stop the app.
-    let load = Load::start(&b, Duration::from_secs(60));
-    thread::sleep(Duration::from_millis(300));
-    app.set_health_status(503);
-    assert!(wait_until(
-        Duration::from_secs(5),
-        Duration::from_millis(10),
-        || { consul_status(&consul, &app).as_deref() == Some("critical") }
-    ));
-    let marked_ms = load.now_ms();
-    thread::sleep(REFRESH);
-    let mut a = a;
-    a.terminate(Duration::from_secs(10));
-    // Deregistration is best effort (Envoy may stop before the call leaves): the
-    // instance is gone, or still marked down, never up again.
-    thread::sleep(Duration::from_millis(500));
-    let left = consul_status(&consul, &app);
-    let dereg = consul
-        .request_log()
-        .iter()
-        .filter(|(t, _)| t.starts_with("/v1/agent/service/deregister/"))
-        .count();
-    println!(
-        "consul: Envoy A stopped: {dereg} deregistration request(s) reached the agent; the instance is {}",
-        left.as_deref().unwrap_or("gone")
-    );
-    assert!(
-        left.is_none() || left.as_deref() == Some("critical"),
-        "{left:?}"
-    );
-    let mut app = app;
-    app.stop();
-    thread::sleep(REFRESH * 2);
-    let last_app = load.last_app_ms.load(Ordering::SeqCst);
-    let (n, failed) = load.finish();
-    println!(
-        "consul: graceful leave: {n} requests at B, {failed} failed; B's last request to the app {} ms after it was marked down",
-        last_app.saturating_sub(marked_ms)
-    );
-    assert_eq!(failed, 0, "the documented leave order loses no request");
-    assert!(
-        last_app <= marked_ms + 500,
-        "B sent to the app {} ms after it was marked down",
-        last_app.saturating_sub(marked_ms)
+    documented_leave(
+        LeaveOrder {
+            name: "consul",
+            wait: REFRESH,
+            bound: Duration::from_millis(500),
+        },
+        &b,
+        a,
+        app,
+        |app| consul_status(&consul, app).as_deref() == Some("critical"),
+        |app, _, _| {
+            // Deregistration is best effort (Envoy may stop before the call leaves):
+            // the instance is gone, or still marked down, never up again.
+            thread::sleep(Duration::from_millis(500));
+            let left = consul_status(&consul, app);
+            let dereg = consul
+                .request_log()
+                .iter()
+                .filter(|(t, _)| t.starts_with("/v1/agent/service/deregister/"))
+                .count();
+            println!(
+                "consul: Envoy A stopped: {dereg} deregistration request(s) reached the agent; the instance is {}",
+                left.as_deref().unwrap_or("gone")
+            );
+            assert!(
+                left.is_none() || left.as_deref() == Some("critical"),
+                "{left:?}"
+            );
+        },
     );
 
     // A crashes: no deregistration; the TTL check turns critical, B stops routing.
@@ -791,50 +813,35 @@ fn eureka_registration_follows_the_app_the_server_and_a_graceful_leave() {
         |v| v == 2
     ));
 
-    // The documented leave: mark down, wait one refresh, stop Envoy A, stop the app.
-    let load = Load::start(&b, Duration::from_secs(60));
-    thread::sleep(Duration::from_millis(300));
-    app.set_health_status(503);
-    assert!(wait_until(
-        Duration::from_secs(5),
-        Duration::from_millis(10),
-        || { eureka_status(&eureka, &app).as_deref() == Some("DOWN") }
-    ));
-    let marked_ms = load.now_ms();
-    thread::sleep(REFRESH * 2);
-    let mut a = a;
-    a.terminate(Duration::from_secs(10));
-    thread::sleep(Duration::from_millis(500));
-    let left = eureka_status(&eureka, &app);
-    // The lease (3 s) was renewed under a second before: gone now means the
-    // DELETE sent from on_done arrived.
-    println!(
-        "eureka: Envoy A stopped: {}",
-        if left.is_none() {
-            "deregistered (the DELETE arrived)"
-        } else {
-            "the DELETE did not arrive; the instance stays DOWN until its lease runs out"
-        }
-    );
-    assert!(
-        left.is_none() || left.as_deref() == Some("DOWN"),
-        "{left:?}"
-    );
-    let mut app = app;
-    app.stop();
-    thread::sleep(REFRESH * 2);
-    let last_app = load.last_app_ms.load(Ordering::SeqCst);
-    let (n, failed) = load.finish();
-    println!(
-        "eureka: graceful leave: {n} requests at B, {failed} failed; B's last request to the app {} ms after it was marked down",
-        last_app.saturating_sub(marked_ms)
-    );
-    assert_eq!(failed, 0, "the documented leave order loses no request");
-    assert!(
-        last_app <= marked_ms + (REFRESH * 2).as_millis() as u64,
-        "B sent to the app {} ms after it was marked down (two refreshes: {} ms)",
-        last_app.saturating_sub(marked_ms),
-        (REFRESH * 2).as_millis()
+    // The documented leave: mark down, wait two refreshes, stop Envoy A, stop the app.
+    documented_leave(
+        LeaveOrder {
+            name: "eureka",
+            wait: REFRESH * 2,
+            bound: REFRESH * 2,
+        },
+        &b,
+        a,
+        app,
+        |app| eureka_status(&eureka, app).as_deref() == Some("DOWN"),
+        |app, _, _| {
+            thread::sleep(Duration::from_millis(500));
+            let left = eureka_status(&eureka, app);
+            // The lease (3 s) was renewed under a second before: gone now means the
+            // DELETE sent from on_done arrived.
+            println!(
+                "eureka: Envoy A stopped: {}",
+                if left.is_none() {
+                    "deregistered (the DELETE arrived)"
+                } else {
+                    "the DELETE did not arrive; the instance stays DOWN until its lease runs out"
+                }
+            );
+            assert!(
+                left.is_none() || left.as_deref() == Some("DOWN"),
+                "{left:?}"
+            );
+        },
     );
 
     // A crashes: no renewals; the lease runs out and B drops the app.
@@ -1027,46 +1034,31 @@ fn nacos_registration_follows_the_app_the_server_and_a_graceful_leave() {
     ));
 
     // The documented leave: mark down, wait two refreshes, stop Envoy A, stop the app.
-    let load = Load::start(&b, Duration::from_secs(60));
-    thread::sleep(Duration::from_millis(300));
-    app.set_health_status(503);
-    assert!(wait_until(
-        Duration::from_secs(5),
-        Duration::from_millis(10),
-        || nacos_status(&nacos, &app).is_some_and(|(enabled, _)| !enabled)
-    ));
-    let marked_ms = load.now_ms();
-    thread::sleep(REFRESH * 2);
-    let mut a = a;
-    a.terminate(Duration::from_secs(10));
-    thread::sleep(Duration::from_millis(500));
-    let left = nacos_status(&nacos, &app);
-    // The last beat was under a second before (timeout 3 s): gone now means the
-    // DELETE sent from on_done arrived.
-    println!(
-        "nacos: Envoy A stopped: {}",
-        if left.is_none() {
-            "deregistered (the DELETE arrived)"
-        } else {
-            "the DELETE did not arrive; the instance stays disabled until its heartbeat timeout"
-        }
-    );
-    assert!(left.map_or(true, |(enabled, _)| !enabled), "{left:?}");
-    let mut app = app;
-    app.stop();
-    thread::sleep(REFRESH * 2);
-    let last_app = load.last_app_ms.load(Ordering::SeqCst);
-    let (n, failed) = load.finish();
-    println!(
-        "nacos: graceful leave: {n} requests at B, {failed} failed; B's last request to the app {} ms after it was marked down",
-        last_app.saturating_sub(marked_ms)
-    );
-    assert_eq!(failed, 0, "the documented leave order loses no request");
-    assert!(
-        last_app <= marked_ms + (REFRESH * 2).as_millis() as u64,
-        "B sent to the app {} ms after it was marked down (two refreshes: {} ms)",
-        last_app.saturating_sub(marked_ms),
-        (REFRESH * 2).as_millis()
+    documented_leave(
+        LeaveOrder {
+            name: "nacos",
+            wait: REFRESH * 2,
+            bound: REFRESH * 2,
+        },
+        &b,
+        a,
+        app,
+        |app| nacos_status(&nacos, app).is_some_and(|(enabled, _)| !enabled),
+        |app, _, _| {
+            thread::sleep(Duration::from_millis(500));
+            let left = nacos_status(&nacos, app);
+            // The last beat was under a second before (timeout 3 s): gone now means
+            // the DELETE sent from on_done arrived.
+            println!(
+                "nacos: Envoy A stopped: {}",
+                if left.is_none() {
+                    "deregistered (the DELETE arrived)"
+                } else {
+                    "the DELETE did not arrive; the instance stays disabled until its heartbeat timeout"
+                }
+            );
+            assert!(left.map_or(true, |(enabled, _)| !enabled), "{left:?}");
+        },
     );
 
     // A crashes: no beats; the instance turns unhealthy after the 3 s heartbeat
